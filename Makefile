@@ -1,0 +1,31 @@
+# Loom: `make setup` once (idempotent), then `make demo` or `make test`.
+#
+# TORCH picks the PyTorch build. The default is the CPU build of 2.13.0; on a GPU machine use
+#   make setup TORCH=torch                  (PyPI's default Linux wheel, built for CUDA)
+# or install your own CUDA build into .venv first and pass TORCH= (empty) to keep it.
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.loom-setup-done
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if [ -n "$(TORCH)" ]; then echo "installing $(TORCH)"; $(PY) -m pip install -q "$(TORCH)"; fi
+	@echo "installing loom-train (editable) with its test extras"
+	@$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+# The main job on the embedded default: GPT pretraining on the Python standard library's own source.
+demo: setup
+	$(PY) -m apps.gpt.pretrain output.overwrite=true
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,93 @@
+"""GPT pretraining: `python -m apps.gpt.pretrain [--recipe NAME] [key=value ...]`.
+
+With no arguments it runs `recipes/gpt/tiny.yaml`: a small GPT on the Python standard
+library's source, in about two minutes on two CPU cores. Under torchrun it trains with data
+parallelism: `torchrun --nproc-per-node 2 -m apps.gpt.pretrain parallel.dp=2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from apps.gpt.config import GPTModelConfig, GPTRecipe
+from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
+from apps.gpt.model import GPT, next_token_loss
+from core import cli
+from core.booster import make_plugin
+from core.distributed import ParallelMesh, detect, launch, resolve_layout
+from core.trainer import Trainer, TrainTask, plan_batches
+
+SUMMARY = ("GPT pretraining on a folder of text files or, by default, the Python standard "
+           "library's own source.")
+
+
+def resolve_vocab(model: GPTModelConfig, tokenizer_vocab: int) -> GPTModelConfig:
+    """model.vocab_size=0 becomes the tokenizer's vocabulary rounded up to a multiple of 64."""
+    if model.vocab_size:
+        return model
+    return dataclasses.replace(model, vocab_size=-(-tokenizer_vocab // 64) * 64)
+
+
+def sample_text(model: GPT, corpus_tokenizer, prompt: str, tokens: int, temperature: float,
+                top_k: int, seed: int, device: torch.device) -> str:
+    ids = corpus_tokenizer.encode(prompt) or [corpus_tokenizer.eot_id]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(torch.tensor([ids], device=device), tokens, temperature, top_k, gen)
+    model.train(was_training)
+    return corpus_tokenizer.decode(out[0].tolist())
+
+
+def train(cfg: GPTRecipe) -> dict:
+    """Run the recipe on this process (and its peers under torchrun); returns the summary."""
+    p = cfg.parallel
+    env = detect()
+    layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, env.world_size)   # fail before joining
+    plan_batches(cfg.train, layout.dp)
+    with launch(p.device, p.backend, p.timeout_s) as rt:
+        mesh = ParallelMesh.build(layout, rt.device)
+        plugin = make_plugin(p, mesh)
+        log = (lambda m: print(m, file=sys.stderr)) if mesh.is_main else (lambda m: None)
+        corpus: Corpus = prepare_corpus(cfg.data, mesh.world, log)
+        cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, corpus.tokenizer.vocab_size))
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model)
+        train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
+        eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
+                    if cfg.data.val_fraction > 0 else None)
+        log(f"GPT: {model.num_params() / 1e6:.2f} M parameters, {cfg.model.n_layer} layers x "
+            f"{cfg.model.d_model} wide, context {cfg.model.seq_len}; corpus "
+            f"{len(corpus.tokens) / 1e6:.2f} M tokens ({corpus.tokenizer.kind}, vocab "
+            f"{corpus.tokenizer.vocab_size}), {len(train_set)} training windows")
+
+        def add_files(folder: Path) -> None:
+            corpus.tokenizer.save(folder)
+
+        task = TrainTask(model=model, loss_fn=next_token_loss, train_data=train_set, eval_data=eval_set,
+                         units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files)
+        trainer = Trainer(cfg, mesh, task, plugin)
+        summary = trainer.fit()
+        if mesh.is_main and cfg.sample.tokens:
+            text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
+                               cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, rt.device)
+            (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")
+            summary["sample"] = text
+            print(f"--- sample from the trained model ---\n{text}\n---", file=sys.stderr)
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse(GPTRecipe, argv, prog="python -m apps.gpt.pretrain", summary=SUMMARY,
+                    default_recipe="gpt/tiny")
+    if cfg is not None:
+        train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,41 @@
+"""Mixed precision: autocast for bf16/fp16 compute over fp32 weights, and fp16's loss scaler.
+
+fp32 keeps everything in fp32. bf16 runs matmuls and convolutions in bfloat16 under
+`torch.autocast` while the weights, gradients and optimizer states stay fp32 (bf16 has fp32's
+range, so no loss scaling is needed). fp16 does the same in float16 and adds a dynamic loss
+scaler: the loss is multiplied before backward, gradients are unscaled before clipping, and a
+step whose gradients overflow is skipped and the scale lowered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from core.errors import LoomError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, name: str, device: torch.device) -> None:
+        if name not in DTYPES:
+            raise LoomError(f"parallel.precision: got {name!r}; allowed: {', '.join(DTYPES)}")
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = DTYPES[name]
+
+    def autocast(self) -> ContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def make_scaler(self) -> "torch.amp.GradScaler | None":
+        if self.name != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device.type)
+
+    def __repr__(self) -> str:
+        return f"Precision({self.name})"

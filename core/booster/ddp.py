@@ -1,0 +1,51 @@
+"""Data parallelism with torch's DistributedDataParallel (and the single-process case).
+
+With dp = 1 the model runs as it is. With dp > 1 it is wrapped in DDP over the mesh's `dp`
+axis; DDP's gradient all-reduces go through a communication hook that counts them in the
+mesh's `CommStats`, so the accounting covers what DDP sends too.
+"""
+
+from __future__ import annotations
+
+from typing import ContextManager
+
+import torch
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
+from core.distributed.comm import AxisGroup
+
+
+def _counted_allreduce(axis: AxisGroup, bucket: "torch.distributed.GradBucket"):
+    buffer = bucket.buffer()
+    axis.stats.record(axis.name, "all_reduce", buffer.numel() * buffer.element_size())
+    return default_hooks.allreduce_hook(axis.group, bucket)
+
+
+class DDPPlugin(Plugin):
+    name = "ddp"
+    supported_precisions = ("fp32", "bf16", "fp16")
+    supported_devices = ("cpu", "cuda")
+    supports_no_sync = True
+    supports_checkpoint_io = True
+
+    def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> tuple[ModelWrapper, OptimizerWrapper | None]:
+        model.to(self.mesh.device)
+        inner: nn.Module = model
+        if self.dp.size > 1:
+            device_ids = [self.mesh.device.index] if self.mesh.device.type == "cuda" else None
+            inner = DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp.group)
+            inner.register_comm_hook(self.dp, _counted_allreduce)
+        wrapped = ModelWrapper(model, inner, self.precision)
+        opt = None
+        if optimizer is not None:
+            opt = OptimizerWrapper(optimizer, model, self.precision.make_scaler())
+        return wrapped, opt
+
+    def no_sync(self, model: ModelWrapper) -> ContextManager:
+        if isinstance(model.module, DistributedDataParallel):
+            return model.module.no_sync()
+        return super().no_sync(model)

@@ -1,0 +1,152 @@
+"""The contract every Booster plugin fulfils.
+
+A plugin says what it supports (precisions, devices, `no_sync`, checkpoint IO) and configures
+the objects it is given: it wraps the model for its parallel scheme, wraps the optimizer so
+that backward, clipping and stepping do the right thing for that scheme, and builds the
+data loader that gives each rank its share of every global batch. The Booster, the trainer
+and the apps talk only to this interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from core.amp import Precision
+from core.checkpoint import CheckpointIO
+from core.data import GlobalBatchSampler
+from core.distributed import ParallelMesh
+from core.errors import LoomError
+
+
+class ModelWrapper(nn.Module):
+    """The model as the plugin runs it. `forward` runs under the plugin's autocast."""
+
+    def __init__(self, module: nn.Module, inner: nn.Module, precision: Precision) -> None:
+        super().__init__()
+        self.module = inner          # what runs (the model itself, or DDP around it)
+        self._unwrapped = [module]   # the user's model, out of the module tree
+        self.precision = precision
+
+    def unwrap(self) -> nn.Module:
+        return self._unwrapped[0]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision.autocast():
+            return self.module(*args, **kwargs)
+
+
+class OptimizerWrapper:
+    """The optimizer as the plugin steps it: loss scaling, clipping and stepping in one place."""
+
+    def __init__(self, optim: torch.optim.Optimizer, model: nn.Module,
+                 scaler: "torch.amp.GradScaler | None" = None) -> None:
+        self.optim = optim
+        self.model = model
+        self.scaler = scaler
+        self.skipped_steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optim.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _unscale(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optim)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of all gradients (unscaled)."""
+        self._unscale()
+        grads = [p.grad for g in self.optim.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to `max_norm`; returns the norm before clipping."""
+        self._unscale()
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def step(self) -> bool:
+        """One optimizer step; False when fp16 gradients overflowed and the step was skipped."""
+        if self.scaler is None:
+            self.optim.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optim)
+        self.scaler.update()
+        stepped = self.scaler.get_scale() >= scale
+        self.skipped_steps += not stepped
+        return stepped
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optim.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optim.load_state_dict(state)
+
+
+class Plugin(ABC):
+    """What a parallel scheme supports, and how it configures a model for it."""
+
+    name: str = "plugin"
+    supported_precisions: tuple[str, ...] = ("fp32",)
+    supported_devices: tuple[str, ...] = ("cpu", "cuda")
+    supports_no_sync: bool = False
+    supports_checkpoint_io: bool = True
+
+    def __init__(self, mesh: ParallelMesh, precision: str = "fp32") -> None:
+        self.mesh = mesh
+        if precision not in self.supported_precisions:
+            raise LoomError(f"parallel.precision={precision} is not supported by the {self.name} plugin; "
+                            f"allowed: {', '.join(self.supported_precisions)}")
+        if mesh.device.type not in self.supported_devices:
+            raise LoomError(f"the {self.name} plugin does not run on {mesh.device.type}; "
+                            f"allowed: {', '.join(self.supported_devices)}")
+        self.precision = Precision(precision, mesh.device)
+
+    @abstractmethod
+    def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> tuple[ModelWrapper, OptimizerWrapper | None]:
+        """Wrap the model and the optimizer for this scheme."""
+
+    def no_sync(self, model: ModelWrapper) -> ContextManager:
+        """Skip gradient synchronisation inside the block (accumulation micro-batches)."""
+        return contextlib.nullcontext()
+
+    def checkpoint_io(self) -> CheckpointIO:
+        return CheckpointIO()
+
+    @property
+    def dp(self):
+        """The axis over which samples are split."""
+        return self.mesh.axis("dp")
+
+    def prepare_dataloader(self, dataset: Dataset, micro_batch: int, grad_accum: int, *,
+                           seed: int, shuffle: bool = True, start_step: int = 0,
+                           steps: int | None = None, collate_fn: Callable | None = None,
+                           num_workers: int = 0) -> DataLoader:
+        """This rank's share of every global batch, in an order fixed by (seed, step)."""
+        sampler = GlobalBatchSampler(len(dataset), micro_batch, grad_accum, self.dp.rank, self.dp.size,
+                                     seed=seed, shuffle=shuffle, start_step=start_step, steps=steps)
+        # A private generator: creating the loader's iterator must not draw from the global RNG
+        # (that would make a resumed run differ from an unbroken one).
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                          num_workers=num_workers, pin_memory=self.mesh.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(seed),
+                          persistent_workers=num_workers > 0)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.mesh.layout.describe()}, {self.precision.name}, {self.mesh.device})"

@@ -1,0 +1,101 @@
+"""Write a checkpoint folder so that it either exists complete or not at all.
+
+Every rank writes its part into a temporary folder beside the final one; the ranks agree that
+all parts were written; rank 0 flushes the files to disk and renames the folder into place
+(a rename is atomic on POSIX file systems). A rank that fails (a full disk, a permission
+error) makes every rank fail with one clear message, the temporary folder is removed, and
+the checkpoints written before stay as they were.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from core.distributed import comm
+from core.distributed.comm import AxisGroup
+from core.errors import LoomError
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe(e: BaseException, final: Path) -> str:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(final.parent).free
+        return (f"the disk is full while writing checkpoint {final} ({free / 2**20:.0f} MiB free); "
+                f"free some space or point output.dir elsewhere, then continue with train.resume=latest")
+    if isinstance(e, OSError):
+        return f"cannot write checkpoint {final}: {e.strerror or e} ({getattr(e, 'filename', '') or ''})"
+    return f"writing checkpoint {final} failed: {type(e).__name__}: {e}"
+
+
+def write_atomically(final: Path, write: Callable[[Path], None], world: AxisGroup) -> Path:
+    """Call `write(tmp_folder)` on every rank, then publish the folder as `final`.
+
+    Raises LoomError on every rank if any rank's `write` failed; nothing is left at `final`
+    and no temporary folder remains.
+    """
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.partial"
+    error: BaseException | None = None
+    if world.rank == 0:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    _agree(error is None, world)  # the folder exists before anyone writes into it
+    if error is None:
+        try:
+            write(tmp)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = e
+    all_ok = _agree(error is None, world)
+    if all_ok and world.rank == 0:
+        try:
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as e:
+            error = e
+    published = _agree(error is None, world) if all_ok else False
+    if published:
+        return final
+    if world.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _agree(True, world)  # nobody returns before the clean-up is done
+    if error is not None:
+        raise LoomError(_describe(error, final)) from error
+    raise LoomError(f"another rank failed while writing checkpoint {final}; see its message. "
+                    f"The earlier checkpoints are intact")
+
+
+def _agree(ok: bool, world: AxisGroup) -> bool:
+    """True when every rank says ok (also a barrier)."""
+    if world.size == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=world.device)
+    return bool(comm.all_reduce(flag, world, op="min").item())

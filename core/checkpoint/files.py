@@ -1,0 +1,120 @@
+"""Checkpoint folders on disk: naming, discovery, pruning, and the replicated-state IO.
+
+    <output.dir>/checkpoints/step_0000300/
+        model.safetensors   weights (loadable with safetensors alone)
+        optimizer.pt        optimizer state
+        state.pt            step, scheduler, scaler, app state
+        rng/rank_00000.pt   each rank's random-number generator states
+        config.yaml         the complete recipe of the run
+        meta.json           step, layout and time; written last, marks the folder complete
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from torch import nn
+
+from core.errors import LoomError
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def find_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (those with meta.json), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP.match(p.name)
+        if m and p.is_dir() and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = find_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns what was deleted."""
+    found = find_checkpoints(root)
+    doomed = [p for _, p in found[:-keep]] if keep > 0 else []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def save_file(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_file(path: Path) -> Any:
+    """Load a checkpoint file (tensors and plain Python values only, never code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoomError(f"checkpoint file {path} is missing; is {path.parent} a complete Loom checkpoint?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise LoomError(f"checkpoint file {path} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or not a Loom file") from None
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise LoomError(f"{folder} is not a complete Loom checkpoint (no meta.json)")
+    return json.loads(path.read_text())
+
+
+class CheckpointIO:
+    """Saving and loading state that every rank holds in full (single process, DDP).
+
+    Rank 0 writes one copy; every rank reads it. Plugins whose state is sharded (ZeRO,
+    tensor parallelism) bring their own `CheckpointIO` with the same methods.
+    """
+
+    MODEL = "model.safetensors"
+    OPTIMIZER = "optimizer.pt"
+
+    def save_model(self, model: nn.Module, folder: Path, rank: int) -> None:
+        if rank == 0:
+            st_save_model(model, str(Path(folder) / self.MODEL))  # tied weights stored once
+
+    def load_model(self, model: nn.Module, folder: Path) -> None:
+        path = Path(folder) / self.MODEL
+        if not path.is_file():
+            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
+        try:
+            missing, unexpected = st_load_model(model, str(path), strict=False)
+        except (SafetensorError, RuntimeError) as e:
+            raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
+        if missing or unexpected:
+            raise LoomError(f"weights in {path} do not fit this model: missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}; was it saved with another model.* recipe?")
+
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, folder: Path, rank: int) -> None:
+        if rank == 0:
+            save_file(optimizer.state_dict(), Path(folder) / self.OPTIMIZER)
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        state = load_file(Path(folder) / self.OPTIMIZER)
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as e:
+            raise LoomError(f"optimizer state in {folder} does not fit this model/optimizer: {e}") from None

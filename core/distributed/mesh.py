@@ -1,0 +1,158 @@
+"""`ParallelMesh`: the processes of a run arranged on named axes `pp`, `dp`, `sp`, `tp`.
+
+The axes are ordered outermost to innermost, so the ranks of one tensor-parallel group are
+neighbours (on one node, where the links are fastest), then sequence, then data, and pipeline
+stages are furthest apart. The mesh is built on `torch.distributed.device_mesh`; every axis
+is exposed as an `AxisGroup` whose collectives report to the mesh's one `CommStats`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from core.distributed.comm import AxisGroup, CommStats
+from core.errors import LoomError
+
+AXES = ("pp", "dp", "sp", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many processes along each axis."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    sp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp * self.sp
+
+    def size(self, axis: str) -> int:
+        return getattr(self, axis)
+
+    def describe(self) -> str:
+        parts = [f"{a}={self.size(a)}" for a in ("dp", "pp", "tp", "sp") if self.size(a) > 1]
+        return " ".join(parts) or "dp=1"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fitting_layouts(world_size: int, wanted: Layout, limit: int = 5) -> list[Layout]:
+    """Layouts whose product is `world_size`, the ones closest to `wanted` first."""
+    fits = []
+    for pp, tp, sp in itertools.product(_divisors(world_size), repeat=3):
+        if world_size % (pp * tp * sp) == 0:
+            fits.append(Layout(dp=world_size // (pp * tp * sp), pp=pp, tp=tp, sp=sp))
+
+    def distance(layout: Layout) -> tuple[int, int]:
+        model_axes = sum(layout.size(a) != wanted.size(a) for a in ("pp", "tp", "sp"))
+        return model_axes, int(layout.dp != wanted.dp)
+
+    return sorted(fits, key=distance)[:limit]
+
+
+def resolve_layout(dp: int, pp: int, tp: int, sp: int, world_size: int) -> Layout:
+    """The layout for this world size; `dp=0` takes whatever tp x pp x sp leaves.
+
+    A layout that does not multiply out to the world size fails with the layouts that would.
+    """
+    model = pp * tp * sp
+    wanted = Layout(dp=dp or 1, pp=pp, tp=tp, sp=sp)
+    if dp == 0 and world_size % model == 0:
+        return Layout(dp=world_size // model, pp=pp, tp=tp, sp=sp)
+    if dp != 0 and dp * model == world_size:
+        return wanted
+    fits = " | ".join(layout.describe() for layout in fitting_layouts(world_size, wanted))
+    if dp == 0:
+        problem = (f"parallel.tp={tp} x parallel.pp={pp} x parallel.sp={sp} = {model} does not "
+                   f"divide the world size {world_size}")
+    else:
+        problem = (f"parallel layout dp={dp} x pp={pp} x tp={tp} x sp={sp} needs {dp * model} "
+                   f"processes but the world size is {world_size}")
+    plural = "es" if world_size > 1 else ""
+    raise LoomError(f"{problem}; layouts that fit {world_size} process{plural}: {fits} "
+                    f"(set them as parallel.<axis>=N, or change the number of processes)")
+
+
+class ParallelMesh:
+    """Named process axes with counted collectives.
+
+    `mesh.axis("tp")` is this rank's tensor-parallel `AxisGroup`; `mesh.stats` counts what
+    every collective on every axis sent.
+    """
+
+    def __init__(self, layout: Layout, device: torch.device, axes: dict[str, AxisGroup],
+                 stats: CommStats, global_rank: int = 0, device_mesh=None) -> None:
+        self.layout = layout
+        self.device = device
+        self.stats = stats
+        self.global_rank = global_rank
+        self.device_mesh = device_mesh
+        self._axes = axes
+
+    @classmethod
+    def build(cls, layout: Layout, device: torch.device | str = "cpu") -> "ParallelMesh":
+        """Arrange the running processes as `layout`. One process needs no process group."""
+        device = torch.device(device)
+        stats = CommStats()
+        if layout.world_size == 1 and not dist.is_initialized():
+            axes = {a: AxisGroup(a, 1, 0, (0,), None, stats, device) for a in AXES + ("world",)}
+            return cls(layout, device, axes, stats)
+        if not dist.is_initialized():
+            raise LoomError(f"layout {layout.describe()} needs {layout.world_size} processes; "
+                            f"start them with torchrun --nproc-per-node {layout.world_size}")
+        world = dist.get_world_size()
+        if world != layout.world_size:
+            resolve_layout(layout.dp, layout.pp, layout.tp, layout.sp, world)  # raises with the fits
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = tuple(layout.size(a) for a in AXES)
+        dm = init_device_mesh(device.type, shape, mesh_dim_names=AXES)
+        coord = dm.get_coordinate()
+        grid = dm.mesh
+        axes = {}
+        for i, a in enumerate(AXES):
+            index = list(coord)
+            index[i] = slice(None)
+            ranks = tuple(int(r) for r in grid[tuple(index)].tolist())
+            axes[a] = AxisGroup(a, layout.size(a), coord[i], ranks, dm.get_group(a), stats, device)
+        axes["world"] = AxisGroup("world", world, dist.get_rank(), tuple(range(world)), None, stats,
+                                  device)
+        return cls(layout, device, axes, stats, global_rank=dist.get_rank(), device_mesh=dm)
+
+    def axis(self, name: str) -> AxisGroup:
+        """One of `pp`, `dp`, `sp`, `tp`, or `world` (every process of the run)."""
+        try:
+            return self._axes[name]
+        except KeyError:
+            raise KeyError(f"no mesh axis {name!r}; axes are {', '.join(AXES)} and world") from None
+
+    @property
+    def world(self) -> AxisGroup:
+        return self._axes["world"]
+
+    def size(self, name: str) -> int:
+        return self._axes[name].size
+
+    def rank(self, name: str) -> int:
+        return self._axes[name].rank
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+    def __repr__(self) -> str:
+        coords = " ".join(f"{a}={self.rank(a)}/{self.size(a)}" for a in AXES)
+        return f"ParallelMesh(rank {self.global_rank}: {coords}, device={self.device})"

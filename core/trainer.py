@@ -1,0 +1,350 @@
+"""The one training loop every app uses.
+
+An app hands the trainer a `TrainTask` (a model, a loss function, datasets) and the recipe;
+the trainer does the rest: the plugin and the Booster, the optimizer and the learning-rate
+schedule, gradient accumulation, clipping, the progress bar, metrics (JSONL) and the
+loss-curve picture, evaluation and checkpoints at their cadence, and exact resume.
+
+Exact resume: the data order depends only on (seed, step) (see `core.data`), and a
+checkpoint holds the weights, the optimizer, the schedule, the loss scaler, the app's extra
+state and every rank's random-number generators, so a run stopped at step k and resumed
+computes the same losses as an unbroken run (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from core.booster import Booster, Plugin, make_plugin
+from core.checkpoint import (capture_rng, find_checkpoints, latest_checkpoint, prune_checkpoints,
+                             restore_rng, step_folder)
+from core.config import ConfigError, Recipe, TrainConfig, to_yaml
+from core.distributed import ParallelMesh
+from core.distributed import comm
+from core.errors import LoomError
+from core.metrics import MetricsLog, plot_loss_curve
+from core.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainTask:
+    """What an app gives the trainer."""
+
+    model: nn.Module
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]   # (model, micro-batch) -> mean loss
+    train_data: Dataset
+    eval_data: Dataset | None = None
+    collate_fn: Callable | None = None
+    units_per_sample: int = 1            # e.g. tokens per sample, for the throughput figure
+    unit: str = "samples"
+    num_workers: int = 0
+    on_eval: Callable[["Trainer"], dict | None] | None = None   # app's own evaluation (samples, ...)
+    add_files: Callable[[Path], None] | None = None              # extra files in each checkpoint
+    extra_state: dict[str, Any] = field(default_factory=dict)    # objects with state_dict()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+
+
+def plan_batches(cfg: TrainConfig, dp: int) -> BatchPlan:
+    """Micro-batch, accumulation and global batch for `dp` data-parallel ranks."""
+    if cfg.global_batch:
+        per_step = cfg.micro_batch * dp
+        if cfg.global_batch % per_step:
+            raise ConfigError(f"train.global_batch: got {cfg.global_batch}; allowed: a multiple of "
+                              f"train.micro_batch x dp = {cfg.micro_batch} x {dp} = {per_step}")
+        return BatchPlan(cfg.micro_batch, cfg.global_batch // per_step, cfg.global_batch)
+    return BatchPlan(cfg.micro_batch, cfg.grad_accum, cfg.micro_batch * cfg.grad_accum * dp)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    def __init__(self, cfg: Recipe, mesh: ParallelMesh, task: TrainTask, plugin: Plugin | None = None) -> None:
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.mesh = mesh
+        self.task = task
+        self.plugin = plugin or make_plugin(cfg.parallel, mesh)
+        self.batch = plan_batches(cfg.train, mesh.size("dp"))
+        self.out = Path(cfg.output.dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.booster = Booster(self.plugin)
+        optimizer = build_optimizer(cfg.optim, task.model)
+        scheduler = build_scheduler(cfg.train, optimizer)
+        boosted = self.booster.boost(task.model, optimizer, scheduler=scheduler)
+        self.model, self.optimizer, self.scheduler = boosted.model, boosted.optimizer, boosted.scheduler
+        self.step = 0
+        self.step_losses: dict[int, float] = {}   # global (dp-averaged) loss of every step run here
+        self.eval_losses: dict[int, float] = {}
+        self.metrics: MetricsLog | None = None
+        self._bar: tqdm | None = None
+
+    # ---------------------------------------------------------------- output and resume
+
+    def log(self, message: str) -> None:
+        if self.mesh.is_main:
+            (self._bar.write if self._bar is not None else print)(message, file=sys.stderr)
+
+    def _resume_point(self) -> Path | None:
+        resume = self.tc.resume
+        existing = find_checkpoints(self.ckpt_root)
+        if resume == "":
+            if existing and not self.cfg.output.overwrite:
+                raise LoomError(f"output.dir {self.out} already holds checkpoints (up to step "
+                                f"{existing[-1][0]}) from an earlier run; continue it with "
+                                f"train.resume=latest, start over with output.overwrite=true, "
+                                f"or choose another output.dir")
+            return None
+        if resume == "latest":
+            found = latest_checkpoint(self.ckpt_root)
+            if found is None:
+                self.log(f"train.resume=latest: no checkpoint in {self.ckpt_root} yet; starting fresh")
+            return found
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():  # an output folder: take its newest checkpoint
+            path = latest_checkpoint(path / "checkpoints") or path
+        if not (path / "meta.json").is_file():
+            raise LoomError(f"train.resume: {resume} is not a Loom checkpoint folder (no meta.json); "
+                            f"pass 'latest' or a folder such as {self.ckpt_root}/step_0000100")
+        return path
+
+    def _prepare_output(self, resume_from: Path | None) -> None:
+        world = self.mesh.world
+        if self.mesh.is_main:
+            if resume_from is None and self.cfg.output.overwrite:
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+                for name in ("metrics.jsonl", "loss.png"):
+                    (self.out / name).unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+        comm.barrier(world)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.mesh.is_main,
+                                  keep_until_step=self.step if resume_from is not None else None)
+
+    def _restore(self, folder: Path) -> None:
+        state, rng = self.booster.load(folder, self.model, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        for name, obj in self.task.extra_state.items():
+            if name in state.get("extra", {}):
+                obj.load_state_dict(state["extra"][name])
+        if rng is not None:
+            restore_rng(rng)
+        else:
+            self._seed_training_rng()
+            self.log("the checkpoint came from a different number of processes: data order and "
+                     "weights continue exactly, random streams (dropout) start afresh")
+        self.log(f"resumed from {folder} at step {self.step}")
+
+    def _seed_training_rng(self) -> None:
+        # Each data-parallel replica draws its own dropout masks; ranks inside one replica agree.
+        seed = self.tc.seed + 7919 * (self.mesh.rank("dp") + 1) + 104729 * self.step
+        torch.manual_seed(seed)
+        import random
+
+        import numpy as np
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def save_checkpoint(self) -> Path:
+        folder = step_folder(self.ckpt_root, self.step)
+        state = {"step": self.step, "skipped_steps": self.optimizer.skipped_steps,
+                 "extra": {name: obj.state_dict() for name, obj in self.task.extra_state.items()}}
+
+        def add_files(tmp: Path) -> None:
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            if self.task.add_files is not None:
+                self.task.add_files(tmp)
+
+        self.booster.save(folder, self.model, self.optimizer, self.scheduler, state=state,
+                          rank_state=capture_rng(), add_files=add_files, meta={"step": self.step})
+        if self.mesh.is_main:
+            prune_checkpoints(self.ckpt_root, self.tc.keep_checkpoints)
+        return folder
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> float | None:
+        """Mean loss over `train.eval_batches` micro-batches per rank, averaged over ranks.
+
+        Runs on a forked RNG, so evaluating never changes what training draws next.
+        """
+        if self.task.eval_data is None:
+            return None
+        loader = self.plugin.prepare_dataloader(
+            self.task.eval_data, self.batch.micro_batch, 1, seed=self.tc.seed, shuffle=False,
+            steps=self.tc.eval_batches, collate_fn=self.task.collate_fn)
+        devices = [self.mesh.device.index or 0] if self.mesh.device.type == "cuda" else []
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.tc.seed + 1)
+            for batch in loader:
+                total += self.task.loss_fn(self.model, _to(batch, self.mesh.device)).double()
+        self.model.train()
+        mean = comm.all_reduce(total / self.tc.eval_batches, self.mesh.axis("dp"), op="avg")
+        return float(mean)
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train to `train.steps`; returns a summary (last loss, eval loss, throughput, paths)."""
+        resume_from = self._resume_point()
+        comm.barrier(self.mesh.world)  # every rank has decided before rank 0 may delete anything
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            self._seed_training_rng()
+        self._prepare_output(resume_from)
+        total = self.tc.steps
+        if self.step >= total:
+            self.log(f"already at step {self.step} of {total}; nothing to do")
+            return self._summary(None, 0.0, 0.0)
+
+        micro, accum = self.batch.micro_batch, self.batch.grad_accum
+        loader = self.plugin.prepare_dataloader(
+            self.task.train_data, micro, accum, seed=self.tc.seed, start_step=self.step,
+            collate_fn=self.task.collate_fn, num_workers=self.task.num_workers)
+        batches = iter(loader)
+        units_per_step = self.batch.global_batch * self.task.units_per_sample
+        dp = self.mesh.axis("dp")
+        self.log(f"training {self.step}->{total} steps with {self.plugin.describe()}: global batch "
+                 f"{self.batch.global_batch} = micro {micro} x accum {accum} x dp {dp.size}; "
+                 f"output in {self.out}")
+
+        self._bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
+                         disable=not (self.mesh.is_main and self.tc.progress), file=sys.stderr)
+        window: list[torch.Tensor] = []
+        window_time = 0.0
+        busy_time = 0.0
+        units_done = 0
+        grad_norm: torch.Tensor | None = None
+        eval_loss: float | None = None
+        last_ckpt: Path | None = None
+        self.model.train()
+        try:
+            while self.step < total:
+                t0 = time.perf_counter()
+                step_loss = torch.zeros((), device=self.mesh.device)
+                for m in range(accum):
+                    batch = _to(next(batches), self.mesh.device)
+                    sync = m == accum - 1
+                    with (contextlib.nullcontext() if sync else self.booster.no_sync(self.model)):
+                        loss = self.task.loss_fn(self.model, batch)
+                        self.booster.backward(loss / accum, self.optimizer)
+                    step_loss += loss.detach().float() / accum
+                lr = self.optimizer.param_groups[0]["lr"]
+                if self.tc.grad_clip > 0:
+                    grad_norm = self.optimizer.clip_grad_norm(self.tc.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window.append(step_loss)
+                dt = time.perf_counter() - t0
+                window_time += dt
+                busy_time += dt
+                units_done += units_per_step
+
+                last = self.step == total
+                if self.step % self.tc.log_every == 0 or last:
+                    self._log_window(window, window_time, units_per_step, lr, grad_norm)
+                    window, window_time = [], 0.0
+                if (self.tc.eval_every and self.step % self.tc.eval_every == 0) or last:
+                    eval_loss = self._run_eval()
+                if (self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0) or last:
+                    last_ckpt = self.save_checkpoint()
+                self._bar.update(1)
+        finally:
+            self._bar.close()
+            self._bar = None
+        if self.mesh.is_main and self.metrics is not None:
+            plot_loss_curve(self.metrics.path, self.out / "loss.png",
+                            title=f"{Path(self.cfg.output.dir).name}: loss")
+        summary = self._summary(last_ckpt, busy_time, units_done)
+        self.log(self._summary_text(summary, eval_loss))
+        return summary
+
+    def _log_window(self, window: list[torch.Tensor], seconds: float, units_per_step: int,
+                    lr: float, grad_norm: torch.Tensor | None) -> None:
+        losses = comm.all_reduce(torch.stack(window), self.mesh.axis("dp"), op="avg").tolist()
+        first = self.step - len(losses) + 1
+        for i, value in enumerate(losses):
+            self.step_losses[first + i] = value
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            raise LoomError(f"the loss became {loss} at step {self.step}; lower optim.lr, use "
+                            f"train.grad_clip, or parallel.precision=bf16 instead of fp16. "
+                            f"Resume from the last good checkpoint with train.resume=latest")
+        rate = units_per_step * len(losses) / max(seconds, 1e-9)
+        row = {"step": self.step, "loss": loss, "lr": lr,
+               f"{self.task.unit}_per_s": rate, "time": time.time()}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if self.optimizer.skipped_steps:
+            row["skipped_steps"] = self.optimizer.skipped_steps
+        self.metrics.write(row)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {rate:,.0f} {self.task.unit}/s",
+                                      refresh=False)
+
+    def _run_eval(self) -> float | None:
+        eval_loss = self.evaluate()
+        row: dict[str, Any] = {"step": self.step}
+        if eval_loss is not None:
+            self.eval_losses[self.step] = eval_loss
+            row["eval_loss"] = eval_loss
+        if self.task.on_eval is not None:
+            row.update(self.task.on_eval(self) or {})
+        if len(row) > 1:
+            self.metrics.write(row)
+            self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in row.items()))
+        return eval_loss
+
+    def _summary(self, checkpoint: Path | None, seconds: float, units: int) -> dict:
+        last = self.step_losses.get(self.step)
+        return {"step": self.step, "loss": last,
+                "eval_loss": self.eval_losses.get(self.step),
+                f"{self.task.unit}_per_s": units / seconds if seconds else None,
+                "seconds": seconds, "checkpoint": str(checkpoint) if checkpoint else None,
+                "output_dir": str(self.out)}
+
+    def _summary_text(self, s: dict, eval_loss: float | None) -> str:
+        rate = s.get(f"{self.task.unit}_per_s")
+        parts = [f"done: step {s['step']}"]
+        if s["loss"] is not None:
+            parts.append(f"train loss {s['loss']:.4f}")
+        if eval_loss is not None:
+            parts.append(f"eval loss {eval_loss:.4f}")
+        if rate:
+            parts.append(f"{rate:,.0f} {self.task.unit}/s over {s['seconds']:.1f} s")
+        lines = [", ".join(parts)]
+        if s["checkpoint"]:
+            lines.append(f"checkpoint: {s['checkpoint']}")
+        lines.append(f"metrics: {self.out / 'metrics.jsonl'}; loss curve: {self.out / 'loss.png'}")
+        return "\n".join(lines)
