@@ -71,7 +71,7 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of optim.lr (linear, cosine)", min=0.0, max=1.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 turns clipping off", min=0.0)
     eval_every: int = opt(0, "evaluate every N steps (and at the end); 0 = only at the end", min=0)
-    eval_batches: int = opt(8, "micro-batches per evaluation on each rank", min=1)
+    eval_batches: int = opt(8, "global batches per evaluation (the same samples whatever the layout)", min=1)
     checkpoint_every: int = opt(0, "write a checkpoint every N steps (and at the end); 0 = only at the end", min=0)
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep; older ones are deleted", min=1)
     log_every: int = opt(10, "write metrics and refresh the progress bar every N steps", min=1)
@@ -129,9 +129,6 @@ class Recipe:
         """Cross-field checks; raise ConfigError. Subclasses extend it."""
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: got {list(self.optim.betas)}; allowed: two numbers in [0, 1)")
-        if self.train.warmup_steps > self.train.steps:
-            raise ConfigError(f"train.warmup_steps: got {self.train.warmup_steps}; allowed: at most "
-                              f"train.steps ({self.train.steps})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +219,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
         meta = f.metadata
         choices = meta.get("choices")
         if choices is not None and value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            by_lower = {str(c).lower(): str(c) for c in choices}
+            close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)
+            hint = f"; did you mean '{by_lower[close[0]]}'?" if close else ""
             raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(c) for c in choices)}{hint}")
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo or hi is not None and value > hi:

@@ -189,14 +189,16 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self) -> float | None:
-        """Mean loss over `train.eval_batches` micro-batches per rank, averaged over ranks.
+        """Mean loss over `train.eval_batches` global batches of the eval set (the same samples
+        whatever the layout), averaged over ranks.
 
         Runs on a forked RNG, so evaluating never changes what training draws next.
         """
         if self.task.eval_data is None:
             return None
+        micro, accum = self.batch.micro_batch, self.batch.grad_accum
         loader = self.plugin.prepare_dataloader(
-            self.task.eval_data, self.batch.micro_batch, 1, seed=self.tc.seed, shuffle=False,
+            self.task.eval_data, micro, accum, seed=self.tc.seed, shuffle=False,
             steps=self.tc.eval_batches, collate_fn=self.task.collate_fn)
         devices = [self.mesh.device.index or 0] if self.mesh.device.type == "cuda" else []
         self.model.eval()
@@ -206,7 +208,7 @@ class Trainer:
             for batch in loader:
                 total += self.task.loss_fn(self.model, _to(batch, self.mesh.device)).double()
         self.model.train()
-        mean = comm.all_reduce(total / self.tc.eval_batches, self.mesh.axis("dp"), op="avg")
+        mean = comm.all_reduce(total / (self.tc.eval_batches * accum), self.mesh.axis("dp"), op="avg")
         return float(mean)
 
     # ---------------------------------------------------------------- the loop

@@ -15,10 +15,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
-from core.distributed.comm import AxisGroup
 
 
-def _counted_allreduce(axis: AxisGroup, bucket: "torch.distributed.GradBucket"):
+def _counted_allreduce(axis, bucket):  # no annotations: DDP checks them against its own types
     buffer = bucket.buffer()
     axis.stats.record(axis.name, "all_reduce", buffer.numel() * buffer.element_size())
     return default_hooks.allreduce_hook(axis.group, bucket)

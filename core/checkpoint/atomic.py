@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from core.distributed import comm
 from core.distributed.comm import AxisGroup
@@ -38,8 +39,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # Writers implemented in other languages (safetensors) report it only in their message.
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
 def _describe(e: BaseException, final: Path) -> str:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if _disk_full(e):
         free = shutil.disk_usage(final.parent).free
         return (f"the disk is full while writing checkpoint {final} ({free / 2**20:.0f} MiB free); "
                 f"free some space or point output.dir elsewhere, then continue with train.resume=latest")
@@ -65,20 +74,22 @@ def write_atomically(final: Path, write: Callable[[Path], None], world: AxisGrou
             tmp.mkdir()
         except OSError as e:
             error = e
-    _agree(error is None, world)  # the folder exists before anyone writes into it
-    if error is None:
+    ready = _agree(error is None, world)  # the folder exists before anyone writes into it
+    if ready:
         try:
             write(tmp)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
-    all_ok = _agree(error is None, world)
+    all_ok = ready and _agree(error is None, world)
     if all_ok and world.rank == 0:
         try:
             _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
+            old = final.parent / f".{final.name}.old"
+            if final.exists():  # the same step written again: the old copy goes only after
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             error = e
     published = _agree(error is None, world) if all_ok else False
@@ -86,11 +97,20 @@ def write_atomically(final: Path, write: Callable[[Path], None], world: AxisGrou
         return final
     if world.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _agree(True, world)  # nobody returns before the clean-up is done
-    if error is not None:
-        raise LoomError(_describe(error, final)) from error
-    raise LoomError(f"another rank failed while writing checkpoint {final}; see its message. "
-                    f"The earlier checkpoints are intact")
+    # Every rank raises the failing rank's own message (the clean-up is done by then).
+    message = _first_message(_describe(error, final) if error is not None else None, world)
+    raise LoomError(message) from error
+
+
+def _first_message(mine: str | None, world: AxisGroup) -> str:
+    if world.size == 1:
+        return mine or "writing the checkpoint failed"
+    messages: list = [None] * world.size
+    dist.all_gather_object(messages, mine)
+    for rank, m in enumerate(messages):
+        if m is not None:
+            return m if rank == world.rank else f"rank {rank}: {m}"
+    return "writing the checkpoint failed"
 
 
 def _agree(ok: bool, world: AxisGroup) -> bool:

@@ -1,0 +1,87 @@
+"""Sample text from a trained GPT checkpoint.
+
+    python -m apps.gpt.generate --checkpoint runs/gpt-tiny --prompt "def " --max-new-tokens 200
+
+`--checkpoint` takes a checkpoint folder (`.../checkpoints/step_0000400`) or a run's output
+folder (its newest checkpoint is used). The checkpoint carries its recipe and tokenizer, so
+nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from apps.gpt.config import GPTRecipe
+from apps.gpt.model import GPT
+from apps.gpt.tokenizer import load_tokenizer
+from core import cli
+from core.checkpoint import CheckpointIO, latest_checkpoint
+from core.config import load_recipe
+from core.distributed.launch import pick_device
+from core.errors import LoomError
+
+
+def find_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        found = latest_checkpoint(p / "checkpoints")
+        if found is None:
+            raise LoomError(f"{p} is a run folder but holds no complete checkpoint yet")
+        return found
+    if not (p / "meta.json").is_file():
+        raise LoomError(f"--checkpoint {path}: not a Loom checkpoint folder nor a run folder "
+                        f"(expected meta.json or a checkpoints/ folder)")
+    return p
+
+
+def load_model(folder: Path, device: torch.device) -> tuple[GPT, GPTRecipe]:
+    cfg = load_recipe(GPTRecipe, folder / "config.yaml")
+    model = GPT(cfg.model)
+    CheckpointIO().load_model(model, folder)
+    return model.to(device).eval(), cfg
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m apps.gpt.generate", description=__doc__.split("\n")[1])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run output folder")
+    ap.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=40, help="0 = no cut-off (default: %(default)s)")
+    ap.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = ap.parse_args(argv)
+    for name in ("max_new_tokens", "top_k", "num_samples"):
+        if getattr(args, name) < (1 if name == "num_samples" else 0):
+            ap.error(f"--{name.replace('_', '-')} must not be negative" if name != "num_samples"
+                     else "--num-samples must be at least 1")
+    if args.temperature < 0:
+        ap.error("--temperature must not be negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    folder = find_checkpoint(args.checkpoint)
+    device = pick_device(args.device, 0)
+    model, _ = load_model(folder, device)
+    tokenizer = load_tokenizer(folder)
+    ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                             args.temperature, args.top_k, gen)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(tokenizer.decode(out[0].tolist()))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
