@@ -144,10 +144,11 @@ def launch(device: str = "auto", backend: str = "auto", timeout_s: int = 1800,
     be = pick_backend(backend, dev)
     created = False
     if env.world_size > 1 and not dist.is_initialized():
+        # Under torchrun, env:// joins the store its agent already hosts; elsewhere rank 0 hosts one.
+        init = "env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
         try:
-            dist.init_process_group(
-                be, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(be, init_method=init, rank=env.rank, world_size=env.world_size,
+                                    timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:
             raise LoomError(f"rank {env.rank} could not join the process group at "
                             f"{env.master_addr}:{env.master_port}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,135 @@
+"""The GPT entry points end to end: --help, short runs, errors, torchrun, generate, resume."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import apps.gpt.pretrain as pretrain
+from apps.gpt.config import GPTRecipe
+from core.config import load_recipe
+
+REPO = Path(__file__).resolve().parents[3]
+QUICK_MODEL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=32",
+               "train.progress=false", "sample.tokens=8"]
+
+
+def run(args, tmp_path, check=True, timeout=300):
+    env = dict(os.environ, LOOM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_help_lists_every_key():
+    r = subprocess.run([sys.executable, "-m", "apps.gpt.pretrain", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for text in ("usage: python -m apps.gpt.pretrain", "train.steps (int [1..]", "model.n_layer",
+                 "parallel.dp", "output.dir", "Known recipes: gpt/gpt2-124m, gpt/tiny", "torchrun"):
+        assert text in r.stdout, text
+
+
+def test_three_steps_of_the_default_recipe_then_generate(tmp_path):
+    out = tmp_path / "run"
+    # the embedded default (stdlib corpus, BPE, tiny recipe), cut to 300 kB of text and 3 steps
+    run([sys.executable, "-m", "apps.gpt.pretrain", "train.steps=3", "data.max_bytes=300000",
+         "data.bpe_vocab=512", f"output.dir={out}", "train.progress=false"], tmp_path)
+    assert (out / "checkpoints" / "step_0000003" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and "eval_loss" in rows[-1]
+    r = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(out), "--prompt", "import os",
+             "--max-new-tokens", "12", "--temperature", "0"], tmp_path)
+    assert r.stdout.startswith("import os")
+
+
+def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
+    cases = [
+        (["train.setps=3"], "error: unknown key 'train.setps' (on the command line); did you mean 'train.steps'?"),
+        (["parallel.tp=2"], "error: parallel.tp=2 x parallel.pp=1 x parallel.sp=1 = 2 does not divide the world size 1"),
+        (["data.path=/nonexistent"], "error: data.path: /nonexistent is not a folder"),
+        (["--recipe", "gpt/huge"], "error: recipe 'gpt/huge' not found"),
+    ]
+    for args, message in cases:
+        r = run([sys.executable, "-m", "apps.gpt.pretrain", f"output.dir={tmp_path / 'x'}", *args],
+                tmp_path, check=False)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), (args, r.stderr)
+    r = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path)], tmp_path, check=False)
+    assert r.returncode == 2 and "not a Loom checkpoint folder nor a run folder" in r.stderr
+
+
+def _torchrun(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "apps.gpt.pretrain", *args]
+
+
+def test_torchrun_data_parallel_matches_one_process(tmp_path, text_folder):
+    # model.bias=false: the attention key bias gets an exactly-zero gradient (softmax ignores a
+    # shift shared by all keys), so Adam turns rounding noise into its updates and no two
+    # summation orders agree on it. Every other weight agrees to ~2e-7 with or without biases.
+    common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=5", "train.log_every=1",
+              "train.eval_every=5", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
+              *QUICK_MODEL]
+    run(_torchrun(2, *common, "parallel.dp=2", "train.micro_batch=2", f"output.dir={tmp_path / 'ddp'}"), tmp_path)
+    run([sys.executable, "-m", "apps.gpt.pretrain", *common, "train.micro_batch=4",
+         f"output.dir={tmp_path / 'one'}"], tmp_path)
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+    (ddp_loss, ddp_eval), (one_loss, one_eval) = losses("ddp"), losses("one")
+    assert len(ddp_loss) == 5
+    assert ddp_loss == pytest.approx(one_loss, rel=1e-6) and ddp_eval == pytest.approx(one_eval, rel=1e-6)
+    a = load_file(tmp_path / "ddp" / "checkpoints" / "step_0000005" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "checkpoints" / "step_0000005" / "model.safetensors")
+    for k in b:
+        assert torch.linalg.norm(a[k] - b[k]) <= 1e-6 * torch.linalg.norm(b[k]), k
+    meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step_0000005" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["layout"]["dp"] == 2
+
+
+def test_torchrun_with_a_layout_that_does_not_fit(tmp_path):
+    r = run(_torchrun(2, "parallel.dp=4", f"output.dir={tmp_path}"), tmp_path, check=False)
+    assert r.returncode != 0
+    assert "needs 4 processes but the world size is 2; layouts that fit 2 processes: dp=2" in r.stderr
+
+
+def test_gpt_resume_after_a_stop_is_bitwise_identical(tmp_path, text_folder, monkeypatch):
+    overrides = [f"data.path={text_folder}", "data.tokenizer=bytes", f"data.cache_dir={tmp_path / 'cache'}",
+                 "train.steps=6", "train.checkpoint_every=2", "train.log_every=1", "model.dropout=0.1",
+                 "train.micro_batch=4", *QUICK_MODEL]
+    unbroken = pretrain.train(load_recipe(GPTRecipe, "gpt/tiny", overrides + [f"output.dir={tmp_path / 'a'}"]))
+
+    calls = {"n": 0}
+    real_loss = pretrain.next_token_loss
+
+    def stop_in_step_4(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(pretrain, "next_token_loss", stop_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(load_recipe(GPTRecipe, "gpt/tiny", overrides + [f"output.dir={tmp_path / 'b'}"]))
+    monkeypatch.setattr(pretrain, "next_token_loss", real_loss)
+    resumed = pretrain.train(load_recipe(GPTRecipe, "gpt/tiny", overrides + [f"output.dir={tmp_path / 'b'}",
+                                                                               "train.resume=latest"]))
+    assert resumed["loss"] == unbroken["loss"] and resumed["eval_loss"] == unbroken["eval_loss"]
+    rows_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k in ("step", "loss", "eval_loss")} for r in rows]
+    assert strip(rows_a) == strip(rows_b)        # every step's loss, bitwise
+    a = load_file(tmp_path / "a" / "checkpoints" / "step_0000006" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step_0000006" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
