@@ -238,7 +238,7 @@ class Trainer:
                  f"{self.batch.global_batch} = micro {micro} x accum {accum} x dp {dp.size}; "
                  f"output in {self.out}")
 
-        self._bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
+        self._bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                          disable=not (self.mesh.is_main and self.tc.progress), file=sys.stderr)
         window: list[torch.Tensor] = []
         window_time = 0.0

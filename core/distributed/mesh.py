@@ -37,8 +37,8 @@ class Layout:
         return getattr(self, axis)
 
     def describe(self) -> str:
-        parts = [f"{a}={self.size(a)}" for a in ("dp", "pp", "tp", "sp") if self.size(a) > 1]
-        return " ".join(parts) or "dp=1"
+        parts = [f"{a}={self.size(a)}" for a in ("pp", "tp", "sp") if self.size(a) > 1]
+        return " ".join([f"dp={self.dp}"] + parts)
 
 
 def _divisors(n: int) -> list[int]:

@@ -62,7 +62,7 @@ def test_layout_that_does_not_fit_names_the_ones_that_do():
     msg = str(e.value)
     assert "needs 8 processes but the world size is 4" in msg
     # closest first: keep tp=4 and shrink dp
-    assert "layouts that fit 4 processes: tp=4 |" in msg
+    assert "layouts that fit 4 processes: dp=1 tp=4 | dp=2 tp=2 |" in msg
     with pytest.raises(LoomError, match=r"parallel.tp=3 x parallel.pp=1 x parallel.sp=1 = 3 does not divide the world size 4"):
         resolve_layout(0, 1, 3, 1, 4)
 
