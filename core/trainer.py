@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -164,9 +166,6 @@ class Trainer:
         # Each data-parallel replica draws its own dropout masks; ranks inside one replica agree.
         seed = self.tc.seed + 7919 * (self.mesh.rank("dp") + 1) + 104729 * self.step
         torch.manual_seed(seed)
-        import random
-
-        import numpy as np
         random.seed(seed)
         np.random.seed(seed % 2**32)
 

@@ -62,14 +62,6 @@ class OptimizerWrapper:
         if self.scaler is not None:
             self.scaler.unscale_(self.optim)
 
-    def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm of all gradients (unscaled)."""
-        self._unscale()
-        grads = [p.grad for g in self.optim.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm to `max_norm`; returns the norm before clipping."""
         self._unscale()

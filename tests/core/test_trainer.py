@@ -167,3 +167,22 @@ def test_a_real_full_disk(tmp_path):
         assert not any(p.name.startswith(".") for p in (disk / "checkpoints").iterdir())
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_exactly(tmp_path, precision):
+    common = ("train.steps=6", "train.checkpoint_every=3", f"parallel.precision={precision}",
+              "train.keep_checkpoints=3")
+    unbroken, summary = _fit(toy_recipe(tmp_path / "a", *common))
+    assert unbroken.step_losses[6] < unbroken.step_losses[1]
+    if precision == "fp16":
+        assert unbroken.optimizer.scaler is not None and unbroken.optimizer.scaler.get_scale() > 0
+    # stop after the checkpoint at step 3, then continue: the scaler comes back with the rest
+    stopped = Trainer(toy_recipe(tmp_path / "b", *common), ParallelMesh.build(Layout()),
+                      toy_task(loss_fn=StopAt(4)))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    resumed, _ = _fit(toy_recipe(tmp_path / "b", *common, "train.resume=latest"))
+    assert all(resumed.step_losses[s] == unbroken.step_losses[s] for s in range(4, 7))
+    if precision == "fp16":
+        assert resumed.optimizer.scaler.get_scale() == unbroken.optimizer.scaler.get_scale()
