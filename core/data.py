@@ -23,11 +23,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
     """Yields this rank's micro-batches (lists of indices), step after step.
 
     With `steps=None` it runs forever (training); with a number it stops after that many steps.
+    With `with_epoch=True` each item is an (index, epoch) pair, for datasets whose random
+    augmentation must depend on where the sample stands in the stream.
     """
 
     def __init__(self, length: int, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int,
                  seed: int = 0, shuffle: bool = True, start_step: int = 0,
-                 steps: int | None = None) -> None:
+                 steps: int | None = None, with_epoch: bool = False) -> None:
         self.length = length
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
@@ -37,6 +39,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.start_step = start_step
         self.steps = steps
+        self.with_epoch = with_epoch
         self.global_batch = micro_batch * grad_accum * dp_size
         if length < self.global_batch:
             raise LoomError(f"the dataset has {length} samples, fewer than one global batch "
@@ -61,7 +64,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
             base = (step % self.steps_per_epoch) * self.global_batch
             for m in range(self.grad_accum):
                 start = base + (m * self.dp_size + self.dp_rank) * self.micro_batch
-                yield order[start:start + self.micro_batch].tolist()
+                indices = order[start:start + self.micro_batch].tolist()
+                yield [(i, e) for i in indices] if self.with_epoch else indices
             step += 1
 
     def __len__(self) -> int:

@@ -53,6 +53,7 @@ class TrainTask:
     unit: str = "samples"
     num_workers: int = 0
     on_eval: Callable[["Trainer"], dict | None] | None = None   # app's own evaluation (samples, ...)
+    on_step: Callable[["Trainer"], None] | None = None           # after every optimizer step (EMA, ...)
     add_files: Callable[[Path], None] | None = None              # extra files in each checkpoint
     extra_state: dict[str, Any] = field(default_factory=dict)    # objects with state_dict()
 
@@ -265,6 +266,8 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                if self.task.on_step is not None:
+                    self.task.on_step(self)
                 window.append(step_loss)
                 dt = time.perf_counter() - t0
                 window_time += dt

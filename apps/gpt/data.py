@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from apps.gpt.config import GPTDataConfig
 from apps.gpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
-from core.distributed import comm
+from core.cache import cache_dir
 from core.distributed.comm import AxisGroup
+from core.distributed.once import on_main_first
 from core.errors import LoomError
 
 STDLIB = "stdlib"
@@ -49,14 +50,6 @@ def corpus_files(cfg: GPTDataConfig) -> tuple[Path, list[Path]]:
         if not files:
             raise LoomError(f"data.path: no files match data.glob={cfg.glob!r} in {root}")
     return root, sorted(files)
-
-
-def cache_root(cfg: GPTDataConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    base = os.environ.get("LOOM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loom")
-    return Path(base)
 
 
 def _fingerprint(root: Path, files: list[Path], cfg: GPTDataConfig) -> str:
@@ -136,21 +129,17 @@ def _build(folder: Path, root: Path, files: list[Path], cfg: GPTDataConfig,
 def prepare_corpus(cfg: GPTDataConfig, world: AxisGroup, log: Callable[[str], None] = print) -> Corpus:
     """Tokenize the corpus once (rank 0, the others wait) and map it."""
     root, files = corpus_files(cfg)
-    folder = cache_root(cfg) / "gpt" / f"{'stdlib' if cfg.path == STDLIB else root.name}-{_fingerprint(root, files, cfg)}"
-    error: LoomError | None = None
-    if world.rank == 0 and not (folder / "meta.json").is_file():
-        try:
-            _build(folder, root, files, cfg, log)
-        except LoomError as e:
-            error = e
-        except OSError as e:
-            error = LoomError(f"cannot write the token cache in {folder.parent}: {e.strerror}; "
-                              f"set data.cache_dir to a writable folder")
-    flag = torch.tensor([0 if error else 1], dtype=torch.int32, device=world.device)
-    if world.size > 1 and not comm.all_reduce(flag, world, op="min").item():
-        raise error or LoomError("rank 0 failed to prepare the corpus; see its message")
-    if error:
-        raise error
+    folder = cache_dir(cfg.cache_dir) / "gpt" / f"{'stdlib' if cfg.path == STDLIB else root.name}-{_fingerprint(root, files, cfg)}"
+
+    def build() -> None:
+        if not (folder / "meta.json").is_file():
+            try:
+                _build(folder, root, files, cfg, log)
+            except OSError as e:
+                raise LoomError(f"cannot write the token cache in {folder.parent}: {e.strerror}; "
+                                f"set data.cache_dir to a writable folder") from None
+
+    on_main_first(world, build, "tokenizing the corpus")
     meta = json.loads((folder / "meta.json").read_text())
     if meta["n_tokens"] < 2:
         raise LoomError(f"the corpus under {root} holds no text ({meta['n_tokens']} tokens)")

@@ -132,7 +132,8 @@ class Plugin(ABC):
                            num_workers: int = 0) -> DataLoader:
         """This rank's share of every global batch, in an order fixed by (seed, step)."""
         sampler = GlobalBatchSampler(len(dataset), micro_batch, grad_accum, self.dp.rank, self.dp.size,
-                                     seed=seed, shuffle=shuffle, start_step=start_step, steps=steps)
+                                     seed=seed, shuffle=shuffle, start_step=start_step, steps=steps,
+                                     with_epoch=getattr(dataset, "wants_epoch", False))
         # A private generator: creating the loader's iterator must not draw from the global RNG
         # (that would make a resumed run differ from an unbroken one).
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,

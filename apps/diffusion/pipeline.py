@@ -1,0 +1,100 @@
+"""Sampling images and writing what a user takes elsewhere.
+
+`make_pipeline` assembles a diffusers `StableDiffusionPipeline` from the parts in memory, so the
+images rendered while training come from exactly the code a user will run on the exported
+folder. `export_pipeline` writes a full diffusers folder; `export_lora` writes
+`pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`. Both publish atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def render(pipe, prompts: Sequence[str], per_prompt: int, steps: int, guidance: float, seed: int,
+           resolution: int | None = None) -> list[Image.Image]:
+    """`per_prompt` images for each prompt, in prompt order, from fixed seeds."""
+    device = pipe.unet.device
+    images = []
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator(device="cpu").manual_seed(seed + i)
+        latents_shape = None
+        if resolution is not None:
+            f = pipe.vae_scale_factor
+            latents_shape = (per_prompt, pipe.unet.config.in_channels, resolution // f, resolution // f)
+        latents = torch.randn(latents_shape, generator=g).to(device) if latents_shape else None
+        out = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                   height=resolution, width=resolution, latents=latents, generator=g, output_type="pil")
+        images.extend(out.images)
+    return images
+
+
+def grid(images: Sequence[Image.Image], columns: int, scale: int = 1) -> Image.Image:
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    if scale > 1:
+        sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+    return sheet
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fresh(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def export_pipeline(pipe, final: Path) -> Path:
+    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(final)` loads."""
+    tmp = _fresh(Path(final))
+    pipe.save_pretrained(tmp)
+    return _publish(tmp, Path(final))
+
+
+def export_lora(unet, final: Path, base_model: str | Path) -> Path:
+    """`pytorch_lora_weights.safetensors` (diffusers' LoRA format) and the base model it adapts."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    tmp = _fresh(Path(final))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+    (tmp / "base_model.json").write_text(json.dumps({"pretrained": str(Path(base_model).resolve())}) + "\n")
+    return _publish(tmp, Path(final))
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,164 @@
+"""The diffusion app end to end on a very small setting: exports that diffusers loads, LoRA,
+DreamBooth, exact resume, data parallelism, and the sample command."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apps.diffusion import finetune
+from apps.diffusion.config import DiffusionRecipe
+from apps.diffusion.model import DenoisingLoss
+from core.config import load_recipe
+from core.distributed.testing import run_distributed
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("loom-cache")
+
+
+def recipe(cache, out, *overrides):
+    small = [f"data.cache_dir={cache}", f"output.dir={out}", "data.shapes_count=32", "data.resolution=16",
+             "model.tiny_vae_steps=3", "model.tiny_width=16", "train.steps=2", "train.micro_batch=4",
+             "train.progress=false", "train.log_every=1", "validation.steps=2", "validation.images_per_prompt=1",
+             "parallel.device=cpu"]
+    return load_recipe(DiffusionRecipe, "diffusion/tiny-shapes", small + list(overrides))
+
+
+def test_full_finetune_writes_a_pipeline_that_diffusers_loads(cache, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    summary = finetune.run(recipe(cache, tmp_path, "train.eval_every=1", "finetune.ema=true",
+                                  "finetune.snr_gamma=5", "finetune.noise_offset=0.05"))
+    assert (tmp_path / "samples" / "step_0000001.png").is_file() and (tmp_path / "samples" / "step_0000002.png").is_file()
+    assert (tmp_path / "loss.png").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    pipe = StableDiffusionPipeline.from_pretrained(summary["pipeline"])
+    image = pipe("a red circle on a blue background", num_inference_steps=2, height=16, width=16,
+                 output_type="np").images[0]
+    assert image.shape == (16, 16, 3) and np.isfinite(image).all()
+    # with EMA on, the exported UNet holds the averaged weights, not the last ones
+    exported = load_file(Path(summary["pipeline"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(tmp_path / "checkpoints" / "step_0000002" / "model.safetensors")
+    key = "conv_in.weight"
+    assert not torch.equal(exported[key], trained[f"unet.{key}"])
+
+
+def test_lora_writes_weights_that_diffusers_loads(cache, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = recipe(cache, tmp_path, "finetune.method=lora", "finetune.lora_rank=2", "optim.lr=0.05")
+    summary = finetune.run(cfg)
+    weights = Path(summary["lora"]) / "pytorch_lora_weights.safetensors"
+    assert weights.is_file()
+    base = json.loads((Path(summary["lora"]) / "base_model.json").read_text())["pretrained"]
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    kwargs = dict(num_inference_steps=2, height=16, width=16, output_type="np")
+    before = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    pipe.load_lora_weights(summary["lora"])
+    after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert after.shape == (16, 16, 3) and not np.allclose(before, after)
+    # the checkpoint's base UNet weights are untouched: only the adapters trained
+    state = load_file(tmp_path / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert any("lora" in k for k in state)
+
+
+def test_resume_after_a_stop_is_exact(cache, tmp_path, monkeypatch):
+    common = ("train.steps=4", "train.checkpoint_every=2", "validation.prompts=[]", "finetune.caption_dropout=0.2")
+    unbroken = finetune.run(recipe(cache, tmp_path / "a", *common))
+    calls = {"n": 0}
+    real = DenoisingLoss.__call__
+
+    def stop_in_step_4(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, model, batch)
+
+    monkeypatch.setattr(DenoisingLoss, "__call__", stop_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(recipe(cache, tmp_path / "b", *common))
+    monkeypatch.setattr(DenoisingLoss, "__call__", real)
+    resumed = finetune.run(recipe(cache, tmp_path / "b", *common, "train.resume=latest"))
+    assert resumed["loss"] == unbroken["loss"]
+    losses = [[json.loads(line).get("loss") for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("a", "b")]
+    assert losses[0] == losses[1]
+    a = load_file(tmp_path / "a" / "checkpoints" / "step_0000004" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ddp_worker(cache, out):
+    summary = finetune.run(recipe(cache, out, "parallel.dp=2", "train.micro_batch=2", "train.steps=3",
+                                  "validation.prompts=[]", "finetune.caption_dropout=0.2"))
+    return summary["loss"]
+
+
+def test_two_ranks_train_like_one_process(cache, tmp_path):
+    one = finetune.run(recipe(cache, tmp_path / "one", "train.micro_batch=4", "train.steps=3",
+                              "validation.prompts=[]", "finetune.caption_dropout=0.2"))
+    losses = run_distributed(_ddp_worker, world_size=2, args=(str(cache), str(tmp_path / "two")))
+    assert losses[0] == pytest.approx(one["loss"], rel=1e-5)
+    a = load_file(tmp_path / "one" / "checkpoints" / "step_0000003" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "step_0000003" / "model.safetensors")
+    for k in a:
+        assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(a[k]) + 1e-8, k
+
+
+def test_dreambooth_makes_class_images_then_trains(cache, tmp_path):
+    from PIL import Image
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for i, colour in enumerate([(220, 30, 30), (200, 40, 40)]):
+        Image.new("RGB", (24, 24), colour).save(subject / f"{i}.png")
+    summary = finetune.run(recipe(cache, tmp_path / "out", "finetune.method=dreambooth",
+                                  f"data.instance_dir={subject}", "data.instance_prompt=a photo of sks circle",
+                                  "data.class_prompt=a photo of a circle", "data.num_class_images=3",
+                                  "train.micro_batch=2"))
+    assert sorted(p.name for p in (tmp_path / "out" / "class_images").iterdir()) == [
+        "class_00000.png", "class_00001.png", "class_00002.png"]
+    assert Path(summary["pipeline"], "model_index.json").is_file()
+
+
+def _run_cli(args, cache):
+    env = dict(os.environ, LOOM_CACHE=str(cache), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_command_and_its_errors(cache, tmp_path):
+    finetune.run(recipe(cache, tmp_path / "run", "train.steps=1", "validation.prompts=[]"))
+    r = _run_cli(["-m", "apps.diffusion.sample", "--model", str(tmp_path / "run"), "--prompt", "a red circle",
+                  "--prompt", "a blue square", "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "s")],
+                 cache)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "s").glob("*-a-red-circle-*.png"))) == 2 and (tmp_path / "s" / "grid.png").is_file()
+    r = _run_cli(["-m", "apps.diffusion.sample", "--model", str(tmp_path), "--prompt", "x"], cache)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: model.pretrained: {tmp_path} is not a diffusers pipeline folder (no model_index.json); "
+        "it needs unet/, vae/, text_encoder/, tokenizer/, scheduler/ as StableDiffusionPipeline.save_pretrained writes"]
+
+
+def test_finetune_command_line_errors(cache, tmp_path):
+    for args, message in [
+        (["data.resolution=30"], "error: data.resolution: got 30; allowed: a multiple of 8"),
+        ([f"model.pretrained={tmp_path}"], "error: model.pretrained: "),
+        ([f"data.path={tmp_path / 'nope'}"], "error: data.path: "),
+    ]:
+        r = _run_cli(["-m", "apps.diffusion.finetune", f"output.dir={tmp_path / 'o'}", "data.shapes_count=32",
+                      "data.resolution=16", "model.tiny_vae_steps=3", *args], cache)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith(message), (args, r.stderr)
+        assert not any("Traceback" in line for line in lines)
