@@ -18,8 +18,8 @@ def _usage(prog: str, summary: str, default_recipe: str) -> str:
             f"(default: {default_recipe})\n"
             f"  key=value              override one recipe key, e.g. train.steps=50 parallel.dp=2\n"
             f"  -h, --help             print this and every recipe key with its default and meaning\n\n"
-            f"Known recipes: {', '.join(known_recipes())}\n"
-            f"Many processes: torchrun --nproc-per-node N -m {prog.split()[-1]} parallel.dp=N")
+            f"Known recipes: {', '.join(r for r in known_recipes() if r.split('/')[0] == default_recipe.split('/')[0])}\n"
+            f"Many processes: torchrun --standalone --nproc-per-node N -m {prog.split()[-1]} parallel.dp=N")
 
 
 def parse(schema: type[T], argv: Sequence[str] | None, *, prog: str, summary: str,
@@ -67,6 +67,9 @@ def run_main(main: Callable[[], int | None]) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        sys.exit(0)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print("interrupted; the last complete checkpoint is intact", file=sys.stderr)

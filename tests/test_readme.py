@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from apps.diffusion.config import DiffusionRecipe
+from apps.diffusion.sample import parse_args as sample_args
 from apps.gpt.config import GPTRecipe
 from apps.gpt.generate import parse_args as generate_args
 from core.config import load_recipe
@@ -38,30 +40,43 @@ def test_readme_shows_the_two_commands_and_the_makefile_has_them():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("args", _entry_lines("apps.gpt.pretrain"), ids=lambda a: " ".join(a) or "defaults")
-def test_every_pretrain_line_is_a_valid_recipe(args):
+ENTRY_POINTS = [("apps.gpt.pretrain", GPTRecipe, "gpt/tiny", []),
+                 ("apps.diffusion.finetune", DiffusionRecipe, "diffusion/tiny-shapes", []),
+                 ("apps.diffusion.train", DiffusionRecipe, "diffusion/tiny-shapes", ["model.unet_init=random"])]
+RECIPE_LINES = [(module, schema, default, pre, args) for module, schema, default, pre in ENTRY_POINTS
+                for args in _entry_lines(module)]
+
+
+@pytest.mark.parametrize("module, schema, default, pre, args", RECIPE_LINES,
+                         ids=[f"{m} {' '.join(a)}" for m, _, _, _, a in RECIPE_LINES])
+def test_every_entry_point_line_is_a_valid_recipe(module, schema, default, pre, args):
     if args == ["--help"]:
         return
-    recipe = "gpt/tiny"
+    recipe = default
     if "--recipe" in args:
         i = args.index("--recipe")
         recipe = args[i + 1]
         args = args[:i] + args[i + 2:]
-    load_recipe(GPTRecipe, recipe, args)
+    load_recipe(schema, recipe, pre + args)
 
 
-def test_every_generate_line_parses():
-    lines = _entry_lines("apps.gpt.generate")
-    assert lines
-    for args in lines:
-        generate_args(args)
+def test_every_entry_point_appears_in_the_readme():
+    assert {m for m, *_ in RECIPE_LINES} == {m for m, *_ in ENTRY_POINTS}
+
+
+def test_every_generate_and_sample_line_parses():
+    for module, parse in (("apps.gpt.generate", generate_args), ("apps.diffusion.sample", sample_args)):
+        lines = _entry_lines(module)
+        assert lines, module
+        for args in lines:
+            parse(args)
 
 
 def test_recipes_named_in_the_readme_exist(tmp_path):
-    names = set(re.findall(r"(?:--recipe |extends: )(gpt/[\w-]+)", README))
-    assert names
+    names = set(re.findall(r"(?:--recipe |extends: |`)((?:gpt|diffusion)/[\w-]+)", README))
+    assert {"gpt/tiny", "gpt/gpt2-124m", "diffusion/tiny-shapes", "diffusion/sd15-lora"} <= names
     for name in names:
-        load_recipe(GPTRecipe, name)
+        load_recipe(GPTRecipe if name.startswith("gpt/") else DiffusionRecipe, name)
     # the `extends` example is a working recipe
     example = next(b for b in BLOCKS if b.startswith("extends:"))
     (tmp_path / "mine.yaml").write_text(example)

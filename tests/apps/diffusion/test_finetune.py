@@ -38,7 +38,8 @@ def test_full_finetune_writes_a_pipeline_that_diffusers_loads(cache, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     summary = finetune.run(recipe(cache, tmp_path, "train.eval_every=1", "finetune.ema=true",
-                                  "finetune.snr_gamma=5", "finetune.noise_offset=0.05"))
+                                  "finetune.snr_gamma=5", "finetune.noise_offset=0.05",
+                                  "model.gradient_checkpointing=true"))
     assert (tmp_path / "samples" / "step_0000001.png").is_file() and (tmp_path / "samples" / "step_0000002.png").is_file()
     assert (tmp_path / "loss.png").is_file()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +58,8 @@ def test_full_finetune_writes_a_pipeline_that_diffusers_loads(cache, tmp_path):
 def test_lora_writes_weights_that_diffusers_loads(cache, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    cfg = recipe(cache, tmp_path, "finetune.method=lora", "finetune.lora_rank=2", "optim.lr=0.05")
+    cfg = recipe(cache, tmp_path, "finetune.method=lora", "finetune.lora_rank=2", "optim.lr=0.05",
+                 "parallel.precision=bf16")
     summary = finetune.run(cfg)
     weights = Path(summary["lora"]) / "pytorch_lora_weights.safetensors"
     assert weights.is_file()
