@@ -24,11 +24,11 @@ from apps.diffusion.pipeline import export_lora, export_pipeline, grid, make_pip
 from apps.diffusion.prepare import cache_root, class_images, shapes_folder, tiny_folder
 from apps.diffusion import quiet_libraries
 from core import cli
-from core.booster import make_plugin
-from core.distributed import ParallelMesh, comm, detect, launch, resolve_layout
+from core.distributed import comm
 from core.ema import EMA
 from core.errors import LoomError
-from core.trainer import Trainer, TrainTask, plan_batches
+from core.session import session
+from core.trainer import Trainer, TrainTask
 
 SUMMARY = ("Stable Diffusion fine-tuning (full, LoRA, DreamBooth) on a local diffusers model and a "
            "folder of captioned images; by default a tiny model on generated coloured shapes.")
@@ -60,15 +60,9 @@ def _check_paths(cfg: DiffusionRecipe) -> None:
 
 def run(cfg: DiffusionRecipe) -> dict:
     """Train as the recipe says (on this process and its torchrun peers); returns the summary."""
-    p = cfg.parallel
-    env = detect()
-    layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, env.world_size)
-    plan_batches(cfg.train, layout.dp)
     _check_paths(cfg)
-    with launch(p.device, p.backend, p.timeout_s) as rt:
-        mesh = ParallelMesh.build(layout, rt.device)
-        plugin = make_plugin(p, mesh)
-        log = (lambda m: print(m, file=sys.stderr)) if mesh.is_main else (lambda m: None)
+    with session(cfg) as s:
+        mesh, plugin, log = s.mesh, s.plugin, s.log
         world = mesh.world
         data_folder = None
         if cfg.finetune.method != "dreambooth":
@@ -77,7 +71,7 @@ def run(cfg: DiffusionRecipe) -> dict:
         parts = load_parts(base, cfg.model.unet_init, cfg.train.seed)
         if cfg.model.prediction_type:
             parts.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
-        device = rt.device
+        device = mesh.device
         parts.vae.to(device)
         class_dir = None
         if cfg.finetune.method == "dreambooth" and cfg.finetune.prior_loss_weight > 0:

@@ -17,9 +17,8 @@ from apps.gpt.config import GPTModelConfig, GPTRecipe
 from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
 from core import cli
-from core.booster import make_plugin
-from core.distributed import ParallelMesh, detect, launch, resolve_layout
-from core.trainer import Trainer, TrainTask, plan_batches
+from core.session import session
+from core.trainer import Trainer, TrainTask
 
 SUMMARY = ("GPT pretraining on a folder of text files or, by default, the Python standard "
            "library's own source.")
@@ -45,14 +44,8 @@ def sample_text(model: GPT, corpus_tokenizer, prompt: str, tokens: int, temperat
 
 def train(cfg: GPTRecipe) -> dict:
     """Run the recipe on this process (and its peers under torchrun); returns the summary."""
-    p = cfg.parallel
-    env = detect()
-    layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, env.world_size)   # fail before joining
-    plan_batches(cfg.train, layout.dp)
-    with launch(p.device, p.backend, p.timeout_s) as rt:
-        mesh = ParallelMesh.build(layout, rt.device)
-        plugin = make_plugin(p, mesh)
-        log = (lambda m: print(m, file=sys.stderr)) if mesh.is_main else (lambda m: None)
+    with session(cfg) as s:
+        mesh, plugin, log = s.mesh, s.plugin, s.log
         corpus: Corpus = prepare_corpus(cfg.data, mesh.world, log)
         cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, corpus.tokenizer.vocab_size))
         torch.manual_seed(cfg.train.seed)
@@ -74,7 +67,7 @@ def train(cfg: GPTRecipe) -> dict:
         summary = trainer.fit()
         if mesh.is_main and cfg.sample.tokens:
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
-                               cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, rt.device)
+                               cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)
             (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")
             summary["sample"] = text
             print(f"--- sample from the trained model ---\n{text}\n---", file=sys.stderr)
