@@ -102,7 +102,9 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "optimizer", choices=("adamw", "sgd"))
+    name: str = opt("adamw", "optimizer: torch's AdamW, HybridAdam (the same update; a C++ kernel for "
+                             "CPU-resident weights, torch's fused kernel on GPUs), or SGD",
+                    choices=("adamw", "hybrid_adam", "sgd"))
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
     weight_decay: float = opt(0.1, "decoupled weight decay, applied to matrices only (not biases, norms)", min=0.0)
     betas: List[float] = opt([0.9, 0.95], "Adam's (beta1, beta2)")

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules built from the recipe's `optim` and `train` sections."""
 
 from core.optim.factory import build_optimizer, param_groups
+from core.optim.hybrid_adam import HybridAdam
 from core.optim.schedule import LRShape, build_scheduler
 
-__all__ = ["LRShape", "build_optimizer", "build_scheduler", "param_groups"]
+__all__ = ["HybridAdam", "LRShape", "build_optimizer", "build_scheduler", "param_groups"]
