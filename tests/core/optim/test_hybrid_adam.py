@@ -1,5 +1,7 @@
 """HybridAdam trains exactly like torch.optim.AdamW."""
 
+import copy
+
 import torch
 
 from core.optim import HybridAdam, build_optimizer
@@ -42,7 +44,7 @@ def test_hybrid_adam_state_round_trips():
     opt_a.step()
     b.load_state_dict(a.state_dict())
     opt_b = HybridAdam(b.parameters(), lr=0.1, weight_decay=0.01)
-    opt_b.load_state_dict(opt_a.state_dict())
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as if saved and loaded
     for model, opt in ((a, opt_a), (b, opt_b)):
         opt.zero_grad()
         model(x).square().mean().backward()
