@@ -39,3 +39,34 @@ class Precision:
 
     def __repr__(self) -> str:
         return f"Precision({self.name})"
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 where torch's GradScaler cannot reach the gradients (they
+    live in chunks, not in `.grad`): the caller multiplies the loss by `scale`, divides the
+    gradients by it, and reports overflow; an overflowing step is skipped and the scale halved,
+    and it doubles again after `growth_interval` good steps."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= 2.0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])

@@ -113,6 +113,26 @@ class OptimConfig:
 
 
 @dataclass
+class MemoryConfig:
+    chunk_mb: float = opt(32.0, "size of a parameter chunk (parallel.zero=3 or parallel.offload): the unit "
+                                "that moves between device, host and NVMe", min=0.0001)
+    device_gb: float = opt(0.0, "budget for chunks on the compute device; 0 = no limit "
+                                "(on a CPU-only machine the 'device' is the CPU with this budget)", min=0.0)
+    policy: str = opt("auto", "auto: fit the budget, evicting the chunk used furthest in the future; "
+                              "static: memory.static_fraction of the chunks stays off the device",
+                      choices=("auto", "static"))
+    static_fraction: float = opt(0.0, "static policy: fraction of parameter chunks kept off the device",
+                                 min=0.0, max=1.0)
+    nvme_dir: str = opt("", "folder on a fast local disk for parallel.offload=nvme; '' = output.dir/nvme")
+    io_threads: int = opt(4, "threads moving chunks to and from host memory and NVMe", min=1)
+    prefetch: int = opt(2, "chunks fetched ahead of use, in the order traced in the first step", min=0)
+    step_in_backward: bool = opt(False, "update each chunk as soon as its gradient is complete, so gradients "
+                                        "are never stored (saves 4 bytes per parameter of host memory or disk "
+                                        "and a pass over them); needs train.grad_clip=0, train.grad_accum=1 "
+                                        "and parallel.precision fp32 or bf16")
+
+
+@dataclass
 class OutputConfig:
     dir: str = opt("runs/default", "folder for checkpoints, metrics.jsonl and plots")
     overwrite: bool = opt(False, "start a fresh run in an output.dir that already holds checkpoints (deletes them)")
@@ -125,6 +145,7 @@ class Recipe:
     train: TrainConfig = section(TrainConfig, "the training loop")
     parallel: ParallelConfig = section(ParallelConfig, "how the run is spread over processes")
     optim: OptimConfig = section(OptimConfig, "the optimizer")
+    memory: MemoryConfig = section(MemoryConfig, "chunked parameters across device, host and NVMe")
     output: OutputConfig = section(OutputConfig, "where results go")
 
     def check(self) -> None:
@@ -368,7 +389,7 @@ def to_dict(cfg: Any) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def describe(schema: type, recipe_values: Any | None = None, order: Sequence[str] = (
-        "model", "data", "train", "optim", "parallel", "output")) -> str:
+        "model", "data", "train", "optim", "parallel", "memory", "output")) -> str:
     """Every key with its type, default (and the recipe's value when it differs) and meaning."""
     hints = _field_types(schema)
     sections = sorted((f for f in dataclasses.fields(schema)),

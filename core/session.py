@@ -30,6 +30,6 @@ def session(cfg: Recipe) -> Iterator[Session]:
     plan_batches(cfg.train, layout.dp)
     with launch(p.device, p.backend, p.timeout_s) as rt:
         mesh = ParallelMesh.build(layout, rt.device)
-        plugin = make_plugin(p, mesh)
+        plugin = make_plugin(cfg, mesh)
         log = (lambda m: print(m, file=sys.stderr)) if mesh.is_main else (lambda m: None)
         yield Session(rt, mesh, plugin, log)

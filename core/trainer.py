@@ -92,7 +92,7 @@ class Trainer:
         self.tc = cfg.train
         self.mesh = mesh
         self.task = task
-        self.plugin = plugin or make_plugin(cfg.parallel, mesh)
+        self.plugin = plugin or make_plugin(cfg, mesh)
         self.batch = plan_batches(cfg.train, mesh.size("dp"))
         self.out = Path(cfg.output.dir)
         self.ckpt_root = self.out / "checkpoints"

@@ -74,14 +74,22 @@ class GPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        std = self.cfg.init_std
+        if any(p.is_meta for p in self.parameters()):
+            return   # built on the meta device: `init_parameter` fills each one where it will live
         for name, p in self.named_parameters():
-            if p.ndim >= 2:
-                # GPT-2: residual projections scaled by 1/sqrt(2 x layers)
-                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("proj.weight") else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, out: torch.Tensor) -> None:
+        """Initial value of parameter `name`, written into `out` (GPT-2's scheme)."""
+        if out.ndim >= 2:
+            # residual projections scaled by 1/sqrt(2 x layers)
+            scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("proj.weight") else 1.0
+            nn.init.normal_(out, mean=0.0, std=self.cfg.init_std * scale)
+        elif name.endswith("bias"):
+            nn.init.zeros_(out)
+        else:
+            nn.init.ones_(out)        # LayerNorm scales
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

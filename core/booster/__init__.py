@@ -2,30 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from core.booster.booster import Boosted, Booster
 from core.booster.ddp import DDPPlugin
+from core.booster.gemini import GeminiPlugin
+from core.booster.zero import ZeroPlugin
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
-from core.config import ParallelConfig
+from core.config import Recipe
 from core.distributed import ParallelMesh
 from core.errors import LoomError
 
 
-def make_plugin(cfg: ParallelConfig, mesh: ParallelMesh) -> Plugin:
-    """The plugin for the recipe's `parallel` section, or one clear error if this version of
-    Loom cannot run that combination yet."""
+def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
+    """The plugin for the recipe's `parallel` (and `memory`) sections, or one clear error if
+    this version of Loom cannot run that combination yet."""
+    p = cfg.parallel
     missing = []
-    if cfg.zero:
-        missing.append(f"parallel.zero={cfg.zero} (ZeRO)")
-    if cfg.offload != "none":
-        missing.append(f"parallel.offload={cfg.offload} (heterogeneous memory)")
     for axis, what in (("tp", "tensor"), ("pp", "pipeline"), ("sp", "sequence")):
         if mesh.size(axis) > 1:
             missing.append(f"parallel.{axis}={mesh.size(axis)} ({what} parallelism)")
     if missing:
-        raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; "
-                        f"what runs today is data parallelism (parallel.dp) with "
-                        f"parallel.precision=fp32|bf16|fp16")
-    return DDPPlugin(mesh, precision=cfg.precision)
+        raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
+                        f"data parallelism (parallel.dp) with ZeRO (parallel.zero=1|2|3) and offload "
+                        f"(parallel.offload=cpu|nvme)")
+    if cfg.memory.step_in_backward:
+        from core.trainer import plan_batches   # core.trainer imports this module
+
+        accum = plan_batches(cfg.train, mesh.size("dp")).grad_accum
+        clash = [what for bad, what in ((cfg.train.grad_clip > 0, f"train.grad_clip={cfg.train.grad_clip:g}"),
+                                        (accum > 1, f"train.grad_accum={accum}"),
+                                        (p.precision == "fp16", "parallel.precision=fp16")) if bad]
+        if clash:
+            raise LoomError(f"memory.step_in_backward=true updates each chunk during backward, which rules out "
+                            f"{', '.join(clash)}; set train.grad_clip=0, train.grad_accum=1 and bf16 or fp32")
+        if not (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
+            raise LoomError("memory.step_in_backward=true needs the chunked engine: set parallel.zero or "
+                            "parallel.offload")
+    if p.offload != "none" or cfg.memory.device_gb > 0:
+        nvme = cfg.memory.nvme_dir or str(Path(cfg.output.dir) / "nvme")
+        return GeminiPlugin(mesh, precision=p.precision, stage=p.zero or 3, offload=p.offload, memory=cfg.memory,
+                            nvme_dir=nvme, materialize=materialize)
+    if p.zero:
+        return ZeroPlugin(mesh, precision=p.precision, stage=p.zero, memory=cfg.memory, materialize=materialize)
+    return DDPPlugin(mesh, precision=p.precision)
 
 
-__all__ = ["Boosted", "Booster", "DDPPlugin", "ModelWrapper", "OptimizerWrapper", "Plugin", "make_plugin"]
+__all__ = ["Boosted", "Booster", "DDPPlugin", "GeminiPlugin", "ModelWrapper", "OptimizerWrapper", "Plugin",
+           "ZeroPlugin", "make_plugin"]

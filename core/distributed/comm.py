@@ -146,6 +146,34 @@ def _reduce_(x: torch.Tensor, axis: AxisGroup, dst: int) -> torch.Tensor:
     return x
 
 
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_into(out: torch.Tensor, shard: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
+    """Every rank's `shard`, concatenated in rank order, into the flat `out` (no autograd)."""
+    axis.stats.record(axis.name, "all_gather", _nbytes(shard))
+    _gather_single(out, shard.contiguous(), group=axis.group)
+    return out
+
+
+def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
+    """This rank's part of the sum of every rank's flat `full` (no autograd)."""
+    axis.stats.record(axis.name, "reduce_scatter", _nbytes(full))
+    _scatter_single(out, full.contiguous(), group=axis.group)
+    return out
+
+
+def all_reduce_(x: torch.Tensor, axis: AxisGroup, op: str = "sum") -> torch.Tensor:
+    """In-place counted all-reduce (no autograd)."""
+    return _all_reduce_(x, axis, op)
+
+
+def broadcast_(x: torch.Tensor, axis: AxisGroup, src: int = 0) -> torch.Tensor:
+    """In-place counted broadcast from the axis rank `src` (no autograd)."""
+    return _broadcast_(x, axis, src)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd functions
 # --------------------------------------------------------------------------------------------

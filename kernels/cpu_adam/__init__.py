@@ -80,7 +80,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
               work: torch.Tensor | None = None, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
               eps: float = 1e-8, weight_decay: float = 0.0, adamw: bool = True, step: int,
               bias_correction: bool = True, grad_scale: float = 1.0, use_kernel: bool = True) -> None:
-    module = load() if use_kernel else None
+    module = load() if use_kernel and param.device.type == "cpu" else None
     if module is None:
         reference_adam_step(param, grad, exp_avg, exp_avg_sq, work, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             weight_decay=weight_decay, adamw=adamw, step=step, bias_correction=bias_correction,

@@ -1,0 +1,165 @@
+"""The `zero` and `gemini` plugins: parameters in chunks, optimizer states (and gradients, and
+parameters) sharded over the data-parallel ranks, and offloaded to host memory or NVMe.
+
+One engine, chosen by the recipe:
+
+| recipe                                   | plugin | what is sharded over dp      | where states live |
+|------------------------------------------|--------|------------------------------|-------------------|
+| `parallel.zero=1`                        | zero   | optimizer states             | device            |
+| `parallel.zero=2`                        | zero   | + gradients (reduce-scatter) | device            |
+| `parallel.zero=3`                        | zero   | + parameters (gathered on use) | device          |
+| `parallel.offload=cpu/nvme` (+ `zero`)   | gemini | as `zero` (3 when unset)     | host / NVMe       |
+| `memory.device_gb>0`                     | gemini | chunks evicted to fit the device budget              |
+
+Checkpoints hold the fp32 master weights by parameter name (gathered from every rank), so they
+load into a plain model and into any other layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+from torch import nn
+
+from core.booster.plugin import ModelWrapper, Plugin
+from core.checkpoint import CheckpointIO, load_file, save_file
+from core.config import MemoryConfig
+from core.distributed import ParallelMesh
+from core.errors import LoomError
+from core.memory.gemini import GeminiModel
+from core.memory.manager import ChunkManager, human, make_policy
+from core.memory.store import MemoryStore, NVMeStore
+from core.zero import ChunkAdam, GradientShards
+from core.zero.optimizer import KINDS, init_states
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ChunkCheckpointIO(CheckpointIO):
+    """Full-precision weights from the master copies (by parameter name; tied weights once,
+    buffers from the model), and the optimizer's moments by parameter name."""
+
+    def __init__(self, plugin: "ZeroPlugin") -> None:
+        self.plugin = plugin
+
+    def save_model(self, model: nn.Module, folder: Path, rank: int) -> None:
+        weights = self.plugin.optimizer.master_state()      # a collective: every rank takes part
+        if rank != 0:
+            return
+        weights.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers()})
+        st_save_file(weights, str(Path(folder) / self.MODEL))
+
+    def load_model(self, model: nn.Module, folder: Path) -> None:
+        path = Path(folder) / self.MODEL
+        if not path.is_file():
+            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
+        saved = st_load_file(str(path))
+        names = [n for n, _ in model.named_parameters()]
+        missing = [n for n in names if n not in saved]
+        if missing:
+            raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+        self.plugin.optimizer.load_master(saved)
+        for name, buf in model.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])
+
+    def save_optimizer(self, optimizer, folder: Path, rank: int) -> None:
+        state = optimizer.state_dict()
+        if rank == 0:
+            save_file(state, Path(folder) / self.OPTIMIZER)
+
+    def load_optimizer(self, optimizer, folder: Path) -> None:
+        optimizer.load_state_dict(load_file(Path(folder) / self.OPTIMIZER))
+
+
+class ZeroPlugin(Plugin):
+    name = "zero"
+    supported_precisions = ("fp32", "bf16", "fp16")
+    supported_devices = ("cpu", "cuda")
+    supports_no_sync = False
+    supports_checkpoint_io = True
+
+    def __init__(self, mesh: ParallelMesh, precision: str = "fp32", stage: int = 2, offload: str = "none",
+                 memory: MemoryConfig | None = None, nvme_dir: str | Path = "",
+                 materialize: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        super().__init__(mesh, precision)
+        if stage not in (0, 1, 2, 3):
+            raise LoomError(f"parallel.zero: got {stage}; allowed: 0, 1, 2, 3")
+        if offload not in ("none", "cpu", "nvme"):
+            raise LoomError(f"parallel.offload: got {offload!r}; allowed: none, cpu, nvme")
+        self.stage = stage
+        self.offload = offload
+        self.memory = memory or MemoryConfig()
+        self.nvme_dir = Path(nvme_dir or self.memory.nvme_dir or "nvme")
+        self.materialize = materialize
+        self.optimizer: ChunkAdam | None = None
+        self.manager: ChunkManager | None = None
+
+    def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        if optimizer is None:
+            raise LoomError(f"the {self.name} plugin needs the optimizer (it keeps the optimizer states itself)")
+        if any("betas" not in g for g in optimizer.param_groups):
+            raise LoomError(f"the {self.name} plugin trains with AdamW (optim.name=adamw or hybrid_adam)")
+        device = self.mesh.device
+        if not any(p.is_meta for p in model.parameters()):
+            model.to(device)
+        dp = self.mesh.axis("dp")
+        dtype = DTYPES[self.precision.name]
+        element = torch.tensor([], dtype=dtype).element_size()
+        params = list(dict.fromkeys(model.parameters()))
+        chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element), max((p.numel() for p in params), default=1))
+        chunk_numel = -(-chunk_numel // dp.size) * dp.size
+        shard_numel = chunk_numel // dp.size
+        shard_params = self.stage == 3
+        # The fp32 working copy is the fp32 master: one slot serves both, when each rank's home
+        # copy is exactly its shard.
+        alias = {"param": "master"} if dtype == torch.float32 and (dp.size == 1 or shard_params) else {}
+        threads = self.memory.io_threads
+        if self.offload == "nvme":
+            n_chunks = self._count_chunks(params, chunk_numel)
+            stored = KINDS if self.memory.step_in_backward else KINDS + ("grad",)
+            slots = {k: (n_chunks, shard_numel * 4) for k in stored}
+            if not alias:
+                slots["param"] = (n_chunks, (shard_numel if shard_params else chunk_numel) * element)
+            folder = self.nvme_dir / f"rank{self.mesh.global_rank}"   # ranks may share a disk
+            states = home = NVMeStore(folder, slots, threads=threads, aliases=alias)
+        else:
+            pin = device.type == "cuda"
+            states = MemoryStore(pin=pin, threads=threads, device="cpu" if self.offload == "cpu" else device,
+                                 aliases=alias)
+            home = states if alias and self.offload == "cpu" else MemoryStore(pin=pin, threads=threads)
+            if home is not states:   # the alias needs both kinds in one store
+                states.aliases = {}
+        budget = int(self.memory.device_gb * 2**30) if self.memory.device_gb > 0 else 2**62
+        policy = make_policy(self.memory.policy, self.memory.static_fraction)
+        self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, policy, self.memory.prefetch,
+                                    axis=dp, shard_params=shard_params, materialize=self.materialize,
+                                    on_master=lambda chunk, shard: init_states(states, chunk, shard))
+        grads = GradientShards(states, dp, stage=max(self.stage, 1))
+        # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
+        self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
+                                   origin=optimizer, in_backward=self.memory.step_in_backward)
+        return ModelWrapper(model, GeminiModel(model, self.manager, grads.reduce), self.precision), self.optimizer
+
+    @staticmethod
+    def _count_chunks(params: list[nn.Parameter], chunk_numel: int) -> int:
+        count, used = 0, chunk_numel
+        for p in params:
+            if used + p.numel() > chunk_numel:
+                count, used = count + 1, 0
+            used += p.numel()
+        return count
+
+    def checkpoint_io(self) -> CheckpointIO:
+        return ChunkCheckpointIO(self)
+
+    def describe(self) -> str:
+        m = self.manager
+        chunks = f"{len(m.chunks)} chunks of {human(m.chunk_bytes)}" if m else "chunks"
+        budget = f"{self.memory.device_gb:g} GB device budget" if self.memory.device_gb else "no device budget"
+        return (f"{self.name} (stage {self.stage} over dp={self.mesh.size('dp')}, {chunks}, {budget}, "
+                f"offload={self.offload}, {self.precision.name}, {self.mesh.device})")

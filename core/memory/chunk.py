@@ -1,0 +1,137 @@
+"""Chunks: parameters packed into fixed-size contiguous buffers that move as one.
+
+A `Chunk` owns one flat `payload` tensor on the compute device. The parameters packed into it
+are views of that payload, so moving the chunk moves them all: eviction copies the payload to
+its home (host memory or an NVMe file) and frees its storage (`resize_(0)`: the parameters keep
+their shapes, so autograd's bookkeeping is untouched); fetching restores the storage and copies
+the bytes back. Each parameter's `TensorState` says whether the payload may leave.
+
+Under data parallelism a chunk is split into `world` equal shards (its capacity is a multiple
+of `world`); rank r owns elements [r * shard_numel, (r + 1) * shard_numel) of every chunk: their
+optimizer states, their gradient after the reduction and, at ZeRO stage 3, their home copy.
+
+Gradients do not stay in the parameters: as soon as one is complete it is added into the
+chunk's fp32 gradient buffer (`grad`) and the parameter's `.grad` is dropped; once every
+parameter of the chunk has its gradient, the buffer is reduced over the data-parallel ranks,
+this rank's shard is handed to the optimizer and the buffer is freed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from core.memory.state import EVICTABLE, IllegalTransition, TensorState, move
+
+
+@dataclass
+class TensorInfo:
+    param: nn.Parameter
+    name: str
+    offset: int
+    numel: int
+    state: TensorState = TensorState.HOLD
+    origin: nn.Parameter | None = None   # the parameter object the optimizer was built with
+
+@dataclass
+class Chunk:
+    index: int
+    capacity: int                      # elements
+    dtype: torch.dtype                 # of the working copy (what forward and backward read)
+    device: torch.device
+    tensors: list[TensorInfo] = field(default_factory=list)
+    used: int = 0
+    resident: bool = True
+    dirty: bool = True                 # payload differs from its home copy
+    payload: torch.Tensor | None = None
+    grad: torch.Tensor | None = None   # fp32, on the compute device; filled during backward
+    world: int = 1                     # data-parallel ranks sharing the chunk
+    grads_expected: int = 0            # parameters that want a gradient
+    grads_seen: int = 0                # ... that have delivered one in this backward
+
+    def __post_init__(self) -> None:
+        if self.capacity % self.world:
+            raise ValueError(f"chunk capacity {self.capacity} does not split into {self.world} shards")
+        self.payload = torch.zeros(self.capacity, dtype=self.dtype, device=self.device)
+
+    @property
+    def shard_numel(self) -> int:
+        return self.capacity // self.world
+
+    def shard(self, rank: int) -> slice:
+        return slice(rank * self.shard_numel, (rank + 1) * self.shard_numel)
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * torch.tensor([], dtype=self.dtype).element_size()
+
+    def fits(self, numel: int) -> bool:
+        return self.used + numel <= self.capacity
+
+    def append(self, name: str, param: nn.Parameter) -> TensorInfo:
+        """Reserve room for `param` and make it a view of the payload (the caller fills in the
+        values). A parameter on the meta device is replaced by a new one; `info.param` is the
+        one the model now holds, `info.origin` the one it held before."""
+        n = param.numel()
+        if not self.fits(n):
+            raise ValueError(f"{name} ({n} elements) does not fit chunk {self.index} "
+                             f"({self.capacity - self.used} free)")
+        view = self.payload[self.used:self.used + n].view(param.shape)
+        if param.is_meta:
+            new = nn.Parameter(view, requires_grad=param.requires_grad)
+        else:
+            param.data = view
+            new = param
+        info = TensorInfo(new, name, self.used, n, origin=param)
+        self.tensors.append(info)
+        self.used += n
+        if param.requires_grad:
+            self.grads_expected += 1
+        return info
+
+    # ------------------------------------------------------------------ states
+
+    def set_state(self, info: TensorInfo, new: TensorState) -> None:
+        info.state = move(info.state, new, f"{info.name} (chunk {self.index})")
+
+    def set_all(self, new: TensorState) -> None:
+        for info in self.tensors:
+            self.set_state(info, new)
+
+    @property
+    def evictable(self) -> bool:
+        return self.resident and all(t.state in EVICTABLE for t in self.tensors)
+
+    @property
+    def in_use(self) -> bool:
+        return any(t.state is TensorState.COMPUTE for t in self.tensors)
+
+    # ------------------------------------------------------------------ storage
+
+    def free_payload(self) -> None:
+        """Drop the device memory. The parameters keep their shapes (autograd's records stay
+        valid) and read nothing until `alloc_payload`; their lifecycle states are kept except
+        that held copies become FREE."""
+        if not self.evictable:
+            busy = [t.name for t in self.tensors if t.state not in EVICTABLE]
+            raise IllegalTransition(f"chunk {self.index} cannot leave the device: {busy[:3]} in use")
+        self.payload.untyped_storage().resize_(0)
+        self.resident = False
+        for t in self.tensors:
+            if t.state is not TensorState.READY_FOR_REDUCE:
+                self.set_state(t, TensorState.FREE)
+
+    def alloc_payload(self) -> None:
+        """Give the payload its memory back (the caller fills it)."""
+        self.payload.untyped_storage().resize_(self.nbytes)
+        self.resident = True
+        for t in self.tensors:
+            if t.state is TensorState.FREE:
+                self.set_state(t, TensorState.HOLD)
+
+    def grad_buffer(self) -> torch.Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros(self.capacity, dtype=torch.float32, device=self.device)
+        return self.grad

@@ -1,0 +1,115 @@
+"""Training with parameters, gradients and optimizer states spread over device, host and NVMe.
+
+`GeminiModel` runs a model whose parameters live in chunks (`ChunkManager`):
+
+- before a module's forward its parameters' chunks are fetched (`COMPUTE`), after it they are
+  done for now (`HOLD_AFTER_FWD`) and may be evicted;
+- tensors that autograd saves for backward and that are views of a chunk (a Linear's weight) are
+  noted by a saved-tensor hook, and the chunk is fetched again when backward unpacks them;
+- each parameter's gradient, as soon as it is complete, is added into its chunk's fp32 gradient
+  buffer and the parameter's `.grad` is dropped (`READY_FOR_REDUCE`); when the chunk has all its
+  gradients (or backward ends), `on_grads(chunk)` reduces and stores them
+  (`core.zero.GradientShards.reduce`).
+
+`core.zero.ChunkAdam` then updates the chunks' master weights and moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from core.memory.chunk import Chunk
+from core.memory.manager import ChunkManager
+from core.memory.state import TensorState
+
+S = TensorState
+
+
+class GeminiModel(nn.Module):
+    def __init__(self, module: nn.Module, manager: ChunkManager, on_grads: Callable[[Chunk], None]) -> None:
+        super().__init__()
+        self.module = module
+        self.manager = manager
+        self.on_grads = on_grads
+        self._in_backward = False
+        self._handles = []
+        for sub in module.modules():
+            params = [p for p in sub.parameters(recurse=False) if p in manager.where]
+            if params:
+                self._handles.append(sub.register_forward_pre_hook(self._pre_forward(params)))
+                self._handles.append(sub.register_forward_hook(self._post_forward(params)))
+        for param in manager.where:
+            if param.requires_grad:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_ready))
+
+    # ------------------------------------------------------------------ forward
+
+    def _pre_forward(self, params):
+        def hook(module, args):
+            for p in params:
+                chunk, info = self.manager.where[p]
+                self.manager.access(chunk)
+                chunk.set_state(info, S.COMPUTE)
+        return hook
+
+    def _post_forward(self, params):
+        def hook(module, args, output):
+            done = {}
+            for p in params:
+                chunk, info = self.manager.where[p]
+                chunk.set_state(info, S.HOLD_AFTER_FWD)
+                done[chunk.index] = chunk
+            for chunk in done.values():
+                self.manager.release(chunk)
+        return hook
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return self.module(*args, **kwargs)
+
+    # ------------------------------------------------------------------ backward
+
+    def _pack(self, tensor: torch.Tensor):
+        chunk = self.manager.chunk_of(tensor)
+        if chunk is None:
+            return tensor
+        return (chunk, tensor)
+
+    def _unpack(self, packed):
+        if not isinstance(packed, tuple):
+            return packed
+        chunk, tensor = packed
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        self.manager.access(chunk)
+        info = self.manager.info_at(chunk, tensor.storage_offset())
+        if info is not None and info.state is not S.READY_FOR_REDUCE:
+            chunk.set_state(info, S.COMPUTE)
+        return tensor
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        chunk, info = self.manager.where[param]
+        grad = chunk.grad_buffer()[info.offset:info.offset + info.numel]
+        grad.add_(param.grad.detach().reshape(-1).to(device=grad.device, dtype=grad.dtype))
+        param.grad = None
+        chunk.set_state(info, S.READY_FOR_REDUCE)
+        chunk.grads_seen += 1
+        if chunk.grads_seen == chunk.grads_expected:
+            self.on_grads(chunk)
+        if chunk.resident and all(t.state is not S.COMPUTE for t in chunk.tensors):
+            self.manager.release(chunk)
+
+    def _backward_done(self) -> None:
+        self._in_backward = False
+        for chunk in self.manager.chunks:
+            if chunk.grads_seen:                 # some parameters of the chunk got no gradient
+                self.on_grads(chunk)
+            for info in chunk.tensors:
+                if info.state is S.COMPUTE:      # used in backward, no gradient (frozen)
+                    chunk.set_state(info, S.HOLD_AFTER_BWD)
+            if chunk.resident:
+                self.manager.release(chunk)

@@ -1,0 +1,395 @@
+"""The chunk manager: which chunks are on the compute device, and moving them.
+
+Chunks are built from a model's parameters, in the order the model lists them (its forward
+order for the models here). The manager keeps the bytes of resident chunks under a budget;
+when a chunk must come in and the budget is full, the placement policy picks which resident
+chunk leaves. A `Tracer` records the order in which chunks are used during a step; from the
+second step on, that order drives the auto policy (evict the chunk whose next use is furthest in
+the future) and prefetching (start reading the next chunks before they are asked for).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
+from core.errors import LoomError
+from core.memory.chunk import Chunk, TensorInfo
+from core.memory.store import Store
+
+
+def human(nbytes: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+class Tracer:
+    """The sequence of chunk uses in a step; the previous step's sequence predicts this one's."""
+
+    def __init__(self) -> None:
+        self.current: list[int] = []
+        self.previous: list[int] | None = None
+        self._positions: dict[int, list[int]] = {}
+        self.peak_resident = 0
+        self.steps = 0
+
+    def record(self, index: int) -> None:
+        if not self.current or self.current[-1] != index:
+            self.current.append(index)
+
+    def end_step(self) -> None:
+        if self.current:
+            self.previous = self.current
+            positions: dict[int, list[int]] = defaultdict(list)
+            for pos, index in enumerate(self.previous):
+                positions[index].append(pos)
+            self._positions = dict(positions)
+            self.steps += 1
+        self.current = []
+
+    def next_use(self, index: int) -> float:
+        """Position of the chunk's next use in the predicted sequence (inf: not again this step)."""
+        if self.previous is None:
+            return float("nan")
+        positions = self._positions.get(index, [])
+        i = bisect.bisect_left(positions, len(self.current))
+        return positions[i] if i < len(positions) else float("inf")
+
+    def upcoming(self, count: int) -> list[int]:
+        if self.previous is None:
+            return []
+        seen, out = set(), []
+        for index in self.previous[len(self.current):]:
+            if index not in seen:
+                seen.add(index)
+                out.append(index)
+                if len(out) == count:
+                    break
+        return out
+
+
+class Policy:
+    """Chooses which resident chunk leaves when room is needed."""
+
+    name = "policy"
+
+    def victim(self, manager: "ChunkManager", candidates: list[Chunk]) -> Chunk:
+        raise NotImplementedError
+
+    def after_use(self, manager: "ChunkManager", chunk: Chunk) -> None:
+        """Called when an operation is done with the chunk."""
+
+
+class AutoPolicy(Policy):
+    """Fit the budget; evict the chunk used furthest in the future (least recently used before
+    the first step has been traced)."""
+
+    name = "auto"
+
+    def victim(self, manager: "ChunkManager", candidates: list[Chunk]) -> Chunk:
+        tracer = manager.tracer
+        if tracer.previous is None:
+            return min(candidates, key=lambda c: manager.last_use.get(c.index, -1))
+        return max(candidates, key=lambda c: (tracer.next_use(c.index), -manager.last_use.get(c.index, -1)))
+
+
+class StaticPolicy(AutoPolicy):
+    """A fixed fraction of the chunks lives off the device and leaves again right after each use;
+    the others stay (the budget still bounds them)."""
+
+    name = "static"
+
+    def __init__(self, offload_fraction: float) -> None:
+        self.offload_fraction = offload_fraction
+
+    def offloaded(self, manager: "ChunkManager", chunk: Chunk) -> bool:
+        n = len(manager.chunks)
+        return chunk.index >= n - round(self.offload_fraction * n)
+
+    def after_use(self, manager: "ChunkManager", chunk: Chunk) -> None:
+        if self.offloaded(manager, chunk) and chunk.evictable:
+            manager.evict(chunk)
+
+
+def make_policy(name: str, offload_fraction: float = 0.0) -> Policy:
+    if name == "auto":
+        return AutoPolicy()
+    if name == "static":
+        return StaticPolicy(offload_fraction)
+    raise LoomError(f"memory.policy: got {name!r}; allowed: auto, static")
+
+
+@dataclass
+class MemoryStats:
+    fetches: int = 0
+    evictions: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    prefetch_hits: int = 0
+    wait_seconds: float = 0.0
+    peak_resident: int = 0
+    per_kind: dict = field(default_factory=dict)
+
+
+class ChunkManager:
+    """Chunks of one model, where they are, and moving them.
+
+    `axis` is the data-parallel axis (None or size 1: one rank). With `shard_params` (ZeRO stage
+    3) each rank's home copy is only its shard of every chunk and a fetch is an all-gather;
+    otherwise every rank has the whole chunk at home. `materialize(name, out)` fills in
+    parameters that were created on the meta device (a model too large to build in memory is
+    built on `meta` and its weights made chunk by chunk). `on_master(chunk, fp32_shard)` receives
+    the full-precision initial values of this rank's shard of each chunk as it is built.
+    """
+
+    def __init__(self, model: nn.Module, chunk_numel: int, dtype: torch.dtype, device: torch.device,
+                 home: Store, budget_bytes: int, policy: Policy, prefetch: int = 2,
+                 axis: AxisGroup | None = None, shard_params: bool = False,
+                 materialize: Callable[[str, torch.Tensor], None] | None = None,
+                 on_master: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.home = home
+        self.budget = budget_bytes
+        self.policy = policy
+        self.axis = axis
+        self.world = axis.size if axis is not None else 1
+        self.rank = axis.rank if axis is not None else 0
+        self.shard_params = shard_params and self.world > 1
+        # collectives must run in the same order on every rank: no asynchronous gathers
+        self.prefetch_depth = 0 if self.shard_params else prefetch
+        self.tracer = Tracer()
+        self.stats = MemoryStats()
+        self.chunks: list[Chunk] = []
+        self.where: dict[nn.Parameter, tuple[Chunk, TensorInfo]] = {}
+        self.last_use: dict[int, int] = {}
+        self._clock = 0
+        self._pending: dict[int, Future] = {}
+        self._storage: dict[int, Chunk] = {}
+        params = list(model.named_parameters())          # tied parameters come once
+        largest = max((p.numel() for _, p in params), default=0)
+        chunk_numel = max(chunk_numel, largest)          # a parameter never spans chunks
+        chunk_numel = -(-chunk_numel // self.world) * self.world
+        self.chunk_numel = chunk_numel
+        self.chunk_bytes = chunk_numel * torch.tensor([], dtype=dtype).element_size()
+        if params and budget_bytes < 2 * self.chunk_bytes:
+            raise LoomError(f"memory.device_gb allows {human(budget_bytes)} on the device but one step needs at "
+                            f"least two chunks of {human(self.chunk_bytes)}; raise memory.device_gb or lower "
+                            f"memory.chunk_mb")
+        owners: dict[nn.Parameter, list[tuple[nn.Module, str]]] = defaultdict(list)
+        for _, module in model.named_modules(remove_duplicate=False):
+            for pname, p in module._parameters.items():
+                if p is not None:
+                    owners[p].append((module, pname))
+        staging = None
+        for name, param in params:
+            if not self.chunks or not self.chunks[-1].fits(param.numel()):
+                if self.chunks:
+                    self._seal(self.chunks[-1], staging, on_master)
+                self.chunks.append(Chunk(len(self.chunks), chunk_numel, dtype, self.device, world=self.world))
+                staging = torch.zeros(chunk_numel, dtype=torch.float32, device=self.device)
+            chunk = self.chunks[-1]
+            values = staging[chunk.used:chunk.used + param.numel()].view(param.shape)
+            if param.is_meta:
+                if materialize is None:
+                    raise LoomError(f"{name} is on the meta device and nothing was given to initialise it")
+                with torch.no_grad():
+                    materialize(name, values)
+            else:
+                values.copy_(param.detach())
+            info = chunk.append(name, param)
+            if info.param is not param:
+                for module, pname in owners[param]:
+                    module._parameters[pname] = info.param
+            self.where[info.param] = (chunk, info)
+        if self.chunks:
+            self._seal(self.chunks[-1], staging, on_master)
+        self.enforce_budget()
+
+    def _seal(self, chunk: Chunk, staging: torch.Tensor, on_master) -> None:
+        """A chunk is fully packed: agree on its values, hand out the master shard, write home."""
+        if self.world > 1:   # every rank starts from rank 0's weights, as DDP does
+            broadcast_(staging, self.axis, 0)
+        with torch.no_grad():
+            chunk.payload.copy_(staging)
+        if on_master is not None:
+            on_master(chunk, staging[chunk.shard(self.rank)])
+        self._storage[chunk.payload.untyped_storage()._cdata] = chunk
+        self.home.write("param", chunk.index, self._home_part(chunk.payload, chunk))
+        chunk.dirty = False
+        self._make_room(0, protect={chunk.index})
+
+    def _home_part(self, full: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        return full[chunk.shard(self.rank)] if self.shard_params else full
+
+    # ------------------------------------------------------------------ lookup
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks if c.resident)
+
+    def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
+        """The chunk whose payload `tensor` is a view of, if any."""
+        try:
+            return self._storage.get(tensor.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    def info_at(self, chunk: Chunk, storage_offset: int) -> TensorInfo | None:
+        for info in chunk.tensors:
+            if info.offset <= storage_offset < info.offset + info.numel:
+                return info
+        return None
+
+    # ------------------------------------------------------------------ moving
+
+    def evict(self, chunk: Chunk) -> None:
+        self._wait(chunk)
+        if chunk.dirty and not self.shard_params:
+            self.home.write("param", chunk.index, chunk.payload)
+            self.stats.bytes_out += chunk.nbytes
+            chunk.dirty = False
+        chunk.free_payload()
+        self.stats.evictions += 1
+
+    def _make_room(self, nbytes: int, protect: set[int]) -> None:
+        while self.resident_bytes + nbytes > self.budget:
+            candidates = [c for c in self.chunks if c.evictable and c.index not in protect
+                          and c.index not in self._pending]
+            if not candidates:
+                raise LoomError(f"memory.device_gb ({human(self.budget)}) cannot hold the chunks one operation "
+                                f"uses at once ({human(self.resident_bytes + nbytes)} needed); raise "
+                                f"memory.device_gb or lower memory.chunk_mb")
+            self.evict(self.policy.victim(self, candidates))
+
+    def _start_fetch(self, chunk: Chunk) -> None:
+        chunk.alloc_payload()
+        self.stats.fetches += 1
+        if self.shard_params:   # read this rank's shard, gather the others'
+            shard = torch.empty(chunk.shard_numel, dtype=chunk.dtype, device=self.device)
+            self.home.read("param", chunk.index, shard)
+            self.stats.bytes_in += shard.numel() * shard.element_size()
+            self._all_gather(chunk.payload, shard)
+            return
+        self._pending[chunk.index] = self.home.read_async("param", chunk.index, chunk.payload)
+        self.stats.bytes_in += chunk.nbytes
+
+    def _all_gather(self, out: torch.Tensor, shard: torch.Tensor) -> None:
+        all_gather_into(out, shard, self.axis)
+
+    @property
+    def master_is_home(self) -> bool:
+        """The home copy of the working weights is the fp32 master shard itself."""
+        return self.home.aliases.get("param") == "master"
+
+    def update_working(self, chunk: Chunk, shard: torch.Tensor) -> None:
+        """The optimizer's new weights for this rank's shard of the chunk: put them wherever the
+        working copy lives (the resident payload, the home copy, the other ranks' payloads)."""
+        work = shard.to(chunk.dtype)
+        if self.world == 1:
+            if chunk.resident:
+                self._wait(chunk)
+                if work.data_ptr() != chunk.payload.data_ptr():
+                    chunk.payload.copy_(work)
+                chunk.dirty = not self.master_is_home
+            elif not self.master_is_home:
+                self.home.write("param", chunk.index, work)
+            return
+        if self.shard_params:
+            if not self.master_is_home:
+                self.home.write("param", chunk.index, work)
+            if chunk.resident:
+                self._all_gather(chunk.payload, work)
+            return
+        if chunk.resident:
+            self._wait(chunk)
+            self._all_gather(chunk.payload, work)
+            chunk.dirty = True
+        else:
+            full = torch.empty(chunk.capacity, dtype=chunk.dtype, device=self.device)
+            self._all_gather(full, work)
+            self.home.write("param", chunk.index, full)
+
+    def wait(self, chunk: Chunk) -> None:
+        """Until the chunk's transfer in flight, if any, is done."""
+        self._wait(chunk)
+
+    def _wait(self, chunk: Chunk) -> None:
+        future = self._pending.pop(chunk.index, None)
+        if future is not None:
+
+
+            t = time.perf_counter()
+            future.result()
+            self.stats.wait_seconds += time.perf_counter() - t
+
+    def access(self, chunk: Chunk) -> None:
+        """Make the chunk resident (waiting for its transfer), record the use, and prefetch."""
+        self.tracer.record(chunk.index)
+        self._clock += 1
+        self.last_use[chunk.index] = self._clock
+        if chunk.index in self._pending:
+            self.stats.prefetch_hits += 1
+        elif not chunk.resident:
+            self._make_room(chunk.nbytes, protect={chunk.index})
+            self._start_fetch(chunk)
+        self._wait(chunk)
+        self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
+        self._prefetch(chunk.index)
+
+    def _prefetch(self, current: int) -> None:
+        if self.prefetch_depth <= 0:
+            return
+        for index in self.tracer.upcoming(self.prefetch_depth + 1):
+            chunk = self.chunks[index]
+            if index == current or chunk.resident:
+                continue
+            if self.resident_bytes + chunk.nbytes > self.budget:
+                # room only by evicting a chunk that is needed later than this one
+                candidates = [c for c in self.chunks if c.evictable and c.index != current
+                              and c.index not in self._pending
+                              and self.tracer.next_use(c.index) > self.tracer.next_use(index)]
+                if not candidates:
+                    break
+                self.evict(self.policy.victim(self, candidates))
+                if self.resident_bytes + chunk.nbytes > self.budget:
+                    break
+            self._start_fetch(chunk)
+
+    def release(self, chunk: Chunk) -> None:
+        self.policy.after_use(self, chunk)
+
+    def enforce_budget(self) -> None:
+        """Evict until the resident chunks fit the budget (and the static policy's share is off)."""
+        for chunk in self.chunks:
+            self.policy.after_use(self, chunk)
+        self._make_room(0, protect=set())
+
+    def end_step(self) -> None:
+        for index in list(self._pending):
+            self._wait(self.chunks[index])
+        self.tracer.end_step()
+
+    def read_param(self, param: nn.Parameter) -> torch.Tensor:
+        """A copy of a parameter's current working value, wherever its chunk is (one rank)."""
+        chunk, info = self.where[param]
+        if chunk.resident:
+            self._wait(chunk)
+            flat = chunk.payload[info.offset:info.offset + info.numel]
+        else:
+            if self.shard_params:
+                raise RuntimeError("read_param of an evicted chunk needs the other ranks' shards")
+            buf = torch.empty(chunk.capacity, dtype=chunk.dtype, device=self.device)
+            self.home.read("param", chunk.index, buf)
+            flat = buf[info.offset:info.offset + info.numel]
+        return flat.detach().clone().view(param.shape)

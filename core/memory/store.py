@@ -1,0 +1,209 @@
+"""Where chunks live when they are not on the compute device: host memory or NVMe files.
+
+Both stores keep fixed-size slots addressed by (kind, index) — kind is what the slot holds
+("param", "master", "exp_avg", ...) — and offer synchronous and asynchronous reads and writes
+(futures from a pool of IO threads, so transfers overlap with compute: the copies and the
+system calls release the GIL).
+
+`NVMeStore` pre-allocates one file per kind (`posix_fallocate`: a disk too small fails at the
+start, with the space needed and the space free, not in the middle of a run), and moves data
+with `preadv`/`pwritev` through 4 KiB-aligned buffers, with O_DIRECT where the file system
+allows it, so that the page cache neither hides the disk's real speed nor eats the memory the
+offload is meant to save.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from core.errors import LoomError
+
+ALIGN = 4096
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of `nbytes` whose address is a multiple of 4 KiB."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % ALIGN
+    return raw[offset:offset + nbytes]
+
+
+def _round_up(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
+
+
+class Store:
+    name = "store"
+
+    def __init__(self, threads: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"loom-{self.name}")
+
+    aliases: dict[str, str] = {}
+
+    def view(self, kind: str, index: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The slot as a tensor, for stores that keep slots in memory; None for files."""
+        return None
+
+    def write(self, kind: str, index: int, src: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def read(self, kind: str, index: int, dst: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def write_async(self, kind: str, index: int, src: torch.Tensor) -> Future:
+        return self._pool.submit(self.write, kind, index, src)
+
+    def read_async(self, kind: str, index: int, dst: torch.Tensor) -> Future:
+        return self._pool.submit(self.read, kind, index, dst)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class MemoryStore(Store):
+    """Slots in memory: host memory (pinned when the compute device is a GPU, for asynchronous
+    copies), or the compute device itself for optimizer states that are not offloaded.
+
+    `aliases` lets two kinds share one slot (the fp32 working weights *are* the fp32 master
+    weights, so storing both would double the bytes for nothing)."""
+
+    name = "host"
+
+    def __init__(self, pin: bool = False, threads: int = 2, device: torch.device | str = "cpu",
+                 aliases: dict[str, str] | None = None) -> None:
+        super().__init__(threads)
+        self.pin = pin
+        self.device = torch.device(device)
+        self.aliases = dict(aliases or {})
+        self._slots: dict[tuple[str, int], torch.Tensor] = {}
+        self.nbytes = 0
+
+    def view(self, kind: str, index: int, like: torch.Tensor) -> torch.Tensor:
+        """The slot itself (created on first use with `like`'s size and dtype)."""
+        key = (self.aliases.get(kind, kind), index)
+        if key not in self._slots:
+            t = torch.zeros(like.numel(), dtype=like.dtype, device=self.device,
+                            pin_memory=self.pin and self.device.type == "cpu")
+            self._slots[key] = t
+            self.nbytes += t.numel() * t.element_size()
+        return self._slots[key]
+
+    slot = view
+
+    def write(self, kind: str, index: int, src: torch.Tensor) -> None:
+        dst = self.view(kind, index, src)
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src.reshape(-1))
+
+    def read(self, kind: str, index: int, dst: torch.Tensor) -> None:
+        key = (self.aliases.get(kind, kind), index)
+        if key not in self._slots:
+            raise KeyError(f"host store has no {kind} slot {index}")
+        dst.reshape(-1).copy_(self._slots[key])
+
+
+HostStore = MemoryStore
+
+
+class NVMeStore(Store):
+    """Pre-allocated files on a local disk, one per kind, read and written in aligned slots."""
+
+    name = "nvme"
+
+    def __init__(self, folder: str | Path, slots: dict[str, tuple[int, int]], threads: int = 4,
+                 direct: bool = True, aliases: dict[str, str] | None = None) -> None:
+        """`slots[kind] = (count, slot_bytes)`; `aliases[kind] = other`: `kind` reads and writes
+        `other`'s file."""
+        super().__init__(threads)
+        self.aliases = dict(aliases or {})
+        self.folder = Path(folder).expanduser()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LoomError(f"memory.nvme_dir: cannot create {self.folder}: {e.strerror}") from None
+        self.slot_bytes = {kind: _round_up(size) for kind, (_, size) in slots.items()}
+        need = sum(count * self.slot_bytes[kind] for kind, (count, _) in slots.items())
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise LoomError(f"memory.nvme_dir {self.folder} has {free / 2**30:.1f} GiB free but the offloaded "
+                            f"state needs {need / 2**30:.1f} GiB; free space or point memory.nvme_dir elsewhere")
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._fds: dict[str, int] = {}
+        self.nbytes = need
+        for kind, (count, _) in slots.items():
+            self._fds[kind] = self._open(self.folder / f"{kind}.bin", count * self.slot_bytes[kind])
+        self._local = threading.local()
+
+    def _open(self, path: Path, size: int) -> int:
+        flags = os.O_RDWR | os.O_CREAT
+        fd = -1
+        if self.direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT, 0o600)
+            except OSError:   # tmpfs and some others refuse O_DIRECT
+                self.direct = False
+        if fd < 0:
+            fd = os.open(path, flags, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(size, 1))
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LoomError(f"memory.nvme_dir: not enough space to pre-allocate {size / 2**30:.1f} GiB "
+                                f"for {path.name}; free space or point memory.nvme_dir elsewhere") from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)
+        return fd
+
+    def _bounce(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = aligned_empty(nbytes)
+            self._local.buf = buf
+        return buf[:nbytes]
+
+    def _io(self, write: bool, kind: str, index: int, tensor: torch.Tensor) -> None:
+        kind = self.aliases.get(kind, kind)
+        nbytes = tensor.numel() * tensor.element_size()
+        slot = self.slot_bytes[kind]
+        if nbytes > slot:
+            raise ValueError(f"{nbytes} bytes do not fit a {kind} slot of {slot}")
+        size = _round_up(nbytes) if self.direct else nbytes
+        buf = self._bounce(size)
+        flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
+        fd, offset = self._fds[kind], index * slot
+        try:
+            if write:
+                buf[:nbytes].copy_(flat)
+                done = os.pwritev(fd, [buf.numpy()], offset)
+            else:
+                done = os.preadv(fd, [buf.numpy()], offset)
+                flat.copy_(buf[:nbytes])
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LoomError(f"memory.nvme_dir {self.folder}: the disk is full") from None
+            raise
+        if done != size:
+            raise OSError(f"short {'write' if write else 'read'} of {kind}[{index}]: {done} of {size} bytes")
+
+    def write(self, kind: str, index: int, src: torch.Tensor) -> None:
+        self._io(True, kind, index, src.contiguous())
+
+    def read(self, kind: str, index: int, dst: torch.Tensor) -> None:
+        if not dst.is_contiguous():
+            raise ValueError("NVMe reads need a contiguous destination")
+        self._io(False, kind, index, dst)
+
+    def close(self) -> None:
+        super().close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

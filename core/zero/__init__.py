@@ -1,0 +1,7 @@
+"""ZeRO: optimizer states (stage 1), gradients (stage 2) and parameters (stage 3) sharded over
+the data-parallel ranks, on the chunks of `core.memory`."""
+
+from core.zero.gradients import GradientShards
+from core.zero.optimizer import ChunkAdam
+
+__all__ = ["ChunkAdam", "GradientShards"]

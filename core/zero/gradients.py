@@ -1,0 +1,86 @@
+"""Gradient shards: a chunk's gradient, reduced over the data-parallel ranks, kept where the
+optimizer states are.
+
+When every parameter of a chunk has its gradient, `reduce` turns the chunk's full fp32 gradient
+buffer into this rank's shard of the data-parallel mean: stage 1 all-reduces the buffer and
+keeps its shard, stages 2 and 3 reduce-scatter it (each rank receives only its shard: half the
+traffic of an all-reduce and 1/world of the memory). The shard is added to what earlier
+micro-batches of the same step left (gradient accumulation) and written to the store (device,
+host or NVMe). The sum of its squares is kept per chunk, so the global gradient norm (clipping,
+fp16 overflow) needs no second pass over gradients that may be on disk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from core.distributed.comm import AxisGroup, all_reduce_, reduce_scatter_into
+from core.memory.chunk import Chunk
+from core.memory.store import Store
+
+
+class GradientShards:
+    def __init__(self, store: Store, axis: AxisGroup | None = None, stage: int = 2) -> None:
+        self.store = store
+        self.axis = axis
+        self.world = axis.size if axis is not None else 1
+        self.rank = axis.rank if axis is not None else 0
+        self.stage = stage
+        self.seen: set[int] = set()          # chunks with a gradient in this step
+        self._sumsq: dict[int, float] = {}
+        self._total: float | None = None
+        self.sink = None   # set: hand each complete shard to it instead of storing it
+
+    def reduce(self, chunk: Chunk) -> None:
+        full = chunk.grad
+        chunk.grad, chunk.grads_seen = None, 0
+        if full is None:
+            return
+        if self.world > 1:
+            if self.stage == 1:
+                shard = all_reduce_(full, self.axis)[chunk.shard(self.rank)]
+            else:
+                shard = torch.empty(chunk.shard_numel, dtype=full.dtype, device=full.device)
+                reduce_scatter_into(shard, full, self.axis)
+            shard.div_(self.world)
+        else:
+            shard = full
+        if chunk.index in self.seen and self.sink is not None:
+            raise RuntimeError(f"chunk {chunk.index} got a second gradient in one step; memory.step_in_backward "
+                               f"needs train.grad_accum=1")
+        if chunk.index in self.seen:         # an earlier micro-batch of this step
+            shard = shard + self.get(chunk).to(shard.device)
+        self._sumsq[chunk.index] = float(shard.double().pow(2).sum())
+        if self.sink is not None:
+            self.sink(chunk, shard)
+            self.seen.add(chunk.index)
+            return
+        self.store.write("grad", chunk.index, shard.to("cpu") if self.store.name == "nvme" else shard)
+        self.seen.add(chunk.index)
+        self._total = None
+
+    def get(self, chunk: Chunk) -> torch.Tensor:
+        """This rank's gradient shard of the chunk (the slot itself for in-memory stores)."""
+        like = torch.empty(chunk.shard_numel, dtype=torch.float32)
+        view = self.store.view("grad", chunk.index, like)
+        if view is not None:
+            return view
+        self.store.read("grad", chunk.index, like)
+        return like
+
+    def total_sq(self) -> float:
+        """Sum of squares of the whole (unsharded) gradient; one all-reduce of one number."""
+        if self._total is None:
+            local = math.fsum(self._sumsq[i] for i in self.seen)
+            if self.world > 1:
+                local = float(all_reduce_(torch.tensor([local], dtype=torch.float64, device=self.axis.device),
+                                          self.axis))
+            self._total = local
+        return self._total
+
+    def reset(self) -> None:
+        self.seen.clear()
+        self._sumsq.clear()
+        self._total = None

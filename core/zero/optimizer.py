@@ -1,0 +1,210 @@
+"""AdamW over chunks: fp32 master weights and moments for this rank's shard of every chunk.
+
+The states live in a `Store`: the compute device (nothing offloaded), host memory
+(`parallel.offload=cpu`) or NVMe files (`parallel.offload=nvme`). A step walks the chunks in
+order; for each, it brings the master shard, both moments and the gradient shard in, runs the
+C++ CPU Adam over each parameter's part of the shard (its group's learning rate and weight
+decay; the clip factor and the loss scale folded into the kernel's gradient scale, so they cost
+no extra pass), writes the states back and hands the new weights to the chunk manager, which
+puts them where the working copy lives (and gathers them from the other ranks).
+
+It offers what the trainer uses of an optimizer wrapper: `backward`, `clip_grad_norm`, `step`,
+`zero_grad`, `param_groups` (the learning-rate schedule writes into them), `state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from core.distributed.comm import all_gather_into
+
+from core.amp import LossScaler
+from core.memory.chunk import Chunk
+from core.memory.manager import ChunkManager
+from core.memory.state import TensorState
+from core.memory.store import Store
+from core.zero.gradients import GradientShards
+from kernels.cpu_adam import adam_step
+
+S = TensorState
+KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def init_states(store: Store, chunk: Chunk, master_shard: torch.Tensor) -> None:
+    """A chunk's first states: the master shard as given, moments at zero."""
+    store.write("master", chunk.index, master_shard)
+    zeros = torch.zeros_like(master_shard)
+    for kind in ("exp_avg", "exp_avg_sq"):
+        store.write(kind, chunk.index, zeros)
+
+
+class ChunkAdam:
+    def __init__(self, manager: ChunkManager, param_groups: list[dict], states: Store, grads: GradientShards,
+                 precision: str = "fp32", origin: torch.optim.Optimizer | None = None,
+                 in_backward: bool = False) -> None:
+        self.manager = manager
+        self.origin = origin                 # the torch optimizer whose groups (and schedule) these are
+        self.param_groups = param_groups
+        self.group_of = {p: g for g in param_groups for p in g["params"]}
+        self.states = states
+        self.grads = grads
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.scaler = LossScaler(precision == "fp16")
+        self._clip = 1.0
+        self.optim = self                     # what checkpoint IO reads
+        self.in_backward = in_backward
+        if in_backward:
+            if precision == "fp16":
+                raise ValueError("a step inside backward cannot be skipped on fp16 overflow; use bf16 or fp32")
+            grads.sink = self.update_in_backward
+
+    # ------------------------------------------------------------------ state storage
+
+    def _get(self, kind: str, chunk: Chunk) -> torch.Tensor:
+        like = torch.empty(chunk.shard_numel, dtype=torch.float32)
+        view = self.states.view(kind, chunk.index, like)
+        if view is not None:
+            return view
+        self.states.read(kind, chunk.index, like)
+        return like
+
+    def _put(self, kind: str, chunk: Chunk, buf: torch.Tensor) -> None:
+        if self.states.view(kind, chunk.index, buf) is None:
+            self.states.write(kind, chunk.index, buf)
+
+    # ------------------------------------------------------------------ the step
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+
+    def _grad_norm(self) -> float:
+        return math.sqrt(self.grads.total_sq()) / self.scaler.scale
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        norm = self._grad_norm()
+        self._clip = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
+        return torch.tensor(norm)
+
+    def step(self) -> bool:
+        """One AdamW step; False if fp16 gradients overflowed and the step was skipped."""
+        self.manager.end_step()
+        if self.in_backward:          # every chunk was updated when its gradient was complete
+            self.step_count += 1
+            self._mark_stepped()
+            return True
+        if self.scaler.enabled and not math.isfinite(self.grads.total_sq()):
+            self.scaler.update(True)
+            self.skipped_steps += 1
+            self._clip = 1.0
+            return False
+        self.step_count += 1
+        self._mark_stepped()
+        grad_scale = self._clip / self.scaler.scale
+        for chunk in self.manager.chunks:
+            if chunk.index in self.grads.seen:
+                self._update(chunk, self.grads.get(chunk), self.step_count, grad_scale)
+        self.scaler.update(False)
+        self._clip = 1.0
+        return True
+
+    def update_in_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
+        """`memory.step_in_backward`: the chunk's gradient shard is complete; step it now, so no
+        gradient is ever stored (the step's other chunks follow as backward reaches them)."""
+        self._update(chunk, grad, self.step_count + 1, 1.0)
+
+    def _mark_stepped(self) -> None:
+        if self.origin is not None:   # tell a learning-rate schedule made for it that a step happened
+            self.origin._opt_called = True
+
+    def _master(self, chunk: Chunk) -> torch.Tensor:
+        m = self.manager
+        if m.master_is_home and m.world == 1 and chunk.resident and self.states.name == "nvme":
+            m.wait(chunk)             # the fp32 payload on the device is the master: no read from disk
+            return chunk.payload
+        return self._get("master", chunk)
+
+    def _update(self, chunk: Chunk, grad: torch.Tensor, step: int, grad_scale: float) -> None:
+        master = self._master(chunk)
+        m, v = self._get("exp_avg", chunk), self._get("exp_avg_sq", chunk)
+        low = None if chunk.dtype == torch.float32 else torch.zeros(chunk.shard_numel, dtype=chunk.dtype,
+                                                                        device=master.device)
+        shard = chunk.shard(self.manager.rank)
+        for info in chunk.tensors:
+            a, b = max(info.offset, shard.start), min(info.offset + info.numel, shard.stop)
+            if a >= b or not info.param.requires_grad:
+                continue
+            group = self.group_of[info.origin]
+            s = slice(a - shard.start, b - shard.start)
+            beta1, beta2 = group["betas"]
+            adam_step(master[s], grad[s], m[s], v[s], None if low is None else low[s], lr=group["lr"],
+                      beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                      adamw=True, step=step, grad_scale=grad_scale)
+        for kind, buf in zip(KINDS, (master, m, v)):
+            self._put(kind, chunk, buf)
+        self.manager.update_working(chunk, master if low is None else low)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grads.reset()
+        for chunk in self.manager.chunks:
+            chunk.grad, chunk.grads_seen = None, 0
+            for info in chunk.tensors:
+                if info.state in (S.READY_FOR_REDUCE, S.HOLD_AFTER_FWD, S.HOLD_AFTER_BWD):
+                    chunk.set_state(info, S.HOLD if chunk.resident else S.FREE)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _full(self, kind: str, chunk: Chunk) -> torch.Tensor:
+        shard = self._get(kind, chunk)
+        if self.manager.world == 1:
+            return shard
+        axis = self.manager.axis
+        full = torch.empty(chunk.capacity, dtype=shard.dtype, device=axis.device)
+        return all_gather_into(full, shard.to(axis.device), axis)
+
+    def _by_name(self, kind: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for chunk in self.manager.chunks:
+            full = self._full(kind, chunk).cpu()
+            for info in chunk.tensors:
+                out[info.name] = full[info.offset:info.offset + info.numel].clone().view(info.param.shape)
+        return out
+
+    def master_state(self) -> dict[str, torch.Tensor]:
+        """Full-precision weights by parameter name (every rank takes part; every rank gets them)."""
+        return self._by_name("master")
+
+    def state_dict(self) -> dict:
+        # the groups' hyperparameters as the schedule left them (lr), as torch optimizers save them
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {"step": self.step_count, "skipped": self.skipped_steps, "scaler": self.scaler.state_dict(),
+                "groups": groups, "exp_avg": self._by_name("exp_avg"), "exp_avg_sq": self._by_name("exp_avg_sq")}
+
+    def _load(self, kind: str, chunk: Chunk, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        full = torch.zeros(chunk.capacity, dtype=torch.float32)
+        for info in chunk.tensors:
+            full[info.offset:info.offset + info.numel].copy_(values[info.name].reshape(-1))
+        shard = full[chunk.shard(self.manager.rank)].clone()
+        self.states.write(kind, chunk.index, shard)
+        return shard
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.skipped_steps = int(state.get("skipped", 0))
+        self.scaler.load_state_dict(state["scaler"])
+        if len(state["groups"]) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer has {len(state['groups'])} parameter groups, this one "
+                             f"{len(self.param_groups)}")
+        for group, saved in zip(self.param_groups, state["groups"]):
+            group.update(saved)
+        for chunk in self.manager.chunks:
+            for kind in ("exp_avg", "exp_avg_sq"):
+                self._load(kind, chunk, state[kind])
+
+    def load_master(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set master weights and working copies from full-precision weights by name."""
+        for chunk in self.manager.chunks:
+            shard = self._load("master", chunk, weights)
+            self.manager.update_working(chunk, shard)

@@ -1,0 +1,87 @@
+"""Training through the gemini plugin: exact resume, checkpoints a plain model loads, fp16 loss
+scaling, and a disk that fails mid-run."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.checkpoint import find_checkpoints
+from core.distributed import Layout, ParallelMesh
+from core.errors import LoomError
+from core.memory.store import NVMeStore
+from core.trainer import Trainer
+from tests.core.toy import MLP, mse, toy_recipe, toy_task
+
+# 3 chunks of 4 KiB, room for 2 on the "device"
+OFFLOAD = ("parallel.offload=nvme", "memory.chunk_mb=0.002", "memory.device_gb=0.00001")
+
+
+def _fit(cfg, task=None):
+    trainer = Trainer(cfg, ParallelMesh.build(Layout()), task or toy_task())
+    return trainer, trainer.fit()
+
+
+class StopAt:
+    def __init__(self, calls: int) -> None:
+        self.left = calls
+
+    def __call__(self, model, batch):
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return mse(model, batch)
+
+
+def test_resume_is_bitwise_and_the_checkpoint_loads_into_a_plain_model(tmp_path):
+    common = ("train.steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=3", *OFFLOAD)
+    unbroken, _ = _fit(toy_recipe(tmp_path / "a", *common))
+    assert unbroken.plugin.manager.stats.evictions > 0
+    stopped = Trainer(toy_recipe(tmp_path / "b", *common), ParallelMesh.build(Layout()),
+                      toy_task(loss_fn=StopAt(4)))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    resumed, _ = _fit(toy_recipe(tmp_path / "b", *common, "train.resume=latest"))
+    assert all(resumed.step_losses[s] == unbroken.step_losses[s] for s in range(4, 7))
+    a, b = unbroken.plugin.optimizer.master_state(), resumed.plugin.optimizer.master_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the saved weights are full-precision tensors by name: a plain model takes them as they are
+    saved = load_file(str(find_checkpoints(tmp_path / "a" / "checkpoints")[-1][1] / "model.safetensors"))
+    plain = MLP(dropout=0.0)
+    plain.load_state_dict(saved)
+    assert all(torch.equal(plain.state_dict()[k], a[k]) for k in a)
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path):
+    calls = {"n": 0}
+
+    def overflow_at_step_3(model, batch):
+        calls["n"] += 1
+        loss = mse(model, batch)
+        return loss * 1e30 if calls["n"] == 3 else loss   # inf once scaled by 2^16 in fp16 terms
+
+    trainer, summary = _fit(toy_recipe(tmp_path, "train.steps=5", "parallel.precision=fp16", *OFFLOAD),
+                            toy_task(dropout=0.0, loss_fn=overflow_at_step_3))
+    opt = trainer.plugin.optimizer
+    assert opt.skipped_steps == 1 and opt.step_count == 4
+    assert opt.scaler.scale == 2.0 ** 15
+    assert all(torch.isfinite(w).all() for w in opt.master_state().values())
+
+
+def test_a_disk_failing_mid_run_ends_with_one_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real_io = NVMeStore._io
+    writes = {"n": 0}
+
+    def failing_io(self, write, kind, index, tensor):
+        if write and kind == "exp_avg":
+            writes["n"] += 1
+            if writes["n"] > 12:             # after the checkpoint at step 2 (3 chunks per step)
+                raise LoomError(f"memory.nvme_dir {self.folder}: the disk is full")
+        return real_io(self, write, kind, index, tensor)
+
+    monkeypatch.setattr(NVMeStore, "_io", failing_io)
+    with pytest.raises(LoomError, match="the disk is full"):
+        _fit(toy_recipe(tmp_path, "train.steps=6", "train.checkpoint_every=2", *OFFLOAD))
+    assert [s for s, _ in find_checkpoints(tmp_path / "checkpoints")] == [2]
+    monkeypatch.setattr(NVMeStore, "_io", real_io)
+    resumed, summary = _fit(toy_recipe(tmp_path, "train.steps=6", "train.resume=latest", *OFFLOAD))
+    assert summary["step"] == 6 and sorted(resumed.step_losses) == [3, 4, 5, 6]

@@ -1,0 +1,100 @@
+"""Host and NVMe stores: round trips, aliases, asynchronous IO, and disks that are too small."""
+
+import errno
+import os
+import subprocess
+
+import pytest
+import torch
+
+from core.errors import LoomError
+from core.memory.store import ALIGN, MemoryStore, NVMeStore, aligned_empty
+
+
+def test_aligned_buffers():
+    for n in (1, 4095, 4096, 10_000):
+        assert aligned_empty(n).data_ptr() % ALIGN == 0 and aligned_empty(n).numel() == n
+
+
+def test_memory_store_round_trip_and_alias():
+    store = MemoryStore(aliases={"param": "master"})
+    x = torch.randn(100)
+    store.write("master", 3, x)
+    y = torch.empty(100)
+    store.read("param", 3, y)          # the same slot
+    assert torch.equal(x, y)
+    assert store.view("param", 3, x) is store.view("master", 3, x)
+    store.write_async("exp_avg", 0, x * 2).result()
+    z = torch.empty(100)
+    store.read_async("exp_avg", 0, z).result()
+    assert torch.equal(z, x * 2)
+    with pytest.raises(KeyError):
+        store.read("exp_avg_sq", 0, z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nvme_round_trip_in_odd_sizes(tmp_path, dtype):
+    n = 3001                                     # not a multiple of the 4 KiB block
+    store = NVMeStore(tmp_path, {"param": (4, n * 4), "master": (4, n * 4)}, threads=2)
+    data = [torch.randn(n).to(dtype) for _ in range(4)]
+    futures = [store.write_async("param", i, d) for i, d in enumerate(data)]
+    for f in futures:
+        f.result()
+    for i in reversed(range(4)):                 # neighbours are untouched by each other's writes
+        out = torch.empty(n, dtype=dtype)
+        store.read_async("param", i, out).result()
+        assert torch.equal(out, data[i])
+    assert (tmp_path / "param.bin").stat().st_size == 4 * store.slot_bytes["param"]
+    with pytest.raises(ValueError, match="do not fit"):
+        store.write("param", 0, torch.zeros(2 * n))
+    store.close()
+
+
+def test_nvme_alias_shares_the_file(tmp_path):
+    store = NVMeStore(tmp_path, {"master": (2, 400)}, aliases={"param": "master"})
+    store.write("param", 1, torch.arange(100.0))
+    out = torch.empty(100)
+    store.read("master", 1, out)
+    assert torch.equal(out, torch.arange(100.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["master.bin"]
+    store.close()
+
+
+def test_nvme_disk_too_small_is_refused_at_the_start(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(LoomError, match="has 0.0 GiB free but the offloaded state needs 0.1 GiB"):
+        NVMeStore(tmp_path, {"master": (32, 4 * 2**20)})
+
+
+def test_nvme_full_disk_during_a_write_says_so(tmp_path, monkeypatch):
+    store = NVMeStore(tmp_path, {"grad": (1, 4096)})
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(LoomError, match="the disk is full"):
+        store.write_async("grad", 0, torch.zeros(1024)).result()
+    store.close()
+
+
+def test_a_real_small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        # 3 kinds x 2 slots x 256 KiB = 1.5 MiB do not fit in 1 MiB: refused before any training
+        with pytest.raises(LoomError, match="memory.nvme_dir"):
+            NVMeStore(disk, {k: (2, 2**18) for k in ("master", "exp_avg", "exp_avg_sq")})
+        small = NVMeStore(disk, {"master": (2, 2**18)})   # 512 KiB fits
+        small.write("master", 1, torch.ones(2**16))
+        out = torch.empty(2**16)
+        small.read("master", 1, out)
+        assert torch.equal(out, torch.ones(2**16))
+        small.close()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
