@@ -23,7 +23,7 @@ from torch import nn
 from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
 from core.errors import LoomError
 from core.memory.chunk import Chunk, TensorInfo
-from core.memory.store import Store
+from core.memory.store import Store, return_freed_buffers_to_the_os
 
 
 def human(nbytes: float) -> str:
@@ -157,6 +157,7 @@ class ChunkManager:
                  axis: AxisGroup | None = None, shard_params: bool = False,
                  materialize: Callable[[str, torch.Tensor], None] | None = None,
                  on_master: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
+        return_freed_buffers_to_the_os()
         self.device = torch.device(device)
         self.dtype = dtype
         self.home = home
@@ -175,6 +176,7 @@ class ChunkManager:
         self.last_use: dict[int, int] = {}
         self._clock = 0
         self._pending: dict[int, Future] = {}
+        self._busy: dict[int, Future] = {}               # optimizer updates in flight, by chunk
         self._storage: dict[int, Chunk] = {}
         params = list(model.named_parameters())          # tied parameters come once
         largest = max((p.numel() for _, p in params), default=0)
@@ -253,8 +255,24 @@ class ChunkManager:
 
     # ------------------------------------------------------------------ moving
 
-    def evict(self, chunk: Chunk) -> None:
+    def mark_busy(self, chunk: Chunk, update: Future) -> None:
+        """An update of the chunk's weights runs in another thread: the chunk stays where it is
+        until it is done."""
+        self._busy[chunk.index] = update
+
+    def _settle(self, chunk: Chunk) -> None:
+        update = self._busy.pop(chunk.index, None)
+        if update is not None:
+            update.result()
         self._wait(chunk)
+
+    def settle_all(self) -> None:
+        """Wait for every update in flight (and raise the first error one of them met)."""
+        for index in list(self._busy):
+            self._settle(self.chunks[index])
+
+    def evict(self, chunk: Chunk) -> None:
+        self._settle(chunk)
         if chunk.dirty and not self.shard_params:
             self.home.write("param", chunk.index, chunk.payload)
             self.stats.bytes_out += chunk.nbytes
@@ -265,7 +283,10 @@ class ChunkManager:
     def _make_room(self, nbytes: int, protect: set[int]) -> None:
         while self.resident_bytes + nbytes > self.budget:
             candidates = [c for c in self.chunks if c.evictable and c.index not in protect
-                          and c.index not in self._pending]
+                          and c.index not in self._pending and c.index not in self._busy]
+            if not candidates:    # wait for an update in flight rather than fail
+                candidates = [c for c in self.chunks if c.evictable and c.index not in protect
+                              and c.index not in self._pending]
             if not candidates:
                 raise LoomError(f"memory.device_gb ({human(self.budget)}) cannot hold the chunks one operation "
                                 f"uses at once ({human(self.resident_bytes + nbytes)} needed); raise "
@@ -338,6 +359,8 @@ class ChunkManager:
         self.tracer.record(chunk.index)
         self._clock += 1
         self.last_use[chunk.index] = self._clock
+        if chunk.index in self._busy:
+            self._settle(chunk)
         if chunk.index in self._pending:
             self.stats.prefetch_hits += 1
         elif not chunk.resident:
@@ -357,7 +380,7 @@ class ChunkManager:
             if self.resident_bytes + chunk.nbytes > self.budget:
                 # room only by evicting a chunk that is needed later than this one
                 candidates = [c for c in self.chunks if c.evictable and c.index != current
-                              and c.index not in self._pending
+                              and c.index not in self._pending and c.index not in self._busy
                               and self.tracer.next_use(c.index) > self.tracer.next_use(index)]
                 if not candidates:
                     break
@@ -376,6 +399,7 @@ class ChunkManager:
         self._make_room(0, protect=set())
 
     def end_step(self) -> None:
+        self.settle_all()
         for index in list(self._pending):
             self._wait(self.chunks[index])
         self.tracer.end_step()

@@ -14,6 +14,7 @@ offload is meant to save.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -26,6 +27,24 @@ import torch
 from core.errors import LoomError
 
 ALIGN = 4096
+PIECE = 32 << 20  # bytes per system call (a multiple of ALIGN)
+M_MMAP_THRESHOLD = -3
+
+
+def return_freed_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Make freed chunk-sized buffers give their memory back to the OS (glibc only).
+
+    glibc serves allocations below its mmap threshold from the heap, and raises that threshold
+    (up to 32 MiB) every time a large block is freed; after a few evictions, chunk buffers are
+    heap blocks whose memory stays with the process when they are freed (measured: a 91 M
+    parameter GPT offloaded to NVMe peaked at 1.46 GB of RSS instead of 0.81 GB). A fixed
+    threshold keeps every buffer of `threshold` bytes or more in its own mapping, returned on free.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def aligned_empty(nbytes: int) -> torch.Tensor:
@@ -171,28 +190,36 @@ class NVMeStore(Store):
         return buf[:nbytes]
 
     def _io(self, write: bool, kind: str, index: int, tensor: torch.Tensor) -> None:
+        """One slot's bytes, moved in pieces of at most PIECE through this thread's aligned
+        buffer (so each IO thread holds PIECE bytes, however large the chunks are)."""
         kind = self.aliases.get(kind, kind)
         nbytes = tensor.numel() * tensor.element_size()
         slot = self.slot_bytes[kind]
         if nbytes > slot:
             raise ValueError(f"{nbytes} bytes do not fit a {kind} slot of {slot}")
-        size = _round_up(nbytes) if self.direct else nbytes
-        buf = self._bounce(size)
         flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
-        fd, offset = self._fds[kind], index * slot
+        fd, base = self._fds[kind], index * slot
+        buf = self._bounce(min(PIECE, _round_up(nbytes)))
+        pos = 0
         try:
-            if write:
-                buf[:nbytes].copy_(flat)
-                done = os.pwritev(fd, [buf.numpy()], offset)
-            else:
-                done = os.preadv(fd, [buf.numpy()], offset)
-                flat.copy_(buf[:nbytes])
+            while pos < nbytes:
+                n = min(PIECE, nbytes - pos)
+                size = _round_up(n) if self.direct else n
+                piece = buf[:size]
+                if write:
+                    piece[:n].copy_(flat[pos:pos + n])
+                    done = os.pwritev(fd, [piece.numpy()], base + pos)
+                else:
+                    done = os.preadv(fd, [piece.numpy()], base + pos)
+                    flat[pos:pos + n].copy_(piece[:n])
+                if done != size:
+                    raise OSError(f"short {'write' if write else 'read'} of {kind}[{index}]: {done} of {size} "
+                                  f"bytes")
+                pos += n
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LoomError(f"memory.nvme_dir {self.folder}: the disk is full") from None
             raise
-        if done != size:
-            raise OSError(f"short {'write' if write else 'read'} of {kind}[{index}]: {done} of {size} bytes")
 
     def write(self, kind: str, index: int, src: torch.Tensor) -> None:
         self._io(True, kind, index, src.contiguous())

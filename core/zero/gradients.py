@@ -52,7 +52,7 @@ class GradientShards:
                                f"needs train.grad_accum=1")
         if chunk.index in self.seen:         # an earlier micro-batch of this step
             shard = shard + self.get(chunk).to(shard.device)
-        self._sumsq[chunk.index] = float(shard.double().pow(2).sum())
+        self._sumsq[chunk.index] = float(torch.linalg.vector_norm(shard)) ** 2   # one pass, no copy
         if self.sink is not None:
             self.sink(chunk, shard)
             self.seen.add(chunk.index)

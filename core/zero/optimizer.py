@@ -15,6 +15,7 @@ It offers what the trainer uses of an optimizer wrapper: `backward`, `clip_grad_
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -56,6 +57,11 @@ class ChunkAdam:
         self._clip = 1.0
         self.optim = self                     # what checkpoint IO reads
         self.in_backward = in_backward
+        # Steps inside backward run on one optimizer thread, so that their disk reads and writes
+        # overlap the rest of backward; with several ranks they stay on the main thread, where
+        # the collectives of the update (gathering the new weights) keep the same order on all.
+        self._worker = (ThreadPoolExecutor(1, thread_name_prefix="loom-adam")
+                        if in_backward and manager.world == 1 else None)
         if in_backward:
             if precision == "fp16":
                 raise ValueError("a step inside backward cannot be skipped on fp16 overflow; use bf16 or fp32")
@@ -113,7 +119,10 @@ class ChunkAdam:
     def update_in_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
         """`memory.step_in_backward`: the chunk's gradient shard is complete; step it now, so no
         gradient is ever stored (the step's other chunks follow as backward reaches them)."""
-        self._update(chunk, grad, self.step_count + 1, 1.0)
+        if self._worker is None:
+            self._update(chunk, grad, self.step_count + 1, 1.0)
+        else:
+            self.manager.mark_busy(chunk, self._worker.submit(self._update, chunk, grad, self.step_count + 1, 1.0))
 
     def _mark_stepped(self) -> None:
         if self.origin is not None:   # tell a learning-rate schedule made for it that a step happened

@@ -159,5 +159,8 @@ void adam_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, t
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adam_step", &adam_step, "Adam/AdamW step on fp32 master weights, writing an optional bf16/fp16 copy");
+  // The GIL is released while the kernel runs: an optimizer thread can step one chunk while
+  // Python code (autograd hooks, IO threads) goes on in the others.
+  m.def("adam_step", &adam_step, "Adam/AdamW step on fp32 master weights, writing an optional bf16/fp16 copy",
+        py::call_guard<py::gil_scoped_release>());
 }
