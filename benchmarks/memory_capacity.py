@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks._machine import machine
 
+    # stopped from outside: still kill the trial, remove the cgroup and the offload files
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cap_gb = args.cap_gb or (1.0 if args.quick else 3.0)
     device_gb = args.device_gb if args.device_gb is not None else cap_gb / 5
     nvme_root = Path(args.nvme_dir or tempfile.mkdtemp(prefix="loom-capacity-"))
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # Loom: 12 bytes per parameter on the disk (fp32 weights = masters, two moments)
             disk = shutil.disk_usage(nvme_root).free
-            loom_k = largest(fits("loom"), max(plain_k, estimate(12, 0.95 * disk, args.k_max)), args.k_max)
+            loom_k = largest(fits("loom"), max(plain_k, estimate(12, 0.9 * disk, args.k_max)), args.k_max)
     finally:
         cap.close()
         if args.nvme_dir is None:

@@ -348,6 +348,9 @@ class Trainer:
         if rate:
             parts.append(f"{rate:,.0f} {self.task.unit}/s over {s['seconds']:.1f} s")
         lines = [", ".join(parts)]
+        report = self.plugin.report()
+        if report:
+            lines.append(report)
         if s["checkpoint"]:
             lines.append(f"checkpoint: {s['checkpoint']}")
         lines.append(f"metrics: {self.out / 'metrics.jsonl'}; loss curve: {self.out / 'loss.png'}")

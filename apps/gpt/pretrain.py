@@ -17,6 +17,7 @@ from apps.gpt.config import GPTModelConfig, GPTRecipe
 from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
 from core import cli
+from core.booster import ZeroPlugin
 from core.session import session
 from core.trainer import Trainer, TrainTask
 
@@ -49,7 +50,15 @@ def train(cfg: GPTRecipe) -> dict:
         corpus: Corpus = prepare_corpus(cfg.data, mesh.world, log)
         cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, corpus.tokenizer.vocab_size))
         torch.manual_seed(cfg.train.seed)
-        model = GPT(cfg.model)
+        chunked = isinstance(plugin, ZeroPlugin)
+        if chunked and (plugin.stage == 3 or plugin.offload != "none"):
+            # Built on the meta device, made chunk by chunk where it will live: a model larger than
+            # host memory never exists whole. (Same initial distribution, other random draws.)
+            with torch.device("meta"):
+                model = GPT(cfg.model)
+            plugin.materialize = model.init_parameter
+        else:
+            model = GPT(cfg.model)
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)
@@ -65,9 +74,11 @@ def train(cfg: GPTRecipe) -> dict:
                          units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files)
         trainer = Trainer(cfg, mesh, task, plugin)
         summary = trainer.fit()
-        if mesh.is_main and cfg.sample.tokens:
+        # with chunked parameters every rank takes part (gathering shards); only rank 0 writes
+        if cfg.sample.tokens and (mesh.is_main or (chunked and plugin.manager.shard_params)):
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
                                cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)
+        if mesh.is_main and cfg.sample.tokens:
             (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")
             summary["sample"] = text
             print(f"--- sample from the trained model ---\n{text}\n---", file=sys.stderr)

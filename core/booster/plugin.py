@@ -143,3 +143,7 @@ class Plugin(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.mesh.layout.describe()}, {self.precision.name}, {self.mesh.device})"
+
+    def report(self) -> str | None:
+        """A line for the end of a run (what the plugin moved, for one), or None."""
+        return None

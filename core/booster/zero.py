@@ -30,6 +30,7 @@ from core.checkpoint import CheckpointIO, load_file, save_file
 from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
+from core.memory.chunk import plan_chunks, shard_used
 from core.memory.gemini import GeminiModel
 from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
@@ -120,13 +121,16 @@ class ZeroPlugin(Plugin):
         alias = {"param": "master"} if dtype == torch.float32 and (dp.size == 1 or shard_params) else {}
         threads = self.memory.io_threads
         if self.offload == "nvme":
-            n_chunks = self._count_chunks(params, chunk_numel)
+            used = plan_chunks([p.numel() for p in params], chunk_numel)
+            mine = [shard_used(u, chunk_numel, dp.size, dp.rank) for u in used]
             stored = KINDS if self.memory.step_in_backward else KINDS + ("grad",)
-            slots = {k: (n_chunks, shard_numel * 4) for k in stored}
+            slots = {k: (len(used), shard_numel * 4) for k in stored}
+            keep = {k: [n * 4 for n in mine] for k in stored}
             if not alias:
-                slots["param"] = (n_chunks, (shard_numel if shard_params else chunk_numel) * element)
+                slots["param"] = (len(used), (shard_numel if shard_params else chunk_numel) * element)
+                keep["param"] = [n * element for n in (mine if shard_params else used)]
             folder = self.nvme_dir / f"rank{self.mesh.global_rank}"   # ranks may share a disk
-            states = home = NVMeStore(folder, slots, threads=threads, aliases=alias)
+            states = home = NVMeStore(folder, slots, threads=threads, aliases=alias, used=keep)
         else:
             pin = device.type == "cuda"
             states = MemoryStore(pin=pin, threads=threads, device="cpu" if self.offload == "cpu" else device,
@@ -145,17 +149,22 @@ class ZeroPlugin(Plugin):
                                    origin=optimizer, in_backward=self.memory.step_in_backward)
         return ModelWrapper(model, GeminiModel(model, self.manager, grads.reduce), self.precision), self.optimizer
 
-    @staticmethod
-    def _count_chunks(params: list[nn.Parameter], chunk_numel: int) -> int:
-        count, used = 0, chunk_numel
-        for p in params:
-            if used + p.numel() > chunk_numel:
-                count, used = count + 1, 0
-            used += p.numel()
-        return count
-
     def checkpoint_io(self) -> CheckpointIO:
         return ChunkCheckpointIO(self)
+
+    def report(self) -> str | None:
+        m = self.manager
+        if m is None:
+            return None
+        st = m.stats
+        line = (f"memory: peak {human(st.peak_resident)} of chunks on the device; {st.fetches} fetches "
+                f"({human(st.bytes_in)} in, {st.prefetch_hits} prefetched), {st.evictions} evictions "
+                f"({human(st.bytes_out)} written back), {st.wait_seconds:.1f} s waiting")
+        home = m.home
+        if isinstance(home, NVMeStore):
+            line += (f"; NVMe {human(home.nbytes)} in {home.folder}: {human(home.bytes_read)} read, "
+                     f"{human(home.bytes_written)} written")
+        return line
 
     def describe(self) -> str:
         m = self.manager

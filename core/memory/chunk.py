@@ -26,6 +26,25 @@ from torch import nn
 from core.memory.state import EVICTABLE, IllegalTransition, TensorState, move
 
 
+def plan_chunks(numels: list[int], capacity: int) -> list[int]:
+    """How parameters of these sizes pack, in order, into chunks of `capacity` elements: the
+    elements each chunk uses (a parameter never spans two chunks)."""
+    used: list[int] = []
+    for n in numels:
+        if n > capacity:
+            raise ValueError(f"a parameter of {n} elements does not fit a chunk of {capacity}")
+        if not used or used[-1] + n > capacity:
+            used.append(0)
+        used[-1] += n
+    return used
+
+
+def shard_used(used: int, capacity: int, world: int, rank: int) -> int:
+    """Elements of rank `rank`'s shard that hold parameters (the rest is padding)."""
+    size = capacity // world
+    return max(0, min(used - rank * size, size))
+
+
 @dataclass
 class TensorInfo:
     param: nn.Parameter

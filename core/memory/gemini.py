@@ -35,6 +35,8 @@ class GeminiModel(nn.Module):
         self.manager = manager
         self.on_grads = on_grads
         self._in_backward = False
+        self._node = None                     # the autograd node that last unpacked a chunk tensor
+        self._pinned: list = []               # (chunk, tensor) it pinned
         self._handles = []
         for sub in module.modules():
             params = [p for p in sub.parameters(recurse=False) if p in manager.where]
@@ -85,11 +87,29 @@ class GeminiModel(nn.Module):
         if not self._in_backward:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        # A node unpacks all its saved tensors, then computes: what the previous node pinned is
+        # free to go once another node starts unpacking.
+        node = torch._C._current_autograd_node()
+        if node is not self._node:
+            self._unpin()
+            self._node = node
         self.manager.access(chunk)
         info = self.manager.info_at(chunk, tensor.storage_offset())
         if info is not None and info.state is not S.READY_FOR_REDUCE:
             chunk.set_state(info, S.COMPUTE)
+            self._pinned.append((chunk, info))
         return tensor
+
+    def _unpin(self) -> None:
+        chunks = {}
+        for chunk, info in self._pinned:
+            if info.state is S.COMPUTE:          # used; its gradient (if any) is not complete yet
+                chunk.set_state(info, S.HOLD_AFTER_BWD)
+            chunks[chunk.index] = chunk
+        self._pinned.clear()
+        for chunk in chunks.values():
+            if chunk.resident:
+                self.manager.release(chunk)
 
     def _grad_ready(self, param: nn.Parameter) -> None:
         chunk, info = self.manager.where[param]
@@ -105,6 +125,8 @@ class GeminiModel(nn.Module):
 
     def _backward_done(self) -> None:
         self._in_backward = False
+        self._unpin()
+        self._node = None
         for chunk in self.manager.chunks:
             if chunk.grads_seen:                 # some parameters of the chunk got no gradient
                 self.on_grads(chunk)

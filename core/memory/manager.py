@@ -22,7 +22,7 @@ from torch import nn
 
 from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
 from core.errors import LoomError
-from core.memory.chunk import Chunk, TensorInfo
+from core.memory.chunk import Chunk, TensorInfo, plan_chunks
 from core.memory.store import Store, return_freed_buffers_to_the_os
 
 
@@ -216,6 +216,8 @@ class ChunkManager:
             self.where[info.param] = (chunk, info)
         if self.chunks:
             self._seal(self.chunks[-1], staging, on_master)
+        planned = plan_chunks([p.numel() for _, p in params], chunk_numel)
+        assert [c.used for c in self.chunks] == planned, "chunk packing differs from plan_chunks"
         self.enforce_budget()
 
     def _seal(self, chunk: Chunk, staging: torch.Tensor, on_master) -> None:
@@ -284,9 +286,8 @@ class ChunkManager:
         while self.resident_bytes + nbytes > self.budget:
             candidates = [c for c in self.chunks if c.evictable and c.index not in protect
                           and c.index not in self._pending and c.index not in self._busy]
-            if not candidates:    # wait for an update in flight rather than fail
-                candidates = [c for c in self.chunks if c.evictable and c.index not in protect
-                              and c.index not in self._pending]
+            if not candidates:    # wait for a transfer or an update in flight rather than fail
+                candidates = [c for c in self.chunks if c.evictable and c.index not in protect]
             if not candidates:
                 raise LoomError(f"memory.device_gb ({human(self.budget)}) cannot hold the chunks one operation "
                                 f"uses at once ({human(self.resident_bytes + nbytes)} needed); raise "

@@ -137,9 +137,13 @@ class NVMeStore(Store):
     name = "nvme"
 
     def __init__(self, folder: str | Path, slots: dict[str, tuple[int, int]], threads: int = 4,
-                 direct: bool = True, aliases: dict[str, str] | None = None) -> None:
-        """`slots[kind] = (count, slot_bytes)`; `aliases[kind] = other`: `kind` reads and writes
-        `other`'s file."""
+                 direct: bool = True, aliases: dict[str, str] | None = None,
+                 used: dict[str, list[int]] | None = None) -> None:
+        """`slots[kind] = (count, slot_bytes)`: what one slot may be given; `used[kind][i]`: the
+        bytes slot i really keeps (default: all). A chunk's tail past its last parameter is
+        padding: only the used prefix goes to disk (on a GPT packed into chunks as large as its
+        largest matrix, a third of the bytes), and it reads back as zeros. `aliases[kind] =
+        other`: `kind` reads and writes `other`'s file."""
         super().__init__(threads)
         self.aliases = dict(aliases or {})
         self.folder = Path(folder).expanduser()
@@ -147,8 +151,18 @@ class NVMeStore(Store):
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LoomError(f"memory.nvme_dir: cannot create {self.folder}: {e.strerror}") from None
-        self.slot_bytes = {kind: _round_up(size) for kind, (_, size) in slots.items()}
-        need = sum(count * self.slot_bytes[kind] for kind, (count, _) in slots.items())
+        self.slot_bytes = {kind: size for kind, (_, size) in slots.items()}
+        self._keep: dict[str, list[int]] = {}
+        self._offsets: dict[str, list[int]] = {}
+        for kind, (count, size) in slots.items():
+            keep = list((used or {}).get(kind, [size] * count))
+            if len(keep) != count or any(k > size for k in keep):
+                raise ValueError(f"used[{kind!r}] must give {count} sizes of at most {size} bytes")
+            offsets = [0]
+            for k in keep:
+                offsets.append(offsets[-1] + _round_up(k))
+            self._keep[kind], self._offsets[kind] = keep, offsets
+        need = sum(offsets[-1] for offsets in self._offsets.values())
         free = shutil.disk_usage(self.folder).free
         if need > free:
             raise LoomError(f"memory.nvme_dir {self.folder} has {free / 2**30:.1f} GiB free but the offloaded "
@@ -156,9 +170,12 @@ class NVMeStore(Store):
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._fds: dict[str, int] = {}
         self.nbytes = need
-        for kind, (count, _) in slots.items():
-            self._fds[kind] = self._open(self.folder / f"{kind}.bin", count * self.slot_bytes[kind])
+        for kind in slots:
+            self._fds[kind] = self._open(self.folder / f"{kind}.bin", self._offsets[kind][-1])
         self._local = threading.local()
+        self._count = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_written = 0
 
     def _open(self, path: Path, size: int) -> int:
         flags = os.O_RDWR | os.O_CREAT
@@ -193,12 +210,15 @@ class NVMeStore(Store):
         """One slot's bytes, moved in pieces of at most PIECE through this thread's aligned
         buffer (so each IO thread holds PIECE bytes, however large the chunks are)."""
         kind = self.aliases.get(kind, kind)
-        nbytes = tensor.numel() * tensor.element_size()
+        given = tensor.numel() * tensor.element_size()
         slot = self.slot_bytes[kind]
-        if nbytes > slot:
-            raise ValueError(f"{nbytes} bytes do not fit a {kind} slot of {slot}")
+        if given > slot:
+            raise ValueError(f"{given} bytes do not fit a {kind} slot of {slot}")
         flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
-        fd, base = self._fds[kind], index * slot
+        nbytes = min(given, self._keep[kind][index])
+        if not write and nbytes < given:
+            flat[nbytes:].zero_()             # padding past the used prefix
+        fd, base = self._fds[kind], self._offsets[kind][index]
         buf = self._bounce(min(PIECE, _round_up(nbytes)))
         pos = 0
         try:
@@ -220,6 +240,11 @@ class NVMeStore(Store):
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LoomError(f"memory.nvme_dir {self.folder}: the disk is full") from None
             raise
+        with self._count:
+            if write:
+                self.bytes_written += nbytes
+            else:
+                self.bytes_read += nbytes
 
     def write(self, kind: str, index: int, src: torch.Tensor) -> None:
         self._io(True, kind, index, src.contiguous())

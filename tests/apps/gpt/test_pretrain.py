@@ -133,3 +133,25 @@ def test_gpt_resume_after_a_stop_is_bitwise_identical(tmp_path, text_folder, mon
     a = load_file(tmp_path / "a" / "checkpoints" / "step_0000006" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step_0000006" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offload_and_zero_from_the_recipe(tmp_path, text_folder):
+    """The recipe alone turns on NVMe offload (one process, a budget of two chunks for four) and
+    ZeRO-3 with host offload (two ranks); both train, report what moved, and leave checkpoints a
+    plain model loads (generate reads them)."""
+    common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=4", "train.eval_every=2",
+              "train.checkpoint_every=4", "train.micro_batch=4", *QUICK_MODEL]
+    nvme = tmp_path / "nvme"
+    r = run([sys.executable, "-m", "apps.gpt.pretrain", *common, "parallel.offload=nvme",
+             "memory.chunk_mb=0.01", "memory.device_gb=0.00008", f"output.dir={nvme}"], tmp_path)
+    report = next(line for line in r.stderr.splitlines() if line.startswith("memory: "))
+    evictions = int(report.split(" evictions")[0].rsplit(" ", 1)[1])
+    assert evictions > 4 and "NVMe" in report, report
+    assert (nvme / "sample.txt").is_file()
+    zero = tmp_path / "zero3"
+    run(_torchrun(2, *common, "parallel.dp=2", "parallel.zero=3", "parallel.offload=cpu",
+                  f"output.dir={zero}"), tmp_path)
+    for out in (nvme, zero):
+        g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(out), "--prompt", "line",
+                 "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
+        assert g.stdout.startswith("line")

@@ -44,9 +44,24 @@ def test_nvme_round_trip_in_odd_sizes(tmp_path, dtype):
         out = torch.empty(n, dtype=dtype)
         store.read_async("param", i, out).result()
         assert torch.equal(out, data[i])
-    assert (tmp_path / "param.bin").stat().st_size == 4 * store.slot_bytes["param"]
+    assert (tmp_path / "param.bin").stat().st_size == 4 * 12288      # slots start on 4 KiB boundaries
     with pytest.raises(ValueError, match="do not fit"):
         store.write("param", 0, torch.zeros(2 * n))
+    store.close()
+
+
+def test_nvme_keeps_only_the_used_prefix_of_each_slot(tmp_path):
+    # three chunks of 1000 floats that use 1000, 300 and 0 of them
+    store = NVMeStore(tmp_path, {"master": (3, 4000)}, used={"master": [4000, 1200, 0]})
+    assert (tmp_path / "master.bin").stat().st_size == 4096 + 4096 + 0
+    for i in range(3):
+        store.write("master", i, torch.arange(1000.0) + i)
+    for i, n in enumerate((1000, 300, 0)):
+        out = torch.full((1000,), -1.0)
+        store.read("master", i, out)
+        assert torch.equal(out[:n], torch.arange(float(n)) + i) and not out[n:].any()   # padding: zeros
+    with pytest.raises(ValueError, match="must give 3 sizes"):
+        NVMeStore(tmp_path / "x", {"master": (3, 4000)}, used={"master": [4000, 8000, 0]})
     store.close()
 
 
