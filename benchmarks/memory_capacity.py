@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     # stopped from outside: still kill the trial, remove the cgroup and the offload files
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cap_gb = args.cap_gb or (1.0 if args.quick else 3.0)
-    device_gb = args.device_gb if args.device_gb is not None else cap_gb / 5
+    device_gb = args.device_gb if args.device_gb is not None else cap_gb / 8
     nvme_root = Path(args.nvme_dir or tempfile.mkdtemp(prefix="loom-capacity-"))
     nvme_root.mkdir(parents=True, exist_ok=True)
     cap = MemoryCap(int(cap_gb * 2**30))

@@ -27,6 +27,7 @@ from core import cli
 from core.distributed import comm
 from core.ema import EMA
 from core.errors import LoomError
+from core.booster import ZeroPlugin
 from core.session import session
 from core.trainer import Trainer, TrainTask
 
@@ -58,11 +59,24 @@ def _check_paths(cfg: DiffusionRecipe) -> None:
                         f"metadata.jsonl, or 'shapes' for the built-in set")
 
 
+def _check_chunked(cfg: DiffusionRecipe, plugin, mesh) -> None:
+    """What the chunked plugins (parallel.zero, parallel.offload) cannot do here yet."""
+    if not isinstance(plugin, ZeroPlugin):
+        return
+    if cfg.finetune.ema:
+        raise LoomError("finetune.ema reads every weight after each step, which chunked parameters "
+                        "(parallel.zero / parallel.offload) do not allow yet; set finetune.ema=false")
+    if plugin.stage == 3 and mesh.size("dp") > 1 and cfg.validation.prompts:
+        raise LoomError("validation renders on rank 0 alone, but with parallel.zero=3 over several ranks every "
+                        "rank must take part in each forward; set validation.prompts=[] or parallel.dp=1")
+
+
 def run(cfg: DiffusionRecipe) -> dict:
     """Train as the recipe says (on this process and its torchrun peers); returns the summary."""
     _check_paths(cfg)
     with session(cfg) as s:
         mesh, plugin, log = s.mesh, s.plugin, s.log
+        _check_chunked(cfg, plugin, mesh)
         world = mesh.world
         data_folder = None
         if cfg.finetune.method != "dreambooth":
@@ -81,6 +95,9 @@ def run(cfg: DiffusionRecipe) -> dict:
         ft = cfg.finetune
         lora = ft.method == "lora" or (ft.method == "dreambooth" and ft.dreambooth_lora)
         if lora:
+            # seeded here: whether the tiny model was just made (drawing random numbers) or read
+            # from the cache must not change the adapters' initial weights
+            torch.manual_seed(cfg.train.seed)
             add_lora(parts.unet, ft.lora_rank, ft.lora_alpha)
         if cfg.model.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
@@ -118,6 +135,7 @@ def run(cfg: DiffusionRecipe) -> dict:
                          on_step=(lambda trainer: ema.update()) if ema else None,
                          extra_state={"ema": ema} if ema else {})
         summary = Trainer(cfg, mesh, task, plugin).fit()
+        plugin.unchunk(model)             # ordinary tensors again for the exports (chunked plugins)
         out = Path(cfg.output.dir)
         if mesh.is_main:
             if lora:

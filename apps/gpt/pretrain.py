@@ -74,11 +74,10 @@ def train(cfg: GPTRecipe) -> dict:
                          units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files)
         trainer = Trainer(cfg, mesh, task, plugin)
         summary = trainer.fit()
-        # with chunked parameters every rank takes part (gathering shards); only rank 0 writes
-        if cfg.sample.tokens and (mesh.is_main or (chunked and plugin.manager.shard_params)):
+        model = plugin.unchunk(model)     # ordinary tensors again (chunked plugins; all ranks)
+        if mesh.is_main and cfg.sample.tokens:
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
                                cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)
-        if mesh.is_main and cfg.sample.tokens:
             (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")
             summary["sample"] = text
             print(f"--- sample from the trained model ---\n{text}\n---", file=sys.stderr)

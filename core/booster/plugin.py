@@ -144,6 +144,11 @@ class Plugin(ABC):
     def describe(self) -> str:
         return f"{self.name} ({self.mesh.layout.describe()}, {self.precision.name}, {self.mesh.device})"
 
+    def unchunk(self, model: nn.Module) -> nn.Module:
+        """The model with ordinary parameters after training (a no-op unless the plugin moved
+        them into chunks). Every rank calls it."""
+        return model
+
     def report(self) -> str | None:
         """A line for the end of a run (what the plugin moved, for one), or None."""
         return None

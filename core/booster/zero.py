@@ -147,7 +147,24 @@ class ZeroPlugin(Plugin):
         # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
         self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
                                    origin=optimizer, in_backward=self.memory.step_in_backward)
-        return ModelWrapper(model, GeminiModel(model, self.manager, grads.reduce), self.precision), self.optimizer
+        self.wrapped = GeminiModel(model, self.manager, grads.reduce)
+        return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
+
+    def unchunk(self, model: nn.Module) -> nn.Module:
+        """After training: give every parameter of `model` its own full-precision tensor again
+        (from the master weights, gathered from all ranks: every rank must call this) and
+        remove the chunk hooks, so that the model can be sampled from, exported or saved like
+        any other. The chunks, their stores and the optimizer are released."""
+        weights = self.optimizer.master_state()
+        for handle in self.wrapped._handles:
+            handle.remove()
+        self.wrapped._handles.clear()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.data = weights[name].to(self.mesh.device)
+        for store in {id(s): s for s in (self.manager.home, self.optimizer.states)}.values():
+            store.close()
+        return model
 
     def checkpoint_io(self) -> CheckpointIO:
         return ChunkCheckpointIO(self)

@@ -15,6 +15,7 @@ It offers what the trainer uses of an optimizer wrapper: `backward`, `clip_grad_
 from __future__ import annotations
 
 import math
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,6 +43,7 @@ def init_states(store: Store, chunk: Chunk, master_shard: torch.Tensor) -> None:
 
 
 class ChunkAdam:
+    MAX_INFLIGHT = 2       # chunk updates queued on the optimizer thread during backward
     def __init__(self, manager: ChunkManager, param_groups: list[dict], states: Store, grads: GradientShards,
                  precision: str = "fp32", origin: torch.optim.Optimizer | None = None,
                  in_backward: bool = False) -> None:
@@ -62,6 +64,7 @@ class ChunkAdam:
         # the collectives of the update (gathering the new weights) keep the same order on all.
         self._worker = (ThreadPoolExecutor(1, thread_name_prefix="loom-adam")
                         if in_backward and manager.world == 1 else None)
+        self._inflight: deque = deque()
         if in_backward:
             if precision == "fp16":
                 raise ValueError("a step inside backward cannot be skipped on fp16 overflow; use bf16 or fp32")
@@ -121,8 +124,14 @@ class ChunkAdam:
         gradient is ever stored (the step's other chunks follow as backward reaches them)."""
         if self._worker is None:
             self._update(chunk, grad, self.step_count + 1, 1.0)
-        else:
-            self.manager.mark_busy(chunk, self._worker.submit(self._update, chunk, grad, self.step_count + 1, 1.0))
+            return
+        # Back-pressure: each queued update holds its chunk's gradient, so when the disk is slower
+        # than backward an unbounded queue would hold them all (the whole model's gradients).
+        while len(self._inflight) >= self.MAX_INFLIGHT:
+            self._inflight.popleft().result()
+        update = self._worker.submit(self._update, chunk, grad, self.step_count + 1, 1.0)
+        self._inflight.append(update)
+        self.manager.mark_busy(chunk, update)
 
     def _mark_stepped(self) -> None:
         if self.origin is not None:   # tell a learning-rate schedule made for it that a step happened
