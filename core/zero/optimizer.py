@@ -137,16 +137,30 @@ class ChunkAdam:
         if self.origin is not None:   # tell a learning-rate schedule made for it that a step happened
             self.origin._opt_called = True
 
-    def _master(self, chunk: Chunk) -> torch.Tensor:
+    def _master_is_payload(self, chunk: Chunk) -> bool:
+        """The fp32 payload on the device is the master (no read from disk needed)."""
         m = self.manager
         if m.master_is_home and m.world == 1 and chunk.resident and self.states.name == "nvme":
-            m.wait(chunk)             # the fp32 payload on the device is the master: no read from disk
-            return chunk.payload
-        return self._get("master", chunk)
+            m.wait(chunk)
+            return True
+        return False
+
+    def _fetch(self, chunk: Chunk, kinds: tuple[str, ...]) -> list[torch.Tensor]:
+        """The chunk's states of these kinds; from files, all reads in flight at once."""
+        like = torch.empty(0, dtype=torch.float32)
+        if self.states.view(kinds[0], chunk.index, like.new_empty(chunk.shard_numel)) is not None:
+            return [self._get(kind, chunk) for kind in kinds]
+        bufs = [torch.empty(chunk.shard_numel, dtype=torch.float32) for _ in kinds]
+        for f in [self.states.read_async(kind, chunk.index, buf) for kind, buf in zip(kinds, bufs)]:
+            f.result()
+        return bufs
 
     def _update(self, chunk: Chunk, grad: torch.Tensor, step: int, grad_scale: float) -> None:
-        master = self._master(chunk)
-        m, v = self._get("exp_avg", chunk), self._get("exp_avg_sq", chunk)
+        own_master = self._master_is_payload(chunk)
+        kinds = KINDS[1:] if own_master else KINDS
+        states = self._fetch(chunk, kinds)
+        master = chunk.payload if own_master else states[0]
+        m, v = states[-2:]
         low = None if chunk.dtype == torch.float32 else torch.zeros(chunk.shard_numel, dtype=chunk.dtype,
                                                                         device=master.device)
         shard = chunk.shard(self.manager.rank)
@@ -160,8 +174,9 @@ class ChunkAdam:
             adam_step(master[s], grad[s], m[s], v[s], None if low is None else low[s], lr=group["lr"],
                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       adamw=True, step=step, grad_scale=grad_scale)
-        for kind, buf in zip(KINDS, (master, m, v)):
-            self._put(kind, chunk, buf)
+        if self.states.view("master", chunk.index, master) is None:   # files: all writes in flight at once
+            for f in [self.states.write_async(kind, chunk.index, buf) for kind, buf in zip(KINDS, (master, m, v))]:
+                f.result()
         self.manager.update_working(chunk, master if low is None else low)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -67,3 +67,15 @@ def test_gpt2_124m_recipe_builds_the_gpt2_small_shape():
 def test_vocab_is_rounded_up_to_a_multiple_of_64():
     assert resolve_vocab(GPTModelConfig(), 257).vocab_size == 320
     assert resolve_vocab(GPTModelConfig(vocab_size=300), 257).vocab_size == 300
+
+
+def test_gpt2_xl_nvme_recipe_builds_the_gpt2_xl_shape_and_its_plugin():
+    from core.booster import GeminiPlugin, make_plugin
+    from core.distributed import Layout, ParallelMesh
+
+    cfg = load_recipe(GPTRecipe, "gpt/gpt2-xl-nvme")
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    assert 1.55e9 <= model.num_params() <= 1.57e9       # GPT-2 XL: 1.5 B
+    plugin = make_plugin(cfg, ParallelMesh.build(Layout()))
+    assert isinstance(plugin, GeminiPlugin) and plugin.offload == "nvme"
