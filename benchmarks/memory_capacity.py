@@ -214,6 +214,8 @@ def largest(fits, start: int, k_max: int) -> int:
                 break
             lo, step = nxt, 2 * step
     else:
+        if k == 1:
+            return 0
         hi, step = k, 1
         while True:
             nxt = max(hi - step, 1)
