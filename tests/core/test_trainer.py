@@ -13,7 +13,7 @@ from core.distributed import Layout, ParallelMesh
 from core.errors import LoomError
 from core.optim import LRShape
 from core.trainer import Trainer
-from tests.core.toy import mse, toy_recipe, toy_task
+from tests.core.toy import StopAt, mse, toy_recipe, toy_task
 
 
 def _fit(cfg, task=None, **task_kw):
@@ -23,19 +23,6 @@ def _fit(cfg, task=None, **task_kw):
 
 def _weights(trainer):
     return {k: v.clone() for k, v in trainer.model.unwrap().state_dict().items()}
-
-
-class StopAt:
-    """A loss function that raises KeyboardInterrupt at its n-th call (a run killed mid-step)."""
-
-    def __init__(self, calls: int) -> None:
-        self.calls, self.left = calls, calls
-
-    def __call__(self, model, batch):
-        self.left -= 1
-        if self.left < 0:
-            raise KeyboardInterrupt
-        return mse(model, batch)
 
 
 def test_resume_after_a_stop_is_bitwise_identical(tmp_path):

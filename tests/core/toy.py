@@ -42,3 +42,16 @@ def toy_recipe(out_dir, *overrides: str) -> Recipe:
     base = [f"output.dir={out_dir}", "train.progress=false", "train.log_every=1",
             "train.micro_batch=8", "optim.lr=0.01", "train.warmup_steps=2", "parallel.device=cpu"]
     return load_recipe(Recipe, None, base + list(overrides))
+
+
+class StopAt:
+    """A loss function that raises KeyboardInterrupt at its n-th call (a run killed mid-step)."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls, self.left = calls, calls
+
+    def __call__(self, model, batch):
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return mse(model, batch)

@@ -10,7 +10,7 @@ from core.distributed import Layout, ParallelMesh
 from core.errors import LoomError
 from core.memory.store import NVMeStore
 from core.trainer import Trainer
-from tests.core.toy import MLP, mse, toy_recipe, toy_task
+from tests.core.toy import MLP, StopAt, mse, toy_recipe, toy_task
 
 # 3 chunks of 4 KiB, room for 2 on the "device"
 OFFLOAD = ("parallel.offload=nvme", "memory.chunk_mb=0.002", "memory.device_gb=0.00001")
@@ -19,17 +19,6 @@ OFFLOAD = ("parallel.offload=nvme", "memory.chunk_mb=0.002", "memory.device_gb=0
 def _fit(cfg, task=None):
     trainer = Trainer(cfg, ParallelMesh.build(Layout()), task or toy_task())
     return trainer, trainer.fit()
-
-
-class StopAt:
-    def __init__(self, calls: int) -> None:
-        self.left = calls
-
-    def __call__(self, model, batch):
-        self.left -= 1
-        if self.left < 0:
-            raise KeyboardInterrupt
-        return mse(model, batch)
 
 
 def test_resume_is_bitwise_and_the_checkpoint_loads_into_a_plain_model(tmp_path):
