@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -121,17 +122,48 @@ class ChunkAdam:
 
     def update_in_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
         """`memory.step_in_backward`: the chunk's gradient shard is complete; step it now, so no
-        gradient is ever stored (the step's other chunks follow as backward reaches them)."""
+        gradient is ever stored (the step's other chunks follow as backward reaches them).
+
+        On one rank the update is a pipeline: its state reads start here, the optimizer thread
+        runs the kernel when they are in, and its writes go on while the next chunk computes; the
+        chunk stays busy (not evicted, not fetched) until the last write is done."""
         if self._worker is None:
             self._update(chunk, grad, self.step_count + 1, 1.0)
             return
-        # Back-pressure: each queued update holds its chunk's gradient, so when the disk is slower
-        # than backward an unbounded queue would hold them all (the whole model's gradients).
+        # Back-pressure: each update in flight holds its chunk's gradient and states, so when the
+        # disk is slower than backward an unbounded queue would hold the whole model's.
         while len(self._inflight) >= self.MAX_INFLIGHT:
             self._inflight.popleft().result()
-        update = self._worker.submit(self._update, chunk, grad, self.step_count + 1, 1.0)
-        self._inflight.append(update)
-        self.manager.mark_busy(chunk, update)
+        done: Future = Future()
+        reads = self._start_reads(chunk)
+        self._worker.submit(self._update_then_signal, chunk, grad, self.step_count + 1, reads, done)
+        self._inflight.append(done)
+        self.manager.mark_busy(chunk, done)
+
+    def _update_then_signal(self, chunk: Chunk, grad: torch.Tensor, step: int, reads, done: Future) -> None:
+        try:
+            writes = self._update(chunk, grad, step, 1.0, reads, wait_writes=False)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the chunk
+            done.set_exception(e)
+            return
+        if not writes:
+            done.set_result(None)
+            return
+        left, lock = [len(writes)], threading.Lock()
+
+        def finished(f: Future) -> None:
+            with lock:
+                if done.done():
+                    return
+                if f.exception() is not None:
+                    done.set_exception(f.exception())
+                    return
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set_result(None)
+
+        for w in writes:
+            w.add_done_callback(finished)
 
     def _mark_stepped(self) -> None:
         if self.origin is not None:   # tell a learning-rate schedule made for it that a step happened
@@ -145,22 +177,28 @@ class ChunkAdam:
             return True
         return False
 
-    def _fetch(self, chunk: Chunk, kinds: tuple[str, ...]) -> list[torch.Tensor]:
-        """The chunk's states of these kinds; from files, all reads in flight at once."""
-        like = torch.empty(0, dtype=torch.float32)
-        if self.states.view(kinds[0], chunk.index, like.new_empty(chunk.shard_numel)) is not None:
-            return [self._get(kind, chunk) for kind in kinds]
-        bufs = [torch.empty(chunk.shard_numel, dtype=torch.float32) for _ in kinds]
-        for f in [self.states.read_async(kind, chunk.index, buf) for kind, buf in zip(kinds, bufs)]:
-            f.result()
-        return bufs
-
-    def _update(self, chunk: Chunk, grad: torch.Tensor, step: int, grad_scale: float) -> None:
+    def _start_reads(self, chunk: Chunk):
+        """Start reading the chunk's states from files (None for in-memory stores, whose slots are
+        used in place): (the payload is the master, buffers, futures)."""
+        if self.states.view("master", chunk.index, torch.empty(chunk.shard_numel)) is not None:
+            return None
         own_master = self._master_is_payload(chunk)
         kinds = KINDS[1:] if own_master else KINDS
-        states = self._fetch(chunk, kinds)
-        master = chunk.payload if own_master else states[0]
-        m, v = states[-2:]
+        bufs = [torch.empty(chunk.shard_numel, dtype=torch.float32) for _ in kinds]
+        return own_master, bufs, [self.states.read_async(k, chunk.index, b) for k, b in zip(kinds, bufs)]
+
+    def _update(self, chunk: Chunk, grad: torch.Tensor, step: int, grad_scale: float, reads=None,
+                wait_writes: bool = True) -> list[Future]:
+        if reads is None:
+            reads = self._start_reads(chunk)
+        if reads is None:                    # in-memory states: update the slots in place
+            master, m, v = (self._get(kind, chunk) for kind in KINDS)
+        else:
+            own_master, bufs, futures = reads
+            for f in futures:
+                f.result()
+            master = chunk.payload if own_master else bufs[0]
+            m, v = bufs[-2:]
         low = None if chunk.dtype == torch.float32 else torch.zeros(chunk.shard_numel, dtype=chunk.dtype,
                                                                         device=master.device)
         shard = chunk.shard(self.manager.rank)
@@ -174,10 +212,15 @@ class ChunkAdam:
             adam_step(master[s], grad[s], m[s], v[s], None if low is None else low[s], lr=group["lr"],
                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       adamw=True, step=step, grad_scale=grad_scale)
-        if self.states.view("master", chunk.index, master) is None:   # files: all writes in flight at once
-            for f in [self.states.write_async(kind, chunk.index, buf) for kind, buf in zip(KINDS, (master, m, v))]:
-                f.result()
+        writes = []
+        if reads is not None:                # files: all writes in flight at once
+            writes = [self.states.write_async(kind, chunk.index, buf) for kind, buf in zip(KINDS, (master, m, v))]
         self.manager.update_working(chunk, master if low is None else low)
+        if wait_writes:
+            for w in writes:
+                w.result()
+            return []
+        return writes
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grads.reset()
