@@ -1,0 +1,6 @@
+"""Tensor parallelism: modes (strategies) and the layers that use them."""
+
+from core.tensor.layers import Embedding, Linear, cross_entropy
+from core.tensor.modes import COLUMN, ROW, OneD, TPMode, make_mode
+
+__all__ = ["COLUMN", "ROW", "Embedding", "Linear", "OneD", "TPMode", "cross_entropy", "make_mode"]
