@@ -18,11 +18,11 @@ class Linear(nn.Module):
     (the projections back to the model width)."""
 
     def __init__(self, in_features: int, out_features: int, mode: TPMode, bias: bool = True,
-                 role: str = COLUMN, gather_output: bool = False) -> None:
+                 role: str = COLUMN, gather_output: bool = False, groups: int = 1) -> None:
         super().__init__()
         if role not in (COLUMN, ROW):
             raise ValueError(f"role must be {COLUMN!r} or {ROW!r}, got {role!r}")
-        self.mode, self.role, self.gather_output = mode, role, gather_output
+        self.mode, self.role, self.gather_output, self.groups = mode, role, gather_output, groups
         self.in_features, self.out_features = in_features, out_features
         serial = torch.empty(out_features, in_features)
         nn.init.kaiming_uniform_(serial, a=math.sqrt(5))       # torch's nn.Linear default
@@ -30,7 +30,7 @@ class Linear(nn.Module):
         if bias:
             bound = 1 / math.sqrt(in_features)
             serial_b = torch.empty(out_features).uniform_(-bound, bound)
-        w, b = mode.shard_linear(serial, serial_b, role)
+        w, b = mode.shard_linear(serial, serial_b, role, groups)
         self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(b) if b is not None else None
 
@@ -39,7 +39,7 @@ class Linear(nn.Module):
 
     @torch.no_grad()
     def load_serial(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        w, b = self.mode.shard_linear(weight, bias, self.role)
+        w, b = self.mode.shard_linear(weight, bias, self.role, self.groups)
         self.weight.copy_(w)
         if self.bias is not None:
             self.bias.copy_(b)
@@ -47,7 +47,7 @@ class Linear(nn.Module):
     @torch.no_grad()
     def serial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.mode.gather_linear(self.weight.detach(), None if self.bias is None else self.bias.detach(),
-                                       self.role)
+                                       self.role, self.groups)
 
 
 class Embedding(nn.Module):

@@ -37,10 +37,10 @@ class TPMode(ABC):
 
     # Linear: weight (out, in) as torch stores it; role says which side of a pair it is
     @abstractmethod
-    def shard_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str): ...
+    def shard_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str, groups: int = 1): ...
 
     @abstractmethod
-    def gather_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str): ...
+    def gather_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str, groups: int = 1): ...
 
     @abstractmethod
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str,
@@ -76,16 +76,20 @@ class OneD(TPMode):
 
     name = "1d"
 
-    def shard_linear(self, weight, bias, role):
+    def shard_linear(self, weight, bias, role, groups: int = 1):
+        """`groups`: the output features are that many stacked blocks (attention's q, k, v), each
+        split on its own, so that every rank holds whole heads of each."""
         if role == COLUMN:
-            return _part(weight, self.size, self.rank, 0), None if bias is None else _part(bias, self.size, self.rank, 0)
+            return _grouped_part(weight, self.size, self.rank, groups), (
+                None if bias is None else _grouped_part(bias, self.size, self.rank, groups))
         return _part(weight, self.size, self.rank, 1), None if bias is None else bias.clone()
 
-    def gather_linear(self, weight, bias, role):
+    def gather_linear(self, weight, bias, role, groups: int = 1):
         if self.size == 1:
             return weight, bias
         if role == COLUMN:
-            return _all_gather(weight, self.axis, 0), None if bias is None else _all_gather(bias, self.axis, 0)
+            return _grouped_gather(weight, self.axis, groups), (
+                None if bias is None else _grouped_gather(bias, self.axis, groups))
         return _all_gather(weight, self.axis, 1), bias
 
     def linear(self, x, weight, bias, role, gather_output=False):
@@ -157,6 +161,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad[rows[inside], local_t[inside]] -= 1.0
         grad *= g / grad.shape[0]
         return grad.view(ctx.shape).to(ctx.dtype), None, None
+
+
+def _grouped_part(t: torch.Tensor, parts: int, index: int, groups: int) -> torch.Tensor:
+    blocks = t.chunk(groups, dim=0)
+    return torch.cat([_part(b, parts, index, 0) for b in blocks], dim=0)
+
+
+def _grouped_gather(t: torch.Tensor, axis, groups: int) -> torch.Tensor:
+    every = _all_gather(t, axis, 0).chunk(axis.size, dim=0)           # rank by rank
+    per_rank = [r.chunk(groups, dim=0) for r in every]                # each: its part of every group
+    return torch.cat([torch.cat([r[g] for r in per_rank], dim=0) for g in range(groups)], dim=0)
 
 
 MODES = {"1d": OneD}

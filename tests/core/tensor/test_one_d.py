@@ -112,3 +112,40 @@ def test_one_d_matches_serial(tp):
         assert got["ce_calls"] == 3          # max, sum of exponentials, target logit
         assert got["pair_all_reduces"] == 2  # one forward (row output), one backward (column input)
         assert got["pair_bytes"] == 2 * N * D * 4
+
+
+def _layer_comm(tp, batch, seq, heads):
+    """A transformer layer's two pairs (qkv/proj with whole heads per rank, fc/proj) on tp ranks:
+    the counted bytes, and the qkv shards' agreement with the serial weight's heads."""
+    mesh = ParallelMesh.build(Layout(tp=tp))
+    mode = make_mode("1d", mesh)
+    torch.manual_seed(0)
+    serial_qkv = nn.Linear(D, 3 * D)
+    qkv = Linear(D, 3 * D, mode, role=COLUMN, groups=3)
+    qkv.load_serial(serial_qkv.weight.data, serial_qkv.bias.data)
+    w_q, w_k, w_v = serial_qkv.weight.data.chunk(3, 0)
+    mine = torch.cat([w.chunk(tp, 0)[mode.rank] for w in (w_q, w_k, w_v)], 0)
+    heads_ok = torch.equal(qkv.weight.data, mine) and torch.equal(qkv.serial_state()[0], serial_qkv.weight.data)
+    proj, fc, fc2 = Linear(D, D, mode, role=ROW), Linear(D, H, mode, role=COLUMN), Linear(H, D, mode, role=ROW)
+    x = torch.randn(batch, seq, D, requires_grad=True)
+    mesh.stats.reset()
+    q, k, v = qkv(x).chunk(3, dim=-1)                    # this rank's heads of each
+    hd = D // heads
+    q, k, v = (t.reshape(batch, seq, -1, hd).transpose(1, 2) for t in (q, k, v))
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, seq, -1)
+    h = x + proj(a)
+    y = h + fc2(F.gelu(fc(h)))
+    y.square().mean().backward()
+    return heads_ok, mesh.stats.calls("tp"), mesh.stats.bytes("tp")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_cost_model_predicts_a_layers_communication(tp):
+    from core.tensor.cost import transformer_layer
+
+    batch, seq, heads = 2, 8, 4
+    predicted = transformer_layer("1d", tp, batch, seq, D)
+    for heads_ok, calls, nbytes in run_distributed(_layer_comm, world_size=tp, args=(tp, batch, seq, heads)):
+        assert heads_ok
+        assert calls == predicted.calls and nbytes == predicted.payload_bytes
+    assert predicted.wire_bytes == pytest.approx(predicted.payload_bytes * 2 * (tp - 1) / tp)
