@@ -1,7 +1,11 @@
 """A decoder-only GPT: pre-LayerNorm blocks, causal attention through
 `scaled_dot_product_attention`, GELU MLPs, and the output head tied to the token embedding.
 
-The model knows nothing of parallelism; the Booster and its plugins spread it.
+The model is written once on `core.tensor`'s layers; a tensor-parallel mode given at
+construction decides how they are split (without one, each layer computes exactly what its
+torch.nn counterpart does). In the 1D mode each rank holds n_head / tp whole heads, a quarter of
+the MLP's columns / rows and vocab / tp rows of the tied embedding and head; its logits are its
+part of the vocabulary, and `loss` never gathers them.
 """
 
 from __future__ import annotations
@@ -13,31 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.gpt.config import GPTModelConfig
+from core.errors import LoomError
+from core.tensor import COLUMN, ROW, Embedding, Linear, OneD, TPMode
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTModelConfig) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.n_head = cfg.n_head // mode.size          # this rank's heads
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, mode, bias=cfg.bias, role=COLUMN, groups=3)
+        self.proj = Linear(cfg.d_model, cfg.d_model, mode, bias=cfg.bias, role=ROW)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        local = self.n_head * self.head_dim
+        q, k, v = self.qkv(x).split(local, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, local)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTModelConfig) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.fc = Linear(cfg.d_model, 4 * cfg.d_model, mode, bias=cfg.bias, role=COLUMN)
+        self.proj = Linear(4 * cfg.d_model, cfg.d_model, mode, bias=cfg.bias, role=ROW)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +53,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTModelConfig) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, mode)
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -58,17 +66,22 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTModelConfig) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode | None = None) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("GPT needs a resolved vocab_size (see apps.gpt.pretrain.resolve_vocab)")
+        mode = mode or OneD.serial()
+        for what, n in (("model.n_head", cfg.n_head), ("model.vocab_size", cfg.vocab_size)):
+            if n % mode.size:
+                raise LoomError(f"{what}={n} does not split over parallel.tp={mode.size}; use a tp that divides it")
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.mode = mode
+        self.wte = Embedding(cfg.vocab_size, cfg.d_model, mode)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, mode) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, mode, bias=False, role=COLUMN)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self._init_weights()
@@ -121,6 +134,42 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of (this rank's part of) the logits against the target tokens."""
+        return self.mode.cross_entropy(logits, target)
+
+    @torch.no_grad()
+    def serial_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsplit state dict (every tensor-parallel rank takes part; each gets it all)."""
+        out = {}
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, Linear):
+                w, b = module.serial_state()
+                out[prefix + "weight"] = w
+                if b is not None:
+                    out[prefix + "bias"] = b
+            elif isinstance(module, Embedding):
+                out[prefix + "weight"] = module.serial_state()
+            else:
+                for pname, p in module.named_parameters(recurse=False):
+                    out[prefix + pname] = p.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_serial_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take this rank's parts of an unsplit state dict (from any layout's serial_state_dict)."""
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, Linear):
+                module.load_serial(state[prefix + "weight"], state.get(prefix + "bias"))
+            elif isinstance(module, Embedding):
+                module.load_serial(state[prefix + "weight"])
+            else:
+                for pname, p in module.named_parameters(recurse=False):
+                    p.copy_(state[prefix + pname])
 
 
 def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

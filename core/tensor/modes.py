@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from core.distributed import ParallelMesh
-from core.distributed.comm import _all_gather
+from core.distributed.comm import AxisGroup, _all_gather
 from core.tensor.functional import copy_to, gather_from, reduce_from, scatter_to
 
 COLUMN, ROW = "column", "row"
@@ -29,11 +29,15 @@ COLUMN, ROW = "column", "row"
 class TPMode(ABC):
     name = "mode"
 
-    def __init__(self, mesh: ParallelMesh) -> None:
-        self.mesh = mesh
-        self.axis = mesh.axis("tp")
-        self.size = self.axis.size
-        self.rank = self.axis.rank
+    def __init__(self, axis: AxisGroup) -> None:
+        self.axis = axis
+        self.size = axis.size
+        self.rank = axis.rank
+
+    @classmethod
+    def serial(cls) -> "TPMode":
+        """The mode on one rank: every layer computes exactly what its torch.nn counterpart does."""
+        return cls(AxisGroup("tp", 1, 0, (0,)))
 
     # Linear: weight (out, in) as torch stores it; role says which side of a pair it is
     @abstractmethod
@@ -110,6 +114,8 @@ class OneD(TPMode):
         return weight if self.size == 1 else _all_gather(weight, self.axis, 0)
 
     def embedding(self, ids, weight):
+        if self.size == 1:
+            return F.embedding(ids, weight)
         rows = weight.shape[0]
         lo = self.rank * rows
         outside = (ids < lo) | (ids >= lo + rows)
@@ -118,6 +124,8 @@ class OneD(TPMode):
         return reduce_from(out, self.axis)
 
     def cross_entropy(self, logits, target):
+        if self.size == 1:
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         return _VocabParallelCrossEntropy.apply(logits, target, self)
 
 
@@ -182,4 +190,4 @@ def make_mode(name: str, mesh: ParallelMesh) -> TPMode:
 
     if name not in MODES:
         raise LoomError(f"parallel.tp_mode={name} is not available yet; available: {', '.join(MODES)}")
-    return MODES[name](mesh)
+    return MODES[name](mesh.axis("tp"))
