@@ -18,7 +18,9 @@ from torch import nn
 
 from apps.gpt.config import GPTModelConfig
 from core.errors import LoomError
-from core.tensor import COLUMN, ROW, Embedding, Linear, OneD, TPMode
+from core.tensor import (COLUMN, ROW, Embedding, Linear, OneD, TPMode, load_serial_state_dict,
+                         serial_state_dict)
+from core.tensor.functional import gather_from
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,8 +91,24 @@ class GPT(nn.Module):
     def _init_weights(self) -> None:
         if any(p.is_meta for p in self.parameters()):
             return   # built on the meta device: `init_parameter` fills each one where it will live
-        for name, p in self.named_parameters():
-            self.init_parameter(name, p)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if not getattr(p, "tp_split", False):
+                    self.init_parameter(name, p)
+                    continue
+                # a split parameter: draw the serial tensor (the same random numbers as one
+                # process draws), keep this rank's part
+                module = self.get_submodule(name.rpartition(".")[0])
+                if isinstance(module, Embedding):
+                    full = torch.empty(module.mode.size * p.shape[0], p.shape[1])
+                    self.init_parameter(name, full)
+                    p.copy_(module.mode.shard_embedding(full))
+                elif name.endswith("weight"):
+                    full = torch.empty(module.out_features, module.in_features)
+                    self.init_parameter(name, full)
+                    p.copy_(module.mode.shard_linear(full, None, module.role, module.groups)[0])
+                else:
+                    self.init_parameter(name, p)         # biases: zeros, no random numbers
 
     @torch.no_grad()
     def init_parameter(self, name: str, out: torch.Tensor) -> None:
@@ -123,7 +141,7 @@ class GPT(nn.Module):
                  top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `idx` (batch, time) by sampling; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.seq_len:])[:, -1, :].float()
+            logits = gather_from(self(idx[:, -self.cfg.seq_len:])[:, -1, :].float(), self.mode.axis, -1)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -140,39 +158,20 @@ class GPT(nn.Module):
         """Mean cross-entropy of (this rank's part of) the logits against the target tokens."""
         return self.mode.cross_entropy(logits, target)
 
-    @torch.no_grad()
     def serial_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsplit state dict (every tensor-parallel rank takes part; each gets it all)."""
-        out = {}
-        for name, module in self.named_modules():
-            prefix = f"{name}." if name else ""
-            if isinstance(module, Linear):
-                w, b = module.serial_state()
-                out[prefix + "weight"] = w
-                if b is not None:
-                    out[prefix + "bias"] = b
-            elif isinstance(module, Embedding):
-                out[prefix + "weight"] = module.serial_state()
-            else:
-                for pname, p in module.named_parameters(recurse=False):
-                    out[prefix + pname] = p.detach().clone()
-        return out
+        return serial_state_dict(self)
 
-    @torch.no_grad()
     def load_serial_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Take this rank's parts of an unsplit state dict (from any layout's serial_state_dict)."""
-        for name, module in self.named_modules():
-            prefix = f"{name}." if name else ""
-            if isinstance(module, Linear):
-                module.load_serial(state[prefix + "weight"], state.get(prefix + "bias"))
-            elif isinstance(module, Embedding):
-                module.load_serial(state[prefix + "weight"])
-            else:
-                for pname, p in module.named_parameters(recurse=False):
-                    p.copy_(state[prefix + pname])
+        """Take this rank's parts of an unsplit state dict (from any layout)."""
+        load_serial_state_dict(self, state)
 
 
-def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from tokens up to t; `batch` is (B, T+1)."""
+def next_token_loss(model: nn.Module, batch: torch.Tensor, gpt: GPT | None = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens up to t; `batch` is (B, T+1).
+    `model` runs the forward (the GPT, or a plugin's wrapper of it); `gpt`, when given, computes
+    the loss (vocabulary-parallel under tensor parallelism)."""
     logits = model(batch[:, :-1])
+    if gpt is not None:
+        return gpt.loss(logits, batch[:, 1:])
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))

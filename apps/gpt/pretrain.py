@@ -18,6 +18,7 @@ from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
 from core import cli
 from core.booster import ZeroPlugin
+from core.tensor import make_mode
 from core.session import session
 from core.trainer import Trainer, TrainTask
 
@@ -58,7 +59,8 @@ def train(cfg: GPTRecipe) -> dict:
                 model = GPT(cfg.model)
             plugin.materialize = model.init_parameter
         else:
-            model = GPT(cfg.model)
+            mode = make_mode(cfg.parallel.tp_mode, mesh) if mesh.size("tp") > 1 else None
+            model = GPT(cfg.model, mode)
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)
@@ -70,12 +72,16 @@ def train(cfg: GPTRecipe) -> dict:
         def add_files(folder: Path) -> None:
             corpus.tokenizer.save(folder)
 
-        task = TrainTask(model=model, loss_fn=next_token_loss, train_data=train_set, eval_data=eval_set,
+        def loss_fn(runner, batch):   # the model's own loss: vocabulary-parallel under tp
+            return next_token_loss(runner, batch, model)
+
+        task = TrainTask(model=model, loss_fn=loss_fn, train_data=train_set, eval_data=eval_set,
                          units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files)
         trainer = Trainer(cfg, mesh, task, plugin)
         summary = trainer.fit()
         model = plugin.unchunk(model)     # ordinary tensors again (chunked plugins; all ranks)
-        if mesh.is_main and cfg.sample.tokens:
+        # under tensor parallelism every rank of the group takes part in each forward
+        if cfg.sample.tokens and (mesh.is_main or mesh.size("tp") > 1):
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
                                cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)
             (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")

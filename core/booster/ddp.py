@@ -1,4 +1,5 @@
-"""Data parallelism with torch's DistributedDataParallel (and the single-process case).
+"""Data parallelism with torch's DistributedDataParallel (and the single-process case), and
+under it 1D tensor parallelism for models built on `core.tensor`'s layers.
 
 With dp = 1 the model runs as it is. With dp > 1 it is wrapped in DDP over the mesh's `dp`
 axis; DDP's gradient all-reduces go through a communication hook that counts them in the
@@ -7,6 +8,7 @@ mesh's `CommStats`, so the accounting covers what DDP sends too.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ContextManager
 
 import torch
@@ -15,6 +17,72 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
+from core.checkpoint import CheckpointIO, load_file, save_file
+from core.errors import LoomError
+
+
+def _tied_names_dropped(model: nn.Module) -> set[str]:
+    """The names of tied parameters that safetensors' save_model leaves out (it keeps one name per
+    shared tensor), so that both ways of saving write the same keys."""
+    try:
+        from safetensors.torch import _remove_duplicate_names
+    except ImportError:   # keep the first name of each tied parameter
+        kept = {name for name, _ in model.named_parameters()}
+        return {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
+    return {name for dropped in _remove_duplicate_names(model.state_dict()).values() for name in dropped}
+
+
+class TensorParallelCheckpointIO(CheckpointIO):
+    """Weights as the unsplit state dict (gathered over the tp axis; one copy written), so that
+    they load into a serial model or any other split; the optimizer's state per tp rank
+    (`optimizer.tpR.pt`), for resuming in the same layout."""
+
+    def __init__(self, mesh) -> None:
+        self.mesh = mesh
+
+    def save_model(self, model: nn.Module, folder, rank: int) -> None:
+        from safetensors.torch import save_file as st_save_file
+
+        from core.tensor import serial_state_dict
+
+        state = serial_state_dict(model)          # a collective over tp: every rank takes part
+        if rank == 0:
+            unique = {k: v.contiguous() for k, v in state.items() if k not in _tied_names_dropped(model)}
+            unique.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers()})
+            st_save_file(unique, str(Path(folder) / self.MODEL))
+
+    def load_model(self, model: nn.Module, folder) -> None:
+        from safetensors.torch import load_file as st_load_file
+
+        from core.tensor import load_serial_state_dict
+
+        path = Path(folder) / self.MODEL
+        if not path.is_file():
+            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
+        saved = st_load_file(str(path))
+        loaded = {id(p) for n, p in model.named_parameters() if n in saved}
+        by_name = dict(model.named_parameters(remove_duplicate=False))
+        try:
+            lacking = load_serial_state_dict(model, saved)
+        except RuntimeError as e:
+            raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
+        missing = [n for n in lacking if id(by_name.get(n)) not in loaded]   # a tied name is not missing
+        if missing:
+            raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+
+    def _optimizer_file(self) -> str:
+        return f"optimizer.tp{self.mesh.rank('tp')}.pt"
+
+    def save_optimizer(self, optimizer, folder, rank: int) -> None:
+        if self.mesh.rank("dp") == 0 and self.mesh.rank("pp") == 0 and self.mesh.rank("sp") == 0:
+            save_file(optimizer.state_dict(), Path(folder) / self._optimizer_file())
+
+    def load_optimizer(self, optimizer, folder) -> None:
+        path = Path(folder) / self._optimizer_file()
+        if not path.is_file():
+            raise LoomError(f"{path} is missing: optimizer states are saved per tensor-parallel rank, so a run "
+                            f"resumes with the same parallel.tp; to change it, start from the weights alone")
+        optimizer.load_state_dict(load_file(path))
 
 
 def _counted_allreduce(axis, bucket):  # no annotations: DDP checks them against its own types
@@ -41,8 +109,11 @@ class DDPPlugin(Plugin):
         wrapped = ModelWrapper(model, inner, self.precision)
         opt = None
         if optimizer is not None:
-            opt = OptimizerWrapper(optimizer, model, self.precision.make_scaler())
+            opt = OptimizerWrapper(optimizer, model, self.precision.make_scaler(), tp_axis=self.mesh.axis("tp"))
         return wrapped, opt
+
+    def checkpoint_io(self) -> CheckpointIO:
+        return TensorParallelCheckpointIO(self.mesh) if self.mesh.size("tp") > 1 else CheckpointIO()
 
     def no_sync(self, model: ModelWrapper) -> ContextManager:
         if isinstance(model.module, DistributedDataParallel):

@@ -45,10 +45,11 @@ class OptimizerWrapper:
     """The optimizer as the plugin steps it: loss scaling, clipping and stepping in one place."""
 
     def __init__(self, optim: torch.optim.Optimizer, model: nn.Module,
-                 scaler: "torch.amp.GradScaler | None" = None) -> None:
+                 scaler: "torch.amp.GradScaler | None" = None, tp_axis=None) -> None:
         self.optim = optim
         self.model = model
         self.scaler = scaler
+        self.tp_axis = tp_axis
         self.skipped_steps = 0
 
     @property
@@ -63,10 +64,20 @@ class OptimizerWrapper:
             self.scaler.unscale_(self.optim)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the global gradient norm to `max_norm`; returns the norm before clipping."""
+        """Clip the global gradient norm to `max_norm`; returns the norm before clipping. Under
+        tensor parallelism the norm is the unsplit model's (parts summed over the tp axis)."""
         self._unscale()
         params = [p for g in self.optim.param_groups for p in g["params"]]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.tp_axis is None or self.tp_axis.size == 1:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        from core.tensor import grad_norm_sq
+
+        norm = grad_norm_sq(params, self.tp_axis).sqrt().float()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
+        return norm
 
     def step(self) -> bool:
         """One optimizer step; False when fp16 gradients overflowed and the step was skipped."""

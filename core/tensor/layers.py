@@ -33,6 +33,9 @@ class Linear(nn.Module):
         w, b = mode.shard_linear(serial, serial_b, role, groups)
         self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(b) if b is not None else None
+        self.weight.tp_split = mode.size > 1                          # each rank holds a different part
+        if self.bias is not None:
+            self.bias.tp_split = mode.size > 1 and role == COLUMN     # a row layer's bias is whole everywhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mode.linear(x, self.weight, self.bias, self.role, self.gather_output)
@@ -57,6 +60,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.mode = mode
         self.weight = nn.Parameter(mode.shard_embedding(torch.randn(num_embeddings, embedding_dim)))
+        self.weight.tp_split = mode.size > 1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.mode.embedding(ids, self.weight)
@@ -73,3 +77,69 @@ class Embedding(nn.Module):
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mode: TPMode) -> torch.Tensor:
     """Mean cross-entropy of vocabulary-split logits (never gathered)."""
     return mode.cross_entropy(logits, target)
+
+
+@torch.no_grad()
+def serial_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsplit state dict of a model built on these layers (every tensor-parallel rank takes
+    part; each gets it all). Tied parameters appear under each of their names."""
+    out = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Linear):
+            w, b = module.serial_state()
+            out[prefix + "weight"] = w
+            if b is not None:
+                out[prefix + "bias"] = b
+        elif isinstance(module, Embedding):
+            out[prefix + "weight"] = module.serial_state()
+        else:
+            for pname, p in module.named_parameters(recurse=False):
+                out[prefix + pname] = p.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def load_serial_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Take this rank's parts of an unsplit state dict; returns the names it lacked (a tied
+    parameter may be stored under one of its names only)."""
+    missing = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Linear):
+            if prefix + "weight" not in state:
+                missing.append(prefix + "weight")
+                continue
+            module.load_serial(state[prefix + "weight"], state.get(prefix + "bias"))
+        elif isinstance(module, Embedding):
+            if prefix + "weight" not in state:
+                missing.append(prefix + "weight")
+                continue
+            module.load_serial(state[prefix + "weight"])
+        else:
+            for pname, p in module.named_parameters(recurse=False):
+                if prefix + pname in state:
+                    p.copy_(state[prefix + pname])
+                else:
+                    missing.append(prefix + pname)
+    return missing
+
+
+def grad_norm_sq(parameters, axis) -> torch.Tensor:
+    """Squared norm of the whole (unsplit) gradient: split parameters' parts summed over the
+    tensor-parallel axis (one all-reduce), whole ones counted once."""
+    from core.distributed.comm import _all_reduce_
+
+    split = torch.zeros((), dtype=torch.float64)
+    whole = torch.zeros((), dtype=torch.float64)
+    for p in parameters:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "tp_split", False):
+            split += sq
+        else:
+            whole += sq
+    if axis.size > 1:
+        _all_reduce_(split, axis, "sum")
+    return split + whole

@@ -113,11 +113,11 @@ def test_gpt_resume_after_a_stop_is_bitwise_identical(tmp_path, text_folder, mon
     calls = {"n": 0}
     real_loss = pretrain.next_token_loss
 
-    def stop_in_step_4(model, batch):
+    def stop_in_step_4(model, batch, *rest):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real_loss(model, batch)
+        return real_loss(model, batch, *rest)
 
     monkeypatch.setattr(pretrain, "next_token_loss", stop_in_step_4)
     with pytest.raises(KeyboardInterrupt):
@@ -155,3 +155,32 @@ def test_offload_and_zero_from_the_recipe(tmp_path, text_folder):
         g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(out), "--prompt", "line",
                  "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
         assert g.stdout.startswith("line")
+
+
+def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
+    """`parallel.tp=2` (1D) trains like one process, its checkpoint holds the unsplit weights
+    (generate loads them into a serial model), and a layout that tp cannot split says why."""
+    common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=4", "train.log_every=1",
+              "train.eval_every=4", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
+              "train.micro_batch=4", "train.checkpoint_every=4", *QUICK_MODEL]
+    run(_torchrun(2, *common, "parallel.tp=2", "parallel.dp=1", f"output.dir={tmp_path / 'tp'}"), tmp_path)
+    run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+    (tp_loss, tp_eval), (one_loss, one_eval) = losses("tp"), losses("one")
+    assert len(tp_loss) == 4
+    assert tp_loss == pytest.approx(one_loss, rel=1e-5) and tp_eval == pytest.approx(one_eval, rel=1e-5)
+    a = load_file(tmp_path / "tp" / "checkpoints" / "step_0000004" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in b:
+        assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), k
+    g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "tp"), "--prompt", "line",
+             "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
+    assert g.stdout.startswith("line")
+    r = run(_torchrun(2, *common, "parallel.tp=2", "model.n_head=3", "model.d_model=24",
+                      f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
+    assert r.returncode != 0 and "model.n_head=3 does not split over parallel.tp=2" in r.stderr
