@@ -9,7 +9,6 @@ what is trained. Under torchrun it trains with data parallelism.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from apps.diffusion.model import (Denoiser, DenoisingLoss, Parts, add_lora, chec
                                   tokenize)
 from apps.diffusion import shapes
 from apps.diffusion.pipeline import export_lora, export_pipeline, grid, make_pipeline, render, to_array
-from apps.diffusion.prepare import cache_root, class_images, shapes_folder, tiny_folder
+from apps.diffusion.prepare import class_images, shapes_folder, tiny_folder
 from apps.diffusion import quiet_libraries
 from core import cli
 from core.distributed import comm

@@ -18,7 +18,6 @@ import math
 from collections import deque
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import torch
 from core.distributed.comm import all_gather_into

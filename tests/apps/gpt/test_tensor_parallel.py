@@ -4,7 +4,6 @@ against the serial model, fp32, 1e-5; and the serial state dict round trip."""
 
 import pytest
 import torch
-from torch import nn
 
 from apps.gpt.config import GPTModelConfig
 from apps.gpt.model import GPT
