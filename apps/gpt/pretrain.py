@@ -84,9 +84,10 @@ def train(cfg: GPTRecipe) -> dict:
         if cfg.sample.tokens and (mesh.is_main or mesh.size("tp") > 1):
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
                                cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)
-            (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")
-            summary["sample"] = text
-            print(f"--- sample from the trained model ---\n{text}\n---", file=sys.stderr)
+            if mesh.is_main:
+                (Path(cfg.output.dir) / "sample.txt").write_text(text + "\n")
+                summary["sample"] = text
+                print(f"--- sample from the trained model ---\n{text}\n---", file=sys.stderr)
         return summary
 
 
