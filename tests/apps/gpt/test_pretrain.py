@@ -183,3 +183,24 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
     r = run(_torchrun(2, *common, "parallel.tp=2", "model.n_head=3", "model.d_model=24",
                       f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
     assert r.returncode != 0 and "model.n_head=3 does not split over parallel.tp=2" in r.stderr
+
+
+def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder):
+    """dp=2 x tp=2: DDP over the data axis around the split model; same global batch as one process."""
+    common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=4", "train.log_every=1",
+              "train.eval_every=4", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
+              "train.micro_batch=2", "train.global_batch=8", "train.checkpoint_every=4", *QUICK_MODEL]
+    run(_torchrun(4, *common, "parallel.tp=2", "parallel.dp=2", f"output.dir={tmp_path / 'hybrid'}"), tmp_path)
+    run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(losses("hybrid")) == 4 and losses("hybrid") == pytest.approx(losses("one"), rel=1e-5)
+    a = load_file(tmp_path / "hybrid" / "checkpoints" / "step_0000004" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "checkpoints" / "step_0000004" / "model.safetensors")
+    for k in b:
+        assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), k
+    meta = json.loads((tmp_path / "hybrid" / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert meta["layout"]["dp"] == 2 and meta["layout"]["tp"] == 2
