@@ -10,13 +10,8 @@ unless `parallel.zero` says otherwise.
 
 from __future__ import annotations
 
-from core.booster.zero import ChunkCheckpointIO, ZeroPlugin
+from core.booster.zero import ZeroPlugin
 
 
 class GeminiPlugin(ZeroPlugin):
     name = "gemini"
-
-
-GeminiCheckpointIO = ChunkCheckpointIO
-
-__all__ = ["GeminiCheckpointIO", "GeminiPlugin"]

@@ -133,11 +133,11 @@ class ZeroPlugin(Plugin):
             states = home = NVMeStore(folder, slots, threads=threads, aliases=alias, used=keep)
         else:
             pin = device.type == "cuda"
-            states = MemoryStore(pin=pin, threads=threads, device="cpu" if self.offload == "cpu" else device,
-                                 aliases=alias)
-            home = states if alias and self.offload == "cpu" else MemoryStore(pin=pin, threads=threads)
-            if home is not states:   # the alias needs both kinds in one store
-                states.aliases = {}
+            if self.offload == "cpu":   # states and home copies both in host memory: one store
+                states = home = MemoryStore(pin=pin, threads=threads, aliases=alias)
+            else:                       # states on the device, home copies on the host
+                states = MemoryStore(threads=threads, device=device)
+                home = MemoryStore(pin=pin, threads=threads)
         budget = int(self.memory.device_gb * 2**30) if self.memory.device_gb > 0 else 2**62
         policy = make_policy(self.memory.policy, self.memory.static_fraction)
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, policy, self.memory.prefetch,

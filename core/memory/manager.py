@@ -14,7 +14,7 @@ import bisect
 import time
 from collections import defaultdict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +40,6 @@ class Tracer:
         self.current: list[int] = []
         self.previous: list[int] | None = None
         self._positions: dict[int, list[int]] = {}
-        self.peak_resident = 0
         self.steps = 0
 
     def record(self, index: int) -> None:
@@ -138,7 +137,6 @@ class MemoryStats:
     prefetch_hits: int = 0
     wait_seconds: float = 0.0
     peak_resident: int = 0
-    per_kind: dict = field(default_factory=dict)
 
 
 class ChunkManager:
@@ -404,17 +402,3 @@ class ChunkManager:
         for index in list(self._pending):
             self._wait(self.chunks[index])
         self.tracer.end_step()
-
-    def read_param(self, param: nn.Parameter) -> torch.Tensor:
-        """A copy of a parameter's current working value, wherever its chunk is (one rank)."""
-        chunk, info = self.where[param]
-        if chunk.resident:
-            self._wait(chunk)
-            flat = chunk.payload[info.offset:info.offset + info.numel]
-        else:
-            if self.shard_params:
-                raise RuntimeError("read_param of an evicted chunk needs the other ranks' shards")
-            buf = torch.empty(chunk.capacity, dtype=chunk.dtype, device=self.device)
-            self.home.read("param", chunk.index, buf)
-            flat = buf[info.offset:info.offset + info.numel]
-        return flat.detach().clone().view(param.shape)

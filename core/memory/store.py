@@ -65,8 +65,9 @@ class Store:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"loom-{self.name}")
 
     aliases: dict[str, str] = {}
+    in_memory = False          # True: `view` hands out the slots themselves
 
-    def view(self, kind: str, index: int, like: torch.Tensor) -> torch.Tensor | None:
+    def view(self, kind: str, index: int, like: torch.Tensor | None = None) -> torch.Tensor | None:
         """The slot as a tensor, for stores that keep slots in memory; None for files."""
         return None
 
@@ -94,6 +95,7 @@ class MemoryStore(Store):
     weights, so storing both would double the bytes for nothing)."""
 
     name = "host"
+    in_memory = True
 
     def __init__(self, pin: bool = False, threads: int = 2, device: torch.device | str = "cpu",
                  aliases: dict[str, str] | None = None) -> None:
@@ -104,17 +106,17 @@ class MemoryStore(Store):
         self._slots: dict[tuple[str, int], torch.Tensor] = {}
         self.nbytes = 0
 
-    def view(self, kind: str, index: int, like: torch.Tensor) -> torch.Tensor:
+    def view(self, kind: str, index: int, like: torch.Tensor | None = None) -> torch.Tensor:
         """The slot itself (created on first use with `like`'s size and dtype)."""
         key = (self.aliases.get(kind, kind), index)
         if key not in self._slots:
+            if like is None:
+                raise KeyError(f"host store has no {kind} slot {index}")
             t = torch.zeros(like.numel(), dtype=like.dtype, device=self.device,
                             pin_memory=self.pin and self.device.type == "cpu")
             self._slots[key] = t
             self.nbytes += t.numel() * t.element_size()
         return self._slots[key]
-
-    slot = view
 
     def write(self, kind: str, index: int, src: torch.Tensor) -> None:
         dst = self.view(kind, index, src)
@@ -126,9 +128,6 @@ class MemoryStore(Store):
         if key not in self._slots:
             raise KeyError(f"host store has no {kind} slot {index}")
         dst.reshape(-1).copy_(self._slots[key])
-
-
-HostStore = MemoryStore
 
 
 class NVMeStore(Store):

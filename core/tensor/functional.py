@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from core.distributed.comm import AxisGroup, _all_gather, _all_reduce_
+from core.distributed.comm import AxisGroup, _all_gather, all_reduce_
 
 
 def _own_part(x: torch.Tensor, axis: AxisGroup, dim: int) -> torch.Tensor:
@@ -35,13 +35,13 @@ class _CopyTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce_(g.contiguous().clone(), ctx.axis, "sum"), None
+        return all_reduce_(g.contiguous().clone(), ctx.axis, "sum"), None
 
 
 class _ReduceFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axis):
-        return _all_reduce_(x.contiguous().clone(), axis, "sum")
+        return all_reduce_(x.contiguous().clone(), axis, "sum")
 
     @staticmethod
     def backward(ctx, g):

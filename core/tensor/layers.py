@@ -128,7 +128,7 @@ def load_serial_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
 def grad_norm_sq(parameters, axis) -> torch.Tensor:
     """Squared norm of the whole (unsplit) gradient: split parameters' parts summed over the
     tensor-parallel axis (one all-reduce), whole ones counted once."""
-    from core.distributed.comm import _all_reduce_
+    from core.distributed.comm import all_reduce_
 
     split = torch.zeros((), dtype=torch.float64)
     whole = torch.zeros((), dtype=torch.float64)
@@ -141,5 +141,5 @@ def grad_norm_sq(parameters, axis) -> torch.Tensor:
         else:
             whole += sq
     if axis.size > 1:
-        _all_reduce_(split, axis, "sum")
+        all_reduce_(split, axis, "sum")
     return split + whole

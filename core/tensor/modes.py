@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from core.distributed import ParallelMesh
-from core.distributed.comm import AxisGroup, _all_gather
+from core.distributed.comm import AxisGroup, _all_gather, all_reduce_
 from core.tensor.functional import copy_to, gather_from, reduce_from, scatter_to
 
 COLUMN, ROW = "column", "row"
@@ -136,8 +136,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, mode: OneD):
-        from core.distributed.comm import _all_reduce_
-
         axis = mode.axis
         flat = logits.reshape(-1, logits.shape[-1]).float()
         t = target.reshape(-1)
@@ -145,7 +143,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lo = mode.rank * vocab_local
         peak = flat.max(dim=-1).values
         if axis.size > 1:
-            _all_reduce_(peak, axis, "max")
+            all_reduce_(peak, axis, "max")
         shifted = flat - peak.unsqueeze(-1)
         exp = shifted.exp()
         total = exp.sum(dim=-1)
@@ -153,8 +151,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_t = (t - lo).masked_fill(~inside, 0)
         picked = shifted.gather(1, local_t.unsqueeze(1)).squeeze(1).masked_fill(~inside, 0.0)
         if axis.size > 1:
-            _all_reduce_(total, axis, "sum")
-            _all_reduce_(picked, axis, "sum")
+            all_reduce_(total, axis, "sum")
+            all_reduce_(picked, axis, "sum")
         loss = total.log() - picked
         softmax = exp / total.unsqueeze(-1)
         ctx.save_for_backward(softmax, local_t, inside)

@@ -57,18 +57,17 @@ class GradientShards:
             self.sink(chunk, shard)
             self.seen.add(chunk.index)
             return
-        self.store.write("grad", chunk.index, shard.to("cpu") if self.store.name == "nvme" else shard)
+        self.store.write("grad", chunk.index, shard if self.store.in_memory else shard.to("cpu"))
         self.seen.add(chunk.index)
         self._total = None
 
     def get(self, chunk: Chunk) -> torch.Tensor:
         """This rank's gradient shard of the chunk (the slot itself for in-memory stores)."""
-        like = torch.empty(chunk.shard_numel, dtype=torch.float32)
-        view = self.store.view("grad", chunk.index, like)
-        if view is not None:
-            return view
-        self.store.read("grad", chunk.index, like)
-        return like
+        if self.store.in_memory:
+            return self.store.view("grad", chunk.index)
+        buf = torch.empty(chunk.shard_numel, dtype=torch.float32)
+        self.store.read("grad", chunk.index, buf)
+        return buf
 
     def total_sq(self) -> float:
         """Sum of squares of the whole (unsharded) gradient; one all-reduce of one number."""

@@ -73,16 +73,12 @@ class ChunkAdam:
     # ------------------------------------------------------------------ state storage
 
     def _get(self, kind: str, chunk: Chunk) -> torch.Tensor:
-        like = torch.empty(chunk.shard_numel, dtype=torch.float32)
-        view = self.states.view(kind, chunk.index, like)
-        if view is not None:
-            return view
-        self.states.read(kind, chunk.index, like)
-        return like
-
-    def _put(self, kind: str, chunk: Chunk, buf: torch.Tensor) -> None:
-        if self.states.view(kind, chunk.index, buf) is None:
-            self.states.write(kind, chunk.index, buf)
+        """The state shard: the slot itself in memory, a copy read from a file."""
+        if self.states.in_memory:
+            return self.states.view(kind, chunk.index)
+        buf = torch.empty(chunk.shard_numel, dtype=torch.float32)
+        self.states.read(kind, chunk.index, buf)
+        return buf
 
     # ------------------------------------------------------------------ the step
 
@@ -179,7 +175,7 @@ class ChunkAdam:
     def _start_reads(self, chunk: Chunk):
         """Start reading the chunk's states from files (None for in-memory stores, whose slots are
         used in place): (the payload is the master, buffers, futures)."""
-        if self.states.view("master", chunk.index, torch.empty(chunk.shard_numel)) is not None:
+        if self.states.in_memory:
             return None
         own_master = self._master_is_payload(chunk)
         kinds = KINDS[1:] if own_master else KINDS

@@ -66,6 +66,12 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
     assert r.returncode == 2 and "not a Loom checkpoint folder nor a run folder" in r.stderr
 
 
+def _losses(out_dir):
+    """(training losses, evaluation losses) in the order metrics.jsonl logged them."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
 def _torchrun(nproc, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "-m", "apps.gpt.pretrain", *args]
@@ -82,11 +88,7 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path, text_folder):
     run([sys.executable, "-m", "apps.gpt.pretrain", *common, "train.micro_batch=4",
          f"output.dir={tmp_path / 'one'}"], tmp_path)
 
-    def losses(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
-
-    (ddp_loss, ddp_eval), (one_loss, one_eval) = losses("ddp"), losses("one")
+    (ddp_loss, ddp_eval), (one_loss, one_eval) = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
     assert len(ddp_loss) == 5
     assert ddp_loss == pytest.approx(one_loss, rel=1e-6) and ddp_eval == pytest.approx(one_eval, rel=1e-6)
     a = load_file(tmp_path / "ddp" / "checkpoints" / "step_0000005" / "model.safetensors")
@@ -165,11 +167,7 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
     run(_torchrun(2, *common, "parallel.tp=2", "parallel.dp=1", f"output.dir={tmp_path / 'tp'}"), tmp_path)
     run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
 
-    def losses(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
-
-    (tp_loss, tp_eval), (one_loss, one_eval) = losses("tp"), losses("one")
+    (tp_loss, tp_eval), (one_loss, one_eval) = _losses(tmp_path / "tp"), _losses(tmp_path / "one")
     assert len(tp_loss) == 4
     assert tp_loss == pytest.approx(one_loss, rel=1e-5) and tp_eval == pytest.approx(one_eval, rel=1e-5)
     a = load_file(tmp_path / "tp" / "checkpoints" / "step_0000004" / "model.safetensors")
@@ -193,11 +191,8 @@ def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder
     run(_torchrun(4, *common, "parallel.tp=2", "parallel.dp=2", f"output.dir={tmp_path / 'hybrid'}"), tmp_path)
     run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
 
-    def losses(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows if "loss" in r]
-
-    assert len(losses("hybrid")) == 4 and losses("hybrid") == pytest.approx(losses("one"), rel=1e-5)
+    hybrid, one = _losses(tmp_path / "hybrid")[0], _losses(tmp_path / "one")[0]
+    assert len(hybrid) == 4 and hybrid == pytest.approx(one, rel=1e-5)
     a = load_file(tmp_path / "hybrid" / "checkpoints" / "step_0000004" / "model.safetensors")
     b = load_file(tmp_path / "one" / "checkpoints" / "step_0000004" / "model.safetensors")
     for k in b:
