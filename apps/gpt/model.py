@@ -3,13 +3,15 @@
 
 The model is written once on `core.tensor`'s layers; a tensor-parallel mode given at
 construction decides how they are split (without one, each layer computes exactly what its
-torch.nn counterpart does). In the 1D mode each rank holds n_head / tp whole heads, a quarter of
-the MLP's columns / rows and vocab / tp rows of the tied embedding and head; its logits are its
-part of the vocabulary, and `loss` never gathers them.
+torch.nn counterpart does). In every mode a rank holds whole attention heads (n_head / tp of them
+in 1D, n_head / q in 2D, 2.5D and 3D) and its logits are its part of the vocabulary, which
+`loss` never gathers. In 2D, 2.5D and 3D the batch is split too: the (batch, time) ids are the
+same on every rank of the group, and each rank computes on its part of the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,28 +20,29 @@ from torch import nn
 
 from apps.gpt.config import GPTModelConfig
 from core.errors import LoomError
-from core.tensor import (COLUMN, ROW, Embedding, Linear, OneD, TPMode, load_serial_state_dict,
-                         serial_state_dict)
-from core.tensor.functional import gather_from
+from core.tensor import (COLUMN, ROW, Dropout, Embedding, LayerNorm, Linear, OneD, PositionEmbedding, TPLayer,
+                         TPMode, load_serial_state_dict, serial_state_dict)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
         super().__init__()
-        self.n_head = cfg.n_head // mode.size          # this rank's heads
+        self.mode = mode
+        self.n_head = cfg.n_head // mode.head_parts          # this rank's heads
         self.head_dim = cfg.d_model // cfg.n_head
         self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, mode, bias=cfg.bias, role=COLUMN, groups=3)
         self.proj = Linear(cfg.d_model, cfg.d_model, mode, bias=cfg.bias, role=ROW)
         self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         local = self.n_head * self.head_dim
         q, k, v = self.qkv(x).split(local, dim=2)
         q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        with self.mode.split_rng() if dropout else contextlib.nullcontext():   # this rank's heads
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, local)))
 
 
@@ -48,7 +51,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(cfg.d_model, 4 * cfg.d_model, mode, bias=cfg.bias, role=COLUMN)
         self.proj = Linear(4 * cfg.d_model, cfg.d_model, mode, bias=cfg.bias, role=ROW)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
@@ -57,9 +60,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg, mode)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.mlp = MLP(cfg, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,16 +76,14 @@ class GPT(nn.Module):
         if cfg.vocab_size <= 0:
             raise ValueError("GPT needs a resolved vocab_size (see apps.gpt.pretrain.resolve_vocab)")
         mode = mode or OneD.serial()
-        for what, n in (("model.n_head", cfg.n_head), ("model.vocab_size", cfg.vocab_size)):
-            if n % mode.size:
-                raise LoomError(f"{what}={n} does not split over parallel.tp={mode.size}; use a tp that divides it")
+        check_splits(cfg, mode)
         self.cfg = cfg
         self.mode = mode
         self.wte = Embedding(cfg.vocab_size, cfg.d_model, mode)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.wpe = PositionEmbedding(cfg.seq_len, cfg.d_model, mode)
+        self.drop = Dropout(cfg.dropout, mode)
         self.blocks = nn.ModuleList(Block(cfg, mode) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, mode, bias=False, role=COLUMN)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
@@ -93,22 +94,16 @@ class GPT(nn.Module):
             return   # built on the meta device: `init_parameter` fills each one where it will live
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if not getattr(p, "tp_split", False):
+                module = self.get_submodule(name.rpartition(".")[0])
+                pname = name.rpartition(".")[2]
+                if not isinstance(module, TPLayer) or module.mode.size == 1:
                     self.init_parameter(name, p)
                     continue
-                # a split parameter: draw the serial tensor (the same random numbers as one
-                # process draws), keep this rank's part
-                module = self.get_submodule(name.rpartition(".")[0])
-                if isinstance(module, Embedding):
-                    full = torch.empty(module.mode.size * p.shape[0], p.shape[1])
-                    self.init_parameter(name, full)
-                    p.copy_(module.mode.shard_embedding(full))
-                elif name.endswith("weight"):
-                    full = torch.empty(module.out_features, module.in_features)
-                    self.init_parameter(name, full)
-                    p.copy_(module.mode.shard_linear(full, None, module.role, module.groups)[0])
-                else:
-                    self.init_parameter(name, p)         # biases: zeros, no random numbers
+                # a tensor-parallel parameter: draw the serial tensor (the same random numbers as
+                # one process draws), keep this rank's part
+                full = torch.empty(module.serial_shapes[pname])
+                self.init_parameter(name, full)
+                p.copy_(module.shard(pname, full))
 
     @torch.no_grad()
     def init_parameter(self, name: str, out: torch.Tensor) -> None:
@@ -141,7 +136,7 @@ class GPT(nn.Module):
                  top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `idx` (batch, time) by sampling; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
-            logits = gather_from(self(idx[:, -self.cfg.seq_len:])[:, -1, :].float(), self.mode.axis, -1)
+            logits = self.last_logits(idx[:, -self.cfg.seq_len:])
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -153,6 +148,15 @@ class GPT(nn.Module):
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 
+    def last_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The whole (batch, vocab) logits of the last position on every rank. Modes that split
+        the batch get it padded to a multiple of their batch parts."""
+        rows = idx.shape[0]
+        pad = -rows % self.mode.batch_parts
+        if pad:
+            idx = torch.cat([idx, idx[:1].expand(pad, -1)])
+        logits = self.mode.gather_activation(self(idx)[:, -1:, :].float(), COLUMN)
+        return logits[:rows, -1, :]
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of (this rank's part of) the logits against the target tokens."""
@@ -165,6 +169,19 @@ class GPT(nn.Module):
     def load_serial_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Take this rank's parts of an unsplit state dict (from any layout)."""
         load_serial_state_dict(self, state)
+
+
+def check_splits(cfg: GPTModelConfig, mode: TPMode) -> None:
+    """Refuse, before any work, a model whose sizes the mode cannot split."""
+    if mode.size == 1:
+        return
+    where = f"parallel.tp_mode={mode.name} ({mode.describe()})"
+    for what, n, parts in (("model.n_head", cfg.n_head, mode.head_parts),
+                           ("model.vocab_size", cfg.vocab_size, mode.divisor("vocab")),
+                           ("model.d_model", cfg.d_model, mode.divisor("width"))):
+        if n % parts:
+            raise LoomError(f"{what}={n} does not split into the {parts} parts {where} needs; "
+                            f"use a multiple of {parts}")
 
 
 def next_token_loss(model: nn.Module, batch: torch.Tensor, gpt: GPT | None = None) -> torch.Tensor:

@@ -51,8 +51,9 @@ class CommStats:
         c.bytes += int(nbytes)
 
     def _select(self, axis: str | None, op: str | None):
+        # an axis includes its sub-axes: "tp" counts "tp.row" and "tp.col" too
         return (c for (a, o), c in self._counts.items()
-                if (axis is None or a == axis) and (op is None or o == op))
+                if (axis is None or a == axis or a.startswith(axis + ".")) and (op is None or o == op))
 
     def calls(self, axis: str | None = None, op: str | None = None) -> int:
         return sum(c.calls for c in self._select(axis, op))

@@ -82,6 +82,20 @@ def resolve_layout(dp: int, pp: int, tp: int, sp: int, world_size: int) -> Layou
                     f"(set them as parallel.<axis>=N, or change the number of processes)")
 
 
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _ravel(coord, shape) -> int:
+    index = 0
+    for c, n in zip(coord, shape):
+        index = index * n + c
+    return index
+
+
 class ParallelMesh:
     """Named process axes with counted collectives.
 
@@ -97,6 +111,7 @@ class ParallelMesh:
         self.global_rank = global_rank
         self.device_mesh = device_mesh
         self._axes = axes
+        self._sub_axes: dict[tuple, dict[str, AxisGroup]] = {}
 
     @classmethod
     def build(cls, layout: Layout, device: torch.device | str = "cpu") -> "ParallelMesh":
@@ -134,6 +149,49 @@ class ParallelMesh:
             return self._axes[name]
         except KeyError:
             raise KeyError(f"no mesh axis {name!r}; axes are {', '.join(AXES)} and world") from None
+
+    def split_axis(self, name: str, shape: tuple[int, ...],
+                   subgroups: dict[str, tuple[int, ...]]) -> dict[str, AxisGroup]:
+        """Regard axis `name` as a grid of `shape` (its ranks in row-major order) and return one
+        `AxisGroup` per entry of `subgroups`, which lists the grid dimensions that vary inside that
+        group (ranks ordered row-major over them). The groups are named `<name>.<key>`, so the
+        stats of `name` include them. Every process of the run must call this with the same
+        arguments (process groups are created collectively); repeated calls reuse the groups."""
+        axis = self.axis(name)
+        if axis.size != _prod(shape):
+            raise ValueError(f"axis '{name}' has {axis.size} ranks, not a grid of {shape}")
+        key = (name, tuple(shape), tuple(sorted(subgroups.items())))
+        if key in self._sub_axes:
+            return self._sub_axes[key]
+        out: dict[str, AxisGroup] = {}
+        if self.device_mesh is None:          # one process
+            for sub in subgroups:
+                out[sub] = AxisGroup(f"{name}.{sub}", 1, 0, (axis.ranks[0],), None, self.stats, self.device)
+            self._sub_axes[key] = out
+            return out
+        grid = self.device_mesh.mesh
+        dim = AXES.index(name)
+        instances = grid.movedim(dim, -1).reshape(-1, axis.size).tolist()   # every group of this axis
+        for sub, varying in subgroups.items():
+            fixed = [d for d in range(len(shape)) if d not in varying]
+            size = _prod(shape[d] for d in varying)
+            for ranks in instances:
+                for fixed_at in itertools.product(*(range(shape[d]) for d in fixed)):
+                    members = []
+                    for moving in itertools.product(*(range(shape[d]) for d in varying)):
+                        c = [0] * len(shape)
+                        for d, v in zip(fixed, fixed_at):
+                            c[d] = v
+                        for d, v in zip(varying, moving):
+                            c[d] = v
+                        members.append(int(ranks[_ravel(c, shape)]))
+                    group = dist.new_group(members)           # collective: every process calls it
+                    if self.global_rank in members:
+                        me = members.index(self.global_rank)
+                        out[sub] = AxisGroup(f"{name}.{sub}", size, me, tuple(members), group, self.stats,
+                                             self.device)
+        self._sub_axes[key] = out
+        return out
 
     @property
     def world(self) -> AxisGroup:

@@ -1,28 +1,66 @@
 """Tensor-parallel layers: the one API models use. A layer holds this rank's parts of its
 parameters and asks its mode (`core.tensor.modes`) to compute; the same model code runs in any
-mode and any size, and `load_serial` / `serial_state` move weights to and from the unsplit
-layout."""
+mode and any size, and `serial_state_dict` / `load_serial_state_dict` move weights to and from
+the unsplit layout.
+
+Every parameter of these layers carries `tp_replicas`: how many ranks of the tensor-parallel
+group hold the same values (1 = each holds a different part; the group size = replicated), which
+is all that gradient norms need to count each value once.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from core.tensor.modes import COLUMN, ROW, TPMode
+from core.tensor.modes import COLUMN, EMBEDDING, FEATURES, ROW, ParamKind, TPMode
 
 
-class Linear(nn.Module):
-    """`role` places the layer in a pair for the 1D mode: `column` first (qkv, fc), `row` second
-    (the projections back to the model width)."""
+class TPLayer(nn.Module):
+    """A module whose parameters `tp_kinds` names are split by its mode; `serial_shapes` holds
+    their unsplit shapes."""
+
+    mode: TPMode
+
+    def _register(self, name: str, serial: torch.Tensor | None, kind: ParamKind) -> None:
+        if serial is None:
+            self.register_parameter(name, None)
+            return
+        if not hasattr(self, "tp_kinds"):
+            self.tp_kinds, self.serial_shapes = {}, {}
+        self.tp_kinds[name], self.serial_shapes[name] = kind, tuple(serial.shape)
+        p = nn.Parameter(self.mode.shard(kind, serial))
+        p.tp_replicas = self.mode.replicas(kind, tuple(serial.shape))
+        setattr(self, name, p)
+
+    def shard(self, name: str, serial: torch.Tensor) -> torch.Tensor:
+        return self.mode.shard(self.tp_kinds[name], serial)
+
+    @torch.no_grad()
+    def load_serial(self, **serial: torch.Tensor) -> None:
+        for name, value in serial.items():
+            getattr(self, name).copy_(self.shard(name, value))
+
+    @torch.no_grad()
+    def serial_state(self) -> dict[str, torch.Tensor]:
+        return {name: self.mode.gather(kind, getattr(self, name).detach(), self.serial_shapes[name])
+                for name, kind in self.tp_kinds.items() if getattr(self, name) is not None}
+
+
+class Linear(TPLayer):
+    """`role` places the layer in a pair: `column` first (qkv, fc, the classifier), `row` second
+    (the projections back to the model width). `groups`: the output features are that many
+    stacked blocks split on their own (attention's q, k, v)."""
 
     def __init__(self, in_features: int, out_features: int, mode: TPMode, bias: bool = True,
-                 role: str = COLUMN, gather_output: bool = False, groups: int = 1) -> None:
+                 role: str = COLUMN, groups: int = 1) -> None:
         super().__init__()
         if role not in (COLUMN, ROW):
             raise ValueError(f"role must be {COLUMN!r} or {ROW!r}, got {role!r}")
-        self.mode, self.role, self.gather_output, self.groups = mode, role, gather_output, groups
+        self.mode, self.role, self.groups = mode, role, groups
         self.in_features, self.out_features = in_features, out_features
         serial = torch.empty(out_features, in_features)
         nn.init.kaiming_uniform_(serial, a=math.sqrt(5))       # torch's nn.Linear default
@@ -30,52 +68,72 @@ class Linear(nn.Module):
         if bias:
             bound = 1 / math.sqrt(in_features)
             serial_b = torch.empty(out_features).uniform_(-bound, bound)
-        w, b = mode.shard_linear(serial, serial_b, role, groups)
-        self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(b) if b is not None else None
-        self.weight.tp_split = mode.size > 1                          # each rank holds a different part
-        if self.bias is not None:
-            self.bias.tp_split = mode.size > 1 and role == COLUMN     # a row layer's bias is whole everywhere
+        self._register("weight", serial, ParamKind("weight", role, groups))
+        self._register("bias", serial_b, ParamKind("bias", role, groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mode.linear(x, self.weight, self.bias, self.role, self.gather_output)
-
-    @torch.no_grad()
-    def load_serial(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        w, b = self.mode.shard_linear(weight, bias, self.role, self.groups)
-        self.weight.copy_(w)
-        if self.bias is not None:
-            self.bias.copy_(b)
-
-    @torch.no_grad()
-    def serial_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.mode.gather_linear(self.weight.detach(), None if self.bias is None else self.bias.detach(),
-                                       self.role, self.groups)
+        return self.mode.linear(x, self.weight, self.bias, self.role)
 
 
-class Embedding(nn.Module):
-    """Vocabulary-parallel embedding: each rank holds vocab / tp rows."""
+class Embedding(TPLayer):
+    """Vocabulary embedding, laid out as the weight of a column Linear from the model width to the
+    vocabulary (so a tied classifier shares it in every mode); its output is the residual stream."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: TPMode) -> None:
         super().__init__()
         self.mode = mode
-        self.weight = nn.Parameter(mode.shard_embedding(torch.randn(num_embeddings, embedding_dim)))
-        self.weight.tp_split = mode.size > 1
+        self._register("weight", torch.randn(num_embeddings, embedding_dim), EMBEDDING)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.mode.embedding(ids, self.weight)
 
-    @torch.no_grad()
-    def load_serial(self, weight: torch.Tensor) -> None:
-        self.weight.copy_(self.mode.shard_embedding(weight))
 
-    @torch.no_grad()
-    def serial_state(self) -> torch.Tensor:
-        return self.mode.gather_embedding(self.weight.detach())
+class PositionEmbedding(TPLayer):
+    """A learned table of per-position vectors, split by features like the residual stream."""
+
+    def __init__(self, num_positions: int, embedding_dim: int, mode: TPMode) -> None:
+        super().__init__()
+        self.mode = mode
+        self._register("weight", torch.randn(num_positions, embedding_dim), FEATURES)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.mode.features(self.weight))
+
+
+class LayerNorm(TPLayer):
+    """LayerNorm over the model width of the residual stream, wherever its features live."""
+
+    def __init__(self, width: int, mode: TPMode, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.mode, self.eps = mode, eps
+        self._register("weight", torch.ones(width), FEATURES)
+        self._register("bias", torch.zeros(width) if bias else None, FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mode.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Dropout(nn.Module):
+    """Dropout that draws its own random numbers on each rank where the activation is split
+    (`split=True`, or every activation of a mode that splits them all) and the same numbers on
+    every rank where it is replicated, so replicas stay equal."""
+
+    def __init__(self, p: float, mode: TPMode, split: bool = False) -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+        self.split = split or mode.split_activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.split:
+            with self.mode.split_rng():
+                return F.dropout(x, self.p, True)
+        return F.dropout(x, self.p, True)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mode: TPMode) -> torch.Tensor:
-    """Mean cross-entropy of vocabulary-split logits (never gathered)."""
+    """Mean cross-entropy of the vocabulary-split logits of a column Linear (never gathered)."""
     return mode.cross_entropy(logits, target)
 
 
@@ -86,13 +144,8 @@ def serial_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, Linear):
-            w, b = module.serial_state()
-            out[prefix + "weight"] = w
-            if b is not None:
-                out[prefix + "bias"] = b
-        elif isinstance(module, Embedding):
-            out[prefix + "weight"] = module.serial_state()
+        if isinstance(module, TPLayer):
+            out.update({prefix + k: v for k, v in module.serial_state().items()})
         else:
             for pname, p in module.named_parameters(recurse=False):
                 out[prefix + pname] = p.detach().clone()
@@ -106,40 +159,27 @@ def load_serial_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
     missing = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, Linear):
-            if prefix + "weight" not in state:
-                missing.append(prefix + "weight")
-                continue
-            module.load_serial(state[prefix + "weight"], state.get(prefix + "bias"))
-        elif isinstance(module, Embedding):
-            if prefix + "weight" not in state:
-                missing.append(prefix + "weight")
-                continue
-            module.load_serial(state[prefix + "weight"])
-        else:
-            for pname, p in module.named_parameters(recurse=False):
-                if prefix + pname in state:
-                    p.copy_(state[prefix + pname])
-                else:
-                    missing.append(prefix + pname)
+        for pname, p in module.named_parameters(recurse=False):
+            if prefix + pname not in state:
+                missing.append(prefix + pname)
+            elif isinstance(module, TPLayer):
+                module.load_serial(**{pname: state[prefix + pname]})
+            else:
+                p.copy_(state[prefix + pname])
     return missing
 
 
 def grad_norm_sq(parameters, axis) -> torch.Tensor:
-    """Squared norm of the whole (unsplit) gradient: split parameters' parts summed over the
-    tensor-parallel axis (one all-reduce), whole ones counted once."""
+    """Squared norm of the whole (unsplit) gradient: each part counted once however many ranks
+    hold it (`tp_replicas`; parameters outside these layers are replicated on every rank), summed
+    over the tensor-parallel axis in one all-reduce."""
     from core.distributed.comm import all_reduce_
 
-    split = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
     for p in parameters:
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "tp_split", False):
-            split += sq
-        else:
-            whole += sq
+        total += p.grad.detach().double().pow(2).sum().cpu() / getattr(p, "tp_replicas", axis.size)
     if axis.size > 1:
-        all_reduce_(split, axis, "sum")
-    return split + whole
+        all_reduce_(total, axis, "sum")
+    return total

@@ -1,146 +1,274 @@
 """Tensor-parallel modes as strategies: each owns how weights and activations are split over the
 tensor-parallel ranks and what it communicates; the layers (`core.tensor.layers`) only ask it.
 
-A mode answers, for each layer kind:
+A mode answers two kinds of question.
 
-- `shard_*`: this rank's part of a serial (unsplit) parameter, and `gather_*`: the serial
-  parameter back from every rank's part (checkpoints move between layouts this way);
-- the forward computation on this rank's parts, with the communication the mode's design
-  prescribes (autograd gives the backward its adjoint communication).
+*Where things live.* For a parameter of a given kind (`ParamKind`: a Linear's weight or bias in
+its role, or a feature vector such as a LayerNorm scale), `param_index` says which indices of the
+serial (unsplit) tensor a rank holds, one index list per dimension. From that one answer the base
+class derives sharding (`shard`), gathering back to the serial tensor (`gather`, which is how
+checkpoints move between layouts), how many ranks hold the same part (`replicas`, used for
+gradient norms), and the same for activations (`activation_index`, `gather_activation`,
+`local_batch`).
 
-Only the 1D mode (Megatron-LM: column- and row-parallel pairs) exists so far; 2D (Optimus),
-2.5D (Tesseract) and 3D are the next strategies behind the same questions.
+*How to compute.* `linear`, `embedding`, `layer_norm`, `features` (a split feature parameter as
+the layer should use it), `cross_entropy` run on this rank's parts with the communication the
+mode's design prescribes; autograd gives the backward its adjoint communication.
+
+Gradient convention, shared by every mode: after backward, each rank's gradient of a local
+tensor is the derivative of the one global loss with respect to that local tensor. The
+collectives of `core.distributed.comm` (all-gather <-> reduce-scatter, all-reduce <-> all-reduce)
+and the region operators of `core.tensor.functional` preserve it; a parameter replicated over
+ranks that each use it on different tokens has its gradient summed over them in backward.
+
+The modes: `1d` (Megatron-LM), `2d` (Optimus / SUMMA on q x q), `2.5d` (Tesseract, q x q x d),
+`3d` (q x q x q). `make_mode` builds one from the recipe and refuses layouts that do not fit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from core.distributed import ParallelMesh
 from core.distributed.comm import AxisGroup, _all_gather, all_reduce_
-from core.tensor.functional import copy_to, gather_from, reduce_from, scatter_to
+from core.errors import LoomError
 
 COLUMN, ROW = "column", "row"
 
 
+@dataclass(frozen=True)
+class ParamKind:
+    """What a parameter is to the modes. `what`: "weight" (a Linear's (out, in) weight; the
+    vocabulary embedding is the weight of a column Linear from the model width to the vocabulary,
+    so a tied head and embedding share one layout), "bias" (out,), or "features" (any tensor
+    whose last dimension is the model width: LayerNorm scales, position embeddings). `groups`:
+    the output features are that many stacked blocks (attention's q, k, v), each split on its own
+    so that every rank holds whole heads of each."""
+
+    what: str
+    role: str = COLUMN
+    groups: int = 1
+
+
+EMBEDDING = ParamKind("weight", COLUMN, 1)
+FEATURES = ParamKind("features")
+
+
+# ---------------------------------------------------------------------------------------------
+# Index lists
+# ---------------------------------------------------------------------------------------------
+
+def split_index(n: int, parts: int, index: int) -> torch.Tensor:
+    """Part `index` of `parts` equal contiguous parts of range(n)."""
+    if n % parts:
+        raise ValueError(f"a dimension of {n} does not split into {parts} tensor-parallel parts")
+    size = n // parts
+    return torch.arange(index * size, (index + 1) * size)
+
+
+def grouped_index(n: int, groups: int, parts: int, index: int) -> torch.Tensor:
+    """Part `index` of each of `groups` stacked blocks of range(n), concatenated."""
+    block = n // groups
+    return torch.cat([g * block + split_index(block, parts, index) for g in range(groups)])
+
+
+def sub_index(idx: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    if idx.numel() % parts:
+        raise ValueError(f"a dimension of {idx.numel()} does not split into {parts} tensor-parallel parts")
+    return idx.chunk(parts)[index]
+
+
+def _take(t: torch.Tensor, index: tuple) -> torch.Tensor:
+    for dim, idx in enumerate(index):
+        if idx is not None:
+            t = t.index_select(dim, idx.to(t.device))
+    return t
+
+
+def _place(out: torch.Tensor, index: tuple, part: torch.Tensor) -> None:
+    full = [torch.arange(n) if idx is None else idx for n, idx in zip(out.shape, index)]
+    grids = torch.meshgrid(*[g.to(out.device) for g in full], indexing="ij")
+    out[grids] = part
+
+
 class TPMode(ABC):
     name = "mode"
+    batch_parts = 1            # the batch is split into this many parts over the group
+    split_activations = False  # True where no activation is replicated (dropout draws per rank)
 
     def __init__(self, axis: AxisGroup) -> None:
         self.axis = axis
         self.size = axis.size
         self.rank = axis.rank
 
-    @classmethod
-    def serial(cls) -> "TPMode":
-        """The mode on one rank: every layer computes exactly what its torch.nn counterpart does."""
-        return cls(AxisGroup("tp", 1, 0, (0,)))
+    # ---- where things live -----------------------------------------------------------------
 
-    # Linear: weight (out, in) as torch stores it; role says which side of a pair it is
+    @property
     @abstractmethod
-    def shard_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str, groups: int = 1): ...
+    def head_parts(self) -> int:
+        """Attention heads are split into this many parts (each rank holds whole heads)."""
 
     @abstractmethod
-    def gather_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str, groups: int = 1): ...
+    def divisor(self, what: str) -> int:
+        """What the size `what` ("vocab": the vocabulary, "width": the model width) must be a
+        multiple of in this mode."""
 
     @abstractmethod
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str,
-               gather_output: bool = False) -> torch.Tensor: ...
-
-    # Embedding (vocab, dim)
-    @abstractmethod
-    def shard_embedding(self, weight: torch.Tensor) -> torch.Tensor: ...
+    def param_index(self, kind: ParamKind, shape: tuple[int, ...], rank: int) -> tuple:
+        """Per dimension, the serial indices tp rank `rank` holds (None: all of them)."""
 
     @abstractmethod
-    def gather_embedding(self, weight: torch.Tensor) -> torch.Tensor: ...
+    def activation_index(self, role: str | None, batch: int, features: int, groups: int, rank: int) -> tuple:
+        """(batch indices, feature indices) that rank `rank` holds of an activation with `batch`
+        rows and `features` features: the output of a Linear of this `role` (with `groups` stacked
+        output blocks), or with role None the residual stream (the input of a column Linear)."""
 
     @abstractmethod
-    def embedding(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
+    def feature_parts(self, role: str | None) -> int:
+        """Into how many parts the features of such an activation are split."""
 
-    # the loss over vocabulary-split logits
-    @abstractmethod
-    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+    def replicas(self, kind: ParamKind, shape: tuple[int, ...]) -> int:
+        """How many tp ranks hold each part of a parameter of this kind."""
+        mine = self.param_index(kind, shape, self.rank)
+        held = math.prod(n if idx is None else idx.numel() for n, idx in zip(shape, mine))
+        return self.size * held // math.prod(shape)
 
-
-def _part(t: torch.Tensor, parts: int, index: int, dim: int) -> torch.Tensor:
-    if t.shape[dim] % parts:
-        raise ValueError(f"a dimension of {t.shape[dim]} does not split into {parts} tensor-parallel parts")
-    return t.chunk(parts, dim=dim)[index].clone()
-
-
-class OneD(TPMode):
-    """Megatron-LM (Shoeybi et al. 2019). A column-parallel Linear splits its output features
-    (input replicated; identity forward, all-reduce of the input gradient backward); a
-    row-parallel Linear splits its input features and all-reduces its output in forward. A
-    column/row pair (attention's qkv/proj, the MLP's fc/proj) costs one all-reduce forward and one
-    backward. The embedding and the classifier split the vocabulary."""
-
-    name = "1d"
-
-    def shard_linear(self, weight, bias, role, groups: int = 1):
-        """`groups`: the output features are that many stacked blocks (attention's q, k, v), each
-        split on its own, so that every rank holds whole heads of each."""
-        if role == COLUMN:
-            return _grouped_part(weight, self.size, self.rank, groups), (
-                None if bias is None else _grouped_part(bias, self.size, self.rank, groups))
-        return _part(weight, self.size, self.rank, 1), None if bias is None else bias.clone()
-
-    def gather_linear(self, weight, bias, role, groups: int = 1):
+    def shard(self, kind: ParamKind, serial: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
-            return weight, bias
-        if role == COLUMN:
-            return _grouped_gather(weight, self.axis, groups), (
-                None if bias is None else _grouped_gather(bias, self.axis, groups))
-        return _all_gather(weight, self.axis, 1), bias
+            return serial
+        return _take(serial, self.param_index(kind, tuple(serial.shape), self.rank)).clone()
 
-    def linear(self, x, weight, bias, role, gather_output=False):
-        if role == COLUMN:
-            y = F.linear(copy_to(x, self.axis), weight, bias)
-            return gather_from(y, self.axis, -1) if gather_output else y
-        y = reduce_from(F.linear(x, weight), self.axis)
-        return y if bias is None else y + bias
-
-    def split_features(self, x: torch.Tensor) -> torch.Tensor:
-        """A replicated activation's part for a row-parallel layer fed from outside a pair."""
-        return scatter_to(x, self.axis, -1)
-
-    def shard_embedding(self, weight):
-        return _part(weight, self.size, self.rank, 0)
-
-    def gather_embedding(self, weight):
-        return weight if self.size == 1 else _all_gather(weight, self.axis, 0)
-
-    def embedding(self, ids, weight):
+    def gather(self, kind: ParamKind, local: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The serial tensor from every rank's part (a collective over the group, no autograd)."""
         if self.size == 1:
-            return F.embedding(ids, weight)
-        rows = weight.shape[0]
-        lo = self.rank * rows
-        outside = (ids < lo) | (ids >= lo + rows)
-        local = (ids - lo).masked_fill(outside, 0)
-        out = F.embedding(local, weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from(out, self.axis)
+            return local
+        return self._assemble(local, shape, lambda r: self.param_index(kind, shape, r))
 
-    def cross_entropy(self, logits, target):
+    def gather_activation(self, local: torch.Tensor, role: str | None = None, groups: int = 1) -> torch.Tensor:
+        """The whole activation from every rank's part (no autograd; for sampling and tests)."""
         if self.size == 1:
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
-        return _VocabParallelCrossEntropy.apply(logits, target, self)
+            return local
+        shape = (local.shape[0] * self.batch_parts, *local.shape[1:-1], local.shape[-1] * self.feature_parts(role))
+        return self._assemble(local, shape, lambda r: self._full_index(role, shape, groups, r))
+
+    def _full_index(self, role, shape, groups, rank) -> tuple:
+        batch, feat = self.activation_index(role, shape[0], shape[-1], groups, rank)
+        return (batch,) + (None,) * (len(shape) - 2) + (feat,)
+
+    def _assemble(self, local: torch.Tensor, shape: tuple[int, ...], index_of) -> torch.Tensor:
+        every = _all_gather(local.detach().contiguous().unsqueeze(0), self.axis, 0)
+        out = torch.empty(shape, dtype=local.dtype, device=local.device)
+        for r in range(self.size):
+            _place(out, index_of(r), every[r])
+        return out
+
+    def local_batch(self, t: torch.Tensor, role: str | None = None) -> torch.Tensor:
+        """This rank's rows of a batch-major tensor replicated over the group (such as the targets
+        of the logits a column Linear produced)."""
+        batch = self.activation_index(role, t.shape[0], self.feature_parts(role), 1, self.rank)[0]
+        return t if batch is None else t.index_select(0, batch.to(t.device))
+
+    def split_input(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a replicated residual-stream activation; in backward every rank
+        gets the whole input gradient."""
+        return x if self.size == 1 else _SplitInput.apply(x, self)
+
+    @contextlib.contextmanager
+    def split_rng(self):
+        """Random numbers for a split region (dropout on this rank's heads or tokens): each rank
+        draws its own stream, derived from the default generator, which advances the same on
+        every rank, so runs stay reproducible and resumable without any extra state."""
+        if self.size == 1:
+            yield
+            return
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        derived = (seed + 1_000_003 * (self.rank + 1)) % (2 ** 63)
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = [torch.cuda.current_device()] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(derived)
+            if cuda:
+                torch.cuda.manual_seed(derived)
+            yield
+
+    # ---- how to compute ----------------------------------------------------------------------
+
+    @abstractmethod
+    def linear(self, x, weight, bias, role: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def embedding(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, time), the same on every rank -> this rank's residual-stream part."""
+
+    @abstractmethod
+    def layer_norm(self, x, weight, bias, eps: float) -> torch.Tensor: ...
+
+    @abstractmethod
+    def features(self, param: torch.Tensor) -> torch.Tensor:
+        """A feature parameter (kind FEATURES) as the forward should use it."""
+
+    @abstractmethod
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all tokens of the vocabulary-split logits of a column Linear
+        (never gathered); `target` is the whole (batch, time) target on every rank. The value is
+        the global mean on every rank; the gradient is this rank's share."""
+
+    def describe(self) -> str:
+        return f"{self.name} over {self.size} ranks"
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits split over the vocabulary, without gathering them: three
-    all-reduces of one number per token (the maximum, the sum of exponentials, the target's
-    logit); the backward is local (softmax minus one-hot on this rank's columns)."""
+class _SplitInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mode: TPMode):
+        ctx.mode = mode
+        return _take(x, mode._full_index(None, tuple(x.shape), 1, mode.rank)).contiguous()
 
     @staticmethod
-    def forward(ctx, logits, target, mode: OneD):
-        axis = mode.axis
+    def backward(ctx, g):
+        return ctx.mode.gather_activation(g), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces the modes share
+# ---------------------------------------------------------------------------------------------
+
+def masked_lookup(ids: torch.Tensor, weight: torch.Tensor, lo: int) -> torch.Tensor:
+    """Embedding rows [lo, lo + rows) of the vocabulary; zeros for ids outside them."""
+    rows = weight.shape[0]
+    outside = (ids < lo) | (ids >= lo + rows)
+    local = (ids - lo).masked_fill(outside, 0)
+    return F.embedding(local, weight).masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def split_layer_norm(x, weight, bias, eps: float, axis: AxisGroup, width: int):
+    """LayerNorm over features split across `axis`: two all-reduces of one number per token (the
+    sum, then the centred sum of squares), each all-reduced again in backward."""
+    from core.distributed.comm import all_reduce
+
+    mean = all_reduce(x.sum(dim=-1, keepdim=True), axis) / width
+    centred = x - mean
+    var = all_reduce(centred.square().sum(dim=-1, keepdim=True), axis) / width
+    y = centred * torch.rsqrt(var + eps) * weight
+    return y if bias is None else y + bias
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits split over the vocabulary (this rank holds columns
+    [lo, lo + local) ), without gathering them: three all-reduces over `axis` of one number per
+    token (the maximum, the sum of exponentials, the target's logit); the backward is local
+    (softmax minus one-hot on this rank's columns)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, axis: AxisGroup, lo: int):
         flat = logits.reshape(-1, logits.shape[-1]).float()
         t = target.reshape(-1)
         vocab_local = flat.shape[-1]
-        lo = mode.rank * vocab_local
         peak = flat.max(dim=-1).values
         if axis.size > 1:
             all_reduce_(peak, axis, "max")
@@ -166,26 +294,64 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = torch.arange(grad.shape[0])
         grad[rows[inside], local_t[inside]] -= 1.0
         grad *= g / grad.shape[0]
-        return grad.view(ctx.shape).to(ctx.dtype), None, None
+        return grad.view(ctx.shape).to(ctx.dtype), None, None, None
 
 
-def _grouped_part(t: torch.Tensor, parts: int, index: int, groups: int) -> torch.Tensor:
-    blocks = t.chunk(groups, dim=0)
-    return torch.cat([_part(b, parts, index, 0) for b in blocks], dim=0)
+def token_split_loss(local_mean: torch.Tensor, parts: int, tokens: AxisGroup) -> torch.Tensor:
+    """A loss whose tokens are split into `parts` equal parts over `tokens`: the value is the
+    global mean on every rank, the gradient this rank's share (its mean / parts)."""
+    mine = local_mean / parts
+    total = mine.detach().clone()
+    if tokens.size > 1:
+        all_reduce_(total, tokens, "sum")
+    return mine + (total - mine.detach())
 
 
-def _grouped_gather(t: torch.Tensor, axis, groups: int) -> torch.Tensor:
-    every = _all_gather(t, axis, 0).chunk(axis.size, dim=0)           # rank by rank
-    per_rank = [r.chunk(groups, dim=0) for r in every]                # each: its part of every group
-    return torch.cat([torch.cat([r[g] for r in per_rank], dim=0) for g in range(groups)], dim=0)
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+def _square_root(n: int) -> int | None:
+    q = math.isqrt(n)
+    return q if q * q == n else None
 
 
-MODES = {"1d": OneD}
+def _cube_root(n: int) -> int | None:
+    q = round(n ** (1 / 3))
+    return next((c for c in (q - 1, q, q + 1) if c > 0 and c ** 3 == n), None)
 
 
-def make_mode(name: str, mesh: ParallelMesh) -> TPMode:
-    from core.errors import LoomError
+def _valid_sizes(test, limit: int = 64) -> str:
+    return ", ".join(str(n) for n in range(2, limit + 1) if test(n))
 
-    if name not in MODES:
-        raise LoomError(f"parallel.tp_mode={name} is not available yet; available: {', '.join(MODES)}")
-    return MODES[name](mesh.axis("tp"))
+
+def make_mode(name: str, mesh: ParallelMesh, depth: int = 1) -> TPMode:
+    """The tensor-parallel mode `name` over the mesh's tp axis (every process must call this: the
+    2D, 2.5D and 3D modes create their sub-groups collectively)."""
+    from core.tensor.one_d import OneD
+    from core.tensor.three_d import ThreeD
+    from core.tensor.two_d import TwoFiveD
+
+    tp = mesh.size("tp")
+    if name == "1d":
+        return OneD(mesh.axis("tp"))
+    if name == "2d":
+        q = _square_root(tp)
+        if q is None:
+            raise LoomError(f"parallel.tp_mode=2d needs a square parallel.tp (q x q); tp={tp} is not one. "
+                            f"Valid sizes: {_valid_sizes(lambda n: _square_root(n) is not None)}, ...")
+        return TwoFiveD(mesh, q, 1)
+    if name == "2.5d":
+        q = _square_root(tp // depth) if tp % depth == 0 else None
+        if q is None:
+            fits = [f"{depth * s * s} (q={s}, d={depth})" for s in range(2, 9)]
+            raise LoomError(f"parallel.tp_mode=2.5d needs parallel.tp = q x q x d with d = parallel.tp_depth="
+                            f"{depth}; tp={tp} is not one. Valid sizes with d={depth}: {', '.join(fits[:6])}, ...")
+        return TwoFiveD(mesh, q, depth)
+    if name == "3d":
+        q = _cube_root(tp)
+        if q is None:
+            raise LoomError(f"parallel.tp_mode=3d needs a cube parallel.tp (q x q x q); tp={tp} is not one. "
+                            f"Valid sizes: {_valid_sizes(lambda n: _cube_root(n) is not None, 4096)}")
+        return ThreeD(mesh, q)
+    raise LoomError(f"parallel.tp_mode={name} is unknown; choose 1d, 2d, 2.5d or 3d")
