@@ -18,6 +18,7 @@ from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
 from core import cli
 from core.booster import ZeroPlugin
+from core.errors import LoomError
 from core.tensor import make_mode
 from core.session import session
 from core.trainer import Trainer, TrainTask
@@ -59,7 +60,11 @@ def train(cfg: GPTRecipe) -> dict:
                 model = GPT(cfg.model)
             plugin.materialize = model.init_parameter
         else:
-            mode = make_mode(cfg.parallel.tp_mode, mesh) if mesh.size("tp") > 1 else None
+            mode = make_mode(cfg.parallel.tp_mode, mesh, cfg.parallel.tp_depth) if mesh.size("tp") > 1 else None
+            if mode is not None and cfg.train.micro_batch % mode.batch_parts:
+                raise LoomError(f"train.micro_batch={cfg.train.micro_batch} does not split into the "
+                                f"{mode.batch_parts} batch parts of parallel.tp_mode={mode.name} ({mode.describe()}); "
+                                f"use a multiple of {mode.batch_parts}")
             model = GPT(cfg.model, mode)
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")

@@ -22,14 +22,12 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
     for axis, what in (("pp", "pipeline"), ("sp", "sequence")):
         if mesh.size(axis) > 1:
             missing.append(f"parallel.{axis}={mesh.size(axis)} ({what} parallelism)")
-    if mesh.size("tp") > 1 and p.tp_mode != "1d":
-        missing.append(f"parallel.tp_mode={p.tp_mode}")
     if mesh.size("tp") > 1 and (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
         missing.append("ZeRO or offload together with parallel.tp")
     if missing:
         raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
-                        f"data parallelism (parallel.dp) with 1D tensor parallelism (parallel.tp, "
-                        f"parallel.tp_mode=1d), or with ZeRO (parallel.zero=1|2|3) and offload "
+                        f"data parallelism (parallel.dp) with tensor parallelism (parallel.tp, "
+                        f"parallel.tp_mode=1d|2d|2.5d|3d), or with ZeRO (parallel.zero=1|2|3) and offload "
                         f"(parallel.offload=cpu|nvme)")
     if cfg.memory.step_in_backward:
         from core.trainer import plan_batches   # core.trainer imports this module

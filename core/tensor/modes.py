@@ -352,6 +352,6 @@ def make_mode(name: str, mesh: ParallelMesh, depth: int = 1) -> TPMode:
         q = _cube_root(tp)
         if q is None:
             raise LoomError(f"parallel.tp_mode=3d needs a cube parallel.tp (q x q x q); tp={tp} is not one. "
-                            f"Valid sizes: {_valid_sizes(lambda n: _cube_root(n) is not None, 4096)}")
+                            f"Valid sizes: {_valid_sizes(lambda n: _cube_root(n) is not None, 512)}")
         return ThreeD(mesh, q)
     raise LoomError(f"parallel.tp_mode={name} is unknown; choose 1d, 2d, 2.5d or 3d")

@@ -158,13 +158,16 @@ def test_offload_and_zero_from_the_recipe(tmp_path, text_folder):
         assert g.stdout.startswith("line")
 
 
-def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
-    """`parallel.tp=2` (1D) trains like one process, its checkpoint holds the unsplit weights
-    (generate loads them into a serial model), and a layout that tp cannot split says why."""
+@pytest.mark.parametrize("tp,mode", [(2, "1d"), (4, "2d")])
+def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder, tp, mode):
+    """`parallel.tp=2` (1D) and `parallel.tp=4 parallel.tp_mode=2d` train like one process, the
+    checkpoint holds the unsplit weights (generate loads them into a serial model), and a model or
+    batch the mode cannot split says why."""
     common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=4", "train.log_every=1",
               "train.eval_every=4", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
               "train.micro_batch=4", "train.checkpoint_every=4", *QUICK_MODEL]
-    run(_torchrun(2, *common, "parallel.tp=2", "parallel.dp=1", f"output.dir={tmp_path / 'tp'}"), tmp_path)
+    layout = [f"parallel.tp={tp}", f"parallel.tp_mode={mode}"]
+    run(_torchrun(tp, *common, *layout, "parallel.dp=1", f"output.dir={tmp_path / 'tp'}"), tmp_path)
     run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
 
     (tp_loss, tp_eval), (one_loss, one_eval) = _losses(tmp_path / "tp"), _losses(tmp_path / "one")
@@ -178,9 +181,15 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
     g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "tp"), "--prompt", "line",
              "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
     assert g.stdout.startswith("line")
-    r = run(_torchrun(2, *common, "parallel.tp=2", "model.n_head=3", "model.d_model=24",
-                      f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
-    assert r.returncode != 0 and "model.n_head=3 does not split over parallel.tp=2" in r.stderr
+    if mode == "1d":
+        r = run(_torchrun(tp, *common, *layout, "model.n_head=3", "model.d_model=24",
+                          f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
+        assert r.returncode != 0 and "model.n_head=3 does not split into the 2 parts parallel.tp_mode=1d" in r.stderr
+    else:
+        r = run(_torchrun(tp, *common, *layout, "train.micro_batch=3", f"output.dir={tmp_path / 'bad'}"),
+                tmp_path, check=False)
+        assert r.returncode != 0 and ("train.micro_batch=3 does not split into the 2 batch parts of "
+                                      "parallel.tp_mode=2d (2d on a 2 x 2 grid); use a multiple of 2") in r.stderr
 
 
 def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder):

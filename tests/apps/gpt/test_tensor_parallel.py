@@ -1,6 +1,7 @@
-"""The GPT model, written once on core.tensor's layers, split 1D over 2 and 4 gloo ranks: logits,
-loss (vocabulary-parallel, never gathered), every gradient and the weights after 3 AdamW steps
-against the serial model, fp32, 1e-5; and the serial state dict round trip."""
+"""The GPT model, written once on core.tensor's layers, split in every mode (1D over 2 and 4 gloo
+ranks, 2D over 4, 2.5D over 8 as 2 x 2 x 2, 3D over 8): logits, loss (vocabulary-parallel, never
+gathered), every gradient and the weights after 3 AdamW steps against the serial model, fp32,
+1e-5; the qkv shards hold whole heads; the serial state dict round trip."""
 
 import pytest
 import torch
@@ -10,8 +11,7 @@ from apps.gpt.model import GPT
 from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
 from core.errors import LoomError
-from core.tensor import Embedding, Linear, make_mode
-from core.tensor.functional import gather_from
+from core.tensor import COLUMN, TPLayer, make_mode
 
 CFG = GPTModelConfig(n_layer=2, n_head=4, d_model=32, seq_len=16, vocab_size=64, bias=True)
 STEPS = 3
@@ -27,18 +27,24 @@ def _serial_grads(model: GPT) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, Linear):
-            w, b = module.mode.gather_linear(module.weight.grad, None if module.bias is None else module.bias.grad,
-                                             module.role, module.groups)
-            out[prefix + "weight"] = w
-            if b is not None:
-                out[prefix + "bias"] = b
-        elif isinstance(module, Embedding):
-            out[prefix + "weight"] = module.mode.gather_embedding(module.weight.grad)
-        else:
-            for pname, p in module.named_parameters(recurse=False):
-                out[prefix + pname] = p.grad.clone()
+        for pname, p in module.named_parameters(recurse=False):
+            grad = p.grad
+            if isinstance(module, TPLayer):
+                grad = module.mode.gather(module.tp_kinds[pname], grad, module.serial_shapes[pname])
+            out[prefix + pname] = grad.clone()
     return out
+
+
+def _expected_qkv(name, w, rank, q, p):
+    """The qkv weight's shard as each mode's design places it: whole heads of q, k and v."""
+    q_k_v = w.chunk(3, dim=0)
+    if name == "1d":
+        return torch.cat([t.chunk(p, 0)[rank] for t in q_k_v])
+    if name in ("2d", "2.5d"):
+        i, j = rank // q % q, rank % q
+        return torch.cat([t.chunk(q, 0)[i] for t in q_k_v]).chunk(q, 1)[j]
+    a, b, c = rank // (q * q), rank // q % q, rank % q
+    return torch.cat([t.chunk(q, 0)[c] for t in q_k_v]).chunk(q, 0)[a].chunk(q, 1)[b]
 
 
 def _train(model: GPT, logits_full) -> dict:
@@ -62,18 +68,19 @@ def _serial() -> dict:
     return _train(GPT(CFG), lambda x: x)
 
 
-def _parallel(tp: int) -> dict:
+def _parallel(name: str, tp: int, depth: int) -> dict:
     mesh = ParallelMesh.build(Layout(tp=tp))
-    mode = make_mode("1d", mesh)
+    mode = make_mode(name, mesh, depth)
     torch.manual_seed(0)
     serial = GPT(CFG).serial_state_dict()
     torch.manual_seed(123)                   # a different init, overwritten by the serial weights
     model = GPT(CFG, mode)
     model.load_serial_state_dict(serial)
-    shard_ok = torch.equal(model.blocks[0].mlp.fc.weight.data, serial["blocks.0.mlp.fc.weight"].chunk(tp, 0)[mode.rank])
+    expected = _expected_qkv(name, serial["blocks.0.attn.qkv.weight"], mode.rank, getattr(mode, "q", tp), tp)
+    shard_ok = torch.equal(model.blocks[0].attn.qkv.weight.data, expected)
     round_trip = all(torch.equal(v, serial[k]) for k, v in model.serial_state_dict().items())
-    out = _train(model, lambda x: gather_from(x, mode.axis, -1))
-    out.update(shard_ok=shard_ok, round_trip=round_trip, local_vocab=model.lm_head.weight.shape[0])
+    out = _train(model, lambda x: mode.gather_activation(x, COLUMN))
+    out.update(shard_ok=shard_ok, round_trip=round_trip, heads=model.blocks[0].attn.n_head)
     return out
 
 
@@ -81,12 +88,16 @@ def _rel(a, b):
     return float(torch.linalg.norm(a.float() - b.float()) / torch.linalg.norm(b.float()))
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_gpt_one_d_matches_serial(tp):
+LAYOUTS = [("1d", 2, 1), ("1d", 4, 1), ("2d", 4, 1), ("2.5d", 8, 2), ("3d", 8, 1)]
+
+
+@pytest.mark.parametrize("mode,tp,depth", LAYOUTS, ids=[f"{n}-tp{t}" for n, t, _ in LAYOUTS])
+def test_gpt_matches_serial(mode, tp, depth):
     ref = _serial()
-    for got in run_distributed(_parallel, world_size=tp, args=(tp,)):
+    heads = CFG.n_head // (tp if mode == "1d" else 2)          # q = 2 in the other layouts
+    for got in run_distributed(_parallel, world_size=tp, args=(mode, tp, depth)):
         assert got["shard_ok"] and got["round_trip"]
-        assert got["local_vocab"] == CFG.vocab_size // tp
+        assert got["heads"] == heads
         assert _rel(got["logits"], ref["logits"]) <= 1e-5
         assert abs(got["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
         assert got["grads"].keys() == ref["grads"].keys()
@@ -105,15 +116,20 @@ def test_gpt_one_d_matches_serial(tp):
             assert _rel(got_w, w) <= 1e-5, name
 
 
-def _bad_heads():
-    mesh = ParallelMesh.build(Layout(tp=2))
+def _bad_heads(name, tp):
+    mesh = ParallelMesh.build(Layout(tp=tp))
     try:
-        GPT(GPTModelConfig(n_layer=1, n_head=3, d_model=24, seq_len=8, vocab_size=64), make_mode("1d", mesh))
+        GPT(GPTModelConfig(n_layer=1, n_head=3, d_model=24, seq_len=8, vocab_size=64), make_mode(name, mesh))
     except LoomError as e:
         return str(e)
     return None
 
 
-def test_heads_that_do_not_split_are_refused():
-    for message in run_distributed(_bad_heads, world_size=2):
-        assert message == "model.n_head=3 does not split over parallel.tp=2; use a tp that divides it"
+@pytest.mark.parametrize("name,tp,says", [
+    ("1d", 2, "model.n_head=3 does not split into the 2 parts parallel.tp_mode=1d (1d over 2 ranks) needs; "
+              "use a multiple of 2"),
+    ("2d", 4, "model.n_head=3 does not split into the 2 parts parallel.tp_mode=2d (2d on a 2 x 2 grid) needs"),
+])
+def test_heads_that_do_not_split_are_refused(name, tp, says):
+    for message in run_distributed(_bad_heads, world_size=tp, args=(name, tp)):
+        assert message is not None and message.startswith(says)

@@ -166,3 +166,25 @@ def _bad(name, tp, depth):
 ])
 def test_layouts_that_do_not_fit_name_the_valid_sizes(name, tp, depth, says):
     assert all(says in msg for msg in run_distributed(_bad, world_size=tp, args=(name, tp, depth)))
+
+
+def _dropout_masks():
+    from core.tensor import Dropout
+
+    mesh = ParallelMesh.build(Layout(tp=4))
+    one_d, two_d = make_mode("1d", mesh), make_mode("2d", mesh)
+    torch.manual_seed(0)                                   # the same default stream on every rank
+    x = torch.ones(64)
+    masks = {"1d replicated": Dropout(0.5, one_d)(x), "1d split": Dropout(0.5, one_d, split=True)(x),
+             "2d": Dropout(0.5, two_d)(x)}
+    return {k: v.ne(0) for k, v in masks.items()}, torch.rand(4)
+
+
+def test_dropout_draws_per_rank_only_where_activations_are_split():
+    results = run_distributed(_dropout_masks, world_size=4)
+    first, after = results[0]
+    for masks, next_draw in results[1:]:
+        assert torch.equal(masks["1d replicated"], first["1d replicated"])    # replicas stay equal
+        assert not torch.equal(masks["1d split"], first["1d split"])          # its own heads, its own mask
+        assert not torch.equal(masks["2d"], first["2d"])
+        assert torch.equal(next_draw, after)      # the default stream advanced alike on every rank
