@@ -66,6 +66,8 @@ def train(cfg: GPTRecipe) -> dict:
                                 f"{mode.batch_parts} batch parts of parallel.tp_mode={mode.name} ({mode.describe()}); "
                                 f"use a multiple of {mode.batch_parts}")
             model = GPT(cfg.model, mode)
+            if mode is not None:
+                log(f"tensor parallelism: {mode.describe()}, {cfg.model.n_head // mode.head_parts} heads per rank")
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)

@@ -1,5 +1,5 @@
 """Data parallelism with torch's DistributedDataParallel (and the single-process case), and
-under it 1D tensor parallelism for models built on `core.tensor`'s layers.
+under it tensor parallelism (any `core.tensor` mode) for models built on its layers.
 
 With dp = 1 the model runs as it is. With dp > 1 it is wrapped in DDP over the mesh's `dp`
 axis; DDP's gradient all-reduces go through a communication hook that counts them in the
