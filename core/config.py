@@ -90,6 +90,8 @@ class ParallelConfig:
     pp_schedule: str = opt("1f1b", "pipeline schedule", choices=("gpipe", "1f1b", "interleaved"))
     microbatches: int = opt(0, "micro-batches per pipeline step; 0 = pp", min=0)
     virtual_stages: int = opt(1, "model chunks per pipeline rank (interleaved schedule)", min=1)
+    pp_partition: str = opt("layers", "how layers are cut into stages: equal layer counts, or balanced by parameter "
+                                      "count", choices=("layers", "params"))
     sp: int = opt(1, "sequence-parallel size", min=1)
     sp_mode: str = opt("ring", "sequence-parallel attention", choices=("ring", "all_to_all"))
     zero: int = opt(0, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters", choices=(0, 1, 2, 3))

@@ -56,6 +56,10 @@ class TrainTask:
     on_step: Callable[["Trainer"], None] | None = None           # after every optimizer step (EMA, ...)
     add_files: Callable[[Path], None] | None = None              # extra files in each checkpoint
     extra_state: dict[str, Any] = field(default_factory=dict)    # objects with state_dict()
+    # under pipeline parallelism: what the first stage takes from a micro-batch, and the loss of
+    # the last stage's output against the micro-batch (mean over its samples)
+    pipeline_input: Callable[[Any], Any] | None = None
+    pipeline_loss: Callable[[Any, Any], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,19 @@ class BatchPlan:
     global_batch: int
 
 
-def plan_batches(cfg: TrainConfig, dp: int) -> BatchPlan:
-    """Micro-batch, accumulation and global batch for `dp` data-parallel ranks."""
+def plan_batches(cfg: TrainConfig, dp: int, pp: int = 1, microbatches: int = 0) -> BatchPlan:
+    """Micro-batch, accumulation and global batch for `dp` data-parallel ranks. Under pipeline
+    parallelism (pp > 1) the accumulated micro-batches are the pipeline's: `microbatches` when
+    given, else what train.global_batch or train.grad_accum ask for, else pp."""
+    if pp > 1 and microbatches:
+        total = cfg.micro_batch * microbatches * dp
+        if cfg.global_batch and cfg.global_batch != total:
+            raise ConfigError(f"train.global_batch: got {cfg.global_batch}, but train.micro_batch x "
+                              f"parallel.microbatches x dp = {cfg.micro_batch} x {microbatches} x {dp} = {total}; "
+                              f"set one of them")
+        return BatchPlan(cfg.micro_batch, microbatches, total)
+    if pp > 1 and not cfg.global_batch and cfg.grad_accum == 1:
+        return BatchPlan(cfg.micro_batch, pp, cfg.micro_batch * pp * dp)
     if cfg.global_batch:
         per_step = cfg.micro_batch * dp
         if cfg.global_batch % per_step:
@@ -93,7 +108,11 @@ class Trainer:
         self.mesh = mesh
         self.task = task
         self.plugin = plugin or make_plugin(cfg, mesh)
-        self.batch = plan_batches(cfg.train, mesh.size("dp"))
+        self.batch = plan_batches(cfg.train, mesh.size("dp"), mesh.size("pp"), cfg.parallel.microbatches)
+        if self.pipelined:
+            from core.pipeline import check
+
+            check(cfg.parallel.pp_schedule, mesh.size("pp"), self.batch.grad_accum, cfg.parallel.virtual_stages)
         self.out = Path(cfg.output.dir)
         self.ckpt_root = self.out / "checkpoints"
         self.booster = Booster(self.plugin)
@@ -186,6 +205,19 @@ class Trainer:
             prune_checkpoints(self.ckpt_root, self.tc.keep_checkpoints)
         return folder
 
+    # ---------------------------------------------------------------- pipeline
+
+    @property
+    def pipelined(self) -> bool:
+        return getattr(self.plugin, "pipelined", False)
+
+    def _pipeline_step(self, micro_batches: list, train: bool) -> torch.Tensor:
+        if self.task.pipeline_input is None or self.task.pipeline_loss is None:
+            raise LoomError("this app does not support pipeline parallelism (parallel.pp > 1): its task "
+                            "gives no pipeline_input / pipeline_loss")
+        return self.booster.execute_pipeline(micro_batches, self.model, self.task.pipeline_input,
+                                             self.task.pipeline_loss, self.optimizer if train else None)
+
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self) -> float | None:
@@ -205,8 +237,14 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.tc.seed + 1)
-            for batch in loader:
-                total += self.task.loss_fn(self.model, _to(batch, self.mesh.device)).double()
+            if self.pipelined:
+                batches = iter(loader)
+                for _ in range(self.tc.eval_batches):
+                    micro_batches = [_to(next(batches), self.mesh.device) for _ in range(accum)]
+                    total += self._pipeline_step(micro_batches, train=False).double() * accum
+            else:
+                for batch in loader:
+                    total += self.task.loss_fn(self.model, _to(batch, self.mesh.device)).double()
         self.model.train()
         mean = comm.all_reduce(total / (self.tc.eval_batches * accum), self.mesh.axis("dp"), op="avg")
         return float(mean)
@@ -252,7 +290,10 @@ class Trainer:
             while self.step < total:
                 t0 = time.perf_counter()
                 step_loss = torch.zeros((), device=self.mesh.device)
-                for m in range(accum):
+                if self.pipelined:
+                    micro_batches = [_to(next(batches), self.mesh.device) for _ in range(accum)]
+                    step_loss += self._pipeline_step(micro_batches, train=True).float()
+                for m in range(0 if self.pipelined else accum):
                     batch = _to(next(batches), self.mesh.device)
                     sync = m == accum - 1
                     with (contextlib.nullcontext() if sync else self.booster.no_sync(self.model)):

@@ -122,14 +122,33 @@ class GPT(nn.Module):
         return n if embeddings else n - self.wpe.weight.numel()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self._embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self._head(x)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than model.seq_len={self.cfg.seq_len}")
         pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(x))
+
+    def pipeline_layers(self) -> list:
+        """The model as a sequence of layers a pipeline can cut into stages (`core.pipeline`):
+        the embeddings, each block, the final LayerNorm with the classifier."""
+        from core.pipeline import PipelineLayer
+
+        return ([PipelineLayer("embed", ("wte", "wpe", "drop"), self._embed, body=False)]
+                + [PipelineLayer(f"block{i}", (f"blocks.{i}",), block) for i, block in enumerate(self.blocks)]
+                + [PipelineLayer("head", ("ln_f", "lm_head"), self._head, body=False)])
+
+    def pipeline_tied(self) -> list[tuple[str, str]]:
+        """Weights used by two layers, by their name in each: the token embedding and the classifier."""
+        return [("wte.weight", "lm_head.weight")] if self.cfg.tie_weights else []
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -67,7 +67,7 @@ def train(cfg: GPTRecipe) -> dict:
                                 f"use a multiple of {mode.batch_parts}")
             model = GPT(cfg.model, mode)
             if mode is not None:
-                log(f"tensor parallelism: {mode.describe()}, {cfg.model.n_head // mode.head_parts} heads per rank")
+                log(f"tensor parallelism: {mode.describe()}; attention heads per rank: {cfg.model.n_head // mode.head_parts}")
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)
@@ -83,12 +83,17 @@ def train(cfg: GPTRecipe) -> dict:
             return next_token_loss(runner, batch, model)
 
         task = TrainTask(model=model, loss_fn=loss_fn, train_data=train_set, eval_data=eval_set,
-                         units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files)
+                         units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files,
+                         pipeline_input=lambda batch: batch[:, :-1],
+                         pipeline_loss=lambda logits, batch: model.loss(logits, batch[:, 1:]))
         trainer = Trainer(cfg, mesh, task, plugin)
         summary = trainer.fit()
         model = plugin.unchunk(model)     # ordinary tensors again (chunked plugins; all ranks)
         # under tensor parallelism every rank of the group takes part in each forward
-        if cfg.sample.tokens and (mesh.is_main or mesh.size("tp") > 1):
+        if cfg.sample.tokens and mesh.size("pp") > 1:
+            log(f"no sample after a pipelined run (each rank holds one stage); sample from the checkpoint: "
+                f"python -m apps.gpt.generate --checkpoint {cfg.output.dir}")
+        elif cfg.sample.tokens and (mesh.is_main or mesh.size("tp") > 1):
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
                                cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)
             if mesh.is_main:

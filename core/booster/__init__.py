@@ -7,6 +7,7 @@ from pathlib import Path
 from core.booster.booster import Boosted, Booster
 from core.booster.ddp import DDPPlugin
 from core.booster.gemini import GeminiPlugin
+from core.booster.hybrid import HybridPlugin
 from core.booster.zero import ZeroPlugin
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.config import Recipe
@@ -19,14 +20,14 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
     this version of Loom cannot run that combination yet."""
     p = cfg.parallel
     missing = []
-    for axis, what in (("pp", "pipeline"), ("sp", "sequence")):
-        if mesh.size(axis) > 1:
-            missing.append(f"parallel.{axis}={mesh.size(axis)} ({what} parallelism)")
-    if mesh.size("tp") > 1 and (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
-        missing.append("ZeRO or offload together with parallel.tp")
+    if mesh.size("sp") > 1:
+        missing.append(f"parallel.sp={mesh.size('sp')} (sequence parallelism)")
+    for axis, what in (("tp", "parallel.tp"), ("pp", "parallel.pp")):
+        if mesh.size(axis) > 1 and (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
+            missing.append(f"ZeRO or offload together with {what}")
     if missing:
         raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
-                        f"data parallelism (parallel.dp) with tensor parallelism (parallel.tp, "
+                        f"data parallelism (parallel.dp) with pipeline (parallel.pp) and tensor parallelism (parallel.tp, "
                         f"parallel.tp_mode=1d|2d|2.5d|3d), or with ZeRO (parallel.zero=1|2|3) and offload "
                         f"(parallel.offload=cpu|nvme)")
     if cfg.memory.step_in_backward:
@@ -42,6 +43,9 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
         if not (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
             raise LoomError("memory.step_in_backward=true needs the chunked engine: set parallel.zero or "
                             "parallel.offload")
+    if mesh.size("pp") > 1:
+        return HybridPlugin(mesh, precision=p.precision, schedule=p.pp_schedule, microbatches=p.microbatches,
+                            virtual_stages=p.virtual_stages, partition_by=p.pp_partition)
     if p.offload != "none" or cfg.memory.device_gb > 0:
         nvme = cfg.memory.nvme_dir or str(Path(cfg.output.dir) / "nvme")
         return GeminiPlugin(mesh, precision=p.precision, stage=p.zero or 3, offload=p.offload, memory=cfg.memory,
@@ -51,5 +55,5 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
     return DDPPlugin(mesh, precision=p.precision)
 
 
-__all__ = ["Boosted", "Booster", "DDPPlugin", "GeminiPlugin", "ModelWrapper", "OptimizerWrapper", "Plugin",
+__all__ = ["Boosted", "Booster", "DDPPlugin", "GeminiPlugin", "HybridPlugin", "ModelWrapper", "OptimizerWrapper", "Plugin",
            "ZeroPlugin", "make_plugin"]

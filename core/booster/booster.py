@@ -14,6 +14,7 @@ from torch import nn
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.checkpoint import load_file, save_file, write_atomically
 from core.checkpoint.files import read_meta
+from core.errors import LoomError
 
 
 @dataclass
@@ -49,6 +50,16 @@ class Booster:
 
     def backward(self, loss: torch.Tensor, optimizer: OptimizerWrapper) -> None:
         optimizer.backward(loss)
+
+    def execute_pipeline(self, batches: list, model: ModelWrapper, first_input: Callable[[Any], Any],
+                         criterion: Callable[[Any, Any], torch.Tensor],
+                         optimizer: OptimizerWrapper | None) -> torch.Tensor:
+        """One pipelined step over the micro-batches `batches` (forward only without an
+        optimizer); gradients end up accumulated and synchronised, ready for `optimizer.step()`.
+        Returns the mean loss on every rank. Only plugins that pipeline (`hybrid`) have it."""
+        if not getattr(self.plugin, "pipelined", False):
+            raise LoomError(f"the {self.plugin.name} plugin does not pipeline; set parallel.pp > 1")
+        return self.plugin.execute_pipeline(batches, model, first_input, criterion, optimizer)
 
     def no_sync(self, model: ModelWrapper) -> ContextManager:
         return self.plugin.no_sync(model)

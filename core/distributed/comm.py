@@ -291,19 +291,19 @@ def recv(buffer: torch.Tensor, axis: AxisGroup, src: int) -> torch.Tensor:
     return buffer
 
 
-def isend(x: torch.Tensor, axis: AxisGroup, dst: int) -> dist.Work:
+def isend(x: torch.Tensor, axis: AxisGroup, dst: int, tag: int = 0) -> dist.Work:
     """Start sending `x` (contiguous) to axis rank `dst`; wait on the returned work before
-    changing or freeing `x`."""
+    changing or freeing `x`. A receive matches the send with the same source and `tag`."""
     if not x.is_contiguous():
         raise ValueError("isend needs a contiguous tensor that lives until the send completes")
     axis.stats.record(axis.name, "send", _nbytes(x))
-    return dist.isend(x, dst=axis.global_rank(dst), group=axis.group)
+    return dist.isend(x, dst=axis.global_rank(dst), group=axis.group, tag=tag)
 
 
-def irecv(buffer: torch.Tensor, axis: AxisGroup, src: int) -> dist.Work:
+def irecv(buffer: torch.Tensor, axis: AxisGroup, src: int, tag: int = 0) -> dist.Work:
     """Start receiving into `buffer` from axis rank `src`."""
     axis.stats.record(axis.name, "recv", _nbytes(buffer))
-    return dist.irecv(buffer, src=axis.global_rank(src), group=axis.group)
+    return dist.irecv(buffer, src=axis.global_rank(src), group=axis.group, tag=tag)
 
 
 def barrier(axis: AxisGroup) -> None:

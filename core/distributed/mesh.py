@@ -193,6 +193,29 @@ class ParallelMesh:
         self._sub_axes[key] = out
         return out
 
+    def subgroup(self, name: str, indices: tuple[int, ...], label: str) -> AxisGroup | None:
+        """The ranks at positions `indices` of axis `name` (for example the first and last
+        pipeline stage) as a group `<name>.<label>`; None on a rank outside it. Every process of
+        the run must call this with the same arguments."""
+        key = (name, tuple(indices), label)
+        if key in self._sub_axes:
+            return self._sub_axes[key].get(label)
+        axis = self.axis(name)
+        out: dict[str, AxisGroup] = {}
+        if self.device_mesh is None:
+            out[label] = AxisGroup(f"{name}.{label}", 1, 0, (axis.ranks[0],), None, self.stats, self.device)
+        else:
+            grid = self.device_mesh.mesh
+            instances = grid.movedim(AXES.index(name), -1).reshape(-1, axis.size).tolist()
+            for ranks in instances:
+                members = [int(ranks[i]) for i in indices]
+                group = dist.new_group(members)
+                if self.global_rank in members:
+                    out[label] = AxisGroup(f"{name}.{label}", len(members), members.index(self.global_rank),
+                                           tuple(members), group, self.stats, self.device)
+        self._sub_axes[key] = out
+        return out.get(label)
+
     @property
     def world(self) -> AxisGroup:
         return self._axes["world"]

@@ -1,30 +1,25 @@
-"""The four region operators of tensor parallelism, as autograd functions over counted collectives.
+"""The region operators of 1D tensor parallelism, as autograd functions over counted collectives.
 
-Inside a tensor-parallel group every rank computes the same loss from the same replicated
-activations, so a gradient that reaches a replicated tensor is already the full gradient on each
-rank. Hence the pairs (Shoeybi et al. 2019, "Megatron-LM", section 3):
+Where every rank of a tensor-parallel group computes the same thing from the same replicated
+activation, the gradient that reaches it is already whole on each rank; where ranks use one
+tensor for different parts of the work, each holds only its share. Hence (Shoeybi et al. 2019,
+"Megatron-LM", section 3):
 
-    copy_to      forward: identity          backward: all-reduce    (entering a split region)
-    reduce_from  forward: all-reduce        backward: identity      (leaving it by a sum)
-    gather_from  forward: all-gather(dim)   backward: keep own part (leaving it by concatenation)
-    scatter_to   forward: keep own part     backward: all-gather    (entering it by a split)
+    copy_to      forward: identity     backward: all-reduce   (a tensor entering work split over ranks;
+                                                               also a parameter replicated over ranks
+                                                               that use it on different tokens)
+    reduce_from  forward: all-reduce   backward: identity     (partial results summed into a
+                                                               replicated tensor used alike by all)
 
-`core.distributed.all_reduce` is not the same thing: its backward all-reduces too, which is
-right when each rank's loss is its own term of a sum, and wrong here.
+`core.distributed.all_reduce` differs from `reduce_from`: its backward all-reduces too, which is
+right when the ranks go on to use the sum for different work (split LayerNorm statistics).
 """
 
 from __future__ import annotations
 
 import torch
 
-from core.distributed.comm import AxisGroup, _all_gather, all_reduce_
-
-
-def _own_part(x: torch.Tensor, axis: AxisGroup, dim: int) -> torch.Tensor:
-    if x.shape[dim] % axis.size:
-        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split into {axis.size} parts over "
-                         f"'{axis.name}'")
-    return x.chunk(axis.size, dim=dim)[axis.rank].contiguous()
+from core.distributed.comm import AxisGroup, all_reduce_
 
 
 class _CopyTo(torch.autograd.Function):
@@ -48,39 +43,9 @@ class _ReduceFrom(torch.autograd.Function):
         return g, None
 
 
-class _GatherFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, axis, dim):
-        ctx.axis, ctx.dim = axis, dim
-        return _all_gather(x, axis, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _own_part(g, ctx.axis, ctx.dim), None, None
-
-
-class _ScatterTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, axis, dim):
-        ctx.axis, ctx.dim = axis, dim
-        return _own_part(x, axis, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.axis, ctx.dim), None, None
-
-
 def copy_to(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
     return x if axis.size == 1 else _CopyTo.apply(x, axis)
 
 
 def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
     return x if axis.size == 1 else _ReduceFrom.apply(x, axis)
-
-
-def gather_from(x: torch.Tensor, axis: AxisGroup, dim: int = -1) -> torch.Tensor:
-    return x if axis.size == 1 else _GatherFrom.apply(x, axis, dim % x.dim())
-
-
-def scatter_to(x: torch.Tensor, axis: AxisGroup, dim: int = -1) -> torch.Tensor:
-    return x if axis.size == 1 else _ScatterTo.apply(x, axis, dim % x.dim())

@@ -1,0 +1,238 @@
+"""The `hybrid` plugin: data x pipeline x tensor parallelism from one recipe.
+
+- Pipeline: the model lists its layers (`pipeline_layers()`, see `core.pipeline`); they are cut
+  into parallel.pp x parallel.virtual_stages chunks, this rank keeps its own (the others are
+  pruned, so its optimizer holds only its stage's parameters) and runs the schedule's actions
+  for each step (`execute_pipeline`).
+- Tensor parallelism: the layers themselves are `core.tensor` layers built with the recipe's
+  mode; a stage talks to the same tensor-parallel rank of its neighbours.
+- Data parallelism: after the step's backward, gradients are averaged over the dp axis in one
+  flat all-reduce per stage (no DDP: a pipeline step runs many forwards and backwards).
+- Tied weights (GPT's embedding and classifier, on the first and last stage): their gradients
+  are summed between those two stages every step, so the copies stay equal.
+
+Gradient clipping sees the whole model's norm: every stage's squared norm (tensor-parallel parts
+counted once each, the tied copy on the last stage not at all) summed over pp and tp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from core.booster.ddp import _tied_names_dropped
+from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
+from core.checkpoint import CheckpointIO, load_file, save_file
+from core.distributed.comm import all_reduce_, broadcast_
+from core.errors import LoomError
+from core.pipeline.engine import StageRunner, StepRecord, partition, prune
+from core.pipeline.schedule import Action, build, check
+
+
+class PipelineOptimizerWrapper(OptimizerWrapper):
+    def __init__(self, optim, model, scaler, tp_axis, pp_axis, skip_in_norm: set[int]) -> None:
+        super().__init__(optim, model, scaler, tp_axis=tp_axis)
+        self.pp_axis = pp_axis
+        self.skip_in_norm = skip_in_norm
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        from core.tensor import grad_norm_sq
+
+        self._unscale()
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        counted = [p for p in params if id(p) not in self.skip_in_norm]
+        norm_sq = grad_norm_sq(counted, self.tp_axis)
+        all_reduce_(norm_sq, self.pp_axis, "sum")
+        norm = norm_sq.sqrt().float()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
+        return norm
+
+
+class PipelineCheckpointIO(CheckpointIO):
+    """Weights as one unsplit state dict (each stage's part, gathered over tp, collected over pp
+    on rank 0), so a pipelined run's checkpoint loads into a serial model and back; the optimizer
+    per (pp, tp) rank, for resuming in the same layout."""
+
+    def __init__(self, plugin: "HybridPlugin") -> None:
+        self.plugin = plugin
+        self.mesh = plugin.mesh
+
+    def save_model(self, model: nn.Module, folder, rank: int) -> None:
+        import torch.distributed as dist
+        from safetensors.torch import save_file as st_save_file
+
+        from core.tensor import serial_state_dict
+
+        state = serial_state_dict(model)                 # collective over tp
+        state.update({k: v.detach().cpu() for k, v in model.named_buffers()})
+        mesh = self.mesh
+        if mesh.rank("dp") or mesh.rank("tp") or mesh.rank("sp"):
+            return
+        pp = mesh.axis("pp")
+        parts = [None] * pp.size if pp.rank == 0 else None
+        dist.gather_object({k: v.contiguous() for k, v in state.items()}, parts, dst=pp.global_rank(0),
+                           group=pp.group)
+        if pp.rank == 0:
+            merged = {}
+            for part in parts:
+                merged.update(part)
+            merged = {k: v for k, v in merged.items() if k not in self.plugin.tied_dropped}
+            st_save_file(merged, str(Path(folder) / self.MODEL))
+
+    def load_model(self, model: nn.Module, folder) -> None:
+        from safetensors.torch import load_file as st_load_file
+
+        from core.tensor import load_serial_state_dict
+
+        path = Path(folder) / self.MODEL
+        if not path.is_file():
+            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
+        saved = st_load_file(str(path))
+        for a, b in self.plugin.tied:                    # a tied weight is stored under one name
+            if a in saved and b not in saved:
+                saved[b] = saved[a]
+            elif b in saved and a not in saved:
+                saved[a] = saved[b]
+        try:
+            missing = load_serial_state_dict(model, saved)
+        except RuntimeError as e:
+            raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
+        if missing:
+            raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+
+    def _optimizer_file(self) -> str:
+        return f"optimizer.pp{self.mesh.rank('pp')}.tp{self.mesh.rank('tp')}.pt"
+
+    def save_optimizer(self, optimizer, folder, rank: int) -> None:
+        if self.mesh.rank("dp") == 0 and self.mesh.rank("sp") == 0:
+            save_file(optimizer.state_dict(), Path(folder) / self._optimizer_file())
+
+    def load_optimizer(self, optimizer, folder) -> None:
+        path = Path(folder) / self._optimizer_file()
+        if not path.is_file():
+            raise LoomError(f"{path} is missing: optimizer states are saved per pipeline and tensor-parallel rank, "
+                            f"so a run resumes with the same parallel.pp and parallel.tp; to change them, start "
+                            f"from the weights alone")
+        optimizer.load_state_dict(load_file(path))
+
+
+class HybridPlugin(Plugin):
+    name = "hybrid"
+    supported_precisions = ("fp32", "bf16")
+    supported_devices = ("cpu", "cuda")
+    supports_no_sync = False
+    supports_checkpoint_io = True
+    pipelined = True
+
+    def __init__(self, mesh, precision: str = "fp32", schedule: str = "1f1b", microbatches: int = 0,
+                 virtual_stages: int = 1, partition_by: str = "layers") -> None:
+        super().__init__(mesh, precision)
+        self.pp = mesh.axis("pp")
+        self.schedule, self.virtual, self.partition_by = schedule, virtual_stages, partition_by
+        self.microbatches = microbatches
+        check(schedule, self.pp.size, microbatches or self.pp.size, virtual_stages)
+        self.tied: list[tuple[str, str]] = []
+        self.tied_dropped: set[str] = set()
+        self.runner: StageRunner | None = None
+        self.records: list[StepRecord] = []
+        self.keep_records = False
+        p = self.pp.size
+        # the ranks of the first and last stage, which hold the tied weights' two copies
+        self._ends = (mesh.subgroup("pp", (0, p - 1), "ends") if p > 2 else self.pp)
+
+    def describe(self) -> str:
+        sched = self.schedule + (f" x{self.virtual} virtual" if self.virtual > 1 else "")
+        return f"{self.name} ({self.mesh.layout.describe()}, {sched}, {self.precision.name}, {self.mesh.device})"
+
+    def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        if not hasattr(model, "pipeline_layers"):
+            raise LoomError(f"{type(model).__name__} cannot be pipelined: it has no pipeline_layers() "
+                            f"(see core.pipeline)")
+        layers = model.pipeline_layers()
+        self._check_ownership(model, layers)
+        p, s, v = self.pp.size, self.pp.rank, self.virtual
+        weights = None
+        if self.partition_by == "params":
+            weights = [sum(t.numel() for name in layer.modules for t in model.get_submodule(name).parameters())
+                       for layer in layers]
+        assignment = partition(layers, p * v, self.partition_by, weights)
+        self.assignment = assignment
+        mine = [assignment[c * p + s] for c in range(v)]
+        keep = {i for chunk in mine for i in chunk}
+        self.tied = list(getattr(model, "pipeline_tied", lambda: [])())
+        self.tied_dropped = _tied_names_dropped(model)
+        prune(model, layers, keep)
+        model.to(self.mesh.device)
+        params = list(model.parameters())
+        kept = {id(t) for t in params}
+        # tied weights: the first stage's copy is named after its first use, the last stage's after
+        # its second; the last stage's copy is left out of the gradient norm (counted once)
+        by_name = dict(model.named_parameters(remove_duplicate=False))
+        side = 0 if s == 0 else 1 if s == p - 1 else None
+        self._tied_params = [by_name[pair[side]] for pair in self.tied if side is not None and pair[side] in by_name]
+        skip = {id(t) for t in self._tied_params} if side == 1 else set()
+        self.runner = StageRunner([[layers[i] for i in chunk] for chunk in mine], self.pp,
+                                  self.precision.autocast, params)
+        wrapped = ModelWrapper(model, model, self.precision)
+        opt = None
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [t for t in group["params"] if id(t) in kept]
+            opt = PipelineOptimizerWrapper(optimizer, model, self.precision.make_scaler(),
+                                           self.mesh.axis("tp"), self.pp, skip)
+        return wrapped, opt
+
+    @staticmethod
+    def _check_ownership(model: nn.Module, layers) -> None:
+        owned = [name for layer in layers for name in layer.modules]
+        for pname, _ in model.named_parameters():
+            if not any(pname == o or pname.startswith(o + ".") for o in owned):
+                raise LoomError(f"parameter {pname} belongs to none of the model's pipeline layers")
+
+    def checkpoint_io(self) -> CheckpointIO:
+        return PipelineCheckpointIO(self)
+
+    def actions(self, micro: int, train: bool = True) -> list[Action]:
+        if not train:
+            return [Action("F", i, c) for i in range(micro) for c in range(self.virtual)]
+        return build(self.schedule, self.pp.size, self.pp.rank, micro, self.virtual)
+
+    def execute_pipeline(self, batches: list, model: ModelWrapper, first_input: Callable[[Any], Any],
+                         criterion: Callable[[Any, Any], torch.Tensor],
+                         optimizer: OptimizerWrapper | None) -> torch.Tensor:
+        """One step over the micro-batches `batches` (forward only when `optimizer` is None):
+        gradients accumulated, tied copies and data-parallel ranks synchronised. Returns the mean
+        loss over the micro-batches on every rank."""
+        record = StepRecord() if self.keep_records else None
+        train = optimizer is not None
+        loss = self.runner.run(self.actions(len(batches), train), batches, first_input, criterion,
+                               optimizer.backward if train else None, self.mesh.device, record)
+        if record is not None:
+            self.records.append(record)
+        if train:
+            self._sync_gradients(model.unwrap())
+        value = loss if loss is not None else torch.zeros((), device=self.mesh.device)
+        broadcast_(value, self.pp, self.pp.size - 1)
+        return value
+
+    def _sync_gradients(self, model: nn.Module) -> None:
+        for t in self._tied_params:
+            if t.grad is not None:
+                all_reduce_(t.grad, self._ends, "sum")
+        dp = self.mesh.axis("dp")
+        if dp.size == 1:
+            return
+        grads = [t.grad for t in model.parameters() if t.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            all_reduce_(flat, dp, "avg")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
