@@ -208,3 +208,35 @@ def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), k
     meta = json.loads((tmp_path / "hybrid" / "checkpoints" / "step_0000004" / "meta.json").read_text())
     assert meta["layout"]["dp"] == 2 and meta["layout"]["tp"] == 2
+
+
+def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
+    """`parallel.pp=2` with 1F1B and with the interleaved schedule trains like one process
+    accumulating the same micro-batches (losses, eval loss, checkpoint weights), the checkpoint
+    loads into a serial model for generation, and what a pipeline cannot run stops at start."""
+    common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=3", "train.log_every=1",
+              "train.eval_every=3", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
+              "train.micro_batch=2", "train.checkpoint_every=3", *QUICK_MODEL, "model.n_layer=4"]
+    pipe = ["parallel.pp=2", "parallel.microbatches=4"]
+    run(_torchrun(2, *common, *pipe, f"output.dir={tmp_path / 'pp'}"), tmp_path)
+    run(_torchrun(2, *common, *pipe, "parallel.pp_schedule=interleaved", "parallel.virtual_stages=2",
+                  f"output.dir={tmp_path / 'vpp'}"), tmp_path)
+    run([sys.executable, "-m", "apps.gpt.pretrain", *common, "train.grad_accum=4", f"output.dir={tmp_path / 'one'}"],
+        tmp_path)
+    one_loss, one_eval = _losses(tmp_path / "one")
+    b = load_file(tmp_path / "one" / "checkpoints" / "step_0000003" / "model.safetensors")
+    for name in ("pp", "vpp"):
+        loss, ev = _losses(tmp_path / name)
+        assert len(loss) == 3 and loss == pytest.approx(one_loss, rel=1e-5) and ev == pytest.approx(one_eval, rel=1e-5)
+        a = load_file(tmp_path / name / "checkpoints" / "step_0000003" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in b:
+            assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), (name, k)
+    g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "pp"), "--prompt", "line",
+             "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
+    assert g.stdout.startswith("line")
+    r = run(_torchrun(2, *common, *pipe, "model.n_layer=3", f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
+    assert r.returncode != 0 and "the model's 3 layers do not divide into 2 pipeline chunks" in r.stderr
+    r = run(_torchrun(2, *common, "parallel.pp=2", "parallel.microbatches=1", f"output.dir={tmp_path / 'bad2'}"),
+            tmp_path, check=False)
+    assert r.returncode != 0 and "parallel.pp_schedule=1f1b needs at least as many micro-batches as stages" in r.stderr
