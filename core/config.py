@@ -78,6 +78,8 @@ class TrainConfig:
     seed: int = opt(0, "seed for weights, data order and dropout", min=0)
     resume: str = opt("", "'' starts fresh; 'latest' continues from the newest checkpoint in output.dir; or a checkpoint folder")
     progress: bool = opt(True, "show a progress bar on rank 0")
+    init_weights: str = opt("", "a checkpoint folder whose weights (only) start a fresh run, from any layout "
+                                "(checkpoints hold unsplit weights)")
 
 
 @dataclass
@@ -91,7 +93,7 @@ class ParallelConfig:
     microbatches: int = opt(0, "micro-batches per pipeline step; 0 = pp", min=0)
     virtual_stages: int = opt(1, "model chunks per pipeline rank (interleaved schedule)", min=1)
     pp_partition: str = opt("layers", "how layers are cut into stages: equal layer counts, or balanced by parameter "
-                                      "count", choices=("layers", "params"))
+                                      "count or by each layer's measured time", choices=("layers", "params", "cost"))
     sp: int = opt(1, "sequence-parallel size", min=1)
     sp_mode: str = opt("ring", "sequence-parallel attention", choices=("ring", "all_to_all"))
     zero: int = opt(0, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters", choices=(0, 1, 2, 3))

@@ -258,6 +258,12 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         else:
+            if self.tc.init_weights:
+                folder = Path(self.tc.init_weights)
+                if not folder.is_dir():
+                    raise LoomError(f"train.init_weights={folder} is not a checkpoint folder")
+                self.plugin.checkpoint_io().load_model(self.model.unwrap(), folder)
+                self.log(f"weights from {folder}; optimizer, schedule and data order start afresh")
             self._seed_training_rng()
         self._prepare_output(resume_from)
         total = self.tc.steps

@@ -146,6 +146,11 @@ class GPT(nn.Module):
                 + [PipelineLayer(f"block{i}", (f"blocks.{i}",), block) for i, block in enumerate(self.blocks)]
                 + [PipelineLayer("head", ("ln_f", "lm_head"), self._head, body=False)])
 
+    def pipeline_sample(self) -> torch.Tensor:
+        """An input for the first pipeline layer (to time each layer): one context of random tokens
+        per batch part of the tensor-parallel mode."""
+        return torch.randint(0, self.cfg.vocab_size, (self.mode.batch_parts, self.cfg.seq_len))
+
     def pipeline_tied(self) -> list[tuple[str, str]]:
         """Weights used by two layers, by their name in each: the token embedding and the classifier."""
         return [("wte.weight", "lm_head.weight")] if self.cfg.tie_weights else []

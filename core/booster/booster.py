@@ -51,10 +51,10 @@ class Booster:
     def backward(self, loss: torch.Tensor, optimizer: OptimizerWrapper) -> None:
         optimizer.backward(loss)
 
-    def execute_pipeline(self, batches: list, model: ModelWrapper, first_input: Callable[[Any], Any],
+    def execute_pipeline(self, batches, model: ModelWrapper, first_input: Callable[[Any], Any],
                          criterion: Callable[[Any, Any], torch.Tensor],
                          optimizer: OptimizerWrapper | None) -> torch.Tensor:
-        """One pipelined step over the micro-batches `batches` (forward only without an
+        """One pipelined step over the micro-batches `batches` (any iterable; forward only without an
         optimizer); gradients end up accumulated and synchronised, ready for `optimizer.step()`.
         Returns the mean loss on every rank. Only plugins that pipeline (`hybrid`) have it."""
         if not getattr(self.plugin, "pipelined", False):

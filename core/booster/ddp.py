@@ -81,7 +81,8 @@ class TensorParallelCheckpointIO(CheckpointIO):
         path = Path(folder) / self._optimizer_file()
         if not path.is_file():
             raise LoomError(f"{path} is missing: optimizer states are saved per tensor-parallel rank, so a run "
-                            f"resumes with the same parallel.tp; to change it, start from the weights alone")
+                            f"resumes with the same parallel.tp; to change it, start a fresh run from its weights "
+                            f"with train.init_weights={folder}")
         optimizer.load_state_dict(load_file(path))
 
 

@@ -118,7 +118,7 @@ class PipelineCheckpointIO(CheckpointIO):
         if not path.is_file():
             raise LoomError(f"{path} is missing: optimizer states are saved per pipeline and tensor-parallel rank, "
                             f"so a run resumes with the same parallel.pp and parallel.tp; to change them, start "
-                            f"from the weights alone")
+                            f"a fresh run from its weights with train.init_weights={folder}")
         optimizer.load_state_dict(load_file(path))
 
 
@@ -161,6 +161,8 @@ class HybridPlugin(Plugin):
         if self.partition_by == "params":
             weights = [sum(t.numel() for name in layer.modules for t in model.get_submodule(name).parameters())
                        for layer in layers]
+        elif self.partition_by == "cost":
+            weights = self._measure(model, layers)
         assignment = partition(layers, p * v, self.partition_by, weights)
         self.assignment = assignment
         mine = [assignment[c * p + s] for c in range(v)]
@@ -188,6 +190,39 @@ class HybridPlugin(Plugin):
                                            self.mesh.axis("tp"), self.pp, skip)
         return wrapped, opt
 
+    def _measure(self, model: nn.Module, layers) -> list[float]:
+        """Each layer's forward + backward time on the model's sample input (median of 3, on the
+        random streams of a forked generator), rank 0's figures broadcast so that every rank cuts
+        the model the same way."""
+        import statistics
+        import time
+
+        if not hasattr(model, "pipeline_sample"):
+            raise LoomError(f"parallel.pp_partition=cost needs {type(model).__name__}.pipeline_sample() "
+                            f"(an input for the first layer)")
+        model.to(self.mesh.device)
+        costs = []
+        with torch.random.fork_rng(devices=[self.mesh.device.index or 0] if self.mesh.device.type == "cuda" else []):
+            x = model.pipeline_sample().to(self.mesh.device)
+            for layer in layers:
+                if x.is_floating_point():
+                    x = x.detach().requires_grad_(True)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    with self.precision.autocast():
+                        y = layer.fn(x)
+                    y.float().sum().backward()
+                    if self.mesh.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                costs.append(statistics.median(times))
+                x = y.detach()
+        model.zero_grad(set_to_none=True)
+        out = torch.tensor(costs, dtype=torch.float64)
+        broadcast_(out, self.mesh.world, 0)
+        return out.tolist()
+
     @staticmethod
     def _check_ownership(model: nn.Module, layers) -> None:
         owned = [name for layer in layers for name in layer.modules]
@@ -203,7 +238,7 @@ class HybridPlugin(Plugin):
             return [Action("F", i, c) for i in range(micro) for c in range(self.virtual)]
         return build(self.schedule, self.pp.size, self.pp.rank, micro, self.virtual)
 
-    def execute_pipeline(self, batches: list, model: ModelWrapper, first_input: Callable[[Any], Any],
+    def execute_pipeline(self, batches, model: ModelWrapper, first_input: Callable[[Any], Any],
                          criterion: Callable[[Any, Any], torch.Tensor],
                          optimizer: OptimizerWrapper | None) -> torch.Tensor:
         """One step over the micro-batches `batches` (forward only when `optimizer` is None):
@@ -211,6 +246,7 @@ class HybridPlugin(Plugin):
         loss over the micro-batches on every rank."""
         record = StepRecord() if self.keep_records else None
         train = optimizer is not None
+        batches = list(batches)           # any iterable of micro-batches
         loss = self.runner.run(self.actions(len(batches), train), batches, first_input, criterion,
                                optimizer.backward if train else None, self.mesh.device, record)
         if record is not None:

@@ -50,10 +50,10 @@ def _pipelined(layout, schedules, folder):
     mode = make_mode("1d", mesh) if layout.tp > 1 else None
     dp = mesh.axis("dp")
     out = {}
-    for schedule, virtual in schedules:
+    for schedule, virtual, by in schedules:
         torch.manual_seed(0)
         model = GPT(CFG, mode)                     # serial-identical initialisation on every rank
-        plugin = HybridPlugin(mesh, "fp32", schedule, MICRO, virtual)
+        plugin = HybridPlugin(mesh, "fp32", schedule, MICRO, virtual, by)
         wrapped, opt = plugin.configure(model, _optimizer(model))
         losses, norms = [], []
         for step in range(STEPS):
@@ -64,22 +64,40 @@ def _pipelined(layout, schedules, folder):
             norms.append(float(opt.clip_grad_norm(0.5)))
             opt.step()
             opt.zero_grad()
-        where = f"{folder}/{schedule}{virtual}"
+        where = f"{folder}/{schedule}{virtual}{by}"
         if mesh.is_main:
             import os
             os.makedirs(where, exist_ok=True)
         torch.distributed.barrier()
         plugin.checkpoint_io().save_model(model, where, mesh.global_rank)
-        out[(schedule, virtual)] = (losses, norms, where)
+        torch.distributed.barrier()                # rank 0 has written the file
+        # the tied embedding / classifier: the first and the last stage's copies stay equal
+        tied = model.wte.weight if mesh.rank("pp") == 0 else model.lm_head.weight if \
+            mesh.rank("pp") == mesh.size("pp") - 1 else None
+        # and back: the serial file loads into a fresh pipelined model, every stage its part
+        torch.manual_seed(1)
+        fresh = GPT(CFG, mode)
+        again = HybridPlugin(mesh, "fp32", schedule, MICRO, virtual, by)
+        again.configure(fresh, None)
+        again.checkpoint_io().load_model(fresh, where)
+        back = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+        out[(schedule, virtual, by)] = (losses, norms, where,
+                                        None if tied is None else (mesh.rank("tp"), tied.detach().clone()), back,
+                                        [len(c) for c in plugin.assignment])
     return out
 
 
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)]
+SCHEDULES = [("gpipe", 1, "layers"), ("1f1b", 1, "layers"), ("interleaved", 2, "layers")]
 
 
 def _check(results, ref, dp):
     losses_ref, norms_ref, weights_ref = ref
     for key in results[0]:
+        assert all(r[key][4] for r in results), key                        # checkpoint loads back
+        tied = [r[key][3] for r in results if r[key][3] is not None]      # (tp rank, its part)
+        for tp_rank in {t[0] for t in tied}:
+            parts = [t[1] for t in tied if t[0] == tp_rank]
+            assert len(parts) >= 2 and all(torch.equal(t, parts[0]) for t in parts), key
         mean_losses = [sum(r[key][0][i] for r in results) / len(results) for i in range(STEPS)]
         assert mean_losses == pytest.approx(losses_ref, rel=1e-5), key      # dp ranks report their own mean
         assert results[0][key][1] == pytest.approx(norms_ref, rel=1e-5), key
@@ -96,11 +114,18 @@ def _check(results, ref, dp):
 
 @pytest.mark.parametrize("pp", [2, 4])
 def test_gpt_pipeline_schedules_match_serial(pp, tmp_path):
-    results = run_distributed(_pipelined, world_size=pp, args=(Layout(pp=pp), SCHEDULES, str(tmp_path)))
+    # pp=2 also cuts by parameter count and by measured time: unequal stages, same training
+    extra = [("1f1b", 1, "params"), ("1f1b", 1, "cost")] if pp == 2 else []
+    results = run_distributed(_pipelined, world_size=pp, args=(Layout(pp=pp), SCHEDULES + extra, str(tmp_path)))
     _check(results, _serial(1), 1)
+    if pp == 2:
+        sizes = {by: results[0][("1f1b", 1, by)][5] for by in ("layers", "params", "cost")}
+        assert sizes["layers"] == [5, 5]                      # embedding + 4 blocks | 4 blocks + head
+        assert sum(sizes["params"]) == sum(sizes["cost"]) == 10
 
 
 def test_gpt_dp_pp_tp_on_eight_ranks_matches_serial(tmp_path):
     layout = Layout(dp=2, pp=2, tp=2)
-    results = run_distributed(_pipelined, world_size=8, args=(layout, [("1f1b", 1), ("interleaved", 2)], str(tmp_path)))
+    results = run_distributed(_pipelined, world_size=8, args=(layout, [("1f1b", 1, "layers"), ("interleaved", 2, "layers")],
+                                                                     str(tmp_path)))
     _check(results, _serial(2), 2)

@@ -32,7 +32,7 @@ def test_help_lists_every_key():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     for text in ("usage: python -m apps.gpt.pretrain", "train.steps (int [1..]", "model.n_layer",
-                 "parallel.dp", "output.dir", "Known recipes: gpt/gpt2-124m, gpt/gpt2-xl-nvme, gpt/tiny", "torchrun"):
+                 "parallel.dp", "output.dir", "Known recipes: gpt/gpt2-124m, gpt/gpt2-medium-3axis, gpt/gpt2-xl-nvme, gpt/tiny", "torchrun"):
         assert text in r.stdout, text
 
 
@@ -213,7 +213,8 @@ def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder
 def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
     """`parallel.pp=2` with 1F1B and with the interleaved schedule trains like one process
     accumulating the same micro-batches (losses, eval loss, checkpoint weights), the checkpoint
-    loads into a serial model for generation, and what a pipeline cannot run stops at start."""
+    loads into a serial model for generation and a serial checkpoint starts a pipelined run, and
+    what a pipeline cannot run stops at start."""
     common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=3", "train.log_every=1",
               "train.eval_every=3", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
               "train.micro_batch=2", "train.checkpoint_every=3", *QUICK_MODEL, "model.n_layer=4"]
@@ -235,6 +236,12 @@ def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
     g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "pp"), "--prompt", "line",
              "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
     assert g.stdout.startswith("line")
+    # and back: the one-process checkpoint starts a pipelined run (lr 0: its weights stay, so the
+    # pipelined evaluation equals the one-process run's final one)
+    run(_torchrun(2, *common, *pipe, "train.steps=1", "optim.lr=0", "train.eval_every=1",
+                  f"train.init_weights={tmp_path / 'one' / 'checkpoints' / 'step_0000003'}",
+                  f"output.dir={tmp_path / 'back'}"), tmp_path)
+    assert _losses(tmp_path / "back")[1] == pytest.approx(one_eval, rel=1e-5)
     r = run(_torchrun(2, *common, *pipe, "model.n_layer=3", f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
     assert r.returncode != 0 and "the model's 3 layers do not divide into 2 pipeline chunks" in r.stderr
     r = run(_torchrun(2, *common, "parallel.pp=2", "parallel.microbatches=1", f"output.dir={tmp_path / 'bad2'}"),
