@@ -1,7 +1,12 @@
-"""The GPT model, written once on core.tensor's layers, split in every mode (1D over 2 and 4 gloo
-ranks, 2D over 4, 2.5D over 8 as 2 x 2 x 2, 3D over 8): logits, loss (vocabulary-parallel, never
-gathered), every gradient and the weights after 3 AdamW steps against the serial model, fp32,
-1e-5; the qkv shards hold whole heads; the serial state dict round trip."""
+"""Every tensor-parallel mode (1D over 2 and 4 gloo ranks, 2D over 4, 2.5D over 8 as 2 x 2 x 2, 3D
+over 8), in one set of ranks per layout:
+
+- every layer against torch.nn (tests/core/tensor/layer_chain.py);
+- the GPT model, written once on core.tensor's layers: logits, loss (vocabulary-parallel, never
+  gathered), every gradient and the weights after 3 AdamW steps against the serial model, fp32,
+  1e-5; the qkv shards hold whole heads; the serial state dict round trip;
+- one GPT block's training step hands the collectives exactly the calls and bytes the cost
+  model (core/tensor/cost.py) predicts."""
 
 import pytest
 import torch
@@ -11,7 +16,10 @@ from apps.gpt.model import GPT
 from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
 from core.errors import LoomError
+from benchmarks.tp_comm_volume import measure_layer
 from core.tensor import COLUMN, TPLayer, make_mode
+from core.tensor.cost import transformer_layer
+from tests.core.tensor.layer_chain import chain_run, check_chain
 
 CFG = GPTModelConfig(n_layer=2, n_head=4, d_model=32, seq_len=16, vocab_size=64, bias=True)
 STEPS = 3
@@ -91,11 +99,26 @@ def _rel(a, b):
 LAYOUTS = [("1d", 2, 1), ("1d", 4, 1), ("2d", 4, 1), ("2.5d", 8, 2), ("3d", 8, 1)]
 
 
+COMM_SHAPE = dict(batch=4, seq=8, hidden=16, heads=4)
+
+
+def _layout(name: str, tp: int, depth: int):
+    bias = name != "2d"                  # the cost model with and without biases
+    comm = measure_layer(name, tp, depth, *COMM_SHAPE.values(), bias=bias)
+    return chain_run(name, tp, depth), _parallel(name, tp, depth), comm
+
+
 @pytest.mark.parametrize("mode,tp,depth", LAYOUTS, ids=[f"{n}-tp{t}" for n, t, _ in LAYOUTS])
-def test_gpt_matches_serial(mode, tp, depth):
+def test_layers_gpt_and_communication_match_serial_and_the_cost_model(mode, tp, depth):
+    results = run_distributed(_layout, world_size=tp, args=(mode, tp, depth))
+    check_chain(mode, tp, [r[0] for r in results])
+    predicted = transformer_layer(mode, tp, COMM_SHAPE["batch"], COMM_SHAPE["seq"], COMM_SHAPE["hidden"], 4,
+                                  depth, bias=mode != "2d")
+    for _, _, comm in results:
+        assert (comm["calls"], comm["bytes"]) == (predicted.calls, predicted.payload_bytes), comm["by_axis"]
     ref = _serial()
     heads = CFG.n_head // (tp if mode == "1d" else 2)          # q = 2 in the other layouts
-    for got in run_distributed(_parallel, world_size=tp, args=(mode, tp, depth)):
+    for got in (r[1] for r in results):
         assert got["shard_ok"] and got["round_trip"]
         assert got["heads"] == heads
         assert _rel(got["logits"], ref["logits"]) <= 1e-5
