@@ -32,6 +32,26 @@ def _tied_names_dropped(model: nn.Module) -> set[str]:
     return {name for dropped in _remove_duplicate_names(model.state_dict()).values() for name in dropped}
 
 
+def read_serial_weights(folder, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The unsplit weights file of a checkpoint folder, or one clear error."""
+    from safetensors.torch import load_file as st_load_file
+
+    path = Path(folder) / name
+    if not path.is_file():
+        raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
+    return path, st_load_file(str(path))
+
+
+def load_serial_weights(model: nn.Module, saved: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """This rank's parts of unsplit weights into a model on `core.tensor` layers; the names it lacked."""
+    from core.tensor import load_serial_state_dict
+
+    try:
+        return load_serial_state_dict(model, saved)
+    except RuntimeError as e:
+        raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
+
+
 class TensorParallelCheckpointIO(CheckpointIO):
     """Weights as the unsplit state dict (gathered over the tp axis; one copy written), so that
     they load into a serial model or any other split; the optimizer's state per tp rank
@@ -52,37 +72,30 @@ class TensorParallelCheckpointIO(CheckpointIO):
             st_save_file(unique, str(Path(folder) / self.MODEL))
 
     def load_model(self, model: nn.Module, folder) -> None:
-        from safetensors.torch import load_file as st_load_file
-
-        from core.tensor import load_serial_state_dict
-
-        path = Path(folder) / self.MODEL
-        if not path.is_file():
-            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
-        saved = st_load_file(str(path))
+        path, saved = read_serial_weights(folder, self.MODEL)
         loaded = {id(p) for n, p in model.named_parameters() if n in saved}
         by_name = dict(model.named_parameters(remove_duplicate=False))
-        try:
-            lacking = load_serial_state_dict(model, saved)
-        except RuntimeError as e:
-            raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
+        lacking = load_serial_weights(model, saved, path)
         missing = [n for n in lacking if id(by_name.get(n)) not in loaded]   # a tied name is not missing
         if missing:
             raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
 
+    split_by = ("tp",)          # the axes whose ranks hold different optimizer states
+
     def _optimizer_file(self) -> str:
-        return f"optimizer.tp{self.mesh.rank('tp')}.pt"
+        return "optimizer." + ".".join(f"{a}{self.mesh.rank(a)}" for a in self.split_by) + ".pt"
 
     def save_optimizer(self, optimizer, folder, rank: int) -> None:
-        if self.mesh.rank("dp") == 0 and self.mesh.rank("pp") == 0 and self.mesh.rank("sp") == 0:
+        if all(self.mesh.rank(a) == 0 for a in ("dp", "pp", "sp", "tp") if a not in self.split_by):
             save_file(optimizer.state_dict(), Path(folder) / self._optimizer_file())
 
     def load_optimizer(self, optimizer, folder) -> None:
         path = Path(folder) / self._optimizer_file()
         if not path.is_file():
-            raise LoomError(f"{path} is missing: optimizer states are saved per tensor-parallel rank, so a run "
-                            f"resumes with the same parallel.tp; to change it, start a fresh run from its weights "
-                            f"with train.init_weights={folder}")
+            keys = " and ".join(f"parallel.{a}" for a in self.split_by)
+            raise LoomError(f"{path} is missing: optimizer states are saved per rank of {keys}, so a run resumes "
+                            f"with the same {keys}; to change them, start a fresh run from its weights with "
+                            f"train.init_weights={folder}")
         optimizer.load_state_dict(load_file(path))
 
 

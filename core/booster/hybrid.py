@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from core.booster.ddp import _tied_names_dropped
+from core.booster.ddp import TensorParallelCheckpointIO, _tied_names_dropped, load_serial_weights, read_serial_weights
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
-from core.checkpoint import CheckpointIO, load_file, save_file
+from core.checkpoint import CheckpointIO
 from core.distributed.comm import all_reduce_, broadcast_
 from core.errors import LoomError
 from core.pipeline.engine import StageRunner, StepRecord, partition, prune
@@ -54,14 +54,16 @@ class PipelineOptimizerWrapper(OptimizerWrapper):
         return norm
 
 
-class PipelineCheckpointIO(CheckpointIO):
+class PipelineCheckpointIO(TensorParallelCheckpointIO):
     """Weights as one unsplit state dict (each stage's part, gathered over tp, collected over pp
     on rank 0), so a pipelined run's checkpoint loads into a serial model and back; the optimizer
     per (pp, tp) rank, for resuming in the same layout."""
 
+    split_by = ("pp", "tp")
+
     def __init__(self, plugin: "HybridPlugin") -> None:
+        super().__init__(plugin.mesh)
         self.plugin = plugin
-        self.mesh = plugin.mesh
 
     def save_model(self, model: nn.Module, folder, rank: int) -> None:
         import torch.distributed as dist
@@ -86,40 +88,15 @@ class PipelineCheckpointIO(CheckpointIO):
             st_save_file(merged, str(Path(folder) / self.MODEL))
 
     def load_model(self, model: nn.Module, folder) -> None:
-        from safetensors.torch import load_file as st_load_file
-
-        from core.tensor import load_serial_state_dict
-
-        path = Path(folder) / self.MODEL
-        if not path.is_file():
-            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
-        saved = st_load_file(str(path))
+        path, saved = read_serial_weights(folder, self.MODEL)
         for a, b in self.plugin.tied:                    # a tied weight is stored under one name
             if a in saved and b not in saved:
                 saved[b] = saved[a]
             elif b in saved and a not in saved:
                 saved[a] = saved[b]
-        try:
-            missing = load_serial_state_dict(model, saved)
-        except RuntimeError as e:
-            raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
+        missing = load_serial_weights(model, saved, path)
         if missing:
             raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
-
-    def _optimizer_file(self) -> str:
-        return f"optimizer.pp{self.mesh.rank('pp')}.tp{self.mesh.rank('tp')}.pt"
-
-    def save_optimizer(self, optimizer, folder, rank: int) -> None:
-        if self.mesh.rank("dp") == 0 and self.mesh.rank("sp") == 0:
-            save_file(optimizer.state_dict(), Path(folder) / self._optimizer_file())
-
-    def load_optimizer(self, optimizer, folder) -> None:
-        path = Path(folder) / self._optimizer_file()
-        if not path.is_file():
-            raise LoomError(f"{path} is missing: optimizer states are saved per pipeline and tensor-parallel rank, "
-                            f"so a run resumes with the same parallel.pp and parallel.tp; to change them, start "
-                            f"a fresh run from its weights with train.init_weights={folder}")
-        optimizer.load_state_dict(load_file(path))
 
 
 class HybridPlugin(Plugin):
