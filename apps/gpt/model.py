@@ -20,14 +20,15 @@ from torch import nn
 
 from apps.gpt.config import GPTModelConfig
 from core.errors import LoomError
+from core.sequence import SequenceParallel
 from core.tensor import (COLUMN, ROW, Dropout, Embedding, LayerNorm, Linear, OneD, PositionEmbedding, TPLayer,
                          TPMode, load_serial_state_dict, serial_state_dict)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode, seq: SequenceParallel | None = None) -> None:
         super().__init__()
-        self.mode = mode
+        self.mode, self.seq = mode, seq
         self.n_head = cfg.n_head // mode.head_parts          # this rank's heads
         self.head_dim = cfg.d_model // cfg.n_head
         self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, mode, bias=cfg.bias, role=COLUMN, groups=3)
@@ -41,8 +42,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(local, dim=2)
         q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        with self.mode.split_rng() if dropout else contextlib.nullcontext():   # this rank's heads
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        if self.seq is not None:                      # this rank's part of the sequence
+            y = self.seq.attention(q, k, v, causal=True)
+        else:
+            with self.mode.split_rng() if dropout else contextlib.nullcontext():   # this rank's heads
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, local)))
 
 
@@ -58,10 +62,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTModelConfig, mode: TPMode) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode, seq: SequenceParallel | None = None) -> None:
         super().__init__()
         self.ln1 = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, mode)
+        self.attn = CausalSelfAttention(cfg, mode, seq)
         self.ln2 = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.mlp = MLP(cfg, mode)
 
@@ -71,18 +75,25 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTModelConfig, mode: TPMode | None = None) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode | None = None, seq: SequenceParallel | None = None) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("GPT needs a resolved vocab_size (see apps.gpt.pretrain.resolve_vocab)")
         mode = mode or OneD.serial()
         check_splits(cfg, mode)
+        if seq is not None and seq.size > 1:
+            seq.check(cfg.seq_len, cfg.n_head // mode.head_parts)
+            if cfg.dropout > 0:
+                raise LoomError(f"model.dropout={cfg.dropout:g} with parallel.sp={seq.size}: split attention has no "
+                                f"attention-probability dropout; set model.dropout=0")
+        else:
+            seq = None
         self.cfg = cfg
-        self.mode = mode
+        self.mode, self.seq = mode, seq
         self.wte = Embedding(cfg.vocab_size, cfg.d_model, mode)
         self.wpe = PositionEmbedding(cfg.seq_len, cfg.d_model, mode)
         self.drop = Dropout(cfg.dropout, mode)
-        self.blocks = nn.ModuleList(Block(cfg, mode) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, mode, seq) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, mode, bias=False, role=COLUMN)
         if cfg.tie_weights:
@@ -131,7 +142,10 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        pos = torch.arange(t, device=idx.device)
+        if self.seq is not None:                      # this rank's tokens, their global positions
+            idx, pos = self.seq.local(idx), self.seq.positions(t, idx.device)
+        else:
+            pos = torch.arange(t, device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(pos))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +189,9 @@ class GPT(nn.Module):
     def last_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """The whole (batch, vocab) logits of the last position on every rank. Modes that split
         the batch get it padded to a multiple of their batch parts."""
+        if self.seq is not None:
+            raise LoomError("a sequence-parallel model does not sample; load its checkpoint in one process "
+                            "(python -m apps.gpt.generate --checkpoint ...)")
         rows = idx.shape[0]
         pad = -rows % self.mode.batch_parts
         if pad:
@@ -183,8 +200,11 @@ class GPT(nn.Module):
         return logits[:rows, -1, :]
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of (this rank's part of) the logits against the target tokens."""
-        return self.mode.cross_entropy(logits, target)
+        """Mean cross-entropy of (this rank's part of) the logits against the target tokens (the
+        whole batch: each rank takes its part)."""
+        if self.seq is None:
+            return self.mode.cross_entropy(logits, target)
+        return self.seq.mean_loss(self.mode.cross_entropy(logits, self.seq.local(target)))
 
     def serial_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsplit state dict (every tensor-parallel rank takes part; each gets it all)."""

@@ -19,6 +19,7 @@ from apps.gpt.model import GPT, next_token_loss
 from core import cli
 from core.booster import ZeroPlugin
 from core.errors import LoomError
+from core.sequence import SequenceParallel
 from core.tensor import make_mode
 from core.session import session
 from core.trainer import Trainer, TrainTask
@@ -65,7 +66,11 @@ def train(cfg: GPTRecipe) -> dict:
                 raise LoomError(f"train.micro_batch={cfg.train.micro_batch} does not split into the "
                                 f"{mode.batch_parts} batch parts of parallel.tp_mode={mode.name} ({mode.describe()}); "
                                 f"use a multiple of {mode.batch_parts}")
-            model = GPT(cfg.model, mode)
+            seq = SequenceParallel(mesh.axis("sp"), cfg.parallel.sp_mode) if mesh.size("sp") > 1 else None
+            model = GPT(cfg.model, mode, seq)
+            if seq is not None:
+                log(f"sequence parallelism: {cfg.parallel.sp_mode} attention over {seq.size} ranks, "
+                    f"{cfg.model.seq_len // seq.size} tokens of each sequence per rank")
             if mode is not None:
                 log(f"tensor parallelism: {mode.describe()}; attention heads per rank: {cfg.model.n_head // mode.head_parts}")
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
@@ -90,9 +95,9 @@ def train(cfg: GPTRecipe) -> dict:
         summary = trainer.fit()
         model = plugin.unchunk(model)     # ordinary tensors again (chunked plugins; all ranks)
         # under tensor parallelism every rank of the group takes part in each forward
-        if cfg.sample.tokens and mesh.size("pp") > 1:
-            log(f"no sample after a pipelined run (each rank holds one stage); sample from the checkpoint: "
-                f"python -m apps.gpt.generate --checkpoint {cfg.output.dir}")
+        if cfg.sample.tokens and (mesh.size("pp") > 1 or mesh.size("sp") > 1):
+            log(f"no sample after a pipelined or sequence-parallel run (each rank holds a part); sample from "
+                f"the checkpoint: python -m apps.gpt.generate --checkpoint {cfg.output.dir}")
         elif cfg.sample.tokens and (mesh.is_main or mesh.size("tp") > 1):
             text = sample_text(model, corpus.tokenizer, cfg.sample.prompt, cfg.sample.tokens,
                                cfg.sample.temperature, cfg.sample.top_k, cfg.train.seed, mesh.device)

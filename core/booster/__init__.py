@@ -20,15 +20,15 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
     this version of Loom cannot run that combination yet."""
     p = cfg.parallel
     missing = []
-    if mesh.size("sp") > 1:
-        missing.append(f"parallel.sp={mesh.size('sp')} (sequence parallelism)")
-    for axis, what in (("tp", "parallel.tp"), ("pp", "parallel.pp")):
+    if mesh.size("sp") > 1 and mesh.size("pp") > 1:
+        missing.append("sequence parallelism (parallel.sp) together with pipeline parallelism (parallel.pp)")
+    for axis, what in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("sp", "parallel.sp")):
         if mesh.size(axis) > 1 and (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
             missing.append(f"ZeRO or offload together with {what}")
     if missing:
         raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
                         f"data parallelism (parallel.dp) with pipeline (parallel.pp) and tensor parallelism (parallel.tp, "
-                        f"parallel.tp_mode=1d|2d|2.5d|3d), or with ZeRO (parallel.zero=1|2|3) and offload "
+                        f"parallel.tp_mode=1d|2d|2.5d|3d), data with sequence (parallel.sp) and tensor parallelism, or with ZeRO (parallel.zero=1|2|3) and offload "
                         f"(parallel.offload=cpu|nvme)")
     if cfg.memory.step_in_backward:
         from core.trainer import plan_batches   # core.trainer imports this module

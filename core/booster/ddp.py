@@ -116,10 +116,13 @@ class DDPPlugin(Plugin):
                   ) -> tuple[ModelWrapper, OptimizerWrapper | None]:
         model.to(self.mesh.device)
         inner: nn.Module = model
-        if self.dp.size > 1:
+        # every rank of dp x sp holds the same weights; under sequence parallelism each computed
+        # its gradient from its part of the sequences, so they are averaged over both axes
+        replicas = self.mesh.joint(("dp", "sp"))
+        if replicas.size > 1:
             device_ids = [self.mesh.device.index] if self.mesh.device.type == "cuda" else None
-            inner = DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp.group)
-            inner.register_comm_hook(self.dp, _counted_allreduce)
+            inner = DistributedDataParallel(model, device_ids=device_ids, process_group=replicas.group)
+            inner.register_comm_hook(replicas, _counted_allreduce)
         wrapped = ModelWrapper(model, inner, self.precision)
         opt = None
         if optimizer is not None:

@@ -193,6 +193,36 @@ class ParallelMesh:
         self._sub_axes[key] = out
         return out
 
+    def joint(self, names: tuple[str, ...]) -> AxisGroup:
+        """Several axes as one group `a+b` (for example dp x sp, whose ranks all hold the same
+        weights); ranks ordered row-major over the axes in mesh order. Collective, like `split_axis`."""
+        names = tuple(a for a in AXES if a in names)
+        live = tuple(a for a in names if self.size(a) > 1)
+        if len(live) <= 1:
+            return self.axis(live[0] if live else names[0])
+        names = live
+        key = ("joint",) + names
+        label = "+".join(names)
+        if key in self._sub_axes:
+            return self._sub_axes[key][label]
+        size = 1
+        for a in names:
+            size *= self.size(a)
+        if self.device_mesh is None or size == 1:
+            group = AxisGroup(label, 1, 0, (self.global_rank,), None, self.stats, self.device)
+        else:
+            grid = self.device_mesh.mesh
+            order = [AXES.index(a) for a in AXES if a not in names] + [AXES.index(a) for a in names]
+            group = None
+            for ranks in grid.permute(*order).reshape(-1, size).tolist():
+                members = [int(x) for x in ranks]
+                pg = dist.new_group(members)
+                if self.global_rank in members:
+                    group = AxisGroup(label, size, members.index(self.global_rank), tuple(members), pg,
+                                      self.stats, self.device)
+        self._sub_axes[key] = {label: group}
+        return group
+
     def subgroup(self, name: str, indices: tuple[int, ...], label: str) -> AxisGroup | None:
         """The ranks at positions `indices` of axis `name` (for example the first and last
         pipeline stage) as a group `<name>.<label>`; None on a rank outside it. Every process of
