@@ -2,6 +2,8 @@
 outputs and the gradients of queries, keys and values (causal and not; fp32, 1e-5), and the ring
 sends exactly p - 1 key/value blocks per rank in forward."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,11 +29,12 @@ def _full(causal):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _split(p, causal):
+def _split(p):
     mesh = ParallelMesh.build(Layout(sp=p))
     axis = mesh.axis("sp")
     out = {}
-    for name, fn in (("ring", ring_attention), ("all_to_all", all_to_all_attention)):
+    for (name, fn), causal in itertools.product((("ring", ring_attention), ("all_to_all", all_to_all_attention)),
+                                                (True, False)):
         q, k, v, grad = (t.chunk(p, dim=2)[axis.rank].clone() for t in _inputs())
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         mesh.stats.reset()
@@ -39,7 +42,7 @@ def _split(p, causal):
         sends = mesh.stats.calls("sp", "send")
         block_bytes = mesh.stats.bytes("sp", "send")
         y.backward(grad)
-        out[name] = (y.detach(), q.grad, k.grad, v.grad, sends, block_bytes)
+        out[(name, causal)] = (y.detach(), q.grad, k.grad, v.grad, sends, block_bytes)
     return out
 
 
@@ -50,13 +53,11 @@ def _rel(a, b):
 @pytest.mark.parametrize("p", [2, 4])
 def test_split_attention_matches_full_attention(p):
     refs = {causal: _full(causal) for causal in (True, False)}
-    for causal in (True, False):
-        ref = refs[causal]
-        for rank, got in enumerate(run_distributed(_split, world_size=p, args=(p, causal))):
-            for name, (y, dq, dk, dv, sends, nbytes) in got.items():
-                want = [t.chunk(p, dim=2)[rank] for t in ref]
-                for label, a, b in zip(("out", "dq", "dk", "dv"), (y, dq, dk, dv), want):
-                    assert _rel(a, b) <= 1e-5, (name, causal, label)
-                if name == "ring":
-                    assert sends == p - 1                       # one key/value block per step
-                    assert nbytes == (p - 1) * 2 * B * H * (L // p) * D * 4
+    for rank, got in enumerate(run_distributed(_split, world_size=p, args=(p,))):
+        for (name, causal), (y, dq, dk, dv, sends, nbytes) in got.items():
+            want = [t.chunk(p, dim=2)[rank] for t in refs[causal]]
+            for label, a, b in zip(("out", "dq", "dk", "dv"), (y, dq, dk, dv), want):
+                assert _rel(a, b) <= 1e-5, (name, causal, label)
+            if name == "ring":
+                assert sends == p - 1                       # one key/value block per step
+                assert nbytes == (p - 1) * 2 * B * H * (L // p) * D * 4
