@@ -100,6 +100,9 @@ class _RingAttention(torch.autograd.Function):
                 ds = prob * (dp - delta)
                 dq += torch.matmul(ds, kb) * scale
                 block[2] += torch.matmul(ds.transpose(-1, -2), qf) * scale
+            if p == 1:
+                block = block[2:]
+                break
             # p - 1 hops with the keys and values, then one more with the gradients alone: block
             # src's gradient, complete after visiting every rank, reaches its owner
             works, incoming, _keep = _exchange(block if step < p - 1 else block[2:], axis)
@@ -110,9 +113,11 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: AxisGroup,
-                   causal: bool = True) -> torch.Tensor:
-    """Attention of this rank's queries over every rank's keys and values, (batch, heads, L/p, d)."""
-    if axis.size == 1:
+                   causal: bool = True, blockwise_on_one_rank: bool = False) -> torch.Tensor:
+    """Attention of this rank's queries over every rank's keys and values, (batch, heads, L/p, d).
+    On one rank it is torch's attention, unless `blockwise_on_one_rank` asks for this algorithm with
+    one L x L block (the baseline the benchmark compares with)."""
+    if axis.size == 1 and not blockwise_on_one_rank:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return _RingAttention.apply(q, k, v, axis, causal)
 

@@ -97,6 +97,13 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path, text_folder):
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-6 * torch.linalg.norm(b[k]), k
     meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step_0000005" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["layout"]["dp"] == 2
+    # the same steps with each sequence split over 2 ranks (all-to-all attention): the losses and
+    # evaluation of one process (Adam's elementwise steps leave the weights ~1e-5 apart; the model
+    # tests compare them exactly under SGD)
+    run(_torchrun(2, *common, "parallel.sp=2", "parallel.sp_mode=all_to_all", "train.micro_batch=4",
+                  f"output.dir={tmp_path / 'sp'}"), tmp_path)
+    sp_loss, sp_eval = _losses(tmp_path / "sp")
+    assert sp_loss == pytest.approx(one_loss, rel=1e-5) and sp_eval == pytest.approx(one_eval, rel=1e-5)
 
 
 def test_torchrun_with_a_layout_that_does_not_fit(tmp_path):

@@ -61,3 +61,16 @@ def test_split_attention_matches_full_attention(p):
             if name == "ring":
                 assert sends == p - 1                       # one key/value block per step
                 assert nbytes == (p - 1) * 2 * B * H * (L // p) * D * 4
+
+
+def test_blockwise_attention_on_one_rank_is_torch_attention():
+    """The benchmark's sp = 1 baseline: the ring algorithm with one L x L block."""
+    from core.distributed.comm import AxisGroup
+
+    for causal in (True, False):
+        ref = _full(causal)
+        q, k, v, grad = (t.clone().requires_grad_(i < 3) for i, t in enumerate(_inputs()))
+        y = ring_attention(q, k, v, AxisGroup("sp", 1, 0, (0,)), causal, blockwise_on_one_rank=True)
+        y.backward(grad)
+        for a, b in zip((y.detach(), q.grad, k.grad, v.grad), ref):
+            assert _rel(a, b) <= 1e-5

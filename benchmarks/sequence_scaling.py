@@ -1,0 +1,126 @@
+"""How far sequence parallelism stretches the sequence one rank can hold.
+
+    python -m benchmarks.sequence_scaling            # cap 512 MiB per rank, sp = 1, 2, 4
+    python -m benchmarks.sequence_scaling --quick    # cap 128 MiB
+
+Each configuration runs causal ring self-attention (`core.sequence.ring_attention`) forward and
+backward on gloo ranks of this machine, (batch 1, 8 heads, head size 64, fp32). The baseline at
+sp = 1 is the same blockwise algorithm with one L x L block: the full score matrix, as in the
+paper's comparison (Li et al. 2021, arXiv 2105.13120). torch's fused attention on one rank is
+printed beside it for reference: it never holds the score matrix, so it is a different baseline.
+
+Memory is each rank's resident-set high-water mark (Linux VmHWM, reset before each measurement
+through /proc/self/clear_refs) above the resident size just before the layer runs, with glibc
+returning freed buffers to the OS, so it counts what the layer's forward and backward allocate
+(the activation part), not the inputs or the interpreter.
+
+Prints, per sp, the peak at a fixed length (target: at most 1.15 / sp of sp = 1) and the
+longest L whose peak stays under the cap (target: sp = 4 at least 3.5 x sp = 1), as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._machine import machine
+
+HEADS, DIM, BATCH = 8, 64, 1
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_of(run) -> int:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                     # reset VmHWM to the current RSS
+    base = _status("VmRSS")
+    run()
+    return _status("VmHWM") - base
+
+
+def measure(p: int, fixed: int, cap: int, granularity: int) -> dict:
+    """On each of p ranks: the peak at `fixed` tokens and the longest sequence under `cap` bytes."""
+    from core.distributed import Layout, ParallelMesh
+    from core.distributed.comm import all_reduce_
+    from core.memory.store import return_freed_buffers_to_the_os
+    from core.sequence import ring_attention
+
+    return_freed_buffers_to_the_os()
+    mesh = ParallelMesh.build(Layout(sp=p))
+    axis = mesh.axis("sp")
+    torch.manual_seed(axis.rank)
+
+    def peak(length: int, fused: bool = False) -> int:
+        q, k, v, g = (torch.randn(BATCH, HEADS, length // p, DIM) for _ in range(4))
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+        def run():
+            y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if fused
+                 else ring_attention(q, k, v, axis, True, blockwise_on_one_rank=True))
+            y.backward(g)
+
+        worst = torch.tensor(float(_peak_of(run)))
+        if p > 1:
+            all_reduce_(worst, axis, "max")
+        return int(worst)
+
+    peak(granularity)                                    # warm-up: kernels, buffers, groups
+    out = {"fixed_peak": peak(fixed)}
+    if p == 1:
+        out["fixed_peak_fused"] = peak(fixed, fused=True)
+    # the longest length under the cap: double, then bisect to `granularity`
+    ok, length = 0, granularity
+    while peak(length) <= cap:
+        ok, length = length, length * 2
+    bad = length
+    while bad - ok > granularity:
+        mid = (ok + bad) // 2 // granularity * granularity
+        if peak(mid) <= cap:
+            ok = mid
+        else:
+            bad = mid
+    out["longest"] = ok
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.distributed.testing import run_distributed
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sequence_scaling", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a 128 MiB cap and a shorter fixed length")
+    ap.add_argument("--cap-mib", type=int, default=0, help="per-rank memory cap for the longest-sequence search")
+    args = ap.parse_args(argv)
+    cap = (args.cap_mib or (128 if args.quick else 512)) << 20
+    fixed = 1024 if args.quick else 2048
+    print(json.dumps({"name": "machine", **machine()}), flush=True)
+    results = {}
+    for p in (1, 2, 4):
+        results[p] = run_distributed(measure, world_size=p, args=(p, fixed, cap, 64 * p), timeout=1800)[0]
+    base = results[1]
+    for p, r in results.items():
+        line = {"name": "sequence_scaling", "sp": p, "fixed_length": fixed,
+                "peak_mib": round(r["fixed_peak"] / 2 ** 20, 1),
+                "peak_vs_sp1_times_sp": round(r["fixed_peak"] / base["fixed_peak"] * p, 3),
+                "cap_mib": cap >> 20, "longest_length": r["longest"],
+                "longest_vs_sp1": round(r["longest"] / base["longest"], 2)}
+        if p == 1:
+            line["fused_attention_peak_mib"] = round(r["fixed_peak_fused"] / 2 ** 20, 1)
+        print(json.dumps(line), flush=True)
+    print(json.dumps({"name": "sequence_length_ratio_sp4", "value": round(results[4]["longest"] / base["longest"], 2),
+                      "target": 3.5}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
