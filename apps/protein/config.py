@@ -1,0 +1,51 @@
+"""The protein app's recipe: what to fold (`data`), with which model and weights (`model`), and
+where the results go (`output`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import ConfigError, opt, section
+
+DEMO_FASTA = str(Path(__file__).parent / "data" / "demo.fasta")
+PRESETS = ("model_1", "model_2", "model_3", "model_4", "model_5",
+           "model_1_ptm", "model_2_ptm", "model_3_ptm", "model_4_ptm", "model_5_ptm")
+
+
+@dataclass
+class ProteinModelConfig:
+    preset: str = opt("model_1", "AlphaFold preset (OpenFold's config names)", choices=PRESETS)
+    params: str = opt("", "weights: AlphaFold params_<preset>.npz or an OpenFold .pt checkpoint; '' = random "
+                          "weights (no real prediction, for trying the app)")
+    evoformer_blocks: int = opt(0, "Evoformer blocks; 0 = the preset's 48", min=0)
+    extra_msa_blocks: int = opt(0, "extra-MSA stack blocks; 0 = the preset's 4", min=0)
+    structure_blocks: int = opt(0, "structure module iterations; 0 = the preset's 8", min=0)
+    recycles: int = opt(3, "recycling iterations", min=0)
+    chunk_size: int = opt(0, "OpenFold's chunk size for memory-bounded inference; 0 = no chunking", min=0)
+
+
+@dataclass
+class ProteinDataConfig:
+    fasta: str = opt(DEMO_FASTA, "a FASTA file; every record is one target (default: the bundled demo, ubiquitin)")
+    alignments: str = opt("", "a folder with one subfolder per target holding .a3m / .sto alignments; "
+                              "'' = single-sequence mode")
+    max_msa_clusters: int = opt(512, "MSA cluster rows the model sees", min=1)
+    max_extra_msa: int = opt(1024, "extra MSA rows", min=1)
+
+
+@dataclass
+class ProteinOutputConfig:
+    dir: str = opt("runs/protein", "where each target's results go (one folder per target)")
+    mmcif: bool = opt(False, "also write mmCIF next to the PDB")
+
+
+@dataclass
+class ProteinRecipe:
+    model: ProteinModelConfig = section(ProteinModelConfig, "the AlphaFold model and its weights")
+    data: ProteinDataConfig = section(ProteinDataConfig, "the targets and their alignments")
+    output: ProteinOutputConfig = section(ProteinOutputConfig, "where results go")
+
+    def check(self) -> None:
+        if self.model.params and not Path(self.model.params).is_file():
+            raise ConfigError(f"model.params: {self.model.params} does not exist")

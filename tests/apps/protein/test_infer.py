@@ -1,0 +1,65 @@
+"""`python -m apps.protein.infer`: the embedded default folds the bundled demo with its outputs;
+weights from an OpenFold .pt checkpoint predict exactly what the weights they came from predict;
+AlphaFold .npz params that do not fit the preset name what is missing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apps.protein.config import ProteinRecipe
+from apps.protein.fasta import parse_fasta
+from apps.protein.model import build_model, features, openfold_config
+from core.config import load_recipe
+from core.errors import LoomError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_the_default_folds_the_demo(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "apps.protein.infer", f"output.dir={tmp_path}", "output.mmcif=true"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "random weights" in r.stderr and "model.params=" in r.stderr
+    folder = tmp_path / "ubiquitin"
+    for name in ("ubiquitin.pdb", "ubiquitin.cif", "plddt.png", "timings.json"):
+        assert (folder / name).stat().st_size > 0, name
+    atoms = [line for line in (folder / "ubiquitin.pdb").read_text().splitlines() if line.startswith("ATOM")]
+    assert len({line[22:26] for line in atoms}) == 76                      # every residue placed
+    assert 0 <= float(atoms[0][60:66]) <= 100                               # pLDDT in the B-factor column
+    assert set(json.loads((folder / "timings.json").read_text())) == {"build_model_s", "features_s", "inference_s"}
+    assert "ubiquitin" in r.stdout and "mean pLDDT" in r.stdout
+
+
+def _small(params=""):
+    cfg = load_recipe(ProteinRecipe, "protein/demo")
+    cfg.model.params = params
+    return cfg
+
+
+def test_an_openfold_checkpoint_predicts_like_the_weights_it_holds(tmp_path):
+    cfg = _small()
+    config = openfold_config(cfg)
+    target = parse_fasta(">t\nMKTAYIAKQRQISFVKSHFSRQ\n")[0]
+    batch = features(target, config)
+    torch.manual_seed(3)
+    original = build_model(cfg, config)
+    torch.save(original.state_dict(), tmp_path / "weights.pt")
+    torch.manual_seed(4)                               # other random weights, then the checkpoint's
+    loaded = build_model(_small(str(tmp_path / "weights.pt")), config)
+    with torch.no_grad():
+        a = original(batch)["final_atom_positions"]
+        b = loaded(batch)["final_atom_positions"]
+    assert torch.equal(a, b)
+
+
+def test_params_that_do_not_fit_the_preset_name_the_missing_arrays(tmp_path):
+    np.savez(tmp_path / "params_model_1.npz", **{"alphafold/alphafold_iteration/evoformer/preprocess_1d//weights":
+                                                 np.zeros((22, 256), dtype=np.float32)})
+    cfg = _small(str(tmp_path / "params_model_1.npz"))
+    with pytest.raises(LoomError, match=r"does not fit model.preset=model_1: \d+ arrays are missing, e.g. alphafold/"):
+        build_model(cfg, openfold_config(cfg))
