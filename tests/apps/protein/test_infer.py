@@ -63,3 +63,64 @@ def test_params_that_do_not_fit_the_preset_name_the_missing_arrays(tmp_path):
     cfg = _small(str(tmp_path / "params_model_1.npz"))
     with pytest.raises(LoomError, match=r"does not fit model.preset=model_1: \d+ arrays are missing, e.g. alphafold/"):
         build_model(cfg, openfold_config(cfg))
+
+
+def _write_alphafold_npz(model, preset, path):
+    """The model's weights in AlphaFold's params format: the names OpenFold's importer reads, and
+    each array in AlphaFold's own shape (heads and head size apart, (in, out) matrices, blocks
+    stacked), by inverting each of the importer's transformations."""
+    from openfold.utils import import_weights as iw
+
+    heads, opm = {}, {}
+    for module in model.modules():
+        if hasattr(module, "no_heads"):
+            for child in module.children():
+                for p in child.parameters(recurse=False):
+                    heads[id(p)] = module.no_heads
+        if hasattr(module, "linear_out") and hasattr(module, "c_hidden"):
+            opm[id(module.linear_out.weight)] = module.c_hidden
+
+    def inverse(param, kind):
+        t = param.detach()
+        if kind is iw.ParamType.LinearWeight:
+            return t.transpose(-1, -2)
+        if kind is iw.ParamType.LinearWeightMHA:
+            w = t.transpose(-1, -2)
+            return w.reshape(w.shape[0], heads[id(param)], -1)
+        if kind is iw.ParamType.LinearMHAOutputWeight:
+            w = t.transpose(-1, -2)
+            return w.reshape(heads[id(param)], -1, w.shape[-1])
+        if kind is iw.ParamType.LinearBiasMHA:
+            return t.reshape(heads[id(param)], -1)
+        if kind is iw.ParamType.LinearWeightOPM:
+            c = opm[id(param)]
+            return t.transpose(-1, -2).reshape(c, c, -1)
+        return t
+
+    arrays = {}
+    for key, param in iw.process_translation_dict(iw.generate_translation_dict(model, preset)).items():
+        if param.stacked:
+            arrays[key] = torch.stack([inverse(t, param.param_type) for t in param.param]).numpy()
+        else:
+            arrays[key] = inverse(param.param, param.param_type).numpy()
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_alphafold_params_written_from_a_model_load_and_predict_identically(tmp_path):
+    cfg = _small()
+    config = openfold_config(cfg)
+    batch = features(parse_fasta(">t\nMKTAYIAKQRQISFVKSHFSRQ\n")[0], config)
+    torch.manual_seed(5)
+    original = build_model(cfg, config)
+    arrays = _write_alphafold_npz(original, "model_1", tmp_path / "params_model_1.npz")
+    # AlphaFold's own layout, e.g. the first Evoformer block's MSA row attention query: (in, heads, size)
+    q = arrays["alphafold/alphafold_iteration/evoformer/evoformer_iteration/msa_row_attention_with_pair_bias/"
+               "attention//query_w"]
+    assert q.shape == (2, 256, 8, 32)                     # 2 stacked blocks, c_m 256, 8 heads of 32
+    torch.manual_seed(6)
+    loaded = build_model(_small(str(tmp_path / "params_model_1.npz")), config)
+    with torch.no_grad():
+        a = original(batch)["final_atom_positions"]
+        b = loaded(batch)["final_atom_positions"]
+    assert torch.equal(a, b)
