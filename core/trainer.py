@@ -299,13 +299,14 @@ class Trainer:
                 if self.pipelined:
                     micro_batches = [_to(next(batches), self.mesh.device) for _ in range(accum)]
                     step_loss += self._pipeline_step(micro_batches, train=True).float()
-                for m in range(0 if self.pipelined else accum):
-                    batch = _to(next(batches), self.mesh.device)
-                    sync = m == accum - 1
-                    with (contextlib.nullcontext() if sync else self.booster.no_sync(self.model)):
-                        loss = self.task.loss_fn(self.model, batch)
-                        self.booster.backward(loss / accum, self.optimizer)
-                    step_loss += loss.detach().float() / accum
+                else:
+                    for m in range(accum):
+                        batch = _to(next(batches), self.mesh.device)
+                        sync = m == accum - 1
+                        with (contextlib.nullcontext() if sync else self.booster.no_sync(self.model)):
+                            loss = self.task.loss_fn(self.model, batch)
+                            self.booster.backward(loss / accum, self.optimizer)
+                        step_loss += loss.detach().float() / accum
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.tc.grad_clip > 0:
                     grad_norm = self.optimizer.clip_grad_norm(self.tc.grad_clip)

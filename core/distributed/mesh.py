@@ -89,13 +89,6 @@ def _prod(xs) -> int:
     return out
 
 
-def _ravel(coord, shape) -> int:
-    index = 0
-    for c, n in zip(coord, shape):
-        index = index * n + c
-    return index
-
-
 class ParallelMesh:
     """Named process axes with counted collectives.
 
@@ -150,6 +143,28 @@ class ParallelMesh:
         except KeyError:
             raise KeyError(f"no mesh axis {name!r}; axes are {', '.join(AXES)} and world") from None
 
+    def _instances(self, names: tuple[str, ...]) -> list[list[int]]:
+        """The global ranks of every group spanned by the axes `names` (the other axes fixed),
+        each in row-major order over `names` in mesh order."""
+        order = [AXES.index(a) for a in AXES if a not in names] + [AXES.index(a) for a in AXES if a in names]
+        size = _prod(self.size(a) for a in names)
+        return self.device_mesh.mesh.permute(*order).reshape(-1, size).tolist()
+
+    def _make_groups(self, groups: list[list[int]], name: str) -> AxisGroup | None:
+        """One process group per list of global ranks (collective: every process creates every
+        group, in the same order); this rank's as an AxisGroup called `name`, or None."""
+        mine = None
+        for members in groups:
+            members = [int(r) for r in members]
+            group = dist.new_group(members)
+            if self.global_rank in members:
+                mine = AxisGroup(name, len(members), members.index(self.global_rank), tuple(members), group,
+                                 self.stats, self.device)
+        return mine
+
+    def _single(self, name: str) -> AxisGroup:
+        return AxisGroup(name, 1, 0, (self.global_rank,), None, self.stats, self.device)
+
     def split_axis(self, name: str, shape: tuple[int, ...],
                    subgroups: dict[str, tuple[int, ...]]) -> dict[str, AxisGroup]:
         """Regard axis `name` as a grid of `shape` (its ranks in row-major order) and return one
@@ -161,90 +176,44 @@ class ParallelMesh:
         if axis.size != _prod(shape):
             raise ValueError(f"axis '{name}' has {axis.size} ranks, not a grid of {shape}")
         key = (name, tuple(shape), tuple(sorted(subgroups.items())))
-        if key in self._sub_axes:
-            return self._sub_axes[key]
-        out: dict[str, AxisGroup] = {}
-        if self.device_mesh is None:          # one process
-            for sub in subgroups:
-                out[sub] = AxisGroup(f"{name}.{sub}", 1, 0, (axis.ranks[0],), None, self.stats, self.device)
+        if key not in self._sub_axes:
+            out: dict[str, AxisGroup] = {}
+            for sub, varying in subgroups.items():
+                if self.device_mesh is None:          # one process
+                    out[sub] = self._single(f"{name}.{sub}")
+                    continue
+                # move the varying grid dimensions last: each row is then one group
+                fixed = [d for d in range(len(shape)) if d not in varying]
+                size = _prod(shape[d] for d in varying)
+                rows = [torch.tensor(ranks).reshape(shape).permute(*fixed, *varying).reshape(-1, size).tolist()
+                        for ranks in self._instances((name,))]
+                out[sub] = self._make_groups([row for instance in rows for row in instance], f"{name}.{sub}")
             self._sub_axes[key] = out
-            return out
-        grid = self.device_mesh.mesh
-        dim = AXES.index(name)
-        instances = grid.movedim(dim, -1).reshape(-1, axis.size).tolist()   # every group of this axis
-        for sub, varying in subgroups.items():
-            fixed = [d for d in range(len(shape)) if d not in varying]
-            size = _prod(shape[d] for d in varying)
-            for ranks in instances:
-                for fixed_at in itertools.product(*(range(shape[d]) for d in fixed)):
-                    members = []
-                    for moving in itertools.product(*(range(shape[d]) for d in varying)):
-                        c = [0] * len(shape)
-                        for d, v in zip(fixed, fixed_at):
-                            c[d] = v
-                        for d, v in zip(varying, moving):
-                            c[d] = v
-                        members.append(int(ranks[_ravel(c, shape)]))
-                    group = dist.new_group(members)           # collective: every process calls it
-                    if self.global_rank in members:
-                        me = members.index(self.global_rank)
-                        out[sub] = AxisGroup(f"{name}.{sub}", size, me, tuple(members), group, self.stats,
-                                             self.device)
-        self._sub_axes[key] = out
-        return out
+        return self._sub_axes[key]
 
     def joint(self, names: tuple[str, ...]) -> AxisGroup:
         """Several axes as one group `a+b` (for example dp x sp, whose ranks all hold the same
         weights); ranks ordered row-major over the axes in mesh order. Collective, like `split_axis`."""
-        names = tuple(a for a in AXES if a in names)
-        live = tuple(a for a in names if self.size(a) > 1)
+        live = tuple(a for a in AXES if a in names and self.size(a) > 1)
         if len(live) <= 1:
             return self.axis(live[0] if live else names[0])
-        names = live
-        key = ("joint",) + names
-        label = "+".join(names)
-        if key in self._sub_axes:
-            return self._sub_axes[key][label]
-        size = 1
-        for a in names:
-            size *= self.size(a)
-        if self.device_mesh is None or size == 1:
-            group = AxisGroup(label, 1, 0, (self.global_rank,), None, self.stats, self.device)
-        else:
-            grid = self.device_mesh.mesh
-            order = [AXES.index(a) for a in AXES if a not in names] + [AXES.index(a) for a in names]
-            group = None
-            for ranks in grid.permute(*order).reshape(-1, size).tolist():
-                members = [int(x) for x in ranks]
-                pg = dist.new_group(members)
-                if self.global_rank in members:
-                    group = AxisGroup(label, size, members.index(self.global_rank), tuple(members), pg,
-                                      self.stats, self.device)
-        self._sub_axes[key] = {label: group}
-        return group
+        label = "+".join(live)
+        key = ("joint", label)
+        if key not in self._sub_axes:
+            self._sub_axes[key] = {label: self._make_groups(self._instances(live), label)}
+        return self._sub_axes[key][label]
 
     def subgroup(self, name: str, indices: tuple[int, ...], label: str) -> AxisGroup | None:
         """The ranks at positions `indices` of axis `name` (for example the first and last
         pipeline stage) as a group `<name>.<label>`; None on a rank outside it. Every process of
         the run must call this with the same arguments."""
         key = (name, tuple(indices), label)
-        if key in self._sub_axes:
-            return self._sub_axes[key].get(label)
-        axis = self.axis(name)
-        out: dict[str, AxisGroup] = {}
-        if self.device_mesh is None:
-            out[label] = AxisGroup(f"{name}.{label}", 1, 0, (axis.ranks[0],), None, self.stats, self.device)
-        else:
-            grid = self.device_mesh.mesh
-            instances = grid.movedim(AXES.index(name), -1).reshape(-1, axis.size).tolist()
-            for ranks in instances:
-                members = [int(ranks[i]) for i in indices]
-                group = dist.new_group(members)
-                if self.global_rank in members:
-                    out[label] = AxisGroup(f"{name}.{label}", len(members), members.index(self.global_rank),
-                                           tuple(members), group, self.stats, self.device)
-        self._sub_axes[key] = out
-        return out.get(label)
+        if key not in self._sub_axes:
+            full = f"{name}.{label}"
+            group = (self._single(full) if self.device_mesh is None else
+                     self._make_groups([[ranks[i] for i in indices] for ranks in self._instances((name,))], full))
+            self._sub_axes[key] = {label: group}
+        return self._sub_axes[key][label]
 
     @property
     def world(self) -> AxisGroup:
