@@ -22,7 +22,12 @@ class ProteinModelConfig:
     extra_msa_blocks: int = opt(0, "extra-MSA stack blocks; 0 = the preset's 4", min=0)
     structure_blocks: int = opt(0, "structure module iterations; 0 = the preset's 8", min=0)
     recycles: int = opt(3, "recycling iterations", min=0)
-    chunk_size: int = opt(0, "OpenFold's chunk size for memory-bounded inference; 0 = no chunking", min=0)
+    engine: str = opt("loom", "the Evoformer and extra-MSA stacks: loom (in-place, chunked to memory.budget_gb, "
+                              "axial parallelism under torchrun) or openfold (its own stacks)",
+                      choices=("loom", "openfold"))
+    dtype: str = opt("float32", "the model's weights and activations", choices=("float32", "bfloat16"))
+    chunk_size: int = opt(0, "engine=openfold: OpenFold's chunk size; 0 = no chunking", min=0)
+    use_lma: bool = opt(False, "engine=openfold: OpenFold's low-memory attention (Staats & Rabe)")
 
 
 @dataclass
@@ -41,11 +46,21 @@ class ProteinOutputConfig:
 
 
 @dataclass
+class ProteinMemoryConfig:
+    budget_gb: float = opt(0.0, "engine=loom: memory each process may use, in GiB; the Evoformer's chunks are "
+                                "sized to stay under it; 0 = 90% of what is free when the model starts", min=0)
+
+
+@dataclass
 class ProteinRecipe:
     model: ProteinModelConfig = section(ProteinModelConfig, "the AlphaFold model and its weights")
     data: ProteinDataConfig = section(ProteinDataConfig, "the targets and their alignments")
     output: ProteinOutputConfig = section(ProteinOutputConfig, "where results go")
+    memory: ProteinMemoryConfig = section(ProteinMemoryConfig, "memory-bounded inference")
 
     def check(self) -> None:
         if self.model.params and not Path(self.model.params).is_file():
             raise ConfigError(f"model.params: {self.model.params} does not exist")
+        if self.model.engine == "loom" and (self.model.chunk_size or self.model.use_lma):
+            raise ConfigError("model.chunk_size and model.use_lma set OpenFold's own chunking (model.engine=openfold); "
+                              "with model.engine=loom the chunks follow memory.budget_gb")

@@ -20,11 +20,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from apps.protein.axial import Axial
 from apps.protein.compat import load_openfold
 from apps.protein.config import ProteinRecipe
 from apps.protein.fasta import read_fasta
 from apps.protein.model import build_model, features, openfold_config
+from apps.protein.plan import GIB
 from core import cli
+from core.distributed import ParallelMesh, launch, resolve_layout
+from core.errors import LoomError
+from core.memory.usage import peak_bytes, reset_peak
 
 SUMMARY = "Protein structure prediction on OpenFold's AlphaFold: every FASTA record is a target."
 RANDOM_WEIGHTS = ("note: model.params is empty, so the model has random weights and its structures are not "
@@ -65,32 +70,55 @@ def _write_mmcif(pdb_path: Path, cif_path: Path) -> None:
 
 
 def predict(cfg: ProteinRecipe) -> list[dict]:
-    """Fold every target; returns one summary row per target."""
+    """Fold every target; returns one summary row per target (on rank 0; [] on the others)."""
+    with launch("auto", "auto", 1800) as rt:
+        ax = Axial()
+        if rt.world_size > 1:
+            if cfg.model.engine != "loom":
+                raise LoomError(f"{rt.world_size} processes split the Evoformer with axial parallelism, which "
+                                f"needs model.engine=loom (model.engine={cfg.model.engine})")
+            mesh = ParallelMesh.build(resolve_layout(1, 1, 1, rt.world_size, rt.world_size), rt.device)
+            ax = Axial(mesh.axis("sp"))
+        return _predict(cfg, rt.device, ax, rt.is_main)
+
+
+def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) -> list[dict]:
     load_openfold()
     from openfold.np import protein
     from openfold.utils.tensor_utils import tensor_tree_map
 
     targets = read_fasta(cfg.data.fasta)
     config = openfold_config(cfg)
-    if not cfg.model.params:
+    if not cfg.model.params and main:
         print(RANDOM_WEIGHTS, file=sys.stderr)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = build_model(cfg, config)
+    np.random.seed(0)                        # OpenFold draws some initial weights with scipy
+    model = build_model(cfg, config, ax).to(device)
+    dtype = next(model.parameters()).dtype
     build_s = time.perf_counter() - t0
     root = Path(cfg.output.dir)
     rows = []
-    for target in tqdm(targets, unit="target", disable=len(targets) < 2, file=sys.stderr):
+    for target in tqdm(targets, unit="target", disable=len(targets) < 2 or not main, file=sys.stderr):
         folder = root / target.name
-        folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         batch = features(target, config, cfg.data.alignments)
+        if ax.size > 1:                      # OpenFold samples MSA clusters at random: fold rank 0's sample
+            shared = [batch]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            batch = shared[0]
+        inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
         t1 = time.perf_counter()
+        reset_peak(device)
         with torch.no_grad():
-            out = model(batch)
+            out = model(inputs)
         t2 = time.perf_counter()
+        peak = peak_bytes(device) / GIB
+        if not main:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
         feats = {k: v[..., -1].numpy() for k, v in batch.items()}      # the last recycling iteration's
-        result = tensor_tree_map(lambda x: x.numpy(), out)
+        result = tensor_tree_map(lambda x: x.float().cpu().numpy(), out)
         plddt = result["plddt"]
         prot = protein.from_prediction(feats, result, b_factors=np.repeat(plddt[:, None], 37, axis=1),
                                        remark=f"Loom / OpenFold {cfg.model.preset}"
@@ -100,15 +128,17 @@ def predict(cfg: ProteinRecipe) -> list[dict]:
         if cfg.output.mmcif:
             _write_mmcif(pdb_path, folder / f"{target.name}.cif")
         _plot(folder / "plddt.png", target.name, plddt, result.get("predicted_aligned_error"))
-        timings = {"build_model_s": build_s, "features_s": t1 - t0, "inference_s": t2 - t1}
+        timings = {"build_model_s": build_s, "features_s": t1 - t0, "inference_s": t2 - t1,
+                   "peak_memory_gib": peak, "engine": cfg.model.engine, "processes": ax.size}
         (folder / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         rows.append({"target": target.name, "length": len(target.sequence), "mean_plddt": float(plddt.mean()),
-                     "inference_s": t2 - t1, "pdb": str(pdb_path)})
-    width = max(len(r["target"]) for r in rows)
-    print(f"{'target':<{width}}  length  mean pLDDT  inference      pdb")
-    for r in rows:
-        print(f"{r['target']:<{width}}  {r['length']:>6}  {r['mean_plddt']:>10.1f}  {r['inference_s']:>8.1f} s  "
-              f"{r['pdb']}")
+                     "inference_s": t2 - t1, "peak_gib": peak, "pdb": str(pdb_path)})
+    if main:
+        width = max(len(r["target"]) for r in rows)
+        print(f"{'target':<{width}}  length  mean pLDDT  inference  peak memory  pdb")
+        for r in rows:
+            print(f"{r['target']:<{width}}  {r['length']:>6}  {r['mean_plddt']:>10.1f}  {r['inference_s']:>7.1f} s  "
+                  f"{r['peak_gib']:>7.2f} GiB  {r['pdb']}")
     return rows
 
 

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apps.protein.axial import Axial
 from apps.protein.compat import load_openfold
+from apps.protein.evoformer import from_openfold
+from apps.protein.plan import GIB
 from apps.protein.config import ProteinRecipe
 from apps.protein.fasta import Target
 from core.errors import LoomError
@@ -31,10 +34,18 @@ def openfold_config(cfg: ProteinRecipe):
     config.data.predict.max_msa_clusters = cfg.data.max_msa_clusters
     config.data.predict.max_extra_msa = cfg.data.max_extra_msa
     config.globals.chunk_size = m.chunk_size or None
+    config.globals.use_lma = m.use_lma
+    # OpenFold's chunk-size tuner tries ever larger chunks until one runs out of memory; on a CPU
+    # none does, so it would pick the largest (several GiB more at a few hundred residues).
+    config.model.evoformer_stack.tune_chunk_size = False
+    config.model.extra_msa.extra_msa_stack.tune_chunk_size = False
+    config.model.template.template_pair_stack.tune_chunk_size = False
     return config
 
 
-def build_model(cfg: ProteinRecipe, config) -> torch.nn.Module:
+def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn.Module:
+    """OpenFold's AlphaFold with the recipe's weights; with model.engine=loom its Evoformer and
+    extra-MSA stacks are Loom's (same weights), chunked to memory.budget_gb and split over `ax`."""
     load_openfold()
     from openfold.model.model import AlphaFold
 
@@ -42,6 +53,13 @@ def build_model(cfg: ProteinRecipe, config) -> torch.nn.Module:
     path = cfg.model.params
     if path:
         load_params(model, Path(path), cfg.model.preset)
+    if cfg.model.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    if cfg.model.engine == "loom":
+        budget = int(cfg.memory.budget_gb * GIB) if cfg.memory.budget_gb else None
+        model.evoformer = from_openfold(model.evoformer, extra=False).configure(ax or Axial(), budget)
+        if config.model.extra_msa.enabled:
+            model.extra_msa_stack = from_openfold(model.extra_msa_stack, extra=True).configure(ax or Axial(), budget)
     return model.eval()
 
 

@@ -1,0 +1,454 @@
+"""Loom's Evoformer and extra-MSA stacks for inference, put into OpenFold's `AlphaFold` in place of
+its own (the FastFold approach: OpenFold's embedders, structure module, heads and feature pipeline
+stay as they are).
+
+The modules carry OpenFold's parameter names and shapes, so a state dict moves between the two
+unchanged (`from_openfold` loads one with strict checking). What differs is how a block runs:
+
+- every residual update is written into the MSA and pair representations in place, a chunk of
+  rows at a time, so a block holds z once plus one chunk's temporaries;
+- the chunks (rows, attention queries, triangle-multiplication channels) come from a `Plan`,
+  which `apps.protein.plan` sizes from a memory budget;
+- with dynamic axial parallelism (`apps.protein.axial`) each rank holds 1/p of m and z and the
+  collectives switch the split axis where an operation needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apps.protein.axial import Axial
+from apps.protein.plan import Plan, Shapes, choose
+from core.errors import LoomError
+from core.memory.usage import free_bytes, process_bytes
+
+
+def _linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
+    return nn.Linear(c_in, c_out, bias=bias)
+
+
+def _chunks(n: int, size: int):
+    size = max(1, size)
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+class Attention(nn.Module):
+    """Gated multi-head attention (OpenFold's `Attention`: q, k, v without bias, gate, output)."""
+
+    def __init__(self, c_in: int, c_hidden: int, heads: int) -> None:
+        super().__init__()
+        self.c_hidden, self.heads = c_hidden, heads
+        self.linear_q = _linear(c_in, c_hidden * heads, bias=False)
+        self.linear_k = _linear(c_in, c_hidden * heads, bias=False)
+        self.linear_v = _linear(c_in, c_hidden * heads, bias=False)
+        self.linear_o = _linear(c_hidden * heads, c_in)
+        self.linear_g = _linear(c_in, c_hidden * heads)
+
+    def update_rows_(self, stream: torch.Tensor, norm: nn.Module, key_mask: torch.Tensor,
+                     bias: torch.Tensor | None, inf: float, plan_rows: int, queries: int) -> None:
+        """stream [R, L, C] += attention along L within each row of norm(stream); `key_mask`
+        [R, L]; `bias` [H, L, L] shared by every row. A row's update reads only that row, so rows
+        are updated in place, `plan_rows` rows and `queries` queries at a time."""
+        n_rows, length, _ = stream.shape
+        h, d = self.heads, self.c_hidden
+        for r0, r1 in _chunks(n_rows, plan_rows):
+            x = norm(stream[r0:r1])
+            r = r1 - r0
+            k = self.linear_k(x).view(r, length, h, d).permute(0, 2, 3, 1)
+            v = self.linear_v(x).view(r, length, h, d).transpose(1, 2)
+            mask_bias = (inf * (key_mask[r0:r1] - 1))[:, None, None, :].to(x.dtype)
+            for q0, q1 in _chunks(length, queries):
+                xq = x[:, q0:q1]
+                q = self.linear_q(xq).view(r, q1 - q0, h, d).transpose(1, 2) / math.sqrt(d)
+                logits = torch.matmul(q, k)
+                logits += mask_bias
+                if bias is not None:
+                    logits += bias[:, q0:q1]
+                o = torch.matmul(torch.softmax(logits, dim=-1), v).transpose(1, 2)
+                del logits
+                g = torch.sigmoid(self.linear_g(xq)).view(r, q1 - q0, h, d)
+                stream[r0:r1, q0:q1] += self.linear_o((o * g).reshape(r, q1 - q0, h * d))
+
+
+class GlobalAttention(nn.Module):
+    """OpenFold's `GlobalAttention` (extra-MSA column attention: one query per column)."""
+
+    def __init__(self, c_in: int, c_hidden: int, heads: int) -> None:
+        super().__init__()
+        self.c_hidden, self.heads = c_hidden, heads
+        self.linear_q = _linear(c_in, c_hidden * heads, bias=False)
+        self.linear_k = _linear(c_in, c_hidden, bias=False)
+        self.linear_v = _linear(c_in, c_hidden, bias=False)
+        self.linear_g = _linear(c_in, c_hidden * heads)
+        self.linear_o = _linear(c_hidden * heads, c_in)
+
+    def update_rows_(self, stream: torch.Tensor, norm: nn.Module, mask: torch.Tensor, inf: float, eps: float,
+                     plan_rows: int) -> None:
+        n_rows, length, _ = stream.shape
+        h, d = self.heads, self.c_hidden
+        for r0, r1 in _chunks(n_rows, plan_rows):
+            x = norm(stream[r0:r1])
+            msk = mask[r0:r1].to(x.dtype)
+            q = (x * msk[..., None]).sum(dim=-2) / (msk.sum(dim=-1)[..., None] + eps)
+            q = (self.linear_q(q) * d ** -0.5).view(r1 - r0, h, d)
+            a = torch.matmul(q, self.linear_k(x).transpose(-1, -2))
+            a += (inf * (msk - 1))[:, None, :]
+            o = torch.matmul(torch.softmax(a, dim=-1), self.linear_v(x))
+            g = torch.sigmoid(self.linear_g(x)).view(r1 - r0, length, h, d)
+            stream[r0:r1] += self.linear_o((o.unsqueeze(-3) * g).reshape(r1 - r0, length, h * d))
+
+
+class Transition(nn.Module):
+    """OpenFold's MSA and pair transitions: LayerNorm, Linear to n x C, ReLU, Linear back."""
+
+    def __init__(self, c: int, n: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(c)
+        self.linear_1 = _linear(c, n * c)
+        self.linear_2 = _linear(n * c, c)
+
+    def update_rows_(self, stream: torch.Tensor, mask: torch.Tensor | None, plan_rows: int) -> None:
+        for r0, r1 in _chunks(stream.shape[0], plan_rows):
+            x = stream[r0:r1]
+            u = self.linear_2(torch.relu(self.linear_1(self.layer_norm(x))))
+            if mask is not None:
+                u *= mask[r0:r1, :, None].to(u.dtype)
+            x += u
+
+
+class OuterProductMean(nn.Module):
+    def __init__(self, c_m: int, c_z: int, c_hidden: int, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.eps = eps
+        self.layer_norm = nn.LayerNorm(c_m)
+        self.linear_1 = _linear(c_m, c_hidden)
+        self.linear_2 = _linear(c_m, c_hidden)
+        self.linear_out = _linear(c_hidden * c_hidden, c_z)
+
+    def update_(self, st: "_State") -> None:
+        """z += the outer product mean of m over sequences. m is split by residues; the rows of
+        the update are this rank's rows of z (layout R: a's residues; T: b's)."""
+        st.msa_layout("N")
+        m, mask = st.m, st.msa_mask_local()
+        mk = mask[..., None].to(m.dtype)
+        ln = self.layer_norm(m)
+        a, b = self.linear_1(ln) * mk, self.linear_2(ln) * mk
+        del ln
+        full_mask = st.msa_mask.to(m.dtype)
+        transposed = st.z_layout == "T"
+        local, other = (b, st.ax.gather(a, dim=1)) if transposed else (a, st.ax.gather(b, dim=1))
+        spec = "sje,sic->jice" if transposed else "sic,sje->ijce"
+        for r0, r1 in _chunks(local.shape[1], st.plan.rows):
+            outer = torch.einsum(spec, local[:, r0:r1], other)
+            outer = self.linear_out(outer.reshape(outer.shape[:2] + (-1,)))
+            norm = torch.einsum("sr,sn->rn", mk[:, r0:r1, 0], full_mask) + self.eps
+            outer /= norm[..., None]
+            st.z[r0:r1] += outer
+
+
+class TriangleMultiplication(nn.Module):
+    """OpenFold's triangle multiplicative update (outgoing or incoming edges)."""
+
+    def __init__(self, c_z: int, c_hidden: int, outgoing: bool) -> None:
+        super().__init__()
+        self.outgoing = outgoing
+        self.c_hidden = c_hidden
+        self.linear_a_p = _linear(c_z, c_hidden)
+        self.linear_a_g = _linear(c_z, c_hidden)
+        self.linear_b_p = _linear(c_z, c_hidden)
+        self.linear_b_g = _linear(c_z, c_hidden)
+        self.linear_g = _linear(c_z, c_z)
+        self.linear_z = _linear(c_hidden, c_z)
+        self.layer_norm_in = nn.LayerNorm(c_z)
+        self.layer_norm_out = nn.LayerNorm(c_hidden)
+
+    def _projection(self, side: str, zl: torch.Tensor, mask: torch.Tensor, c: slice) -> torch.Tensor:
+        p, g = getattr(self, f"linear_{side}_p"), getattr(self, f"linear_{side}_g")
+        out = torch.sigmoid(F.linear(zl, g.weight[c], g.bias[c]))
+        out *= F.linear(zl, p.weight[c], p.bias[c])
+        out *= mask
+        return out
+
+    def update_(self, st: "_State") -> None:
+        """Outgoing: x[i, j] = sum_k a[i, k] b[j, k] on rows of z (layout R). Incoming:
+        x[i, j] = sum_k a[k, i] b[k, j], which on rows of z^T (layout T) reads
+        x^T[j, i] = sum_k b^T[j, k] a^T[i, k]: the same product with the roles of a and b
+        swapped. The local side's rows are this rank's; the other side is gathered, a block of
+        channels at a time, into a channel-first buffer x [C, rows, N]."""
+        st.pair_layout("R" if self.outgoing else "T")
+        z, mask = st.z, st.pair_mask_local()
+        mine, theirs = ("a", "b") if self.outgoing else ("b", "a")
+        rows, n = z.shape[:2]
+        x = z.new_empty(self.c_hidden, rows, n)
+        for c0, c1 in _chunks(self.c_hidden, st.plan.channels):
+            c = slice(c0, c1)
+            local = z.new_empty(c1 - c0, rows, n)
+            other = z.new_empty(c1 - c0, rows, n)
+            for r0, r1 in _chunks(rows, st.plan.rows):
+                zl = self.layer_norm_in(z[r0:r1])
+                mk = mask[r0:r1, :, None].to(zl.dtype)
+                local[:, r0:r1] = self._projection(mine, zl, mk, c).permute(2, 0, 1)
+                other[:, r0:r1] = self._projection(theirs, zl, mk, c).permute(2, 0, 1)
+                del zl
+            other = st.ax.gather(other, dim=1)
+            torch.matmul(local, other.transpose(1, 2), out=x[c])
+            del local, other
+        for r0, r1 in _chunks(rows, st.plan.rows):
+            gate = torch.sigmoid(self.linear_g(self.layer_norm_in(z[r0:r1])))
+            gate *= self.linear_z(self.layer_norm_out(x[:, r0:r1].permute(1, 2, 0)))
+            z[r0:r1] += gate
+
+
+class TriangleAttention(nn.Module):
+    """OpenFold's triangle attention; the ending-node one runs on rows of z^T."""
+
+    def __init__(self, c_z: int, c_hidden: int, heads: int, starting: bool) -> None:
+        super().__init__()
+        self.starting = starting
+        self.layer_norm = nn.LayerNorm(c_z)
+        self.linear = _linear(c_z, heads, bias=False)
+        self.mha = Attention(c_z, c_hidden, heads)
+
+    def update_(self, st: "_State") -> None:
+        st.pair_layout("R" if self.starting else "T")
+        bias = st.pair_bias(self.layer_norm, self.linear, of_z=False)
+        self.mha.update_rows_(st.z, self.layer_norm, st.pair_mask_local(), bias, st.inf, st.plan.rows,
+                              st.plan.queries)
+
+
+class MSARowAttention(nn.Module):
+    """Row attention over residues with a bias from the pair representation (OpenFold's
+    `MSARowAttentionWithPairBias`)."""
+
+    def __init__(self, c_m: int, c_z: int, c_hidden: int, heads: int) -> None:
+        super().__init__()
+        self.layer_norm_m = nn.LayerNorm(c_m)
+        self.layer_norm_z = nn.LayerNorm(c_z)
+        self.linear_z = _linear(c_z, heads, bias=False)
+        self.mha = Attention(c_m, c_hidden, heads)
+
+    def update_(self, st: "_State") -> None:
+        bias = st.pair_bias(self.layer_norm_z, self.linear_z, of_z=True)
+        st.msa_layout("S")
+        self.mha.update_rows_(st.m, self.layer_norm_m, st.msa_mask_local(), bias, st.inf, st.plan.msa_rows,
+                              st.plan.queries)
+
+
+class _MSAColumnCore(nn.Module):
+    def __init__(self, c_m: int, c_hidden: int, heads: int) -> None:
+        super().__init__()
+        self.layer_norm_m = nn.LayerNorm(c_m)
+        self.mha = Attention(c_m, c_hidden, heads)
+
+
+class MSAColumnAttention(nn.Module):
+    def __init__(self, c_m: int, c_hidden: int, heads: int) -> None:
+        super().__init__()
+        self._msa_att = _MSAColumnCore(c_m, c_hidden, heads)
+
+    def update_(self, st: "_State") -> None:
+        st.msa_layout("N")
+        core = self._msa_att
+        core.mha.update_rows_(st.m.transpose(0, 1), core.layer_norm_m, st.msa_mask_local().t(), None, st.inf,
+                              st.plan.rows, st.plan.queries)
+
+
+class MSAColumnGlobalAttention(nn.Module):
+    def __init__(self, c_m: int, c_hidden: int, heads: int) -> None:
+        super().__init__()
+        self.layer_norm_m = nn.LayerNorm(c_m)
+        self.global_attention = GlobalAttention(c_m, c_hidden, heads)
+
+    def update_(self, st: "_State") -> None:
+        st.msa_layout("N")
+        self.global_attention.update_rows_(st.m.transpose(0, 1), self.layer_norm_m, st.msa_mask_local().t(),
+                                           st.inf, st.eps, st.plan.rows)
+
+
+class BlockCore(nn.Module):
+    """What an Evoformer block and an extra-MSA block share, after the MSA attentions."""
+
+    def __init__(self, c_m: int, c_z: int, c_hidden_opm: int, c_hidden_mul: int, c_hidden_pair_att: int,
+                 heads_pair: int, transition_n: int) -> None:
+        super().__init__()
+        self.msa_transition = Transition(c_m, transition_n)
+        self.outer_product_mean = OuterProductMean(c_m, c_z, c_hidden_opm)
+        self.tri_mul_out = TriangleMultiplication(c_z, c_hidden_mul, outgoing=True)
+        self.tri_mul_in = TriangleMultiplication(c_z, c_hidden_mul, outgoing=False)
+        self.tri_att_start = TriangleAttention(c_z, c_hidden_pair_att, heads_pair, starting=True)
+        self.tri_att_end = TriangleAttention(c_z, c_hidden_pair_att, heads_pair, starting=False)
+        self.pair_transition = Transition(c_z, transition_n)
+
+    def update_(self, st: "_State") -> None:
+        st.msa_layout("N")
+        self.msa_transition.update_rows_(st.m.transpose(0, 1), st.trans_mask(st.msa_mask_local().t()),
+                                         st.plan.rows)
+        self.outer_product_mean.update_(st)
+        self.tri_mul_out.update_(st)
+        self.tri_mul_in.update_(st)
+        self.tri_att_start.update_(st)
+        self.tri_att_end.update_(st)
+        self.pair_transition.update_rows_(st.z, st.trans_mask(st.pair_mask_local()), st.plan.rows)
+
+
+class Block(nn.Module):
+    """One Evoformer block (column attention) or extra-MSA block (global column attention)."""
+
+    def __init__(self, dims: dict, extra: bool) -> None:
+        super().__init__()
+        c_m, c_z, c_att, heads = dims["c_m"], dims["c_z"], dims["c_hidden_msa_att"], dims["no_heads_msa"]
+        self.msa_att_row = MSARowAttention(c_m, c_z, c_att, heads)
+        self.msa_att_col = (MSAColumnGlobalAttention if extra else MSAColumnAttention)(c_m, c_att, heads)
+        self.core = BlockCore(c_m, c_z, dims["c_hidden_opm"], dims["c_hidden_mul"], dims["c_hidden_pair_att"],
+                              dims["no_heads_pair"], dims["transition_n"])
+
+    def update_(self, st: "_State") -> None:
+        self.msa_att_row.update_(st)
+        self.msa_att_col.update_(st)
+        self.core.update_(st)
+
+
+class _State:
+    """The representations as this rank holds them during a stack, and where each is split."""
+
+    def __init__(self, m, z, msa_mask, pair_mask, ax: Axial, plan: Plan, inf: float, eps: float,
+                 mask_trans: bool) -> None:
+        self.ax, self.plan, self.inf, self.eps, self.mask_trans = ax, plan, inf, eps, mask_trans
+        s, n = m.shape[:2]
+        sp, np_ = ax.padded(s), ax.padded(n)
+        self.msa_mask = F.pad(msa_mask, (0, np_ - n, 0, sp - s))    # whole (padded); small
+        self.pair_mask = F.pad(pair_mask, (0, np_ - n, 0, np_ - n))
+        self.m, self.m_layout = _local_rows(m, ax, sp, np_), "S"
+        self.z, self.z_layout = _local_rows(z, ax, np_, np_), "R"
+
+    def msa_layout(self, layout: str) -> None:
+        if layout != self.m_layout:
+            split, join = (1, 0) if layout == "N" else (0, 1)
+            self.m = self.ax.swap(self.m, split=split, join=join)
+            self.m_layout = layout
+
+    def pair_layout(self, layout: str) -> None:
+        if layout != self.z_layout:
+            self.z = self.ax.transpose_rows(self.z, self.plan.rows)
+            self.z_layout = layout
+
+    def msa_mask_local(self) -> torch.Tensor:
+        return self.ax.local(self.msa_mask, 0 if self.m_layout == "S" else 1)
+
+    def pair_mask_local(self) -> torch.Tensor:
+        mask = self.pair_mask if self.z_layout == "R" else self.pair_mask.t()
+        return self.ax.local(mask, 0)
+
+    def trans_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        return mask if self.mask_trans else None
+
+    def pair_bias(self, norm: nn.Module, linear: nn.Linear, of_z: bool) -> torch.Tensor:
+        """linear(norm(.)) at every position as [H, N, N], computed from this rank's rows and
+        gathered: indexed as z if `of_z`, else as the rows held now (z^T in layout T)."""
+        parts = [linear(norm(self.z[r0:r1])) for r0, r1 in _chunks(self.z.shape[0], self.plan.rows)]
+        bias = self.ax.gather(torch.cat(parts, dim=0), dim=0)
+        order = (2, 1, 0) if of_z and self.z_layout == "T" else (2, 0, 1)
+        return bias.permute(*order).contiguous()
+
+    def finish(self, m_out: torch.Tensor, z_out: torch.Tensor) -> None:
+        """Write the whole m and z (layout S and R) into the caller's tensors."""
+        self.msa_layout("S")
+        self.pair_layout("R")
+        if self.ax.size == 1:
+            return                                                   # updated in place all along
+        m_full = self.ax.gather(self.m, dim=0)
+        z_full = self.ax.gather(self.z, dim=0)
+        m_out.copy_(m_full[: m_out.shape[0], : m_out.shape[1]])
+        z_out.copy_(z_full[: z_out.shape[0], : z_out.shape[1]])
+
+
+class Stack(nn.Module):
+    """Loom's stand-in for OpenFold's `EvoformerStack` (extra=False, returns m, z, s) or
+    `ExtraMSAStack` (extra=True, returns z), called exactly as OpenFold calls those."""
+
+    def __init__(self, dims: dict, blocks: int, extra: bool, c_s: int | None, inf: float, eps: float) -> None:
+        super().__init__()
+        self.dims, self.extra, self.inf, self.eps = dict(dims), extra, inf, eps
+        self.blocks = nn.ModuleList(Block(dims, extra) for _ in range(blocks))
+        if not extra:
+            self.linear = _linear(dims["c_m"], c_s)
+        self.ax = Axial()
+        self.budget: int | None = None         # bytes per process; None = 90% of what is free
+        self.plan: Plan | None = None          # fixed chunks (overrides the budget)
+        self.last_plan: Plan | None = None
+
+    def configure(self, ax: Axial, budget: int | None = None, plan: Plan | None = None) -> "Stack":
+        self.ax, self.budget, self.plan = ax, budget, plan
+        return self
+
+    def shapes(self, s: int, n: int, bytes_per: int) -> Shapes:
+        d = self.dims
+        return Shapes(s=s, n=n, c_m=d["c_m"], c_z=d["c_z"], heads_msa=d["no_heads_msa"], c_att=d["c_hidden_msa_att"],
+                      c_opm=d["c_hidden_opm"], c_mul=d["c_hidden_mul"], heads_pair=d["no_heads_pair"],
+                      c_pair_att=d["c_hidden_pair_att"], transition_n=d["transition_n"], extra=self.extra,
+                      ranks=self.ax.size, bytes_per=bytes_per)
+
+    def _plan(self, m: torch.Tensor, z: torch.Tensor) -> Plan:
+        if self.plan is not None:
+            return self.plan
+        used = process_bytes(z.device)
+        total = self.budget if self.budget is not None else used + int(0.9 * free_bytes(z.device))
+        room = total - used + (m.numel() + z.numel()) * m.element_size()     # the plan counts m and z itself
+        return choose(self.shapes(m.shape[0], m.shape[1], m.element_size()), room)
+
+    def forward(self, m, z, msa_mask, pair_mask, chunk_size=None, use_lma=False, use_flash=False,
+                inplace_safe=False, _mask_trans=True):
+        if torch.is_grad_enabled():
+            raise LoomError("Loom's Evoformer runs inference only (it updates m and z in place); call the model "
+                            "under torch.no_grad(), or train with OpenFold's stacks (model.engine=openfold)")
+        lead = m.shape[:-3]
+        if math.prod(lead) != 1:
+            raise LoomError(f"Loom's Evoformer folds one target at a time; got a batch of shape {tuple(lead)}")
+        m3, z3 = m.reshape(m.shape[-3:]), z.reshape(z.shape[-3:])
+        msa_mask, pair_mask = msa_mask.reshape(msa_mask.shape[-2:]), pair_mask.reshape(pair_mask.shape[-2:])
+        plan = self._plan(m3, z3)
+        self.last_plan = plan
+        st = _State(m3, z3, msa_mask, pair_mask, self.ax, plan, self.inf, self.eps, _mask_trans)
+        for block in self.blocks:
+            block.update_(st)
+        st.finish(m3, z3)
+        if self.extra:
+            return z
+        return m, z, self.linear(m[..., 0, :, :])
+
+
+def _local_rows(x: torch.Tensor, ax: Axial, rows: int, cols: int) -> torch.Tensor:
+    """This rank's part of x [R, C, ...] split by rows, as if x were first zero-padded to `rows` x
+    `cols` (without making that padded copy). One rank: x itself, updated in place."""
+    if ax.size == 1:
+        return x
+    per = rows // ax.size
+    part = x[ax.rank * per: (ax.rank + 1) * per]
+    return F.pad(part, (0, 0, 0, cols - x.shape[1], 0, per - part.shape[0]))
+
+
+def _dims(block) -> dict:
+    """The channel sizes of an OpenFold Evoformer / extra-MSA block, read from its modules."""
+    row, core = block.msa_att_row, block.core
+    return {"c_m": row.c_in, "c_z": row.c_z, "c_hidden_msa_att": row.c_hidden, "no_heads_msa": row.no_heads,
+            "c_hidden_opm": core.outer_product_mean.c_hidden, "c_hidden_mul": core.tri_mul_out.c_hidden,
+            "c_hidden_pair_att": core.tri_att_start.c_hidden, "no_heads_pair": core.tri_att_start.no_heads,
+            "transition_n": core.msa_transition.n}
+
+
+def from_openfold(stack: nn.Module, extra: bool) -> Stack:
+    """Loom's stack with the weights of OpenFold's `EvoformerStack` / `ExtraMSAStack` (strict:
+    every name and shape must match)."""
+    first = stack.blocks[0]
+    dims = _dims(first)
+    c_s = None if extra else stack.linear.out_features
+    eps = first.msa_att_col.eps if extra else 1e-8
+    loom = Stack(dims, len(stack.blocks), extra, c_s, inf=first.msa_att_row.inf, eps=eps)
+    param = next(stack.parameters())
+    loom.to(dtype=param.dtype, device=param.device)
+    loom.load_state_dict(stack.state_dict(), strict=True)
+    return loom.eval()

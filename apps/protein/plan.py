@@ -1,0 +1,157 @@
+"""Chunk sizes for Loom's Evoformer from a memory budget (in the spirit of AutoChunk, arXiv
+2401.10652: estimate each operation's activation memory at this sequence length, then take the
+largest chunks that keep the peak under the budget).
+
+The estimate counts, per rank, the tensors `apps.protein.evoformer` allocates: the caller's m and
+z (held throughout), this rank's parts and the gathered operands under axial parallelism, and for
+each operation the temporaries of one chunk. The peak is the held memory plus the largest
+operation's temporaries. Among the plans that fit, the one with the fewest chunk steps wins
+(larger chunks run faster).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.errors import LoomError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Chunk sizes: rows of z (or of m^T) per step, MSA rows per step in row attention, queries per
+    attention step, and channels per triangle-multiplication step."""
+
+    rows: int
+    msa_rows: int
+    queries: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimate needs about one stack at one call."""
+
+    s: int                 # MSA rows
+    n: int                 # residues
+    c_m: int
+    c_z: int
+    heads_msa: int
+    c_att: int             # per-head channels of MSA attention
+    c_opm: int
+    c_mul: int
+    heads_pair: int
+    c_pair_att: int
+    transition_n: int
+    extra: bool            # global column attention (extra-MSA stack)
+    ranks: int = 1
+    bytes_per: int = 4
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, v = [], 1
+    while v < n:
+        out.append(v)
+        v *= 2
+    return out + [max(1, n)]
+
+
+def held_bytes(sh: Shapes) -> int:
+    """What stays allocated during the whole stack (per rank)."""
+    p = sh.ranks
+    n_loc, s_loc = -(-sh.n // p), -(-sh.s // p)
+    whole = sh.s * sh.n * sh.c_m + sh.n * sh.n * sh.c_z                 # the caller's m and z
+    masks = sh.s * sh.n + sh.n * sh.n
+    local = 0 if p == 1 else s_loc * sh.n * sh.c_m + n_loc * sh.n * sh.c_z
+    return (whole + masks + local) * sh.bytes_per
+
+
+def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
+    """Temporaries of each operation with the chunks of `plan` (per rank)."""
+    p, e = sh.ranks, sh.bytes_per
+    n, s = sh.n, sh.s
+    n_loc, s_loc = -(-n // p), -(-s // p)
+    r, q, rm, cb = min(plan.rows, n_loc), min(plan.queries, n), min(plan.msa_rows, s_loc), min(plan.channels, sh.c_mul)
+    hm, dm, hp, dp = sh.heads_msa, sh.c_att, sh.heads_pair, sh.c_pair_att
+
+    def attention(rows: int, length: int, c_in: int, h: int, d: int, bias: int) -> int:
+        per_chunk = rows * length * (c_in + 2 * h * d) + rows * q * (4 * h * d + c_in) + 2 * rows * h * q * length
+        return bias + per_chunk
+
+    pair_bias = lambda h: 2 * h * n * n + n_loc * n * h                 # noqa: E731 (gathered, permuted, parts)
+    out = {
+        "msa_row_attention": attention(rm, n, sh.c_m, hm, dm, pair_bias(hm)),
+        "msa_transition": r * s * sh.c_m * (1 + 2 * sh.transition_n),
+        "outer_product_mean": s * n_loc * sh.c_m + 2 * s * n_loc * sh.c_opm + s * n * sh.c_opm
+                              + r * n * (sh.c_opm ** 2 + sh.c_z + 1),
+        "triangle_multiplication": sh.c_mul * n_loc * n + 2 * cb * n_loc * n + (cb * n * n if p > 1 else 0)
+                                   + r * n * (sh.c_z + 3 * cb) + r * n * (2 * sh.c_z + sh.c_mul),
+        "triangle_attention": attention(r, n, sh.c_z, hp, dp, pair_bias(hp)),
+        "pair_transition": r * n * sh.c_z * (1 + 2 * sh.transition_n),
+        "transpose": 2 * r * r * sh.c_z if p == 1 else 3 * n_loc * n * sh.c_z,
+    }
+    if sh.extra:
+        out["msa_column_attention"] = r * s * (sh.c_m + 2 * sh.c_att + 2 * hm * sh.c_att)
+    else:
+        out["msa_column_attention"] = attention(r, s, sh.c_m, hm, dm, 0)
+    if p > 1:
+        out["msa_swap"] = 3 * s_loc * n * sh.c_m + 3 * s * n_loc * sh.c_m
+    return {k: v * e for k, v in out.items()}
+
+
+def peak_bytes(sh: Shapes, plan: Plan) -> int:
+    return held_bytes(sh) + max(op_bytes(sh, plan).values())
+
+
+def _steps(sh: Shapes, plan: Plan) -> float:
+    n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
+    rows = -(-n_loc // plan.rows)
+    return (rows * -(-sh.n // plan.queries) * 4 + -(-s_loc // plan.msa_rows) * -(-sh.n // plan.queries)
+            + rows * -(-sh.c_mul // plan.channels) * 2)
+
+
+def smallest(sh: Shapes) -> Plan:
+    return Plan(rows=1, msa_rows=1, queries=min(sh.n, 16), channels=1)
+
+
+def choose(sh: Shapes, budget: int) -> Plan:
+    """The plan with the fewest steps whose peak stays within `budget` bytes; a `LoomError` naming
+    the longest sequence that would fit when none does."""
+    n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
+    best, best_steps = None, None
+    for rows in _pow2_upto(n_loc):
+        for queries in _pow2_upto(sh.n):
+            if queries < min(sh.n, 16) and queries != sh.n:
+                continue                       # attention with very few queries is all overhead
+            for channels in _pow2_upto(sh.c_mul):
+                for msa_rows in _pow2_upto(s_loc):
+                    plan = Plan(rows, msa_rows, queries, channels)
+                    if peak_bytes(sh, plan) > budget:
+                        continue
+                    steps = _steps(sh, plan)
+                    if best_steps is None or steps < best_steps:
+                        best, best_steps = plan, steps
+    if best is None:
+        raise LoomError(f"a {sh.n}-residue sequence does not fit: the Evoformer needs about "
+                        f"{peak_bytes(sh, smallest(sh)) / GIB:.2f} GiB even in the smallest chunks and "
+                        f"{budget / GIB:.2f} GiB of the memory budget is left for it; the longest sequence that fits "
+                        f"is about {longest(sh, budget)} residues. Raise memory.budget_gb, run on more processes "
+                        f"(torchrun: axial parallelism) or use model.dtype=bfloat16")
+    return best
+
+
+def longest(sh: Shapes, budget: int) -> int:
+    """The longest sequence that fits `budget` with the smallest chunks (bisection)."""
+    from dataclasses import replace
+
+    lo, hi = 0, max(sh.n, 1)
+    while peak_bytes(replace(sh, n=hi), smallest(replace(sh, n=hi))) <= budget:
+        hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if peak_bytes(replace(sh, n=mid), smallest(replace(sh, n=mid))) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,200 @@
+"""Loom's Evoformer put into OpenFold's AlphaFold predicts what OpenFold's own stacks predict with
+the same weights: the stacks alone (m, z, s), and the whole model's final atom positions with
+and without chunking, and split over 2 and 4 gloo ranks by axial parallelism (with the collectives
+counted)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from apps.protein.compat import load_openfold
+from apps.protein.config import ProteinRecipe
+from apps.protein.evoformer import from_openfold
+from apps.protein.fasta import parse_fasta
+from apps.protein.model import build_model, features, openfold_config
+from apps.protein.plan import Plan, choose, held_bytes, longest, peak_bytes, smallest
+from core.config import load_recipe
+from core.distributed.testing import run_distributed
+from core.errors import LoomError
+
+SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQLEERLG"          # 28 residues: not a multiple of 3, so padding is exercised
+ATOL_ANGSTROM = 1e-3
+
+
+def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """OpenFold zero-initialises every residual output layer, so a fresh model's blocks change
+    nothing and any two implementations would agree; noise on every weight makes them count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _recipe(engine: str) -> ProteinRecipe:
+    cfg = load_recipe(ProteinRecipe, "protein/demo")
+    cfg.model.engine = engine
+    cfg.model.evoformer_blocks, cfg.model.extra_msa_blocks, cfg.model.structure_blocks = 2, 1, 2
+    cfg.model.recycles = 1
+    cfg.data.max_msa_clusters, cfg.data.max_extra_msa = 6, 5
+    return cfg
+
+
+def _config(cfg: ProteinRecipe):
+    config = openfold_config(cfg)
+    g = config.globals
+    g.c_m, g.c_z, g.c_e, g.c_s = 32, 16, 16, 24
+    config.model.template.enabled = False
+    return config
+
+
+def _batch(config, alignments):
+    target = parse_fasta(f">t\n{SEQUENCE}\n")[0]
+    return features(target, config, str(alignments))
+
+
+def _alignments(root):
+    """A small MSA of mutated copies of the target (so m has several rows)."""
+    rng = random.Random(0)
+    letters = "ACDEFGHIKLMNPQRSTVWY"
+    rows = [">query", SEQUENCE]
+    for k in range(8):
+        rows += [f">hit{k}", "".join(rng.choice(letters) if rng.random() < 0.3 else a for a in SEQUENCE)]
+    (root / "t").mkdir(parents=True)
+    (root / "t" / "hits.a3m").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _model(cfg, config, ax=None, plan=None):
+    torch.manual_seed(0)
+    np.random.seed(0)                       # OpenFold draws truncated-normal initial weights with scipy
+    model = build_model(cfg, config, ax)
+    _perturb(model, seed=1)
+    if cfg.model.engine == "loom":          # the noise went into Loom's stacks' copies of the weights
+        for stack in (model.evoformer, model.extra_msa_stack):
+            stack.plan = plan
+    return model
+
+
+def _positions(model, batch):
+    with torch.no_grad():
+        return model(batch)["final_atom_positions"]
+
+
+def _stack_inputs(s, n, c_m, c_z, seed):
+    g = torch.Generator().manual_seed(seed)
+    m, z = torch.randn(s, n, c_m, generator=g), torch.randn(n, n, c_z, generator=g)
+    msa_mask = (torch.rand(s, n, generator=g) > 0.2).float()
+    pair_mask = (torch.rand(n, n, generator=g) > 0.1).float()
+    return m, z, msa_mask, pair_mask
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_loom_stacks_equal_openfolds(extra):
+    load_openfold()
+    from openfold.config import model_config
+    from openfold.model.evoformer import EvoformerStack, ExtraMSAStack
+
+    c = model_config("model_1")
+    c.globals.c_m, c.globals.c_z, c.globals.c_e, c.globals.c_s = 32, 16, 16, 24
+    if extra:
+        kw = dict(c.model.extra_msa.extra_msa_stack, no_blocks=2, tune_chunk_size=False, ckpt=False)
+        theirs = ExtraMSAStack(**kw).eval()
+    else:
+        kw = dict(c.model.evoformer_stack, no_blocks=2, tune_chunk_size=False, blocks_per_ckpt=None)
+        theirs = EvoformerStack(**kw).eval()
+    _perturb(theirs, seed=2, scale=0.2)
+    ours = from_openfold(theirs, extra=extra)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    m, z, msa_mask, pair_mask = _stack_inputs(5, 13, kw["c_m"], kw["c_z"], seed=3)
+    args = dict(msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=None, _mask_trans=True)
+    with torch.no_grad():
+        expected = theirs(m.clone(), z.clone(), inplace_safe=False, **args)
+        for plan in (Plan(rows=13, msa_rows=5, queries=13, channels=64), Plan(rows=3, msa_rows=2, queries=5, channels=4)):
+            ours.plan = plan
+            got = ours(m.clone(), z.clone(), inplace_safe=True, **args)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+                assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (plan, (a - b).abs().max())
+        z_in = z.clone()
+        ours(m.clone(), z_in, inplace_safe=True, **args)
+        assert not torch.equal(z_in, z)                      # one process: z is updated in place
+    with pytest.raises(LoomError, match="inference only"):
+        ours(m, z, inplace_safe=False, **args)
+
+
+def test_the_loom_engine_predicts_openfolds_atoms_with_and_without_chunks(tmp_path):
+    alignments = _alignments(tmp_path / "msa")
+    cfg_of, cfg_loom = _recipe("openfold"), _recipe("loom")
+    config = _config(cfg_of)
+    batch = _batch(config, alignments)
+    assert batch["msa_feat"].shape[-4] == 6 and batch["aatype"].shape[-1] == 2   # 6 MSA rows, 2 cycles
+    expected = _positions(_model(cfg_of, config), batch)
+    for plan in (None, Plan(rows=5, msa_rows=2, queries=7, channels=4)):
+        got = _positions(_model(cfg_loom, config, plan=plan), batch)
+        assert (got - expected).abs().max() <= ATOL_ANGSTROM, (plan, (got - expected).abs().max())
+    # the comparison can fail: other Evoformer weights move the atoms by far more than the tolerance
+    other = _model(cfg_of, config)
+    _perturb(other.evoformer, seed=5, scale=0.05)
+    assert (_positions(other, batch) - expected).abs().max() > 100 * ATOL_ANGSTROM
+
+
+def test_the_budget_sets_the_chunks_and_an_impossible_one_names_the_longest_length(tmp_path):
+    cfg = _recipe("loom")
+    config = _config(cfg)
+    batch = _batch(config, _alignments(tmp_path / "msa"))
+    model = _model(cfg, config)                            # the budget: 90% of the free memory
+    roomy = _positions(model, batch)
+    loose = model.evoformer.last_plan
+    assert loose.rows == len(SEQUENCE)                     # 28 residues fit in one chunk
+    for stack, rows in ((model.evoformer, 6), (model.extra_msa_stack, 5)):
+        sh = stack.shapes(rows, len(SEQUENCE), 4)
+        smallest_peak = peak_bytes(sh, smallest(sh))
+        stack.budget = None
+        stack.plan = choose(sh, smallest_peak + (smallest_peak - held_bytes(sh)))
+        assert stack.plan.rows < len(SEQUENCE)
+    assert (_positions(model, batch) - roomy).abs().max() <= ATOL_ANGSTROM
+    with pytest.raises(LoomError, match=r"longest sequence that fits is about \d+ residues"):
+        choose(sh, smallest_peak - 1)
+    assert 0 < longest(sh, smallest_peak - 1) < len(SEQUENCE) <= longest(sh, smallest_peak)
+
+
+def _dap_worker(batch, plan):
+    from apps.protein.axial import Axial
+    from core.distributed import ParallelMesh, resolve_layout
+
+    world = torch.distributed.get_world_size()
+    mesh = ParallelMesh.build(resolve_layout(1, 1, 1, world, world), "cpu")
+    cfg = _recipe("loom")
+    config = _config(cfg)
+    model = _model(cfg, config, Axial(mesh.axis("sp")), plan)
+    mesh.stats.reset()
+    positions = _positions(model, batch)
+    # the all-gathers one forward makes: per block the row attention's pair bias, the outer
+    # product's gathered side, each triangle multiplication's other side per channel step and each
+    # triangle attention's bias; per stack, m and z at the end
+    gathers = 0
+    for stack in (model.evoformer, model.extra_msa_stack):
+        channel_steps = -(-stack.dims["c_hidden_mul"] // stack.last_plan.channels)
+        gathers += len(stack.blocks) * (1 + 1 + 2 * channel_steps + 2) + 2
+    return positions, mesh.stats.as_dict(), gathers
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_axial_parallelism_predicts_the_same_atoms(tmp_path, ranks):
+    alignments = _alignments(tmp_path / "msa")
+    cfg = _recipe("openfold")
+    config = _config(cfg)
+    batch = _batch(config, alignments)       # OpenFold samples MSA clusters afresh each call: every rank gets these
+    expected = _positions(_model(cfg, config), batch)
+    plan = Plan(rows=4, msa_rows=1, queries=8, channels=8) if ranks == 4 else None
+    results = run_distributed(_dap_worker, world_size=ranks, args=(batch, plan), timeout=300)
+    for positions, _, _ in results:
+        assert (positions - expected).abs().max() <= ATOL_ANGSTROM, (positions - expected).abs().max()
+    _, stats, gathers = results[0]
+    cycles = cfg.model.recycles + 1
+    blocks = (cfg.model.evoformer_blocks + cfg.model.extra_msa_blocks) * cycles
+    # per block: the MSA switches between sequence and residue splits twice, z between rows and
+    # columns four times (three in a stack's first block, one more to end on rows)
+    assert stats["sp"]["all_to_all"]["calls"] == 6 * blocks
+    assert stats["sp"]["all_gather"]["calls"] == gathers * cycles
