@@ -3,6 +3,7 @@ the missing names said when they do not fit the preset), and the input features 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def openfold_config(cfg: ProteinRecipe):
     if m.structure_blocks:
         config.model.structure_module.no_blocks = m.structure_blocks
     config.data.common.max_recycling_iters = m.recycles
-    config.model.template.enabled = True            # no template search: zero templates, the weights still load
+    config.model.template.enabled = True            # so that params with template weights load (see build_model)
     config.data.predict.max_msa_clusters = cfg.data.max_msa_clusters
     config.data.predict.max_extra_msa = cfg.data.max_extra_msa
     config.globals.chunk_size = m.chunk_size or None
@@ -49,10 +50,15 @@ def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn
     load_openfold()
     from openfold.model.model import AlphaFold
 
-    model = AlphaFold(config)
+    model = AlphaFold(copy.deepcopy(config))          # its own copy: the template switch below is the model's
     path = cfg.model.params
     if path:
         load_params(model, Path(path), cfg.model.preset)
+    # No template search: the features carry zero templates, whose embedding OpenFold multiplies
+    # by zero, but it still runs the template pair stack on 4 padded templates ([4, N, N, 64]
+    # activations, the largest tensors of a single-sequence run). The weights are loaded above;
+    # the model skips the templates from here on.
+    model.config.template.enabled = False
     if cfg.model.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     if cfg.model.engine == "loom":

@@ -20,7 +20,12 @@ from core.errors import LoomError
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_the_default_folds_the_demo(tmp_path):
+def _atoms(pdb: Path) -> np.ndarray:
+    return np.array([[float(line[30:38]), float(line[38:46]), float(line[46:54])]
+                     for line in pdb.read_text().splitlines() if line.startswith("ATOM")])
+
+
+def test_the_default_folds_the_demo_on_one_and_on_two_processes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "apps.protein.infer", f"output.dir={tmp_path}", "output.mmcif=true"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -31,13 +36,27 @@ def test_the_default_folds_the_demo(tmp_path):
     atoms = [line for line in (folder / "ubiquitin.pdb").read_text().splitlines() if line.startswith("ATOM")]
     assert len({line[22:26] for line in atoms}) == 76                      # every residue placed
     assert 0 <= float(atoms[0][60:66]) <= 100                               # pLDDT in the B-factor column
-    assert set(json.loads((folder / "timings.json").read_text())) == {"build_model_s", "features_s", "inference_s"}
+    assert set(json.loads((folder / "timings.json").read_text())) == {"build_model_s", "features_s", "inference_s",
+                                                                       "peak_memory_gib", "engine", "processes"}
     assert "ubiquitin" in r.stdout and "mean pLDDT" in r.stdout
+    # two processes split the Evoformer (axial parallelism); rank 0 alone writes, the same atoms
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "apps.protein.infer", f"output.dir={tmp_path / 'two'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("mean pLDDT") == 1 and two.stderr.count("random weights") == 1
+    timings = json.loads((tmp_path / "two" / "ubiquitin" / "timings.json").read_text())
+    assert timings["processes"] == 2 and timings["engine"] == "loom"
+    a, b = _atoms(folder / "ubiquitin.pdb"), _atoms(tmp_path / "two" / "ubiquitin" / "ubiquitin.pdb")
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2e-3           # the PDB keeps 3 decimals
 
 
 def _small(params=""):
+    """The demo recipe with OpenFold's own stacks: these tests are about OpenFold's weight formats
+    (Loom's stacks take the same state dict: tests/apps/protein/test_loom_evoformer.py)."""
     cfg = load_recipe(ProteinRecipe, "protein/demo")
     cfg.model.params = params
+    cfg.model.engine = "openfold"
     return cfg
 
 
@@ -124,3 +143,14 @@ def test_alphafold_params_written_from_a_model_load_and_predict_identically(tmp_
         a = original(batch)["final_atom_positions"]
         b = loaded(batch)["final_atom_positions"]
     assert torch.equal(a, b)
+
+
+def test_axial_parallelism_needs_the_loom_engine_and_openfold_chunking_needs_openfold(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "apps.protein.infer", "model.engine=openfold", f"output.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "axial parallelism, which needs model.engine=loom" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "apps.protein.infer", "model.chunk_size=4", f"output.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "model.engine=openfold" in r.stderr
+    assert not any(tmp_path.iterdir())                  # nothing half-written
