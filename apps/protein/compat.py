@@ -67,6 +67,10 @@ def _quiet_list_indexing() -> None:
 
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
                             category=UserWarning, module=r"openfold\.")
+    # In bf16, OpenFold's LayerNorm and softmax switch autocast off with the old
+    # torch.cuda.amp.autocast spelling, which torch now warns about; it still does the same.
+    warnings.filterwarnings("ignore", message=r"`torch.cuda.amp.autocast\(args...\)` is deprecated",
+                            category=FutureWarning, module=r"openfold\.")
 
 
 def load_openfold():

@@ -48,7 +48,8 @@ class ProteinOutputConfig:
 @dataclass
 class ProteinMemoryConfig:
     budget_gb: float = opt(0.0, "engine=loom: memory each process may use, in GiB; the Evoformer's chunks are "
-                                "sized to stay under it; 0 = 90% of what is free when the model starts", min=0)
+                                "sized to stay under it (and under 90% of what is free); 0 = 90% of what is free",
+                           min=0)
 
 
 @dataclass

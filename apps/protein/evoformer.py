@@ -26,6 +26,12 @@ from core.errors import LoomError
 from core.memory.usage import free_bytes, process_bytes
 
 
+# Where the budget leaves a choice, chunks whose temporaries stay under these run fastest (measured
+# on the CPU: beyond a few tens of MiB each chunk's fresh pages cost more than the extra steps).
+PREFER_CPU_CHUNK = 64 << 20
+PREFER_GPU_CHUNK = 2 << 30
+
+
 def _linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
     return nn.Linear(c_in, c_out, bias=bias)
 
@@ -395,10 +401,11 @@ class Stack(nn.Module):
     def _plan(self, m: torch.Tensor, z: torch.Tensor) -> Plan:
         if self.plan is not None:
             return self.plan
-        used = process_bytes(z.device)
-        total = self.budget if self.budget is not None else used + int(0.9 * free_bytes(z.device))
-        room = total - used + (m.numel() + z.numel()) * m.element_size()     # the plan counts m and z itself
-        return choose(self.shapes(m.shape[0], m.shape[1], m.element_size()), room)
+        used, free = process_bytes(z.device), int(0.9 * free_bytes(z.device))
+        room = free if self.budget is None else min(self.budget - used, free)    # free: within a cgroup's limit too
+        room += (m.numel() + z.numel()) * m.element_size()     # the plan counts m and z itself
+        prefer = PREFER_GPU_CHUNK if z.device.type == "cuda" else PREFER_CPU_CHUNK
+        return choose(self.shapes(m.shape[0], m.shape[1], m.element_size()), room, prefer)
 
     def forward(self, m, z, msa_mask, pair_mask, chunk_size=None, use_lma=False, use_flash=False,
                 inplace_safe=False, _mask_trans=True):

@@ -115,11 +115,13 @@ def smallest(sh: Shapes) -> Plan:
     return Plan(rows=1, msa_rows=1, queries=min(sh.n, 16), channels=1)
 
 
-def choose(sh: Shapes, budget: int) -> Plan:
-    """The plan with the fewest steps whose peak stays within `budget` bytes; a `LoomError` naming
-    the longest sequence that would fit when none does."""
+def choose(sh: Shapes, budget: int, prefer: int | None = None) -> Plan:
+    """The plan with the fewest steps whose peak stays within `budget` bytes, and, where one can,
+    whose largest chunk's temporaries stay within `prefer` bytes (on a CPU, huge temporaries are
+    slower than several cache-sized ones: each allocation is fresh pages); a `LoomError` naming the
+    longest sequence that would fit when none does."""
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
-    best, best_steps = None, None
+    best, best_key = None, None
     for rows in _pow2_upto(n_loc):
         for queries in _pow2_upto(sh.n):
             if queries < min(sh.n, 16) and queries != sh.n:
@@ -127,11 +129,12 @@ def choose(sh: Shapes, budget: int) -> Plan:
             for channels in _pow2_upto(sh.c_mul):
                 for msa_rows in _pow2_upto(s_loc):
                     plan = Plan(rows, msa_rows, queries, channels)
-                    if peak_bytes(sh, plan) > budget:
+                    temporaries = max(op_bytes(sh, plan).values())
+                    if held_bytes(sh) + temporaries > budget:
                         continue
-                    steps = _steps(sh, plan)
-                    if best_steps is None or steps < best_steps:
-                        best, best_steps = plan, steps
+                    key = (prefer is not None and temporaries > prefer, _steps(sh, plan))
+                    if best_key is None or key < best_key:
+                        best, best_key = plan, key
     if best is None:
         raise LoomError(f"a {sh.n}-residue sequence does not fit: the Evoformer needs about "
                         f"{peak_bytes(sh, smallest(sh)) / GIB:.2f} GiB even in the smallest chunks and "

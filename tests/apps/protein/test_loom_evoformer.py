@@ -123,6 +123,30 @@ def test_loom_stacks_equal_openfolds(extra):
         ours(m, z, inplace_safe=False, **args)
 
 
+def test_bfloat16_stacks_stay_close_to_fp32():
+    """model.dtype=bfloat16 halves every activation; the stack's output stays within bf16's
+    precision of the fp32 one (relative to its size)."""
+    load_openfold()
+    from openfold.config import model_config
+    from openfold.model.evoformer import EvoformerStack
+
+    c = model_config("model_1")
+    c.globals.c_m, c.globals.c_z, c.globals.c_s = 32, 16, 24
+    kw = dict(c.model.evoformer_stack, no_blocks=2, tune_chunk_size=False, blocks_per_ckpt=None)
+    theirs = EvoformerStack(**kw).eval()
+    _perturb(theirs, seed=2, scale=0.1)
+    ours = from_openfold(theirs, extra=False)
+    m, z, msa_mask, pair_mask = _stack_inputs(5, 13, kw["c_m"], kw["c_z"], seed=3)
+    args = dict(msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=None, inplace_safe=True, _mask_trans=True)
+    with torch.no_grad():
+        _, z32, _ = ours(m.clone(), z.clone(), **args)
+        ours.to(torch.bfloat16)
+        _, z16, _ = ours(m.to(torch.bfloat16), z.to(torch.bfloat16), **{**args, "msa_mask": msa_mask.bfloat16(),
+                                                                        "pair_mask": pair_mask.bfloat16()})
+    assert z16.dtype == torch.bfloat16
+    assert (z16.float() - z32).norm() / z32.norm() < 0.03
+
+
 def test_the_loom_engine_predicts_openfolds_atoms_with_and_without_chunks(tmp_path):
     alignments = _alignments(tmp_path / "msa")
     cfg_of, cfg_loom = _recipe("openfold"), _recipe("loom")
