@@ -107,13 +107,21 @@ class ParallelConfig:
 @dataclass
 class OptimConfig:
     name: str = opt("adamw", "optimizer: torch's AdamW, HybridAdam (the same update; a C++ kernel for "
-                             "CPU-resident weights, torch's fused kernel on GPUs), or SGD",
-                    choices=("adamw", "hybrid_adam", "sgd"))
+                             "CPU-resident weights, torch's fused kernel on GPUs), SGD, or the large-batch "
+                             "LAMB (Adam with a per-tensor trust ratio) and LARS (SGD with momentum and a "
+                             "per-tensor learning rate); biases and norm gains take plain steps in LAMB/LARS",
+                    choices=("adamw", "hybrid_adam", "sgd", "lamb", "lars"))
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
-    weight_decay: float = opt(0.1, "decoupled weight decay, applied to matrices only (not biases, norms)", min=0.0)
-    betas: List[float] = opt([0.9, 0.95], "Adam's (beta1, beta2)")
-    eps: float = opt(1e-8, "Adam's epsilon", min=0.0)
-    momentum: float = opt(0.9, "SGD momentum (Nesterov off)", min=0.0, max=1.0)
+    weight_decay: float = opt(0.1, "weight decay, applied to matrices only (not biases, norms); decoupled "
+                                   "for adamw, hybrid_adam and lamb, added to the gradient for sgd and lars",
+                              min=0.0)
+    betas: List[float] = opt([0.9, 0.95], "Adam's and LAMB's (beta1, beta2)")
+    eps: float = opt(1e-8, "Adam's and LAMB's epsilon; LARS adds it to its learning-rate denominator", min=0.0)
+    momentum: float = opt(0.9, "SGD and LARS momentum (Nesterov off)", min=0.0, max=1.0)
+    trust_clamp: float = opt(0.0, "LAMB: upper bound of the trust ratio; 0 = none", min=0.0)
+    bias_correction: bool = opt(True, "LAMB: divide the moments by (1 - beta^step) as Adam does")
+    trust_coefficient: float = opt(0.001, "LARS: eta, the trust coefficient that scales each tensor's "
+                                          "learning rate |w| / (|g| + weight_decay |w|)", min=0.0)
 
 
 @dataclass

@@ -34,4 +34,15 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         return HybridAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name in ("lamb", "lars"):
+        for group in groups[1:]:  # biases and norm gains: no trust ratio (common practice)
+            group["adapt"] = False
+        if cfg.name == "lamb":
+            from core.optim.lamb import LAMB
+
+            return LAMB(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                        bias_correction=cfg.bias_correction, max_trust=cfg.trust_clamp or None)
+        from core.optim.lars import LARS
+
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps)
     raise ValueError(f"optim.name={cfg.name!r} has no builder")  # the schema's choices prevent this

@@ -1,0 +1,91 @@
+"""LARS: SGD with momentum and a layer-wise learning rate, for training with very large batches.
+
+You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks", arXiv:1708.03888,
+Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from core.optim.lamb import NormReducer, layer_norms
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (arXiv:1708.03888, Algorithm 1), one local learning rate per parameter tensor.
+
+    For each parameter w with gradient g (weight_decay is the group's; it is added to the
+    gradient, not decoupled):
+
+        local_lr = trust_coefficient·|w| / (|g| + weight_decay·|w| + eps),
+                   or 1 if |w| = 0 or the denominator is 0
+        v = momentum·v + lr·local_lr·(g + weight_decay·w)       (v starts at 0)
+        w = w - v
+
+    A param group with `adapt=False` (biases and norm gains; the factory puts them in the
+    weight_decay=0 group) takes local_lr = 1: plain SGD with momentum.
+
+    The norm hook. All the squared norms of one step are computed into one flat vector
+
+        [|w_0|², ..., |w_{n-1}|², |g_0|², ..., |g_{n-1}|²]          (length 2n)
+
+    where w_0 ... w_{n-1} are the parameters that have a gradient this step, in the order of
+    `param_groups` and of the parameters within each group (adapt=False groups included; their
+    entries are unused). `norm_reducer(vector)`, if given, is called exactly once per step and
+    must return a tensor of the same shape (it may work in place and return its input); the
+    square roots of its result are the norms. Default None: the local sums are the norms.
+    A distributed caller whose parameters are split across ranks makes each rank's vector
+    hold its shard's partial sums of squares and passes a reducer that all-reduces (sums) the
+    vector over those ranks: one collective per step, and every rank sees the full norms.
+    Every rank must then step the same parameters in the same order.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 1e-3, eps: float = 1e-8, adapt: bool = True,
+                 norm_reducer: NormReducer | None = None) -> None:
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                            ("trust_coefficient", trust_coefficient), ("eps", eps)):
+            if value < 0.0:
+                raise ValueError(f"LARS: {name}={value}; allowed: >= 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, adapt=adapt)
+        super().__init__(params, defaults)
+        self.norm_reducer = norm_reducer
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepped: list[tuple[Tensor, dict]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+                stepped.append((p, group))
+        if not stepped:
+            return loss
+        w_norms, g_norms = layer_norms([p for p, _ in stepped], [p.grad for p, _ in stepped], self.norm_reducer)
+        for (p, group), w_norm, g_norm in zip(stepped, w_norms, g_norms):
+            wd = group["weight_decay"]
+            direction = p.grad.add(p, alpha=wd) if wd != 0.0 else p.grad.clone()
+            if group["adapt"]:
+                denominator = g_norm + wd * w_norm + group["eps"]
+                ok = (w_norm > 0) & (denominator > 0)
+                local_lr = torch.where(ok, group["trust_coefficient"] * w_norm / denominator, torch.ones_like(w_norm))
+                direction.mul_((local_lr * group["lr"]).to(p.device))   # a 0-dim tensor: no host sync
+            else:
+                direction.mul_(group["lr"])
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).add_(direction)
+            p.sub_(buf)
+        return loss
