@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.checkpoint import CheckpointIO, load_file, save_file
 from core.errors import LoomError
+from core.optim.split_norms import attach as attach_split_norms
 
 
 def _tied_names_dropped(model: nn.Module) -> set[str]:
@@ -126,6 +127,7 @@ class DDPPlugin(Plugin):
         wrapped = ModelWrapper(model, inner, self.precision)
         opt = None
         if optimizer is not None:
+            attach_split_norms(optimizer, self.mesh.axis("tp"))      # LAMB / LARS: whole-parameter norms
             opt = OptimizerWrapper(optimizer, model, self.precision.make_scaler(), tp_axis=self.mesh.axis("tp"))
         return wrapped, opt
 
