@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.protein.axial import Axial
-from apps.protein.plan import Plan, Shapes, choose
+from apps.protein.plan import GIB, Plan, Shapes, choose
 from core.errors import LoomError
 from core.memory.usage import free_bytes, process_bytes
 
@@ -402,6 +402,10 @@ class Stack(nn.Module):
         if self.plan is not None:
             return self.plan
         used, free = process_bytes(z.device), int(0.9 * free_bytes(z.device))
+        if self.budget is not None and self.budget <= used:
+            raise LoomError(f"memory.budget_gb={self.budget / GIB:.2f} is less than the {used / GIB:.2f} GiB this "
+                            f"process already holds when the Evoformer starts (weights, inputs, the MSA and pair "
+                            f"representations); raise it")
         room = free if self.budget is None else min(self.budget - used, free)    # free: within a cgroup's limit too
         room += (m.numel() + z.numel()) * m.element_size()     # the plan counts m and z itself
         prefer = PREFER_GPU_CHUNK if z.device.type == "cuda" else PREFER_CPU_CHUNK

@@ -103,8 +103,17 @@ class ZeroPlugin(Plugin):
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if optimizer is None:
             raise LoomError(f"the {self.name} plugin needs the optimizer (it keeps the optimizer states itself)")
-        if any("betas" not in g for g in optimizer.param_groups):
-            raise LoomError(f"the {self.name} plugin trains with AdamW (optim.name=adamw or hybrid_adam)")
+        from core.optim.lamb import LAMB
+        from core.optim.lars import LARS
+
+        rule = "lamb" if isinstance(optimizer, LAMB) else "lars" if isinstance(optimizer, LARS) else "adam"
+        if rule == "adam" and any("betas" not in g for g in optimizer.param_groups):
+            raise LoomError(f"the {self.name} plugin trains with AdamW, LAMB or LARS (optim.name=adamw, hybrid_adam, "
+                            f"lamb or lars)")
+        if rule != "adam" and (self.offload == "nvme" or self.memory.step_in_backward):
+            raise LoomError(f"optim.name={rule} needs every parameter's norm before any step, so it cannot step "
+                            f"chunks inside backward (memory.step_in_backward) or stream states from NVMe "
+                            f"(parallel.offload=nvme); use adamw there, or parallel.offload=none|cpu")
         device = self.mesh.device
         if not any(p.is_meta for p in model.parameters()):
             model.to(device)
@@ -146,7 +155,7 @@ class ZeroPlugin(Plugin):
         grads = GradientShards(states, dp, stage=max(self.stage, 1))
         # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
         self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
-                                   origin=optimizer, in_backward=self.memory.step_in_backward)
+                                   origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule)
         self.wrapped = GeminiModel(model, self.manager, grads.reduce)
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
 

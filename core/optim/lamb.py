@@ -45,6 +45,30 @@ def layer_norms(ws: Sequence[Tensor], xs: Sequence[Tensor],
     return norms[:n], norms[n:]
 
 
+def lamb_direction(m: Tensor, v: Tensor, w: Tensor, step: int, group: dict) -> Tensor:
+    """u = m̂ / (√v̂ + eps) + weight_decay·w, from moments already updated for `step` (a new tensor)."""
+    beta1, beta2 = group["betas"]
+    m_hat, v_hat = m, v
+    if group["bias_correction"]:
+        m_hat = m / (1.0 - beta1 ** step)
+        v_hat = v / (1.0 - beta2 ** step)
+    u = m_hat / (v_hat.sqrt() + group["eps"])
+    if group["weight_decay"] != 0.0:
+        u.add_(w, alpha=group["weight_decay"])
+    return u
+
+
+def lamb_scale(w_norm: Tensor, u_norm: Tensor, group: dict) -> Tensor | float:
+    """The step's multiplier of u: lr·trust for adapted groups (trust = |w| / |u|, 1 if either is 0,
+    clamped to max_trust), lr alone for adapt=False groups."""
+    if not group["adapt"]:
+        return group["lr"]
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+    if group["max_trust"] is not None:
+        ratio = ratio.clamp(0.0, group["max_trust"])
+    return ratio * group["lr"]
+
+
 class LAMB(torch.optim.Optimizer):
     """LAMB (arXiv:1904.00962, Algorithm 2), one trust ratio per parameter tensor.
 
@@ -117,26 +141,12 @@ class LAMB(torch.optim.Optimizer):
                 m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
                 m.mul_(beta1).add_(g, alpha=1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                m_hat, v_hat = m, v
-                if group["bias_correction"]:
-                    t = state["step"]
-                    m_hat = m / (1.0 - beta1 ** t)
-                    v_hat = v / (1.0 - beta2 ** t)
-                u = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"] != 0.0:
-                    u.add_(p, alpha=group["weight_decay"])
-                stepped.append((p, u, group))
+                stepped.append((p, lamb_direction(m, v, p, state["step"], group), group))
         if not stepped:
             return loss
         # pass 2: all norms at once (through the hook), then the trust-scaled step
         w_norms, u_norms = layer_norms([p for p, _, _ in stepped], [u for _, u, _ in stepped], self.norm_reducer)
-        ratios = torch.where((w_norms > 0) & (u_norms > 0), w_norms / u_norms, torch.ones_like(w_norms))
-        for (p, u, group), ratio in zip(stepped, ratios):
-            if group["adapt"]:
-                if group["max_trust"] is not None:
-                    ratio = ratio.clamp(0.0, group["max_trust"])
-                scale = (ratio * group["lr"]).to(u.device)   # a 0-dim tensor: no host sync
-            else:
-                scale = group["lr"]
-            p.sub_(u.mul_(scale))
+        for (p, u, group), w_norm, u_norm in zip(stepped, w_norms, u_norms):
+            scale = lamb_scale(w_norm, u_norm, group)
+            p.sub_(u.mul_(scale.to(u.device) if isinstance(scale, Tensor) else scale))   # 0-dim: no host sync
         return loss

@@ -14,6 +14,17 @@ from torch import Tensor
 from core.optim.lamb import NormReducer, layer_norms
 
 
+def lars_scale(w_norm: Tensor, g_norm: Tensor, group: dict) -> Tensor | float:
+    """The multiplier of (g + weight_decay·w) before momentum: lr·eta·|w| / (|g| + weight_decay·|w| + eps)
+    for adapted groups (lr alone where |w| or the denominator is 0), lr for adapt=False groups."""
+    if not group["adapt"]:
+        return group["lr"]
+    denominator = g_norm + group["weight_decay"] * w_norm + group["eps"]
+    ok = (w_norm > 0) & (denominator > 0)
+    local_lr = torch.where(ok, group["trust_coefficient"] * w_norm / denominator, torch.ones_like(w_norm))
+    return local_lr * group["lr"]
+
+
 class LARS(torch.optim.Optimizer):
     """LARS (arXiv:1708.03888, Algorithm 1), one local learning rate per parameter tensor.
 
@@ -75,13 +86,8 @@ class LARS(torch.optim.Optimizer):
         for (p, group), w_norm, g_norm in zip(stepped, w_norms, g_norms):
             wd = group["weight_decay"]
             direction = p.grad.add(p, alpha=wd) if wd != 0.0 else p.grad.clone()
-            if group["adapt"]:
-                denominator = g_norm + wd * w_norm + group["eps"]
-                ok = (w_norm > 0) & (denominator > 0)
-                local_lr = torch.where(ok, group["trust_coefficient"] * w_norm / denominator, torch.ones_like(w_norm))
-                direction.mul_((local_lr * group["lr"]).to(p.device))   # a 0-dim tensor: no host sync
-            else:
-                direction.mul_(group["lr"])
+            scale = lars_scale(w_norm, g_norm, group)
+            direction.mul_(scale.to(p.device) if isinstance(scale, Tensor) else scale)   # 0-dim: no host sync
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

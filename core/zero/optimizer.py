@@ -46,7 +46,7 @@ class ChunkAdam:
     MAX_INFLIGHT = 2       # chunk updates queued on the optimizer thread during backward
     def __init__(self, manager: ChunkManager, param_groups: list[dict], states: Store, grads: GradientShards,
                  precision: str = "fp32", origin: torch.optim.Optimizer | None = None,
-                 in_backward: bool = False) -> None:
+                 in_backward: bool = False, rule: str = "adam") -> None:
         self.manager = manager
         self.origin = origin                 # the torch optimizer whose groups (and schedule) these are
         self.param_groups = param_groups
@@ -59,6 +59,7 @@ class ChunkAdam:
         self._clip = 1.0
         self.optim = self                     # what checkpoint IO reads
         self.in_backward = in_backward
+        self.rule = rule                      # adam, or lamb / lars (per-parameter trust ratios)
         # Steps inside backward run on one optimizer thread, so that their disk reads and writes
         # overlap the rest of backward; with several ranks they stay on the main thread, where
         # the collectives of the update (gathering the new weights) keep the same order on all.
@@ -108,12 +109,74 @@ class ChunkAdam:
         self.step_count += 1
         self._mark_stepped()
         grad_scale = self._clip / self.scaler.scale
-        for chunk in self.manager.chunks:
-            if chunk.index in self.grads.seen:
-                self._update(chunk, self.grads.get(chunk), self.step_count, grad_scale)
+        if self.rule != "adam":
+            self._trust_step(grad_scale)
+        else:
+            for chunk in self.manager.chunks:
+                if chunk.index in self.grads.seen:
+                    self._update(chunk, self.grads.get(chunk), self.step_count, grad_scale)
         self.scaler.update(False)
         self._clip = 1.0
         return True
+
+    def _slices(self, chunk: Chunk):
+        """(parameter, its group, its part of this rank's shard of the chunk) for every trained
+        parameter with elements in the shard."""
+        shard = chunk.shard(self.manager.rank)
+        for info in chunk.tensors:
+            a, b = max(info.offset, shard.start), min(info.offset + info.numel, shard.stop)
+            if a < b and info.param.requires_grad:
+                yield info.origin, self.group_of[info.origin], slice(a - shard.start, b - shard.start)
+
+    def _trust_step(self, grad_scale: float) -> None:
+        """LAMB or LARS over chunk shards (states in memory). Pass 1 updates the moments and sums
+        each parameter's squares over this rank's parts of it (|w|^2 and |u|^2 for LAMB, |w|^2 and
+        |g|^2 for LARS) into the vector layout of `core.optim.lamb.layer_norms`; one all-reduce
+        over the data-parallel axis makes them the whole parameters' (each element lives in
+        exactly one rank's shard); pass 2 takes the steps with the very formulas of
+        `core.optim.lamb` / `core.optim.lars`."""
+        from core.distributed.comm import all_reduce_
+        from core.optim.lamb import lamb_direction, lamb_scale
+        from core.optim.lars import lars_scale
+
+        order = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        n, step = len(order), self.step_count
+        squares = torch.zeros(2 * n, dtype=torch.float64)
+        todo = []
+        for chunk in self.manager.chunks:
+            if chunk.index not in self.grads.seen:
+                continue
+            grad = self.grads.get(chunk)
+            master, m, v = (self._get(kind, chunk) for kind in KINDS)
+            parts = []
+            for param, group, s in self._slices(chunk):
+                g, w, i = grad[s].float() * grad_scale, master[s], order[param]
+                squares[i] += w.double().square().sum().cpu()
+                if self.rule == "lamb":
+                    beta1, beta2 = group["betas"]
+                    m[s].mul_(beta1).add_(g, alpha=1.0 - beta1)
+                    v[s].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                    squares[n + i] += lamb_direction(m[s], v[s], w, step, group).double().square().sum().cpu()
+                else:
+                    squares[n + i] += g.double().square().sum().cpu()
+                parts.append((group, s, g, i))
+            todo.append((chunk, master, m, v, parts))
+        if self.manager.world > 1:
+            axis = self.manager.axis
+            squares = all_reduce_(squares.to(axis.device), axis, "sum").cpu()
+        norms = squares.sqrt()
+        for chunk, master, m, v, parts in todo:
+            for group, s, g, i in parts:
+                w = master[s]
+                if self.rule == "lamb":
+                    u = lamb_direction(m[s], v[s], w, step, group)
+                    w.sub_(u.mul_(lamb_scale(norms[i], norms[n + i], group)))
+                else:                                  # LARS: the momentum buffer is the exp_avg slot
+                    direction = g.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else g.clone()
+                    direction.mul_(lars_scale(norms[i], norms[n + i], group))
+                    m[s].mul_(group["momentum"]).add_(direction)
+                    w.sub_(m[s])
+            self.manager.update_working(chunk, master if chunk.dtype == torch.float32 else master.to(chunk.dtype))
 
     def update_in_backward(self, chunk: Chunk, grad: torch.Tensor) -> None:
         """`memory.step_in_backward`: the chunk's gradient shard is complete; step it now, so no

@@ -153,4 +153,8 @@ def test_axial_parallelism_needs_the_loom_engine_and_openfold_chunking_needs_ope
     r = subprocess.run([sys.executable, "-m", "apps.protein.infer", "model.chunk_size=4", f"output.dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "model.engine=openfold" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "apps.protein.infer", "memory.budget_gb=0.1", f"output.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "memory.budget_gb=0.10 is less than the" in r.stderr
+    assert r.stderr.count("error") == 1 and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())                  # nothing half-written

@@ -78,3 +78,55 @@ def test_split_parameters_step_like_the_whole_ones(name):
         if w.ndim == 2:
             worst = max(worst, _rel(drifted[key], w))
     assert worst > 1e-3                          # per-shard norms would give other steps
+
+
+class _SkewedGPT(GPT):
+    """The first half of every parameter 8x larger than the second: with ranks holding different
+    halves, per-shard norms would give other trust ratios than the whole parameter's (with an
+    even model they would be nearly the same, and the comparison could not tell)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.view(-1)[: p.numel() // 2].mul_(8.0)
+
+
+def _skewed(train, *args):
+    import tests.apps.gpt.test_memory_parity as parity
+
+    plain, parity.GPT = parity.GPT, _SkewedGPT
+    try:
+        return train(*args)
+    finally:
+        parity.GPT = plain
+
+
+def _zero_runs(out_dir, name):
+    from tests.apps.gpt.test_memory_parity import SMALL_CHUNKS
+
+    return {kind: _skewed(_train_parity, f"{out_dir}/{kind}", 2, [*extra, *_over(name)])
+            for kind, extra in (("zero2", ["parallel.zero=2"]), ("chunks_offloaded", ["parallel.offload=cpu", *SMALL_CHUNKS]))}
+
+
+def _train_parity(*args):
+    from tests.apps.gpt.test_memory_parity import _train
+
+    return _train(*args)
+
+
+def _over(name):
+    return [f"optim.name={name}", f"optim.lr={0.02 if name == 'lamb' else 2.0}"]
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_zero_shards_step_like_whole_parameters(tmp_path, name):
+    """ZeRO-2 over 2 ranks, and small chunks offloaded to host memory (parameters cut across
+    chunks and shards): the same weights after 5 steps as one process (clipping and warm-up on)."""
+    ref = _skewed(_train_parity, str(tmp_path / "ref"), 1, _over(name))
+    runs = run_distributed(_zero_runs, world_size=2, args=(str(tmp_path), name))[0]
+    for kind, run in runs.items():
+        assert run["losses"].keys() == ref["losses"].keys()
+        for key, w in ref["weights"].items():
+            assert _rel(run["weights"][key], w) <= 1e-5, (kind, key)
+        assert run["comm"]["dp"]["all_reduce"]["calls"] >= STEPS       # the norm vector, once per step
