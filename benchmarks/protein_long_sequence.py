@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=7200, help="seconds before a trial is given up")
     ap.add_argument("--skip-search", action="store_true", help="only the L=256 timing and the DAP rows")
     ap.add_argument("--dap-budget-gib", type=float, default=64.0, help="each rank's chunk budget in the DAP rows")
+    ap.add_argument("--engines", default="openfold,loom", help="whose longest length to search (the ratio needs both)")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     print(json.dumps({"name": "machine", **machine(), "cap_gib": args.cap_gib}), flush=True)
@@ -120,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
             budget = [f"memory.budget_gb={0.9 * args.cap_gib:.3f}"]
             lengths = {}
             for engine, extra in (("openfold", []), ("loom", budget)):
+                if engine not in args.engines.split(","):
+                    continue
                 fits = lambda k, e=engine, x=extra: trial(cap, e, k * args.step, work, x, args.timeout)  # noqa: E731
                 lengths[engine] = largest(fits, max(1, start // args.step), 4096 // args.step * 8) * args.step
-            ratio = lengths["loom"] / max(lengths["openfold"], 1)
-            print(json.dumps({"name": "protein_max_len_ratio", "value": round(ratio, 3), "unit": "x",
-                              "loom_length": lengths["loom"], "openfold_length": lengths["openfold"],
-                              "cap_gib": args.cap_gib, "step": args.step, "target": 2.0}), flush=True)
+            for engine, length in lengths.items():
+                print(json.dumps({"name": "protein_max_len", "engine": engine, "value": length, "unit": "residues",
+                                  "cap_gib": args.cap_gib, "step": args.step}), flush=True)
+            if len(lengths) == 2:
+                ratio = lengths["loom"] / max(lengths["openfold"], 1)
+                print(json.dumps({"name": "protein_max_len_ratio", "value": round(ratio, 3), "unit": "x",
+                                  "loom_length": lengths["loom"], "openfold_length": lengths["openfold"],
+                                  "cap_gib": args.cap_gib, "step": args.step, "target": 2.0}), flush=True)
         finally:
             cap.close()
     runs = {e: uncapped(e, 256, work, [], args.timeout) for e in ENGINES}

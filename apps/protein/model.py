@@ -11,6 +11,7 @@ import torch
 
 from apps.protein.axial import Axial
 from apps.protein.compat import load_openfold
+from apps.protein.embedders import use_row_blocks
 from apps.protein.evoformer import from_openfold
 from apps.protein.plan import GIB
 from apps.protein.config import ProteinRecipe
@@ -62,6 +63,7 @@ def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn
     if cfg.model.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     if cfg.model.engine == "loom":
+        use_row_blocks(model)
         budget = int(cfg.memory.budget_gb * GIB) if cfg.memory.budget_gb else None
         model.evoformer = from_openfold(model.evoformer, extra=False).configure(ax or Axial(), budget)
         if config.model.extra_msa.enabled:

@@ -123,6 +123,38 @@ def test_loom_stacks_equal_openfolds(extra):
         ours(m, z, inplace_safe=False, **args)
 
 
+def test_row_block_embedders_compute_what_openfolds_do():
+    """The input and recycling embedders a block of pair rows at a time (tiny blocks here) give
+    OpenFold's results; the recycling update lands in z_prev's own storage."""
+    import apps.protein.embedders as emb
+
+    cfg = _recipe("openfold")
+    config = _config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, config)
+    _perturb(model, seed=1)
+    n, g = 29, torch.Generator().manual_seed(4)
+    tf = torch.nn.functional.one_hot(torch.randint(0, 22, (n,), generator=g), 22).float()
+    ri = torch.arange(n).float() + 3 * (torch.arange(n) > 15)             # a chain break: other offsets
+    msa = torch.rand(4, n, 49, generator=g)
+    z_prev, x, m_prev = torch.randn(n, n, 16, generator=g), torch.randn(n, 3, generator=g) * 10, torch.randn(n, 32)
+    with torch.no_grad():
+        want_m, want_z = model.input_embedder(tf, ri, msa, inplace_safe=True)
+        want_rm, want_rz = model.recycling_embedder(m_prev.clone(), z_prev.clone(), x, inplace_safe=True)
+        old, emb.BLOCK_BYTES = emb.BLOCK_BYTES, 3 * n * 16 * 4          # three rows per block
+        try:
+            emb.use_row_blocks(model)
+            got_m, got_z = model.input_embedder(tf, ri, msa, inplace_safe=True)
+            z_in = z_prev.clone()
+            got_rm, got_rz = model.recycling_embedder(m_prev.clone(), z_in, x, inplace_safe=True)
+        finally:
+            emb.BLOCK_BYTES = old
+    assert type(model.input_embedder).__name__ == "RowBlockInputEmbedder"
+    for got, want in ((got_m, want_m), (got_z, want_z), (got_rm, want_rm), (got_rz, want_rz)):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-6), (got - want).abs().max()
+    assert got_rz.data_ptr() == z_in.data_ptr()
+
+
 def test_bfloat16_stacks_stay_close_to_fp32():
     """model.dtype=bfloat16 halves every activation; the stack's output stays within bf16's
     precision of the fp32 one (relative to its size)."""
