@@ -1,0 +1,269 @@
+"""Does LAMB make a 16x larger batch pay? Steps to a target loss on the tiny GPT, in one process.
+
+    python -m benchmarks.large_batch              # N = 144, B = 16 (a few minutes on 2 cores)
+    python -m benchmarks.large_batch --quick      # a toy model and corpus, seconds (the test runs it)
+    python -m benchmarks.large_batch --tune       # the small-batch learning-rate sweep (see below)
+
+1. AdamW at batch B (the tiny recipe's 16 sequences) for N steps sets the target: its final
+   validation loss.
+2. AdamW and LAMB at batch kB run until their validation loss reaches the target, or N/8 steps
+   pass. k = 16 is the batch ratio of recipes/gpt/large-batch-lamb.yaml to recipes/gpt/tiny.yaml.
+3. The effect to reproduce (You et al., arXiv:1904.00962): LAMB at 16B reaches the target within
+   N/12 steps (1.33x the baseline's samples) and in fewer steps than AdamW at 16B.
+
+Every run builds the tiny recipe's GPT from the same seed and draws the same data: the core
+sampler's order depends only on the seed, so step j at batch 16B holds exactly the samples of
+steps 16j ... 16j+15 at batch B. Each run uses its recipe's optimizer (`core.optim`'s factory:
+AdamW with tiny.yaml's settings, LAMB with large-batch-lamb.yaml's), gradient clipping at 1.0
+and the recipes' schedule shape (linear warm-up over the recipe's fraction of the run, then
+cosine to 10%) over the run's length: N steps for the baseline, N/8 for the large batches.
+The validation loss is the mean next-token loss on a fixed set of held-out windows (the first
+`--val-windows` of the corpus's validation split); the baseline is evaluated every N/16 steps,
+the large-batch runs after every step, so steps-to-target is exact.
+
+Learning rates: the recipe's square-root rule, lr(16B) = sqrt(16) x lr(B), from each optimizer's
+own base at batch B. Both bases were tuned the same way, on the small batch only: `--tune`, N = 144
+steps at B = 16, on a half-decade grid (final validation loss; 1 CPU thread, torch 2.13):
+
+    AdamW  lr 3e-4: 6.546   1e-3: 5.769   3e-3: 5.783 (tiny.yaml's)   1e-2: 6.371
+    LAMB   lr 3e-3: 7.152   1e-2: 6.174   3e-2: 5.919                 1e-1: 6.541
+
+so AdamW's base is 1e-3 (ADAMW_BASE_LR) and LAMB's 3e-2 (the recipe's 0.12 / 4); at 16B they
+become 4e-3 and 0.12. Nothing was tuned at 16B.
+
+JSON lines (value None: the target was not reached within the limit):
+
+    {"name": "large_batch_lamb_target", "value": target loss, "curve": [[step, loss], ...], ...}
+    {"name": "large_batch_lamb_steps", "optimizer": "adamw" | "lamb", "value": steps or None, ...}
+    {"name": "large_batch_lamb_summary", "lamb_steps", "adamw_steps", "limit", "goal",
+     "lamb_within_goal", "lamb_beats_adamw", ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from apps.gpt.config import GPTRecipe
+from apps.gpt.data import TokenWindows, prepare_corpus
+from apps.gpt.model import GPT, next_token_loss
+from apps.gpt.pretrain import resolve_vocab
+from benchmarks._machine import machine
+from core.config import OptimConfig, load_recipe
+from core.data import GlobalBatchSampler
+from core.distributed import Layout, ParallelMesh
+from core.optim import LRShape, build_optimizer
+
+BASE_RECIPE = "gpt/tiny"
+LARGE_RECIPE = "gpt/large-batch-lamb"
+# --quick: a toy GPT on 300 kB of the corpus as raw bytes (no BPE to train), so that a fresh
+# machine runs it in seconds; the numbers mean nothing, the plumbing is all there.
+QUICK_OVERRIDES = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.seq_len=32",
+                   "data.tokenizer=bytes", "data.max_bytes=300000"]
+QUICK = {"steps": 24, "batch": 4, "val_windows": 8}
+ADAMW_BASE_LR = 1e-3            # the best of the small-batch sweep above
+
+
+@dataclass
+class Setup:
+    """What every run shares: the model's recipe, the data, the held-out set, the loop's settings."""
+
+    cfg: GPTRecipe              # the base recipe, its vocabulary resolved
+    train_set: TokenWindows
+    val_batch: torch.Tensor     # (windows, seq_len + 1), fixed
+    micro_batch: int
+
+
+@dataclass
+class Run:
+    optim: OptimConfig
+    batch: int                  # sequences per optimizer step
+    steps: int                  # the schedule's length, and the most steps run
+    warmup: int
+    eval_every: int
+    target: float | None = None  # stop at the first evaluation at or below this
+
+
+@dataclass
+class Result:
+    curve: list[list]           # [[step, validation loss], ...], step 0 included
+    reached: int | None         # the first step whose validation loss is <= the target
+    diverged: bool
+    seconds: float
+
+
+def val_loss(model: GPT, s: Setup) -> float:
+    model.eval()
+    with torch.no_grad():
+        total = sum(next_token_loss(model, chunk).double() * len(chunk)
+                    for chunk in s.val_batch.split(s.micro_batch))
+    model.train()
+    return float(total / len(s.val_batch))
+
+
+def train(s: Setup, run: Run, desc: str) -> Result:
+    """`run` from the recipe's initial weights, in a plain loop: the core trainer runs to a fixed
+    step count, and this one stops as soon as the target is reached."""
+    t0 = time.perf_counter()
+    torch.manual_seed(s.cfg.train.seed)
+    model = GPT(s.cfg.model)
+    optimizer = build_optimizer(run.optim, model)
+    shape = LRShape(total=run.steps, warmup=run.warmup, kind=s.cfg.train.lr_schedule,
+                    min_ratio=s.cfg.train.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
+    micro = min(s.micro_batch, run.batch)
+    accum = run.batch // micro
+    if micro * accum != run.batch:
+        raise SystemExit(f"a batch of {run.batch} does not split into micro-batches of {micro}; "
+                         f"use a multiple of {micro} (or fewer) for --batch")
+    batches = iter(GlobalBatchSampler(len(s.train_set), micro, accum, 0, 1, seed=s.cfg.train.seed))
+    curve = [[0, val_loss(model, s)]]
+    reached, diverged = None, False
+    model.train()
+    bar = tqdm(range(1, run.steps + 1), desc=desc, unit="step", leave=False, file=sys.stderr)
+    for step in bar:
+        for _ in range(accum):
+            batch = torch.stack([s.train_set[i] for i in next(batches)])
+            (next_token_loss(model, batch) / accum).backward()
+        if s.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % run.eval_every == 0 or step == run.steps:
+            loss = val_loss(model, s)
+            curve.append([step, loss])
+            bar.set_postfix_str(f"val {loss:.4f}", refresh=False)
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            if run.target is not None and loss <= run.target:
+                reached = step
+                break
+    bar.close()
+    return Result(curve, reached, diverged, time.perf_counter() - t0)
+
+
+def warmup_steps(fraction: float, steps: int) -> int:
+    """The recipe's warm-up fraction of a run of `steps` steps (at least 1 if it has one)."""
+    return max(1, round(fraction * steps)) if fraction > 0 else 0
+
+
+def setup(overrides: list[str], val_windows: int) -> tuple[Setup, GPTRecipe]:
+    base = load_recipe(GPTRecipe, BASE_RECIPE, overrides)
+    large = load_recipe(GPTRecipe, LARGE_RECIPE, overrides)
+    corpus = prepare_corpus(base.data, ParallelMesh.build(Layout()).world,
+                            log=lambda m: print(m, file=sys.stderr))
+    base = dataclasses.replace(base, model=resolve_vocab(base.model, corpus.tokenizer.vocab_size))
+    train_set = TokenWindows(corpus.train_tokens, base.model.seq_len, "training split")
+    val_set = TokenWindows(corpus.val_tokens, base.model.seq_len, "validation split")
+    if len(val_set) < val_windows:
+        raise SystemExit(f"the validation split has {len(val_set)} windows; --val-windows asks for {val_windows}")
+    val_batch = torch.stack([val_set[i] for i in range(val_windows)])
+    return Setup(base, train_set, val_batch, base.train.micro_batch), large
+
+
+def batch_of(cfg: GPTRecipe) -> int:
+    """Sequences per optimizer step of a one-process run of `cfg`."""
+    return cfg.train.global_batch or cfg.train.micro_batch * cfg.train.grad_accum
+
+
+def tune(s: Setup, large: GPTRecipe, names: list[str], args, info: dict) -> None:
+    """Optimizers at batch B for N steps, over a grid of learning rates (nothing at 16B)."""
+    base_fraction = s.cfg.train.warmup_steps / s.cfg.train.steps
+    for name, optim in (("adamw", s.cfg.optim), ("lamb", large.optim)):
+        if name not in names:
+            continue
+        for lr in args.lrs:
+            run = Run(dataclasses.replace(optim, lr=lr), args.batch, args.steps,
+                      warmup_steps(base_fraction, args.steps), max(1, args.steps // 16))
+            r = train(s, run, f"{name} lr {lr:g} at batch {args.batch}")
+            print(json.dumps({"name": "large_batch_lamb_tune", "optimizer": name, "lr": lr,
+                              "value": r.curve[-1][1], "unit": "nats/token", "baseline": None,
+                              "batch": args.batch, "steps": args.steps, "curve": r.curve,
+                              "seconds": r.seconds, "machine": info}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=144, help="N: the baseline's steps (a multiple of 24)")
+    ap.add_argument("--batch", type=int, default=0, help="B: the baseline's batch; 0 = the tiny recipe's")
+    ap.add_argument("--adamw-lr", type=float, default=ADAMW_BASE_LR, help="AdamW's base lr at batch B")
+    ap.add_argument("--lamb-lr", type=float, default=0.0,
+                    help="LAMB's base lr at batch B; 0 = the large-batch recipe's lr undone by its sqrt rule")
+    ap.add_argument("--val-windows", type=int, default=64, help="held-out windows in the validation loss")
+    ap.add_argument("--quick", action="store_true", help="a toy model and corpus, N = 24, B = 4 (seconds)")
+    ap.add_argument("--tune", nargs="*", choices=("adamw", "lamb"), default=None,
+                    help="only sweep --lrs at batch B for these optimizers (none named: both)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    args = ap.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
+    if args.steps % 24:
+        ap.error(f"--steps {args.steps}: must be a multiple of 24 (so that N/8 and N/12 are whole)")
+
+    s, large = setup(QUICK_OVERRIDES if args.quick else [], args.val_windows)
+    k = batch_of(large) // batch_of(s.cfg)
+    if k * batch_of(s.cfg) != batch_of(large):
+        raise SystemExit(f"{LARGE_RECIPE}'s batch ({batch_of(large)}) is not a multiple of "
+                         f"{BASE_RECIPE}'s ({batch_of(s.cfg)})")
+    rule = math.sqrt(k)                                     # the recipe's square-root rule
+    args.batch = args.batch or batch_of(s.cfg)
+    adamw_base = args.adamw_lr
+    lamb_base = args.lamb_lr or large.optim.lr / rule
+    info = machine()
+    if args.tune is not None:
+        tune(s, large, args.tune or ["adamw", "lamb"], args, info)
+        return 0
+
+    n, b = args.steps, args.batch
+    limit, goal = n // 8, n // 12
+    base_fraction = s.cfg.train.warmup_steps / s.cfg.train.steps
+    large_fraction = large.train.warmup_steps / large.train.steps
+    tokens = s.cfg.model.seq_len
+
+    base_run = Run(dataclasses.replace(s.cfg.optim, lr=adamw_base), b, n,
+                   warmup_steps(base_fraction, n), max(1, n // 16))
+    base = train(s, base_run, f"adamw at batch {b}")
+    target = base.curve[-1][1]
+    print(json.dumps({"name": "large_batch_lamb_target", "value": target, "unit": "nats/token",
+                      "baseline": None, "optimizer": "adamw", "batch": b, "tokens_per_step": b * tokens,
+                      "steps": n, "lr": adamw_base, "warmup": base_run.warmup, "curve": base.curve,
+                      "diverged": base.diverged, "seconds": base.seconds, "machine": info}), flush=True)
+
+    steps: dict[str, int | None] = {}
+    for name, optim, base_lr in (("adamw", s.cfg.optim, adamw_base), ("lamb", large.optim, lamb_base)):
+        run = Run(dataclasses.replace(optim, lr=base_lr * rule), k * b, limit,
+                  warmup_steps(large_fraction, limit), 1, target)
+        r = train(s, run, f"{name} at batch {k * b}")
+        steps[name] = r.reached
+        losses = [loss for _, loss in r.curve]
+        print(json.dumps({"name": "large_batch_lamb_steps", "optimizer": name, "value": r.reached,
+                          "unit": "steps", "baseline": f"adamw at batch {b} for {n} steps reaches the target",
+                          "target": target, "reached": r.reached is not None, "batch": k * b,
+                          "tokens_per_step": k * b * tokens, "lr": run.optim.lr, "base_lr": base_lr,
+                          "lr_rule": f"sqrt: lr x sqrt({k})", "limit": limit, "goal": goal,
+                          "warmup": run.warmup, "best_val_loss": min(losses), "curve": r.curve,
+                          "diverged": r.diverged, "seconds": r.seconds, "machine": info}), flush=True)
+
+    lamb, adamw = steps["lamb"], steps["adamw"]
+    print(json.dumps({"name": "large_batch_lamb_summary", "value": lamb, "unit": "steps", "baseline": adamw,
+                      "lamb_steps": lamb, "adamw_steps": adamw, "limit": limit, "goal": goal, "target": target,
+                      "lamb_within_goal": lamb is not None and lamb <= goal,
+                      "lamb_beats_adamw": lamb is not None and (adamw is None or lamb < adamw),
+                      "steps": n, "batch": b, "large_batch": k * b, "machine": info}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
