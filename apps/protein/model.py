@@ -11,7 +11,7 @@ import torch
 
 from apps.protein.axial import Axial
 from apps.protein.compat import load_openfold
-from apps.protein.embedders import use_row_blocks
+from apps.protein.row_blocks import use_row_blocks
 from apps.protein.evoformer import from_openfold
 from apps.protein.plan import GIB
 from apps.protein.config import ProteinRecipe

@@ -124,9 +124,10 @@ def test_loom_stacks_equal_openfolds(extra):
 
 
 def test_row_block_embedders_compute_what_openfolds_do():
-    """The input and recycling embedders a block of pair rows at a time (tiny blocks here) give
-    OpenFold's results; the recycling update lands in z_prev's own storage."""
-    import apps.protein.embedders as emb
+    """The input and recycling embedders and the invariant point attention a block of pair rows at
+    a time (tiny blocks here) give OpenFold's results; the recycling update lands in z_prev's own
+    storage."""
+    import apps.protein.row_blocks as emb
 
     cfg = _recipe("openfold")
     config = _config(cfg)
@@ -141,17 +142,24 @@ def test_row_block_embedders_compute_what_openfolds_do():
     with torch.no_grad():
         want_m, want_z = model.input_embedder(tf, ri, msa, inplace_safe=True)
         want_rm, want_rz = model.recycling_embedder(m_prev.clone(), z_prev.clone(), x, inplace_safe=True)
+        from openfold.utils.rigid_utils import Rigid
+
+        frames = Rigid.from_tensor_7(torch.randn(n, 7, generator=g) * 3, normalize_quats=True)
+        single, seq_mask = torch.randn(n, 24, generator=g), (torch.rand(n, generator=g) > 0.1).float()
+        want_ipa = model.structure_module.ipa(single, z_prev, frames, seq_mask, inplace_safe=True)
         old, emb.BLOCK_BYTES = emb.BLOCK_BYTES, 3 * n * 16 * 4          # three rows per block
         try:
             emb.use_row_blocks(model)
             got_m, got_z = model.input_embedder(tf, ri, msa, inplace_safe=True)
             z_in = z_prev.clone()
             got_rm, got_rz = model.recycling_embedder(m_prev.clone(), z_in, x, inplace_safe=True)
+            got_ipa = model.structure_module.ipa(single, z_prev, frames, seq_mask, inplace_safe=True)
         finally:
             emb.BLOCK_BYTES = old
     assert type(model.input_embedder).__name__ == "RowBlockInputEmbedder"
-    for got, want in ((got_m, want_m), (got_z, want_z), (got_rm, want_rm), (got_rz, want_rz)):
-        assert torch.allclose(got, want, atol=1e-6, rtol=1e-6), (got - want).abs().max()
+    assert type(model.structure_module.ipa).__name__ == "RowBlockInvariantPointAttention"
+    for got, want in ((got_m, want_m), (got_z, want_z), (got_rm, want_rm), (got_rz, want_rz), (got_ipa, want_ipa)):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()     # blocked matmuls round differently
     assert got_rz.data_ptr() == z_in.data_ptr()
 
 
