@@ -39,19 +39,8 @@ class LARS(torch.optim.Optimizer):
     A param group with `adapt=False` (biases and norm gains; the factory puts them in the
     weight_decay=0 group) takes local_lr = 1: plain SGD with momentum.
 
-    The norm hook. All the squared norms of one step are computed into one flat vector
-
-        [|w_0|², ..., |w_{n-1}|², |g_0|², ..., |g_{n-1}|²]          (length 2n)
-
-    where w_0 ... w_{n-1} are the parameters that have a gradient this step, in the order of
-    `param_groups` and of the parameters within each group (adapt=False groups included; their
-    entries are unused). `norm_reducer(vector)`, if given, is called exactly once per step and
-    must return a tensor of the same shape (it may work in place and return its input); the
-    square roots of its result are the norms. Default None: the local sums are the norms.
-    A distributed caller whose parameters are split across ranks makes each rank's vector
-    hold its shard's partial sums of squares and passes a reducer that all-reduces (sums) the
-    vector over those ranks: one collective per step, and every rank sees the full norms.
-    Every rank must then step the same parameters in the same order.
+    The norm hook works as LAMB's (see `LAMB` and `core.optim.lamb.layer_norms`), with the
+    gradients in the second half of the vector: [|w_0|², ..., |w_{n-1}|², |g_0|², ..., |g_{n-1}|²].
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-1, momentum: float = 0.9, weight_decay: float = 0.0,
