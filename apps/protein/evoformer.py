@@ -186,27 +186,71 @@ class TriangleMultiplication(nn.Module):
         swapped. The local side's rows are this rank's; the other side is gathered, a block of
         channels at a time, into a channel-first buffer x [C, rows, N]."""
         st.pair_layout("R" if self.outgoing else "T")
+        if st.ax.size == 1 and st.plan.strips > 1:
+            return self._update_strips(st)
         z, mask = st.z, st.pair_mask_local()
-        mine, theirs = ("a", "b") if self.outgoing else ("b", "a")
         rows, n = z.shape[:2]
         x = z.new_empty(self.c_hidden, rows, n)
         for c0, c1 in _chunks(self.c_hidden, st.plan.channels):
-            c = slice(c0, c1)
-            local = z.new_empty(c1 - c0, rows, n)
-            other = z.new_empty(c1 - c0, rows, n)
-            for r0, r1 in _chunks(rows, st.plan.rows):
-                zl = self.layer_norm_in(z[r0:r1])
-                mk = mask[r0:r1, :, None].to(zl.dtype)
-                local[:, r0:r1] = self._projection(mine, zl, mk, c).permute(2, 0, 1)
-                other[:, r0:r1] = self._projection(theirs, zl, mk, c).permute(2, 0, 1)
-                del zl
+            local, other = self._sides(z, mask, 0, st.plan.rows, slice(c0, c1))
             other = st.ax.gather(other, dim=1)
-            torch.matmul(local, other.transpose(1, 2), out=x[c])
+            torch.matmul(local, other.transpose(1, 2), out=x[c0:c1])
             del local, other
         for r0, r1 in _chunks(rows, st.plan.rows):
-            gate = torch.sigmoid(self.linear_g(self.layer_norm_in(z[r0:r1])))
-            gate *= self.linear_z(self.layer_norm_out(x[:, r0:r1].permute(1, 2, 0)))
-            z[r0:r1] += gate
+            z[r0:r1] += self._delta(z[r0:r1], x[:, r0:r1])
+
+    def _sides(self, z: torch.Tensor, mask: torch.Tensor, start: int, step: int, c: slice):
+        """The two projections of z's rows from `start` on, channels `c`, channel-first."""
+        mine, theirs = ("a", "b") if self.outgoing else ("b", "a")
+        rows, n = z.shape[0] - start, z.shape[1]
+        local = z.new_empty(c.stop - c.start, rows, n)
+        other = z.new_empty(c.stop - c.start, rows, n)
+        for r0, r1 in _chunks(rows, step):
+            zl = self.layer_norm_in(z[start + r0:start + r1])
+            mk = mask[start + r0:start + r1, :, None].to(zl.dtype)
+            local[:, r0:r1] = self._projection(mine, zl, mk, c).permute(2, 0, 1)
+            other[:, r0:r1] = self._projection(theirs, zl, mk, c).permute(2, 0, 1)
+            del zl
+        return local, other
+
+    def _delta(self, z_part: torch.Tensor, x_part: torch.Tensor) -> torch.Tensor:
+        """The update of the positions `z_part` (old values) from their products `x_part` [C, ...]."""
+        gate = torch.sigmoid(self.linear_g(self.layer_norm_in(z_part)))
+        gate *= self.linear_z(self.layer_norm_out(x_part.permute(1, 2, 0)))
+        return gate
+
+    def _update_strips(self, st: "_State") -> None:
+        """The same update with the product made a strip of rows at a time (one process), so that
+        the whole product x is never held: step t computes every product tile that involves strip
+        S_t and not an earlier strip, x[S_t, S_t...] and x[later, S_t]. After it, no later tile
+        reads S_t's rows, so their update is written at once; the updates of later rows at S_t's
+        columns wait (at most about a quarter of z) until their own strip is done. Each step
+        projects the rows not yet done again: more arithmetic for less memory."""
+        z, mask, plan = st.z, st.pair_mask_local(), st.plan
+        n = z.shape[0]
+        pending: dict[int, list] = {}                    # strip -> [(col0, col1, update rows x cols)]
+        strips = list(_chunks(n, -(-n // plan.strips)))
+        for t, (s0, s1) in enumerate(strips):
+            size = s1 - s0
+            xa = z.new_empty(self.c_hidden, size, n - s0)     # x[S_t, s0:]
+            xb = z.new_empty(self.c_hidden, n - s1, size)     # x[s1:, S_t]
+            for c0, c1 in _chunks(self.c_hidden, plan.channels):
+                local, other = self._sides(z, mask, s0, plan.rows, slice(c0, c1))
+                torch.matmul(local[:, :size], other.transpose(1, 2), out=xa[c0:c1])
+                torch.matmul(local[:, size:], other[:, :size].transpose(1, 2), out=xb[c0:c1])
+                del local, other
+            for r0, r1 in _chunks(size, plan.rows):         # S_t is read by no later tile: update it
+                z[s0 + r0:s0 + r1, s0:] += self._delta(z[s0 + r0:s0 + r1, s0:], xa[:, r0:r1])
+            del xa
+            for c0, c1, update in pending.pop(t, []):
+                z[s0:s1, c0:c1] += update
+            for u, (u0, u1) in enumerate(strips[t + 1:], start=t + 1):
+                update = z.new_empty(u1 - u0, size, z.shape[2])
+                for r0, r1 in _chunks(u1 - u0, plan.rows):
+                    r0, r1 = r0 + u0, r1 + u0
+                    update[r0 - u0:r1 - u0] = self._delta(z[r0:r1, s0:s1], xb[:, r0 - s1:r1 - s1])
+                pending.setdefault(u, []).append((s0, s1, update))
+            del xb
 
 
 class TriangleAttention(nn.Module):

@@ -21,12 +21,14 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class Plan:
     """Chunk sizes: rows of z (or of m^T) per step, MSA rows per step in row attention, queries per
-    attention step, and channels per triangle-multiplication step."""
+    attention step, channels per triangle-multiplication step, and the strips of rows the
+    triangle multiplication's product is made in (one process; 1 = the whole product at once)."""
 
     rows: int
     msa_rows: int
     queries: int
     channels: int
+    strips: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,17 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
         return bias + per_chunk
 
     pair_bias = lambda h: 2 * h * n * n + n_loc * n * h                 # noqa: E731 (gathered, permuted, parts)
+    rows_temp = r * n * (sh.c_z + 3 * cb) + r * n * (2 * sh.c_z + sh.c_mul)
+    if p == 1 and plan.strips > 1:
+        tri_mul = rows_temp + max(_strip_bytes(sh, plan, s0, s1) for s0, s1 in _strips(n, plan.strips))
+    else:
+        tri_mul = sh.c_mul * n_loc * n + 2 * cb * n_loc * n + (cb * n * n if p > 1 else 0) + rows_temp
     out = {
         "msa_row_attention": attention(rm, n, sh.c_m, hm, dm, pair_bias(hm)),
         "msa_transition": r * s * sh.c_m * (1 + 2 * sh.transition_n),
         "outer_product_mean": s * n_loc * sh.c_m + 2 * s * n_loc * sh.c_opm + s * n * sh.c_opm
                               + r * n * (sh.c_opm ** 2 + sh.c_z + 1),
-        "triangle_multiplication": sh.c_mul * n_loc * n + 2 * cb * n_loc * n + (cb * n * n if p > 1 else 0)
-                                   + r * n * (sh.c_z + 3 * cb) + r * n * (2 * sh.c_z + sh.c_mul),
+        "triangle_multiplication": tri_mul,
         "triangle_attention": attention(r, n, sh.c_z, hp, dp, pair_bias(hp)),
         "pair_transition": r * n * sh.c_z * (1 + 2 * sh.transition_n),
         "transpose": 2 * r * r * sh.c_z if p == 1 else 3 * n_loc * n * sh.c_z,
@@ -100,6 +106,19 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
     return {k: v * e for k, v in out.items()}
 
 
+def _strips(n: int, strips: int):
+    step = -(-n // strips)
+    return [(s0, min(s0 + step, n)) for s0 in range(0, n, step)]
+
+
+def _strip_bytes(sh: Shapes, plan: Plan, s0: int, s1: int) -> int:
+    """Elements held during step [s0, s1) of the strip triangle multiplication: the waiting updates
+    of rows >= s0 at columns < s0, the two product parts and one channel block's projections."""
+    n, cb = sh.n, min(plan.channels, sh.c_mul)
+    return ((n - s0) * s0 * sh.c_z + sh.c_mul * (s1 - s0) * (n - s0) + sh.c_mul * (n - s1) * (s1 - s0)
+            + 2 * cb * (n - s0) * n)
+
+
 def peak_bytes(sh: Shapes, plan: Plan) -> int:
     return held_bytes(sh) + max(op_bytes(sh, plan).values())
 
@@ -108,11 +127,14 @@ def _steps(sh: Shapes, plan: Plan) -> float:
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
     rows = -(-n_loc // plan.rows)
     return (rows * -(-sh.n // plan.queries) * 4 + -(-s_loc // plan.msa_rows) * -(-sh.n // plan.queries)
-            + rows * -(-sh.c_mul // plan.channels) * 2)
+            + rows * -(-sh.c_mul // plan.channels) * 2 * (plan.strips + 1) / 2)   # strips: projections redone
+
+
+MAX_STRIPS = 16
 
 
 def smallest(sh: Shapes) -> Plan:
-    return Plan(rows=1, msa_rows=1, queries=min(sh.n, 16), channels=1)
+    return Plan(rows=1, msa_rows=1, queries=min(sh.n, 16), channels=1, strips=MAX_STRIPS if sh.ranks == 1 else 1)
 
 
 def choose(sh: Shapes, budget: int, prefer: int | None = None) -> Plan:
@@ -122,19 +144,23 @@ def choose(sh: Shapes, budget: int, prefer: int | None = None) -> Plan:
     longest sequence that would fit when none does."""
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
     best, best_key = None, None
-    for rows in _pow2_upto(n_loc):
-        for queries in _pow2_upto(sh.n):
-            if queries < min(sh.n, 16) and queries != sh.n:
-                continue                       # attention with very few queries is all overhead
-            for channels in _pow2_upto(sh.c_mul):
-                for msa_rows in _pow2_upto(s_loc):
-                    plan = Plan(rows, msa_rows, queries, channels)
-                    temporaries = max(op_bytes(sh, plan).values())
-                    if held_bytes(sh) + temporaries > budget:
-                        continue
-                    key = (prefer is not None and temporaries > prefer, _steps(sh, plan))
-                    if best_key is None or key < best_key:
-                        best, best_key = plan, key
+    # More strips only where the whole product does not fit (they redo the projections).
+    for strips in [1] + ([v for v in _pow2_upto(MAX_STRIPS) if v > 1] if sh.ranks == 1 else []):
+        for rows in _pow2_upto(n_loc):
+            for queries in _pow2_upto(sh.n):
+                if queries < min(sh.n, 16) and queries != sh.n:
+                    continue                       # attention with very few queries is all overhead
+                for channels in _pow2_upto(sh.c_mul):
+                    for msa_rows in _pow2_upto(s_loc):
+                        plan = Plan(rows, msa_rows, queries, channels, strips)
+                        temporaries = max(op_bytes(sh, plan).values())
+                        if held_bytes(sh) + temporaries > budget:
+                            continue
+                        key = (prefer is not None and temporaries > prefer, _steps(sh, plan))
+                        if best_key is None or key < best_key:
+                            best, best_key = plan, key
+        if best is not None:
+            break
     if best is None:
         raise LoomError(f"a {sh.n}-residue sequence does not fit: the Evoformer needs about "
                         f"{peak_bytes(sh, smallest(sh)) / GIB:.2f} GiB even in the smallest chunks and "

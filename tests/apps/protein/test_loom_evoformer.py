@@ -111,7 +111,8 @@ def test_loom_stacks_equal_openfolds(extra):
     args = dict(msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=None, _mask_trans=True)
     with torch.no_grad():
         expected = theirs(m.clone(), z.clone(), inplace_safe=False, **args)
-        for plan in (Plan(rows=13, msa_rows=5, queries=13, channels=64), Plan(rows=3, msa_rows=2, queries=5, channels=4)):
+        for plan in (Plan(rows=13, msa_rows=5, queries=13, channels=64), Plan(rows=3, msa_rows=2, queries=5, channels=4),
+                     Plan(rows=2, msa_rows=2, queries=5, channels=4, strips=4)):     # strips of 4, 4, 4, 1 rows
             ours.plan = plan
             got = ours(m.clone(), z.clone(), inplace_safe=True, **args)
             for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
@@ -123,10 +124,11 @@ def test_loom_stacks_equal_openfolds(extra):
         ours(m, z, inplace_safe=False, **args)
 
 
-def test_row_block_embedders_compute_what_openfolds_do():
-    """The input and recycling embedders and the invariant point attention a block of pair rows at
-    a time (tiny blocks here) give OpenFold's results; the recycling update lands in z_prev's own
-    storage."""
+def test_row_block_modules_compute_what_openfolds_do():
+    """The input and recycling embedders, the structure module's pair LayerNorm with the invariant
+    point attention, and the distogram head, a block of pair rows at a time (tiny blocks here),
+    give OpenFold's results; the recycling update and the deferred pair embedding land in z_prev's
+    own storage."""
     import apps.protein.row_blocks as emb
 
     cfg = _recipe("openfold")
@@ -139,6 +141,7 @@ def test_row_block_embedders_compute_what_openfolds_do():
     ri = torch.arange(n).float() + 3 * (torch.arange(n) > 15)             # a chain break: other offsets
     msa = torch.rand(4, n, 49, generator=g)
     z_prev, x, m_prev = torch.randn(n, n, 16, generator=g), torch.randn(n, 3, generator=g) * 10, torch.randn(n, 32)
+    sm, heads = model.structure_module, model.aux_heads
     with torch.no_grad():
         want_m, want_z = model.input_embedder(tf, ri, msa, inplace_safe=True)
         want_rm, want_rz = model.recycling_embedder(m_prev.clone(), z_prev.clone(), x, inplace_safe=True)
@@ -146,21 +149,33 @@ def test_row_block_embedders_compute_what_openfolds_do():
 
         frames = Rigid.from_tensor_7(torch.randn(n, 7, generator=g) * 3, normalize_quats=True)
         single, seq_mask = torch.randn(n, 24, generator=g), (torch.rand(n, generator=g) > 0.1).float()
-        want_ipa = model.structure_module.ipa(single, z_prev, frames, seq_mask, inplace_safe=True)
+        want_ipa = sm.ipa(single, sm.layer_norm_z(z_prev), frames, seq_mask, inplace_safe=True)
+        want_dist = heads.distogram(z_prev)
         old, emb.BLOCK_BYTES = emb.BLOCK_BYTES, 3 * n * 16 * 4          # three rows per block
         try:
             emb.use_row_blocks(model)
-            got_m, got_z = model.input_embedder(tf, ri, msa, inplace_safe=True)
+            got_m, pair = model.input_embedder(tf, ri, msa, inplace_safe=True)
+            assert isinstance(pair, emb.DeferredPair)
+            got_z = pair.whole()
             z_in = z_prev.clone()
             got_rm, got_rz = model.recycling_embedder(m_prev.clone(), z_in, x, inplace_safe=True)
-            got_ipa = model.structure_module.ipa(single, z_prev, frames, seq_mask, inplace_safe=True)
+            summed = got_rz.clone()
+            storage = summed.data_ptr()
+            pair += summed                                   # OpenFold's add(z, z_prev_emb, inplace=True)
+            normed = sm.layer_norm_z(z_prev)
+            assert isinstance(normed, emb.NormedRows)
+            got_ipa = sm.ipa(single, normed, frames, seq_mask, inplace_safe=True)
+            got_dist = heads.distogram(z_prev)
         finally:
             emb.BLOCK_BYTES = old
     assert type(model.input_embedder).__name__ == "RowBlockInputEmbedder"
     assert type(model.structure_module.ipa).__name__ == "RowBlockInvariantPointAttention"
-    for got, want in ((got_m, want_m), (got_z, want_z), (got_rm, want_rm), (got_rz, want_rz), (got_ipa, want_ipa)):
+    assert pair is summed and summed.data_ptr() == storage
+    for got, want in ((got_m, want_m), (got_z, want_z), (got_rm, want_rm), (got_rz, want_rz), (got_ipa, want_ipa),
+                      (summed, want_z + want_rz), (got_dist, want_dist)):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()     # blocked matmuls round differently
     assert got_rz.data_ptr() == z_in.data_ptr()
+    assert torch.equal(got_dist, got_dist.transpose(0, 1))
 
 
 def test_bfloat16_stacks_stay_close_to_fp32():
@@ -194,7 +209,7 @@ def test_the_loom_engine_predicts_openfolds_atoms_with_and_without_chunks(tmp_pa
     batch = _batch(config, alignments)
     assert batch["msa_feat"].shape[-4] == 6 and batch["aatype"].shape[-1] == 2   # 6 MSA rows, 2 cycles
     expected = _positions(_model(cfg_of, config), batch)
-    for plan in (None, Plan(rows=5, msa_rows=2, queries=7, channels=4)):
+    for plan in (None, Plan(rows=5, msa_rows=2, queries=7, channels=4, strips=3)):
         got = _positions(_model(cfg_loom, config, plan=plan), batch)
         assert (got - expected).abs().max() <= ATOL_ANGSTROM, (plan, (got - expected).abs().max())
     # the comparison can fail: other Evoformer weights move the atoms by far more than the tolerance
