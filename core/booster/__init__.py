@@ -22,14 +22,17 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
     missing = []
     if mesh.size("sp") > 1 and mesh.size("pp") > 1:
         missing.append("sequence parallelism (parallel.sp) together with pipeline parallelism (parallel.pp)")
-    for axis, what in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("sp", "parallel.sp")):
+    for axis, what in (("pp", "parallel.pp"), ("sp", "parallel.sp")):
         if mesh.size(axis) > 1 and (p.zero or p.offload != "none" or cfg.memory.device_gb > 0):
             missing.append(f"ZeRO or offload together with {what}")
+    if mesh.size("tp") > 1 and (p.zero == 3 or p.offload != "none" or cfg.memory.device_gb > 0):
+        missing.append("ZeRO-3, offload or a device budget together with parallel.tp (ZeRO-1 and 2 run with it)")
     if missing:
         raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
                         f"data parallelism (parallel.dp) with pipeline (parallel.pp) and tensor parallelism (parallel.tp, "
-                        f"parallel.tp_mode=1d|2d|2.5d|3d), data with sequence (parallel.sp) and tensor parallelism, or with ZeRO (parallel.zero=1|2|3) and offload "
-                        f"(parallel.offload=cpu|nvme)")
+                        f"parallel.tp_mode=1d|2d|2.5d|3d), data with sequence (parallel.sp) and tensor parallelism, "
+                        f"tensor parallelism with ZeRO-1/2 (parallel.zero=1|2), or data parallelism with ZeRO "
+                        f"(parallel.zero=1|2|3) and offload (parallel.offload=cpu|nvme)")
     if cfg.memory.step_in_backward:
         from core.trainer import plan_batches   # core.trainer imports this module
 

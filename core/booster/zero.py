@@ -25,6 +25,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 from torch import nn
 
+from core.booster.ddp import _tied_names_dropped, load_serial_weights
 from core.booster.plugin import ModelWrapper, Plugin
 from core.checkpoint import CheckpointIO, load_file, save_file
 from core.config import MemoryConfig
@@ -34,7 +35,9 @@ from core.memory.chunk import plan_chunks, shard_used
 from core.memory.gemini import GeminiModel
 from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
+from core.optim.split_norms import attach as attach_split_norms
 from core.zero import ChunkAdam, GradientShards
+from core.tensor import serial_state_dict
 from core.zero.optimizer import KINDS, init_states
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,23 +45,44 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class ChunkCheckpointIO(CheckpointIO):
     """Full-precision weights from the master copies (by parameter name; tied weights once,
-    buffers from the model), and the optimizer's moments by parameter name."""
+    buffers from the model), and the optimizer's moments by parameter name. Under tensor
+    parallelism the weights are written unsplit (gathered over tp, as the ddp plugin writes them)
+    and the moments once per tp rank (`optimizer.tpR.pt`)."""
 
     def __init__(self, plugin: "ZeroPlugin") -> None:
         self.plugin = plugin
 
+    @property
+    def _tp(self) -> int:
+        return self.plugin.mesh.size("tp")
+
     def save_model(self, model: nn.Module, folder: Path, rank: int) -> None:
         weights = self.plugin.optimizer.master_state()      # a collective: every rank takes part
+        if self._tp > 1:
+            device = self.plugin.mesh.device
+            # unsplit over tp (a collective); tied weights under the name the ddp plugin keeps
+            weights, dropped = _with_data(model, {k: v.to(device) for k, v in weights.items()},
+                                          lambda m: (serial_state_dict(m), _tied_names_dropped(m)))
+            weights = {k: v.cpu() for k, v in weights.items() if k not in dropped}
         if rank != 0:
             return
         weights.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers()})
-        st_save_file(weights, str(Path(folder) / self.MODEL))
+        st_save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(folder) / self.MODEL))
 
     def load_model(self, model: nn.Module, folder: Path) -> None:
         path = Path(folder) / self.MODEL
         if not path.is_file():
             raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
         saved = st_load_file(str(path))
+        if self._tp > 1:                       # this rank's parts of the unsplit weights
+            local = {n: torch.empty_like(p, device="cpu") for n, p in model.named_parameters()}
+            lacking = _with_data(model, local, lambda m: load_serial_weights(m, saved, path))
+            loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in saved}
+            by_name = dict(model.named_parameters(remove_duplicate=False))
+            missing = [n for n in lacking if id(by_name.get(n)) not in loaded]     # a tied name is not missing
+            if missing:
+                raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+            saved = {**{k: v for k, v in saved.items() if k not in local}, **local}
         names = [n for n, _ in model.named_parameters()]
         missing = [n for n in names if n not in saved]
         if missing:
@@ -68,13 +92,34 @@ class ChunkCheckpointIO(CheckpointIO):
             if name in saved:
                 buf.copy_(saved[name])
 
+    def _optimizer_file(self) -> str:
+        return self.OPTIMIZER if self._tp == 1 else f"optimizer.tp{self.plugin.mesh.rank('tp')}.pt"
+
     def save_optimizer(self, optimizer, folder: Path, rank: int) -> None:
-        state = optimizer.state_dict()
-        if rank == 0:
-            save_file(state, Path(folder) / self.OPTIMIZER)
+        state = optimizer.state_dict()          # a collective over dp
+        if self.plugin.mesh.rank("dp") == 0 and (self._tp > 1 or rank == 0):
+            save_file(state, Path(folder) / self._optimizer_file())
 
     def load_optimizer(self, optimizer, folder: Path) -> None:
-        optimizer.load_state_dict(load_file(Path(folder) / self.OPTIMIZER))
+        path = Path(folder) / self._optimizer_file()
+        if not path.is_file() and self._tp > 1:
+            raise LoomError(f"{path} is missing: optimizer states are saved per rank of parallel.tp, so a run resumes "
+                            f"with the same parallel.tp; to change it, start a fresh run from its weights with "
+                            f"train.init_weights={folder}")
+        optimizer.load_state_dict(load_file(path))
+
+
+def _with_data(model: nn.Module, tensors: dict[str, torch.Tensor], fn):
+    """fn(model) with each named parameter's data swapped for `tensors[name]` (then put back)."""
+    params = dict(model.named_parameters())
+    kept = {n: p.data for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.data = tensors[n]
+        return fn(model)
+    finally:
+        for n, p in params.items():
+            p.data = kept[n]
 
 
 class ZeroPlugin(Plugin):
@@ -154,8 +199,11 @@ class ZeroPlugin(Plugin):
                                     on_master=lambda chunk, shard: init_states(states, chunk, shard))
         grads = GradientShards(states, dp, stage=max(self.stage, 1))
         # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
+        tp = self.mesh.axis("tp")
+        attach_split_norms(optimizer, tp)          # LAMB / LARS on tensor-parallel parts: whole-parameter norms
         self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
-                                   origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule)
+                                   origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule,
+                                   tp_axis=tp)
         self.wrapped = GeminiModel(model, self.manager, grads.reduce)
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
 

@@ -46,8 +46,9 @@ class ChunkAdam:
     MAX_INFLIGHT = 2       # chunk updates queued on the optimizer thread during backward
     def __init__(self, manager: ChunkManager, param_groups: list[dict], states: Store, grads: GradientShards,
                  precision: str = "fp32", origin: torch.optim.Optimizer | None = None,
-                 in_backward: bool = False, rule: str = "adam") -> None:
+                 in_backward: bool = False, rule: str = "adam", tp_axis=None) -> None:
         self.manager = manager
+        self.tp_axis = tp_axis if tp_axis is not None and tp_axis.size > 1 else None   # parameters split over tp
         self.origin = origin                 # the torch optimizer whose groups (and schedule) these are
         self.param_groups = param_groups
         self.group_of = {p: g for g in param_groups for p in g["params"]}
@@ -87,7 +88,23 @@ class ChunkAdam:
         (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
 
     def _grad_norm(self) -> float:
-        return math.sqrt(self.grads.total_sq()) / self.scaler.scale
+        if self.tp_axis is None:
+            return math.sqrt(self.grads.total_sq()) / self.scaler.scale
+        # Split parameters: each part once, however many tensor-parallel ranks hold it
+        # (`tp_replicas`, as core.tensor.grad_norm_sq counts them), summed over dp and tp.
+        from core.distributed.comm import all_reduce_
+
+        total = torch.zeros(1, dtype=torch.float64)
+        for chunk in self.manager.chunks:
+            if chunk.index in self.grads.seen:
+                grad = self.grads.get(chunk)
+                for param, _, s in self._slices(chunk):
+                    replicas = getattr(param, "tp_replicas", self.tp_axis.size)
+                    total += grad[s].double().square().sum().cpu() / replicas
+        for axis in (self.manager.axis, self.tp_axis):
+            if axis is not None and axis.size > 1:
+                total = all_reduce_(total.to(axis.device), axis, "sum").cpu()
+        return math.sqrt(float(total)) / self.scaler.scale
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         norm = self._grad_norm()
@@ -133,7 +150,8 @@ class ChunkAdam:
         each parameter's squares over this rank's parts of it (|w|^2 and |u|^2 for LAMB, |w|^2 and
         |g|^2 for LARS) into the vector layout of `core.optim.lamb.layer_norms`; one all-reduce
         over the data-parallel axis makes them the whole parameters' (each element lives in
-        exactly one rank's shard); pass 2 takes the steps with the very formulas of
+        exactly one rank's shard), and under tensor parallelism the optimizer's `norm_reducer`
+        (`core.optim.split_norms`) adds the tp parts in one more; pass 2 takes the steps with the very formulas of
         `core.optim.lamb` / `core.optim.lars`."""
         from core.distributed.comm import all_reduce_
         from core.optim.lamb import lamb_direction, lamb_scale
@@ -164,6 +182,9 @@ class ChunkAdam:
         if self.manager.world > 1:
             axis = self.manager.axis
             squares = all_reduce_(squares.to(axis.device), axis, "sum").cpu()
+        reducer = getattr(self.origin, "norm_reducer", None)     # tensor parallelism: core.optim.split_norms
+        if reducer is not None:
+            squares = reducer(squares.to(self.tp_axis.device if self.tp_axis is not None else "cpu")).cpu()
         norms = squares.sqrt()
         for chunk, master, m, v, parts in todo:
             for group, s, g, i in parts:
