@@ -80,6 +80,8 @@ class Setup:
     train_set: TokenWindows
     val_batch: torch.Tensor     # (windows, seq_len + 1), fixed
     micro_batch: int
+    init: dict | None = None    # --warm-start: the weights every measured run starts from
+    skip: int = 0               # --warm-start: micro-batches the warm-up run consumed (not seen again)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Result:
     reached: int | None         # the first step whose validation loss is <= the target
     diverged: bool
     seconds: float
+    state: dict | None = None   # the final weights
 
 
 def val_loss(model: GPT, s: Setup) -> float:
@@ -115,6 +118,8 @@ def train(s: Setup, run: Run, desc: str) -> Result:
     t0 = time.perf_counter()
     torch.manual_seed(s.cfg.train.seed)
     model = GPT(s.cfg.model)
+    if s.init is not None:
+        model.load_state_dict(s.init)
     optimizer = build_optimizer(run.optim, model)
     shape = LRShape(total=run.steps, warmup=run.warmup, kind=s.cfg.train.lr_schedule,
                     min_ratio=s.cfg.train.min_lr_ratio)
@@ -125,6 +130,8 @@ def train(s: Setup, run: Run, desc: str) -> Result:
         raise SystemExit(f"a batch of {run.batch} does not split into micro-batches of {micro}; "
                          f"use a multiple of {micro} (or fewer) for --batch")
     batches = iter(GlobalBatchSampler(len(s.train_set), micro, accum, 0, 1, seed=s.cfg.train.seed))
+    for _ in range(s.skip):
+        next(batches)
     curve = [[0, val_loss(model, s)]]
     reached, diverged = None, False
     model.train()
@@ -149,7 +156,8 @@ def train(s: Setup, run: Run, desc: str) -> Result:
                 reached = step
                 break
     bar.close()
-    return Result(curve, reached, diverged, time.perf_counter() - t0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Result(curve, reached, diverged, time.perf_counter() - t0, state)
 
 
 def warmup_steps(fraction: float, steps: int) -> int:
@@ -204,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", nargs="*", choices=("adamw", "lamb"), default=None,
                     help="only sweep --lrs at batch B for these optimizers (none named: both)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    ap.add_argument("--warm-start", type=int, default=0, metavar="K",
+                    help="first train AdamW at batch B for K steps (the tiny recipe's schedule shape); every "
+                         "measured run then starts from those weights, on data the warm-up did not see")
     args = ap.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -231,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     base_fraction = s.cfg.train.warmup_steps / s.cfg.train.steps
     large_fraction = large.train.warmup_steps / large.train.steps
     tokens = s.cfg.model.seq_len
+    if args.warm_start:
+        k_steps = args.warm_start
+        warm = train(s, Run(dataclasses.replace(s.cfg.optim, lr=adamw_base), b, k_steps,
+                            warmup_steps(base_fraction, k_steps), k_steps), f"warm start: adamw at batch {b}")
+        s.init, s.skip = warm.state, k_steps * (b // min(s.micro_batch, b))
+        print(json.dumps({"name": "large_batch_lamb_warm_start", "value": warm.curve[-1][1], "unit": "nats/token",
+                          "baseline": None, "steps": k_steps, "batch": b, "lr": adamw_base, "curve": warm.curve,
+                          "seconds": warm.seconds, "machine": info}), flush=True)
 
     base_run = Run(dataclasses.replace(s.cfg.optim, lr=adamw_base), b, n,
                    warmup_steps(base_fraction, n), max(1, n // 16))

@@ -16,9 +16,9 @@ cgroup whose memory limit is the cap (every byte the child touches counts; no sw
   long-sequence settings (chunked modules, low-memory attention, in-place updates at inference,
   no chunk-size tuner). Its `offload_inference` moves tensors from the GPU to the host, which
   saves nothing where the host is the device, so it is left off.
-- loom: `model.engine=loom` with the app's default budget (`memory.budget_gb=0`: 90% of what is
-  free when the stack starts, the cgroup's limit included): Loom's stacks with chunks planned to
-  it. `--loom-budget-gib` sets `memory.budget_gb` instead.
+- loom: `model.engine=loom` with the app's default budget (`memory.budget_gb=0`: what is free when
+  the stack starts, the cgroup's limit included, less 10% of it or 128 MiB, whichever is more):
+  Loom's stacks with chunks planned to it. `--loom-budget-gib` sets `memory.budget_gb` instead.
 
 Search: galloping from --start then bisection, in steps of --step residues. Then both engines
 fold L=256 without a cap (time ratio), and Loom folds L=256 on 1, 2 and 4 processes with axial
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-search", action="store_true", help="only the L=256 timing and the DAP rows")
     ap.add_argument("--dap-budget-gib", type=float, default=64.0, help="each rank's chunk budget in the DAP rows")
     ap.add_argument("--loom-budget-gib", type=float, default=0.0,
-                    help="memory.budget_gb of the loom trials (0: the app's default, 90%% of what is free)")
+                    help="memory.budget_gb of the loom trials (0: the app's default, what is free less a reserve)")
     ap.add_argument("--engines", default="openfold,loom", help="whose longest length to search (the ratio needs both)")
     args = ap.parse_args(argv)
     os.chdir(ROOT)

@@ -48,7 +48,8 @@ class ProteinOutputConfig:
 @dataclass
 class ProteinMemoryConfig:
     budget_gb: float = opt(0.0, "engine=loom: memory each process may use, in GiB; the Evoformer's chunks are "
-                                "sized to stay under it (and under 90% of what is free); 0 = 90% of what is free",
+                                "sized to stay under it and under what is free less a reserve (10% or 128 MiB, "
+                                "the larger); 0 = what is free less that reserve",
                            min=0)
 
 

@@ -30,6 +30,10 @@ from core.memory.usage import free_bytes, process_bytes
 # on the CPU: beyond a few tens of MiB each chunk's fresh pages cost more than the extra steps).
 PREFER_CPU_CHUNK = 64 << 20
 PREFER_GPU_CHUNK = 2 << 30
+# What the plan leaves free beyond its estimates (and at least 10% of what is free): the
+# allocator's slack, torch's own temporaries inside an operation, and the row blocks OpenFold's
+# modules run in around the stacks (apps.protein.row_blocks: ~64 MiB each).
+UNMODELLED = 128 << 20
 
 
 def _linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
@@ -427,7 +431,7 @@ class Stack(nn.Module):
         if not extra:
             self.linear = _linear(dims["c_m"], c_s)
         self.ax = Axial()
-        self.budget: int | None = None         # bytes per process; None = 90% of what is free
+        self.budget: int | None = None         # bytes per process; None = what is free less UNMODELLED or 10%
         self.plan: Plan | None = None          # fixed chunks (overrides the budget)
         self.last_plan: Plan | None = None
 
@@ -445,7 +449,8 @@ class Stack(nn.Module):
     def _plan(self, m: torch.Tensor, z: torch.Tensor) -> Plan:
         if self.plan is not None:
             return self.plan
-        used, free = process_bytes(z.device), int(0.9 * free_bytes(z.device))
+        free = free_bytes(z.device)
+        used, free = process_bytes(z.device), free - max(int(0.1 * free), UNMODELLED)
         if self.budget is not None and self.budget <= used:
             raise LoomError(f"memory.budget_gb={self.budget / GIB:.2f} is less than the {used / GIB:.2f} GiB this "
                             f"process already holds when the Evoformer starts (weights, inputs, the MSA and pair "

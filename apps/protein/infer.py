@@ -29,6 +29,7 @@ from apps.protein.plan import GIB
 from core import cli
 from core.distributed import ParallelMesh, launch, resolve_layout
 from core.errors import LoomError
+from core.memory.store import return_freed_buffers_to_the_os
 from core.memory.usage import peak_bytes, reset_peak
 
 SUMMARY = "Protein structure prediction on OpenFold's AlphaFold: every FASTA record is a target."
@@ -91,6 +92,10 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
     config = openfold_config(cfg)
     if not cfg.model.params and main:
         print(RANDOM_WEIGHTS, file=sys.stderr)
+    if device.type == "cpu":
+        # Freed temporaries of 1 MiB or more go back to the OS at once, so that what the chunk
+        # planner reads as this process's memory is what it holds (glibc keeps them otherwise).
+        return_freed_buffers_to_the_os()
     t0 = time.perf_counter()
     torch.manual_seed(0)
     np.random.seed(0)                        # OpenFold draws some initial weights with scipy
