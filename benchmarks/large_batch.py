@@ -31,6 +31,23 @@ steps at B = 16, on a half-decade grid (final validation loss; 1 CPU thread, tor
 so AdamW's base is 1e-3 (ADAMW_BASE_LR) and LAMB's 3e-2 (the recipe's 0.12 / 4); at 16B they
 become 4e-3 and 0.12. Nothing was tuned at 16B.
 
+What it measured (2 CPU cores, torch 2.13; nothing tuned at 16B), none of which reproduces the
+effect:
+
+    N=144, B=16:  target 5.769; at 256, 18 steps: AdamW best 6.663, LAMB 6.698
+    N=288, B=16:  target 5.267; at 256, 36 steps: AdamW best 6.585, LAMB 6.521
+    N=576, B=2 (--batch 2 --steps 576):  target 5.662; at 32, 72 steps: AdamW 6.376, LAMB 6.443
+    --warm-start 400 --steps 144 (from AdamW's weights at 5.080):  target 4.943; at 256, 18 steps
+        both first jump up (fresh moments: AdamW to 6.41, LAMB to 9.29) and end at AdamW 5.111,
+        LAMB 5.954
+
+Every from-scratch large-batch run sits on the same plateau near 6.4-6.8 nats (the loss of
+predicting tokens without using the context) for dozens of steps, and at batch 32 it spent 72
+steps (4x the samples of the B=2 run) there while B=2 had left it by step 144: leaving the plateau
+takes optimizer steps, not samples, so a run limited to N/8 steps cannot reach a target set after
+it, whatever the optimizer. The warm start avoids the plateau but restarts the moments, and both
+optimizers' first steps at the scaled learning rates undo much of the warm-up's progress.
+
 JSON lines (value None: the target was not reached within the limit):
 
     {"name": "large_batch_lamb_target", "value": target loss, "curve": [[step, loss], ...], ...}

@@ -97,3 +97,18 @@ def test_a_run_stops_at_the_first_evaluation_that_reaches_its_target(tmp_path, m
     assert r.reached == 1 and [step for step, _ in r.curve] == [0, 1]
     r = train(s, Run(s.cfg.optim, batch=4, steps=3, warmup=0, eval_every=2, target=-1.0), "test")
     assert r.reached is None and [step for step, _ in r.curve] == [0, 2, 3]
+
+
+def test_a_warm_start_is_where_every_measured_run_begins(tmp_path, monkeypatch):
+    """--warm-start: the measured runs start from the warm-up run's weights (their step-0 loss is
+    its final one) and draw the batches after the ones it used."""
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    s, _ = setup(QUICK_OVERRIDES, QUICK["val_windows"])
+    warm = train(s, Run(s.cfg.optim, batch=4, steps=3, warmup=0, eval_every=3), "warm")
+    fresh = train(s, Run(s.cfg.optim, batch=4, steps=1, warmup=0, eval_every=1), "fresh")
+    s.init, s.skip = warm.state, 3
+    r = train(s, Run(s.cfg.optim, batch=4, steps=1, warmup=0, eval_every=1), "from warm")
+    assert r.curve[0][1] == warm.curve[-1][1] != fresh.curve[0][1]
+    s.skip = 0                                   # the same start on the warm-up's own first batch
+    again = train(s, Run(s.cfg.optim, batch=4, steps=1, warmup=0, eval_every=1), "from warm, first batch")
+    assert again.curve[1][1] != r.curve[1][1]
