@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.protein.axial import Axial
-from apps.protein.plan import GIB, Plan, Shapes, choose
+from apps.protein.plan import GIB, Plan, Shapes, choose, chunks
 from core.errors import LoomError
 from core.memory.usage import free_bytes, process_bytes
 
@@ -38,12 +38,6 @@ UNMODELLED = 128 << 20
 
 def _linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
     return nn.Linear(c_in, c_out, bias=bias)
-
-
-def _chunks(n: int, size: int):
-    size = max(1, size)
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
 
 
 class Attention(nn.Module):
@@ -65,13 +59,13 @@ class Attention(nn.Module):
         are updated in place, `plan_rows` rows and `queries` queries at a time."""
         n_rows, length, _ = stream.shape
         h, d = self.heads, self.c_hidden
-        for r0, r1 in _chunks(n_rows, plan_rows):
+        for r0, r1 in chunks(n_rows, plan_rows):
             x = norm(stream[r0:r1])
             r = r1 - r0
             k = self.linear_k(x).view(r, length, h, d).permute(0, 2, 3, 1)
             v = self.linear_v(x).view(r, length, h, d).transpose(1, 2)
             mask_bias = (inf * (key_mask[r0:r1] - 1))[:, None, None, :].to(x.dtype)
-            for q0, q1 in _chunks(length, queries):
+            for q0, q1 in chunks(length, queries):
                 xq = x[:, q0:q1]
                 q = self.linear_q(xq).view(r, q1 - q0, h, d).transpose(1, 2) / math.sqrt(d)
                 logits = torch.matmul(q, k)
@@ -100,7 +94,7 @@ class GlobalAttention(nn.Module):
                      plan_rows: int) -> None:
         n_rows, length, _ = stream.shape
         h, d = self.heads, self.c_hidden
-        for r0, r1 in _chunks(n_rows, plan_rows):
+        for r0, r1 in chunks(n_rows, plan_rows):
             x = norm(stream[r0:r1])
             msk = mask[r0:r1].to(x.dtype)
             q = (x * msk[..., None]).sum(dim=-2) / (msk.sum(dim=-1)[..., None] + eps)
@@ -122,7 +116,7 @@ class Transition(nn.Module):
         self.linear_2 = _linear(n * c, c)
 
     def update_rows_(self, stream: torch.Tensor, mask: torch.Tensor | None, plan_rows: int) -> None:
-        for r0, r1 in _chunks(stream.shape[0], plan_rows):
+        for r0, r1 in chunks(stream.shape[0], plan_rows):
             x = stream[r0:r1]
             u = self.linear_2(torch.relu(self.linear_1(self.layer_norm(x))))
             if mask is not None:
@@ -152,7 +146,7 @@ class OuterProductMean(nn.Module):
         transposed = st.z_layout == "T"
         local, other = (b, st.ax.gather(a, dim=1)) if transposed else (a, st.ax.gather(b, dim=1))
         spec = "sje,sic->jice" if transposed else "sic,sje->ijce"
-        for r0, r1 in _chunks(local.shape[1], st.plan.rows):
+        for r0, r1 in chunks(local.shape[1], st.plan.rows):
             outer = torch.einsum(spec, local[:, r0:r1], other)
             outer = self.linear_out(outer.reshape(outer.shape[:2] + (-1,)))
             norm = torch.einsum("sr,sn->rn", mk[:, r0:r1, 0], full_mask) + self.eps
@@ -195,12 +189,12 @@ class TriangleMultiplication(nn.Module):
         z, mask = st.z, st.pair_mask_local()
         rows, n = z.shape[:2]
         x = z.new_empty(self.c_hidden, rows, n)
-        for c0, c1 in _chunks(self.c_hidden, st.plan.channels):
+        for c0, c1 in chunks(self.c_hidden, st.plan.channels):
             local, other = self._sides(z, mask, 0, st.plan.rows, slice(c0, c1))
             other = st.ax.gather(other, dim=1)
             torch.matmul(local, other.transpose(1, 2), out=x[c0:c1])
             del local, other
-        for r0, r1 in _chunks(rows, st.plan.rows):
+        for r0, r1 in chunks(rows, st.plan.rows):
             z[r0:r1] += self._delta(z[r0:r1], x[:, r0:r1])
 
     def _sides(self, z: torch.Tensor, mask: torch.Tensor, start: int, step: int, c: slice):
@@ -209,7 +203,7 @@ class TriangleMultiplication(nn.Module):
         rows, n = z.shape[0] - start, z.shape[1]
         local = z.new_empty(c.stop - c.start, rows, n)
         other = z.new_empty(c.stop - c.start, rows, n)
-        for r0, r1 in _chunks(rows, step):
+        for r0, r1 in chunks(rows, step):
             zl = self.layer_norm_in(z[start + r0:start + r1])
             mk = mask[start + r0:start + r1, :, None].to(zl.dtype)
             local[:, r0:r1] = self._projection(mine, zl, mk, c).permute(2, 0, 1)
@@ -233,24 +227,24 @@ class TriangleMultiplication(nn.Module):
         z, mask, plan = st.z, st.pair_mask_local(), st.plan
         n = z.shape[0]
         pending: dict[int, list] = {}                    # strip -> [(col0, col1, update rows x cols)]
-        strips = list(_chunks(n, -(-n // plan.strips)))
+        strips = list(chunks(n, -(-n // plan.strips)))
         for t, (s0, s1) in enumerate(strips):
             size = s1 - s0
             xa = z.new_empty(self.c_hidden, size, n - s0)     # x[S_t, s0:]
             xb = z.new_empty(self.c_hidden, n - s1, size)     # x[s1:, S_t]
-            for c0, c1 in _chunks(self.c_hidden, plan.channels):
+            for c0, c1 in chunks(self.c_hidden, plan.channels):
                 local, other = self._sides(z, mask, s0, plan.rows, slice(c0, c1))
                 torch.matmul(local[:, :size], other.transpose(1, 2), out=xa[c0:c1])
                 torch.matmul(local[:, size:], other[:, :size].transpose(1, 2), out=xb[c0:c1])
                 del local, other
-            for r0, r1 in _chunks(size, plan.rows):         # S_t is read by no later tile: update it
+            for r0, r1 in chunks(size, plan.rows):         # S_t is read by no later tile: update it
                 z[s0 + r0:s0 + r1, s0:] += self._delta(z[s0 + r0:s0 + r1, s0:], xa[:, r0:r1])
             del xa
             for c0, c1, update in pending.pop(t, []):
                 z[s0:s1, c0:c1] += update
             for u, (u0, u1) in enumerate(strips[t + 1:], start=t + 1):
                 update = z.new_empty(u1 - u0, size, z.shape[2])
-                for r0, r1 in _chunks(u1 - u0, plan.rows):
+                for r0, r1 in chunks(u1 - u0, plan.rows):
                     r0, r1 = r0 + u0, r1 + u0
                     update[r0 - u0:r1 - u0] = self._delta(z[r0:r1, s0:s1], xb[:, r0 - s1:r1 - s1])
                 pending.setdefault(u, []).append((s0, s1, update))
@@ -403,7 +397,7 @@ class _State:
     def pair_bias(self, norm: nn.Module, linear: nn.Linear, of_z: bool) -> torch.Tensor:
         """linear(norm(.)) at every position as [H, N, N], computed from this rank's rows and
         gathered: indexed as z if `of_z`, else as the rows held now (z^T in layout T)."""
-        parts = [linear(norm(self.z[r0:r1])) for r0, r1 in _chunks(self.z.shape[0], self.plan.rows)]
+        parts = [linear(norm(self.z[r0:r1])) for r0, r1 in chunks(self.z.shape[0], self.plan.rows)]
         bias = self.ax.gather(torch.cat(parts, dim=0), dim=0)
         order = (2, 1, 0) if of_z and self.z_layout == "T" else (2, 0, 1)
         return bias.permute(*order).contiguous()

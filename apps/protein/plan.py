@@ -84,7 +84,7 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
     pair_bias = lambda h: 2 * h * n * n + n_loc * n * h                 # noqa: E731 (gathered, permuted, parts)
     rows_temp = r * n * (sh.c_z + 3 * cb) + r * n * (2 * sh.c_z + sh.c_mul)
     if p == 1 and plan.strips > 1:
-        tri_mul = rows_temp + max(_strip_bytes(sh, plan, s0, s1) for s0, s1 in _strips(n, plan.strips))
+        tri_mul = rows_temp + max(_strip_bytes(sh, plan, s0, s1) for s0, s1 in chunks(n, -(-n // plan.strips)))
     else:
         tri_mul = sh.c_mul * n_loc * n + 2 * cb * n_loc * n + (cb * n * n if p > 1 else 0) + rows_temp
     out = {
@@ -106,9 +106,11 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
     return {k: v * e for k, v in out.items()}
 
 
-def _strips(n: int, strips: int):
-    step = -(-n // strips)
-    return [(s0, min(s0 + step, n)) for s0 in range(0, n, step)]
+def chunks(n: int, size: int):
+    """(start, stop) of consecutive pieces of range(n), `size` long (the last one shorter)."""
+    size = max(1, size)
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
 
 
 def _strip_bytes(sh: Shapes, plan: Plan, s0: int, s1: int) -> int:

@@ -35,17 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from apps.protein.compat import load_openfold
+from apps.protein.plan import chunks
 
 BLOCK_BYTES = 64 << 20
 
 
 def _rows(n: int, width: int, element: int = 4) -> int:
     return max(1, BLOCK_BYTES // max(1, n * width * element))
-
-
-def _spans(n: int, step: int):
-    for r0 in range(0, n, step):
-        yield r0, min(r0 + step, n)
 
 
 class DeferredPair:
@@ -64,14 +60,14 @@ class DeferredPair:
     def __iadd__(self, other: torch.Tensor) -> torch.Tensor:
         if not isinstance(other, torch.Tensor) or other.shape != self.shape:
             return NotImplemented
-        for r0, r1 in _spans(self.n, self.step):
+        for r0, r1 in chunks(self.n, self.step):
             block = other[r0:r1]
             block.copy_(self.rows(r0, r1) + block)           # OpenFold: z = pair; z += z_prev_emb
         return other
 
     def whole(self) -> torch.Tensor:
         out = self._like.new_empty(self.shape)
-        for r0, r1 in _spans(self.n, self.step):
+        for r0, r1 in chunks(self.n, self.step):
             out[r0:r1] = self.rows(r0, r1)
         return out
 
@@ -206,13 +202,13 @@ def _classes():
                 return super()._forward(z)
             n = z.shape[0]
             logits = z.new_empty(n, n, self.no_bins)
-            for r0, r1 in _spans(n, _rows(n, z.shape[-1] + self.no_bins, z.element_size())):
+            for r0, r1 in chunks(n, _rows(n, z.shape[-1] + self.no_bins, z.element_size())):
                 logits[r0:r1] = self.linear(z[r0:r1])
             # logits + logits^T in place, a pair of tiles at a time (t[i, j] = l[i, j] + l[j, i]);
             # a tile of ~8 MiB
             tile = max(1, int((BLOCK_BYTES / 8 / (self.no_bins * z.element_size())) ** 0.5))
-            for i0, i1 in _spans(n, tile):
-                for j0, j1 in _spans(n, tile):
+            for i0, i1 in chunks(n, tile):
+                for j0, j1 in chunks(n, tile):
                     if j0 < i0:
                         continue
                     upper, lower = logits[i0:i1, j0:j1], logits[j0:j1, i0:i1]

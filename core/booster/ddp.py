@@ -53,6 +53,17 @@ def load_serial_weights(model: nn.Module, saved: dict[str, torch.Tensor], path: 
         raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
 
 
+def load_tied_serial_weights(model: nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """`load_serial_weights`, refusing weights that lack a parameter (a tied parameter stored under
+    another of its names is not missing)."""
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in saved}
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    lacking = load_serial_weights(model, saved, path)
+    missing = [n for n in lacking if id(by_name.get(n)) not in loaded]
+    if missing:
+        raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+
+
 class TensorParallelCheckpointIO(CheckpointIO):
     """Weights as the unsplit state dict (gathered over the tp axis; one copy written), so that
     they load into a serial model or any other split; the optimizer's state per tp rank
@@ -74,12 +85,7 @@ class TensorParallelCheckpointIO(CheckpointIO):
 
     def load_model(self, model: nn.Module, folder) -> None:
         path, saved = read_serial_weights(folder, self.MODEL)
-        loaded = {id(p) for n, p in model.named_parameters() if n in saved}
-        by_name = dict(model.named_parameters(remove_duplicate=False))
-        lacking = load_serial_weights(model, saved, path)
-        missing = [n for n in lacking if id(by_name.get(n)) not in loaded]   # a tied name is not missing
-        if missing:
-            raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+        load_tied_serial_weights(model, saved, path)
 
     split_by = ("tp",)          # the axes whose ranks hold different optimizer states
 
