@@ -98,7 +98,8 @@ class Setup:
     val_batch: torch.Tensor     # (windows, seq_len + 1), fixed
     micro_batch: int
     init: dict | None = None    # --warm-start: the weights every measured run starts from
-    skip: int = 0               # --warm-start: micro-batches the warm-up run consumed (not seen again)
+    skip: int = 0               # --warm-start: samples the warm-up run consumed (not seen again)
+    moments: dict | None = None  # --warm-start: the warm-up's Adam moments by parameter name (step, m, v)
 
 
 @dataclass
@@ -109,6 +110,8 @@ class Run:
     warmup: int
     eval_every: int
     target: float | None = None  # stop at the first evaluation at or below this
+    schedule: str | None = None  # the lr schedule's kind; None = the recipe's
+    noise: bool = False         # also measure the gradient noise scale at every evaluation
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Result:
     diverged: bool
     seconds: float
     state: dict | None = None   # the final weights
+    moments: dict | None = None  # the final Adam moments by parameter name: (step, exp_avg, exp_avg_sq)
+    noise: list = dataclasses.field(default_factory=list)   # [[step, B_simple in sequences], ...]
 
 
 def val_loss(model: GPT, s: Setup) -> float:
@@ -129,6 +134,29 @@ def val_loss(model: GPT, s: Setup) -> float:
     return float(total / len(s.val_batch))
 
 
+def noise_scale(model: GPT, s: Setup) -> float:
+    """The simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al., "An
+    Empirical Model of Large-Batch Training", arXiv:1812.06162, eq. 2.8), in sequences: the batch
+    above which a larger batch stops dividing the steps needed (in their model, steps to a loss go
+    as 1 + B_noise / B). From one gradient per held-out window (n of them), with their unbiased
+    estimators: |G|^2 = (n |g_n|^2 - E|g_1|^2) / (n - 1) and tr(Sigma) = (E|g_1|^2 - |g_n|^2) / (1 - 1/n)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    single, total = 0.0, None
+    for window in s.val_batch:
+        model.zero_grad(set_to_none=True)
+        next_token_loss(model, window[None]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        single += float(g.square().sum())
+        total = g if total is None else total.add_(g)
+    model.zero_grad(set_to_none=True)
+    n = len(s.val_batch)
+    single /= n
+    whole = float((total / n).square().sum())
+    g2 = (n * whole - single) / (n - 1)
+    trace = (single - whole) / (1 - 1 / n)
+    return trace / g2 if g2 > 0 else math.inf
+
+
 def train(s: Setup, run: Run, desc: str) -> Result:
     """`run` from the recipe's initial weights, in a plain loop: the core trainer runs to a fixed
     step count, and this one stops as soon as the target is reached."""
@@ -138,7 +166,9 @@ def train(s: Setup, run: Run, desc: str) -> Result:
     if s.init is not None:
         model.load_state_dict(s.init)
     optimizer = build_optimizer(run.optim, model)
-    shape = LRShape(total=run.steps, warmup=run.warmup, kind=s.cfg.train.lr_schedule,
+    if s.moments is not None:
+        carry_moments(optimizer, model, s.moments)
+    shape = LRShape(total=run.steps, warmup=run.warmup, kind=run.schedule or s.cfg.train.lr_schedule,
                     min_ratio=s.cfg.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
     micro = min(s.micro_batch, run.batch)
@@ -146,10 +176,13 @@ def train(s: Setup, run: Run, desc: str) -> Result:
     if micro * accum != run.batch:
         raise SystemExit(f"a batch of {run.batch} does not split into micro-batches of {micro}; "
                          f"use a multiple of {micro} (or fewer) for --batch")
+    if s.skip % micro:
+        raise SystemExit(f"the warm-up used {s.skip} samples, which micro-batches of {micro} do not divide")
     batches = iter(GlobalBatchSampler(len(s.train_set), micro, accum, 0, 1, seed=s.cfg.train.seed))
-    for _ in range(s.skip):
+    for _ in range(s.skip // micro):
         next(batches)
     curve = [[0, val_loss(model, s)]]
+    noise = [[0, noise_scale(model, s)]] if run.noise else []
     reached, diverged = None, False
     model.train()
     bar = tqdm(range(1, run.steps + 1), desc=desc, unit="step", leave=False, file=sys.stderr)
@@ -165,6 +198,8 @@ def train(s: Setup, run: Run, desc: str) -> Result:
         if step % run.eval_every == 0 or step == run.steps:
             loss = val_loss(model, s)
             curve.append([step, loss])
+            if run.noise:
+                noise.append([step, noise_scale(model, s)])
             bar.set_postfix_str(f"val {loss:.4f}", refresh=False)
             if not math.isfinite(loss):
                 diverged = True
@@ -174,7 +209,30 @@ def train(s: Setup, run: Run, desc: str) -> Result:
                 break
     bar.close()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Result(curve, reached, diverged, time.perf_counter() - t0, state)
+    return Result(curve, reached, diverged, time.perf_counter() - t0, state, noise=noise,
+                  moments=adam_moments(optimizer, model))
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, model: GPT) -> dict:
+    """{name: (step, exp_avg, exp_avg_sq)} of every parameter the optimizer has stepped (AdamW and
+    LAMB keep the same two moments under the same names)."""
+    out = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p, {})
+        if "exp_avg" in st:
+            out[name] = (int(st["step"]), st["exp_avg"].clone(), st["exp_avg_sq"].clone())
+    return out
+
+
+def carry_moments(optimizer: torch.optim.Optimizer, model: GPT, moments: dict) -> None:
+    """Start `optimizer` (AdamW or LAMB) from another run's moments, as resuming a checkpoint
+    would: a fresh Adam's first steps move every weight by about lr whatever its gradient."""
+    for name, p in model.named_parameters():
+        if name in moments:
+            step, m, v = moments[name]
+            if isinstance(optimizer, torch.optim.AdamW):
+                step = torch.tensor(float(step))       # torch's AdamW keeps its step as a tensor
+            optimizer.state[p] = {"step": step, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
 
 
 def warmup_steps(fraction: float, steps: int) -> int:
@@ -207,7 +265,7 @@ def tune(s: Setup, large: GPTRecipe, names: list[str], args, info: dict) -> None
     for name, optim in (("adamw", s.cfg.optim), ("lamb", large.optim)):
         if name not in names:
             continue
-        for lr in args.lrs:
+        for lr in (args.lamb_lrs or args.lrs) if name == "lamb" else args.lrs:
             run = Run(dataclasses.replace(optim, lr=lr), args.batch, args.steps,
                       warmup_steps(base_fraction, args.steps), max(1, args.steps // 16))
             r = train(s, run, f"{name} lr {lr:g} at batch {args.batch}")
@@ -229,9 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", nargs="*", choices=("adamw", "lamb"), default=None,
                     help="only sweep --lrs at batch B for these optimizers (none named: both)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    ap.add_argument("--lamb-lrs", type=float, nargs="+", default=None, help="LAMB's grid, if not --lrs")
     ap.add_argument("--warm-start", type=int, default=0, metavar="K",
                     help="first train AdamW at batch B for K steps (the tiny recipe's schedule shape); every "
                          "measured run then starts from those weights, on data the warm-up did not see")
+    ap.add_argument("--noise-scale", action="store_true",
+                    help="only run AdamW at batch B for N steps and print the gradient noise scale at every evaluation")
+    ap.add_argument("--fresh-moments", action="store_true",
+                    help="start the measured runs with fresh optimizer moments instead of the warm-up's")
+    ap.add_argument("--warm-batch", type=int, default=0, help="the warm-up's batch; 0 = B")
+    ap.add_argument("--warm-lr", type=float, default=0.0, help="the warm-up's AdamW lr; 0 = --adamw-lr")
     args = ap.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -250,24 +315,34 @@ def main(argv: list[str] | None = None) -> int:
     adamw_base = args.adamw_lr
     lamb_base = args.lamb_lr or large.optim.lr / rule
     info = machine()
+    base_fraction = s.cfg.train.warmup_steps / s.cfg.train.steps
+    if args.warm_start:
+        k_steps, wb = args.warm_start, args.warm_batch or args.batch
+        warm = train(s, Run(dataclasses.replace(s.cfg.optim, lr=args.warm_lr or adamw_base), wb, k_steps,
+                            warmup_steps(base_fraction, k_steps), max(1, k_steps // 8), schedule="constant"),
+                     f"warm start: adamw at batch {wb}")
+        s.init, s.skip = warm.state, k_steps * wb
+        s.moments = None if args.fresh_moments else warm.moments
+        print(json.dumps({"name": "large_batch_lamb_warm_start", "value": warm.curve[-1][1], "unit": "nats/token",
+                          "baseline": None, "steps": k_steps, "batch": wb, "lr": args.warm_lr or adamw_base,
+                          "curve": warm.curve, "seconds": warm.seconds, "machine": info}), flush=True)
+    if args.noise_scale:
+        run = Run(dataclasses.replace(s.cfg.optim, lr=adamw_base), args.batch, args.steps,
+                  warmup_steps(base_fraction, args.steps), max(1, args.steps // 16), noise=True)
+        r = train(s, run, f"adamw at batch {args.batch}, noise scale")
+        print(json.dumps({"name": "large_batch_noise_scale", "value": r.noise[-1][1], "unit": "sequences",
+                          "baseline": None, "batch": args.batch, "steps": args.steps, "lr": adamw_base,
+                          "tokens_per_sequence": s.cfg.model.seq_len, "noise": r.noise, "curve": r.curve,
+                          "seconds": r.seconds, "machine": info}), flush=True)
+        return 0
     if args.tune is not None:
         tune(s, large, args.tune or ["adamw", "lamb"], args, info)
         return 0
 
     n, b = args.steps, args.batch
     limit, goal = n // 8, n // 12
-    base_fraction = s.cfg.train.warmup_steps / s.cfg.train.steps
     large_fraction = large.train.warmup_steps / large.train.steps
     tokens = s.cfg.model.seq_len
-    if args.warm_start:
-        k_steps = args.warm_start
-        warm = train(s, Run(dataclasses.replace(s.cfg.optim, lr=adamw_base), b, k_steps,
-                            warmup_steps(base_fraction, k_steps), k_steps), f"warm start: adamw at batch {b}")
-        s.init, s.skip = warm.state, k_steps * (b // min(s.micro_batch, b))
-        print(json.dumps({"name": "large_batch_lamb_warm_start", "value": warm.curve[-1][1], "unit": "nats/token",
-                          "baseline": None, "steps": k_steps, "batch": b, "lr": adamw_base, "curve": warm.curve,
-                          "seconds": warm.seconds, "machine": info}), flush=True)
-
     base_run = Run(dataclasses.replace(s.cfg.optim, lr=adamw_base), b, n,
                    warmup_steps(base_fraction, n), max(1, n // 16))
     base = train(s, base_run, f"adamw at batch {b}")

@@ -10,7 +10,7 @@ import pytest
 
 from apps.gpt.config import GPTRecipe
 from apps.gpt.model import GPT
-from benchmarks.large_batch import (BASE_RECIPE, LARGE_RECIPE, QUICK, QUICK_OVERRIDES, Run, batch_of, main,
+from benchmarks.large_batch import (BASE_RECIPE, LARGE_RECIPE, QUICK, QUICK_OVERRIDES, Run, batch_of, main, noise_scale,
                                     setup, train, val_loss)
 from core.config import load_recipe
 
@@ -106,9 +106,40 @@ def test_a_warm_start_is_where_every_measured_run_begins(tmp_path, monkeypatch):
     s, _ = setup(QUICK_OVERRIDES, QUICK["val_windows"])
     warm = train(s, Run(s.cfg.optim, batch=4, steps=3, warmup=0, eval_every=3), "warm")
     fresh = train(s, Run(s.cfg.optim, batch=4, steps=1, warmup=0, eval_every=1), "fresh")
-    s.init, s.skip = warm.state, 3
+    s.init, s.skip = warm.state, 3 * 4
     r = train(s, Run(s.cfg.optim, batch=4, steps=1, warmup=0, eval_every=1), "from warm")
     assert r.curve[0][1] == warm.curve[-1][1] != fresh.curve[0][1]
     s.skip = 0                                   # the same start on the warm-up's own first batch
     again = train(s, Run(s.cfg.optim, batch=4, steps=1, warmup=0, eval_every=1), "from warm, first batch")
     assert again.curve[1][1] != r.curve[1][1]
+
+
+def test_a_warm_start_hands_its_adam_moments_to_both_optimizers(tmp_path, monkeypatch):
+    """The measured runs continue the warm-up's moments (as resuming a checkpoint would) unless
+    --fresh-moments: AdamW and LAMB alike count their steps on from the warm-up's."""
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    s, large = setup(QUICK_OVERRIDES, QUICK["val_windows"])
+    warm = train(s, Run(s.cfg.optim, batch=4, steps=3, warmup=0, eval_every=3), "warm")
+    assert warm.moments and {step for step, _, _ in warm.moments.values()} == {3}
+    s.init, s.skip, s.moments = warm.state, 3 * 4, warm.moments
+    for optim in (s.cfg.optim, large.optim):
+        r = train(s, Run(optim, batch=4, steps=2, warmup=0, eval_every=2), "from warm")
+        assert set(r.moments) == set(warm.moments)
+        assert {step for step, _, _ in r.moments.values()} == {5}
+        name = next(iter(warm.moments))
+        _, m0, _ = warm.moments[name]
+        _, m2, _ = r.moments[name]
+        assert not m2.equal(m0) and m0.equal(s.moments[name][1])   # moved on; the warm-up's copy untouched
+    s.moments = None
+    r = train(s, Run(s.cfg.optim, batch=4, steps=2, warmup=0, eval_every=2), "fresh moments")
+    assert {step for step, _, _ in r.moments.values()} == {2}
+
+
+def test_the_noise_scale_is_zero_when_every_window_gives_the_same_gradient(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    s, _ = setup(QUICK_OVERRIDES, QUICK["val_windows"])
+    model = GPT(s.cfg.model)
+    varied = noise_scale(model, s)
+    assert 0 < varied < math.inf
+    s.val_batch = s.val_batch[:1].repeat(4, 1)
+    assert abs(noise_scale(model, s)) < 1e-6 * varied
