@@ -86,6 +86,11 @@ LARGE_RECIPE = "gpt/large-batch-lamb"
 QUICK_OVERRIDES = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.seq_len=32",
                    "data.tokenizer=bytes", "data.max_bytes=300000"]
 QUICK = {"steps": 24, "batch": 4, "val_windows": 8}
+# --past-plateau: the setting where a 16x batch can divide the steps by 12 (see the docstring): the
+# runs start from AdamW's weights after 150 steps at batch 16 (past the plateau, where the noise
+# scale is 40-70 sequences), and B is one sequence; the base lrs are the best of a sweep at B = 1.
+PAST_PLATEAU = {"warm_start": 150, "warm_batch": 16, "warm_lr": 1e-3, "batch": 1, "steps": 576,
+                "adamw_lr": 1e-4, "lamb_lr": 1e-3}
 ADAMW_BASE_LR = 1e-3            # the best of the small-batch sweep above
 
 
@@ -134,22 +139,33 @@ def val_loss(model: GPT, s: Setup) -> float:
     return float(total / len(s.val_batch))
 
 
-def noise_scale(model: GPT, s: Setup) -> float:
+NOISE_WINDOWS = 128             # training windows, drawn at random once, behind every noise-scale estimate
+
+
+def noise_windows(s: Setup, n: int = NOISE_WINDOWS) -> torch.Tensor:
+    """`n` training windows drawn at random (a fixed draw): independent samples, as the noise
+    scale's estimators assume (neighbouring held-out windows share their text and would make the
+    gradients look less noisy than a batch's are)."""
+    pick = torch.randperm(len(s.train_set), generator=torch.Generator().manual_seed(12345))[:n]
+    return torch.stack([s.train_set[int(i)] for i in pick])
+
+
+def noise_scale(model: GPT, windows: torch.Tensor) -> float:
     """The simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al., "An
     Empirical Model of Large-Batch Training", arXiv:1812.06162, eq. 2.8), in sequences: the batch
     above which a larger batch stops dividing the steps needed (in their model, steps to a loss go
-    as 1 + B_noise / B). From one gradient per held-out window (n of them), with their unbiased
+    as 1 + B_noise / B). From one gradient per window of `windows` (n of them), with their unbiased
     estimators: |G|^2 = (n |g_n|^2 - E|g_1|^2) / (n - 1) and tr(Sigma) = (E|g_1|^2 - |g_n|^2) / (1 - 1/n)."""
     params = [p for p in model.parameters() if p.requires_grad]
     single, total = 0.0, None
-    for window in s.val_batch:
+    for window in windows:
         model.zero_grad(set_to_none=True)
         next_token_loss(model, window[None]).backward()
         g = torch.cat([p.grad.reshape(-1) for p in params]).double()
         single += float(g.square().sum())
         total = g if total is None else total.add_(g)
     model.zero_grad(set_to_none=True)
-    n = len(s.val_batch)
+    n = len(windows)
     single /= n
     whole = float((total / n).square().sum())
     g2 = (n * whole - single) / (n - 1)
@@ -182,7 +198,8 @@ def train(s: Setup, run: Run, desc: str) -> Result:
     for _ in range(s.skip // micro):
         next(batches)
     curve = [[0, val_loss(model, s)]]
-    noise = [[0, noise_scale(model, s)]] if run.noise else []
+    probe = noise_windows(s) if run.noise else None
+    noise = [[0, noise_scale(model, probe)]] if run.noise else []
     reached, diverged = None, False
     model.train()
     bar = tqdm(range(1, run.steps + 1), desc=desc, unit="step", leave=False, file=sys.stderr)
@@ -199,7 +216,7 @@ def train(s: Setup, run: Run, desc: str) -> Result:
             loss = val_loss(model, s)
             curve.append([step, loss])
             if run.noise:
-                noise.append([step, noise_scale(model, s)])
+                noise.append([step, noise_scale(model, probe)])
             bar.set_postfix_str(f"val {loss:.4f}", refresh=False)
             if not math.isfinite(loss):
                 diverged = True
@@ -282,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adamw-lr", type=float, default=ADAMW_BASE_LR, help="AdamW's base lr at batch B")
     ap.add_argument("--lamb-lr", type=float, default=0.0,
                     help="LAMB's base lr at batch B; 0 = the large-batch recipe's lr undone by its sqrt rule")
+    ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (the model's init and data order)")
     ap.add_argument("--val-windows", type=int, default=64, help="held-out windows in the validation loss")
     ap.add_argument("--quick", action="store_true", help="a toy model and corpus, N = 24, B = 4 (seconds)")
+    ap.add_argument("--past-plateau", action="store_true",
+                    help="warm start 150 steps at batch 16, then B = 1, N = 576 (where the effect can exist)")
     ap.add_argument("--tune", nargs="*", choices=("adamw", "lamb"), default=None,
                     help="only sweep --lrs at batch B for these optimizers (none named: both)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
@@ -298,14 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-batch", type=int, default=0, help="the warm-up's batch; 0 = B")
     ap.add_argument("--warm-lr", type=float, default=0.0, help="the warm-up's AdamW lr; 0 = --adamw-lr")
     args = ap.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
+    for preset, values in ((args.quick, QUICK), (args.past_plateau, PAST_PLATEAU)):
+        for key, value in values.items() if preset else ():
             if getattr(args, key) == ap.get_default(key):
                 setattr(args, key, value)
     if args.steps % 24:
         ap.error(f"--steps {args.steps}: must be a multiple of 24 (so that N/8 and N/12 are whole)")
 
-    s, large = setup(QUICK_OVERRIDES if args.quick else [], args.val_windows)
+    overrides = (QUICK_OVERRIDES if args.quick else []) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    s, large = setup(overrides, args.val_windows)
     k = batch_of(large) // batch_of(s.cfg)
     if k * batch_of(s.cfg) != batch_of(large):
         raise SystemExit(f"{LARGE_RECIPE}'s batch ({batch_of(large)}) is not a multiple of "

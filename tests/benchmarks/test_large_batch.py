@@ -10,8 +10,8 @@ import pytest
 
 from apps.gpt.config import GPTRecipe
 from apps.gpt.model import GPT
-from benchmarks.large_batch import (BASE_RECIPE, LARGE_RECIPE, QUICK, QUICK_OVERRIDES, Run, batch_of, main, noise_scale,
-                                    setup, train, val_loss)
+from benchmarks.large_batch import (BASE_RECIPE, LARGE_RECIPE, QUICK, QUICK_OVERRIDES, Run, batch_of, main,
+                                    noise_scale, noise_windows, setup, train, val_loss)
 from core.config import load_recipe
 
 
@@ -139,7 +139,7 @@ def test_the_noise_scale_is_zero_when_every_window_gives_the_same_gradient(tmp_p
     monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
     s, _ = setup(QUICK_OVERRIDES, QUICK["val_windows"])
     model = GPT(s.cfg.model)
-    varied = noise_scale(model, s)
+    windows = noise_windows(s, 8)
+    varied = noise_scale(model, windows)
     assert 0 < varied < math.inf
-    s.val_batch = s.val_batch[:1].repeat(4, 1)
-    assert abs(noise_scale(model, s)) < 1e-6 * varied
+    assert abs(noise_scale(model, windows[:1].repeat(4, 1))) < 1e-6 * varied
