@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     ap.add_argument("--lamb-lrs", type=float, nargs="+", default=None, help="LAMB's grid, if not --lrs")
     ap.add_argument("--warm-start", type=int, default=0, metavar="K",
-                    help="first train AdamW at batch B for K steps (the tiny recipe's schedule shape); every "
-                         "measured run then starts from those weights, on data the warm-up did not see")
+                    help="first train AdamW for K steps (--warm-batch, --warm-lr; linear warm-up, then the lr held); "
+                         "every measured run then starts from its weights and moments, on data it did not see")
     ap.add_argument("--noise-scale", action="store_true",
                     help="only run AdamW at batch B for N steps and print the gradient noise scale at every evaluation")
     ap.add_argument("--fresh-moments", action="store_true",
