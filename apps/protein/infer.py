@@ -26,6 +26,7 @@ from apps.protein.config import ProteinRecipe
 from apps.protein.fasta import read_fasta
 from apps.protein.model import build_model, features, openfold_config
 from apps.protein.plan import GIB
+from apps.protein.row_blocks import DeferredDistogram
 from core import cli
 from core.distributed import ParallelMesh, launch, resolve_layout
 from core.errors import LoomError
@@ -123,6 +124,8 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
             continue
         folder.mkdir(parents=True, exist_ok=True)
         feats = {k: v[..., -1].numpy() for k, v in batch.items()}      # the last recycling iteration's
+        # Outputs the engine left uncomputed (the loom engine's distogram logits) are not written.
+        out = {k: v for k, v in out.items() if not isinstance(v, DeferredDistogram)}
         result = tensor_tree_map(lambda x: x.float().cpu().numpy(), out)
         plddt = result["plddt"]
         prot = protein.from_prediction(feats, result, b_factors=np.repeat(plddt[:, None], 37, axis=1),

@@ -19,7 +19,10 @@ representation, ~64 MiB of temporaries per block.
 - The recycling update is written into z_prev's own storage (OpenFold drops z_prev right after).
 - The structure module's LayerNorm of z is applied to each block of rows as the invariant point
   attention reads it (`NormedRows`), not kept as a copy.
-- The distogram logits are computed a block of rows at a time and symmetrised in place, tile by tile.
+- The distogram logits are computed when read (`DeferredDistogram.whole()`), a block of rows at a
+  time and symmetrised in place, tile by tile. They are a training output: inference writes the
+  structure, pLDDT and PAE, none of which reads them, and computing them at once would hold them
+  (half a z) beside z at the end of the run, the peak once the rest is in row blocks.
 
 `use_row_blocks(model)` switches a model's modules over (their class; names and weights stay);
 with gradients enabled, with batch dimensions or with OpenFold's offloading, OpenFold's own code
@@ -83,6 +86,18 @@ class NormedRows:
 
     def whole(self) -> torch.Tensor:
         return self.norm.normalise(self.z)
+
+
+class DeferredDistogram:
+    """The distogram head's logits for pair representation `z`, not yet computed: `.whole()`
+    computes them (the same as OpenFold's head gives). The app leaves them out of what it writes."""
+
+    def __init__(self, head: torch.nn.Module, z: torch.Tensor) -> None:
+        self.head, self.z = head, z
+        self.shape = torch.Size((*z.shape[:-1], head.no_bins))
+
+    def whole(self) -> torch.Tensor:
+        return self.head.logits(self.z)
 
 
 def _whole(z):
@@ -200,6 +215,9 @@ def _classes():
         def _forward(self, z):
             if torch.is_grad_enabled() or z.dim() != 3:
                 return super()._forward(z)
+            return DeferredDistogram(self, z)
+
+        def logits(self, z):
             n = z.shape[0]
             logits = z.new_empty(n, n, self.no_bins)
             for r0, r1 in chunks(n, _rows(n, z.shape[-1] + self.no_bins, z.element_size())):

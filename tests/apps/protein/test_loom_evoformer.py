@@ -127,8 +127,8 @@ def test_loom_stacks_equal_openfolds(extra):
 def test_row_block_modules_compute_what_openfolds_do():
     """The input and recycling embedders, the structure module's pair LayerNorm with the invariant
     point attention, and the distogram head, a block of pair rows at a time (tiny blocks here),
-    give OpenFold's results; the recycling update and the deferred pair embedding land in z_prev's
-    own storage."""
+    give OpenFold's results (the distogram logits when read); the recycling update and the deferred
+    pair embedding land in z_prev's own storage."""
     import apps.protein.row_blocks as emb
 
     cfg = _recipe("openfold")
@@ -165,7 +165,9 @@ def test_row_block_modules_compute_what_openfolds_do():
             normed = sm.layer_norm_z(z_prev)
             assert isinstance(normed, emb.NormedRows)
             got_ipa = sm.ipa(single, normed, frames, seq_mask, inplace_safe=True)
-            got_dist = heads.distogram(z_prev)
+            deferred = heads.distogram(z_prev)
+            assert isinstance(deferred, emb.DeferredDistogram) and deferred.shape == want_dist.shape
+            got_dist = deferred.whole()
         finally:
             emb.BLOCK_BYTES = old
     assert type(model.input_embedder).__name__ == "RowBlockInputEmbedder"
