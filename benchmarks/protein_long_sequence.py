@@ -2,7 +2,7 @@
 settings against Loom's, both inside the same OpenFold AlphaFold.
 
     python -m benchmarks.protein_long_sequence                  # 6 GiB cap (hours on 2 CPU cores)
-    python -m benchmarks.protein_long_sequence --cap-gib 1.5    # what the closing notes quote
+    python -m benchmarks.protein_long_sequence --cap-gib 1.0    # the README's figures (1.5 hours or more)
     python -m benchmarks.protein_long_sequence --skip-search    # only the L=256 timing and DAP rows
 
 The model is AlphaFold model_1 at its channel sizes (c_m=256, c_z=128, c_e=64) with 2 Evoformer
