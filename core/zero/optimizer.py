@@ -94,13 +94,14 @@ class ChunkAdam:
         # (`tp_replicas`, as core.tensor.grad_norm_sq counts them), summed over dp and tp.
         from core.distributed.comm import all_reduce_
 
-        total = torch.zeros(1, dtype=torch.float64)
+        sums = _PerDevice(1)
         for chunk in self.manager.chunks:
             if chunk.index in self.grads.seen:
                 grad = self.grads.get(chunk)
                 for param, _, s in self._slices(chunk):
                     replicas = getattr(param, "tp_replicas", self.tp_axis.size)
-                    total += grad[s].double().square().sum().cpu() / replicas
+                    sums.add(0, grad[s].double().square().sum() / replicas)
+        total = sums.total()
         for axis in (self.manager.axis, self.tp_axis):
             if axis is not None and axis.size > 1:
                 total = all_reduce_(total.to(axis.device), axis, "sum").cpu()
@@ -159,7 +160,7 @@ class ChunkAdam:
 
         order = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         n, step = len(order), self.step_count
-        squares = torch.zeros(2 * n, dtype=torch.float64)
+        sums = _PerDevice(2 * n)
         todo = []
         for chunk in self.manager.chunks:
             if chunk.index not in self.grads.seen:
@@ -169,16 +170,17 @@ class ChunkAdam:
             parts = []
             for param, group, s in self._slices(chunk):
                 g, w, i = grad[s].float() * grad_scale, master[s], order[param]
-                squares[i] += w.double().square().sum().cpu()
+                sums.add(i, w.double().square().sum())
                 if self.rule == "lamb":
                     beta1, beta2 = group["betas"]
                     m[s].mul_(beta1).add_(g, alpha=1.0 - beta1)
                     v[s].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                    squares[n + i] += lamb_direction(m[s], v[s], w, step, group).double().square().sum().cpu()
+                    sums.add(n + i, lamb_direction(m[s], v[s], w, step, group).double().square().sum())
                 else:
-                    squares[n + i] += g.double().square().sum().cpu()
+                    sums.add(n + i, g.double().square().sum())
                 parts.append((group, s, g, i))
             todo.append((chunk, master, m, v, parts))
+        squares = sums.total()
         if self.manager.world > 1:
             axis = self.manager.axis
             squares = all_reduce_(squares.to(axis.device), axis, "sum").cpu()
@@ -363,3 +365,23 @@ class ChunkAdam:
         for chunk in self.manager.chunks:
             shard = self._load("master", chunk, weights)
             self.manager.update_working(chunk, shard)
+
+
+class _PerDevice:
+    """Float64 sums of `size` slots kept on each device the chunks live on, so that adding a
+    parameter's squares never waits for the device; `total()` brings them to the host once."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.sums = size, {}
+
+    def add(self, slot: int, value: torch.Tensor) -> None:
+        sums = self.sums.get(value.device)
+        if sums is None:
+            sums = self.sums[value.device] = torch.zeros(self.size, dtype=torch.float64, device=value.device)
+        sums[slot] += value
+
+    def total(self) -> torch.Tensor:
+        out = torch.zeros(self.size, dtype=torch.float64)
+        for sums in self.sums.values():
+            out += sums.cpu()
+        return out
