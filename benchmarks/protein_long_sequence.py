@@ -18,7 +18,11 @@ cgroup whose memory limit is the cap (every byte the child touches counts; no sw
   saves nothing where the host is the device, so it is left off.
 - loom: `model.engine=loom` with the app's default budget (`memory.budget_gb=0`: what is free when
   the stack starts, the cgroup's limit included, less 10% of it or 128 MiB, whichever is more):
-  Loom's stacks with chunks planned to it. `--loom-budget-gib` sets `memory.budget_gb` instead.
+  Loom's stacks with chunks planned to it, and `memory.spill_dir=runs/protein-spill` (on the
+  repository's disk; /tmp may be tmpfs), where the strip triangle multiplication keeps the
+  updates that wait for later rows when the Evoformer does not fit in memory with them (the
+  planner uses it only then; a trial row says how many GiB went through it). `--loom-budget-gib`
+  sets `memory.budget_gb` instead; `--no-spill` leaves the spill folder out.
 
 Search: galloping from --start then bisection, in steps of --step residues. Then both engines
 fold L=256 without a cap (time ratio), and Loom folds L=256 on 1, 2 and 4 processes with axial
@@ -67,6 +71,8 @@ def _result(r: subprocess.CompletedProcess, row: dict, out_dir: Path | None) -> 
     if r.returncode == 0 and out_dir is not None:
         timings = json.loads(next(out_dir.glob("*/timings.json")).read_text())
         row.update(inference_s=round(timings["inference_s"], 1), peak_gib=round(timings["peak_memory_gib"], 3))
+        if timings.get("spilled_gib"):
+            row["spilled_gib"] = round(timings["spilled_gib"], 2)
     elif r.returncode != 0:
         last = (r.stderr or "").strip().splitlines()
         row["why"] = ("over the memory cap (killed)" if r.returncode in (137, -9) else
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dap-budget-gib", type=float, default=64.0, help="each rank's chunk budget in the DAP rows")
     ap.add_argument("--loom-budget-gib", type=float, default=0.0,
                     help="memory.budget_gb of the loom trials (0: the app's default, what is free less a reserve)")
+    ap.add_argument("--no-spill", action="store_true",
+                    help="loom trials without memory.spill_dir (everything in memory)")
     ap.add_argument("--engines", default="openfold,loom", help="whose longest length to search (the ratio needs both)")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start = args.start or int(480 * (args.cap_gib / 1.5) ** 0.5)
             budget = [f"memory.budget_gb={args.loom_budget_gib}"]
+            if not args.no_spill:
+                budget.append(f"memory.spill_dir={ROOT / 'runs' / 'protein-spill'}")    # a disk, not tmpfs
             lengths = {}
             for engine, extra in (("openfold", []), ("loom", budget)):
                 if engine not in args.engines.split(","):

@@ -51,6 +51,10 @@ class ProteinMemoryConfig:
                                 "sized to stay under it and under what is free less a reserve (10% or 128 MiB, "
                                 "the larger); 0 = what is free less that reserve",
                            min=0)
+    spill_dir: str = opt("", "engine=loom, one process: a folder on a local disk (not tmpfs) for the updates the "
+                             "strip triangle multiplication holds back, used only where the Evoformer does not fit "
+                             "in memory with them (they reach a quarter of the pair representation; each is written "
+                             "and read once); '' = keep everything in memory")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from apps.protein.axial import Axial
 from apps.protein.compat import load_openfold
 from apps.protein.config import ProteinRecipe
+from apps.protein.evoformer import Stack
 from apps.protein.fasta import read_fasta
 from apps.protein.model import build_model, features, openfold_config
 from apps.protein.plan import GIB
@@ -71,6 +72,11 @@ def _write_mmcif(pdb_path: Path, cif_path: Path) -> None:
     io.save(str(cif_path))
 
 
+def _spilled(model: torch.nn.Module) -> int:
+    """Bytes Loom's stacks have written to memory.spill_dir so far."""
+    return sum(m.spilled_bytes for m in model.modules() if isinstance(m, Stack))
+
+
 def predict(cfg: ProteinRecipe) -> list[dict]:
     """Fold every target; returns one summary row per target (on rank 0; [] on the others)."""
     with launch("auto", "auto", 1800) as rt:
@@ -115,11 +121,13 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
             batch = shared[0]
         inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
         t1 = time.perf_counter()
+        spilled = _spilled(model)
         reset_peak(device)
         with torch.no_grad():
             out = model(inputs)
         t2 = time.perf_counter()
         peak = peak_bytes(device) / GIB
+        spilled = _spilled(model) - spilled
         if not main:
             continue
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +145,8 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
             _write_mmcif(pdb_path, folder / f"{target.name}.cif")
         _plot(folder / "plddt.png", target.name, plddt, result.get("predicted_aligned_error"))
         timings = {"build_model_s": build_s, "features_s": t1 - t0, "inference_s": t2 - t1,
-                   "peak_memory_gib": peak, "engine": cfg.model.engine, "processes": ax.size}
+                   "peak_memory_gib": peak, "spilled_gib": spilled / GIB, "engine": cfg.model.engine,
+                   "processes": ax.size}
         (folder / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         rows.append({"target": target.name, "length": len(target.sequence), "mean_plddt": float(plddt.mean()),
                      "inference_s": t2 - t1, "peak_gib": peak, "pdb": str(pdb_path)})

@@ -65,9 +65,11 @@ def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn
     if cfg.model.engine == "loom":
         use_row_blocks(model)
         budget = int(cfg.memory.budget_gb * GIB) if cfg.memory.budget_gb else None
-        model.evoformer = from_openfold(model.evoformer, extra=False).configure(ax or Axial(), budget)
+        spill = cfg.memory.spill_dir or None
+        model.evoformer = from_openfold(model.evoformer, extra=False).configure(ax or Axial(), budget, spill_dir=spill)
         if config.model.extra_msa.enabled:
-            model.extra_msa_stack = from_openfold(model.extra_msa_stack, extra=True).configure(ax or Axial(), budget)
+            model.extra_msa_stack = from_openfold(model.extra_msa_stack, extra=True).configure(ax or Axial(), budget,
+                                                                                               spill_dir=spill)
     return model.eval()
 
 

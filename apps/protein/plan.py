@@ -22,13 +22,15 @@ GIB = 1 << 30
 class Plan:
     """Chunk sizes: rows of z (or of m^T) per step, MSA rows per step in row attention, queries per
     attention step, channels per triangle-multiplication step, and the strips of rows the
-    triangle multiplication's product is made in (one process; 1 = the whole product at once)."""
+    triangle multiplication's product is made in (one process; 1 = the whole product at once),
+    and whether the updates that wait for a later strip go to a file (`spill`) instead of memory."""
 
     rows: int
     msa_rows: int
     queries: int
     channels: int
     strips: int = 1
+    spill: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,14 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
         per_chunk = rows * length * (c_in + 2 * h * d) + rows * q * (4 * h * d + c_in) + 2 * rows * h * q * length
         return bias + per_chunk
 
-    pair_bias = lambda h: 2 * h * n * n + n_loc * n * h                 # noqa: E731 (gathered, permuted, parts)
+    def pair_bias(h: int) -> int:
+        if p == 1:                     # written in place, a chunk of rows at a time
+            return h * n * n + r * n * (sh.c_z + 2 * h)
+        return 2 * h * n * n + n_loc * n * h                              # gathered, permuted, parts
+
     rows_temp = r * n * (sh.c_z + 3 * cb) + r * n * (2 * sh.c_z + sh.c_mul)
     if p == 1 and plan.strips > 1:
-        tri_mul = rows_temp + max(_strip_bytes(sh, plan, s0, s1) for s0, s1 in chunks(n, -(-n // plan.strips)))
+        tri_mul = rows_temp + max(_strip_bytes(sh, plan, s0, s1) for s0, s1 in strip_spans(n, plan.strips))
     else:
         tri_mul = sh.c_mul * n_loc * n + 2 * cb * n_loc * n + (cb * n * n if p > 1 else 0) + rows_temp
     out = {
@@ -113,16 +119,30 @@ def chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
+def strip_spans(n: int, strips: int) -> list[tuple[int, int]]:
+    """The rows of each strip of the triangle multiplication (the last one may be shorter)."""
+    return list(chunks(n, -(-n // strips)))
+
+
 def _strip_bytes(sh: Shapes, plan: Plan, s0: int, s1: int) -> int:
     """Elements held during step [s0, s1) of the strip triangle multiplication: the waiting updates
-    of rows >= s0 at columns < s0, the two product parts and one channel block's projections."""
+    of rows >= s0 at columns < s0 (spilled: one tile being written or read, and the file store's
+    aligned copy of it), the two product parts and one channel block's projections."""
     n, cb = sh.n, min(plan.channels, sh.c_mul)
-    return ((n - s0) * s0 * sh.c_z + sh.c_mul * (s1 - s0) * (n - s0) + sh.c_mul * (n - s1) * (s1 - s0)
+    side = -(-n // plan.strips)
+    waiting = 3 * side * side * sh.c_z if plan.spill else (n - s0) * s0 * sh.c_z
+    return (waiting + sh.c_mul * (s1 - s0) * (n - s0) + sh.c_mul * (n - s1) * (s1 - s0)
             + 2 * cb * (n - s0) * n)
 
 
+# The host heap's slack, which no per-tensor count sees: the holes small temporaries leave inside
+# an operation, and what a trim between operations does not give back (measured at 384 and 512
+# residues with AlphaFold's channels: up to 4 MiB above an operation's estimate, 4.6 MiB between).
+HEAP_SLACK = 8 << 20
+
+
 def peak_bytes(sh: Shapes, plan: Plan) -> int:
-    return held_bytes(sh) + max(op_bytes(sh, plan).values())
+    return held_bytes(sh) + max(op_bytes(sh, plan).values()) + HEAP_SLACK
 
 
 def _steps(sh: Shapes, plan: Plan) -> float:
@@ -132,31 +152,39 @@ def _steps(sh: Shapes, plan: Plan) -> float:
             + rows * -(-sh.c_mul // plan.channels) * 2 * (plan.strips + 1) / 2)   # strips: projections redone
 
 
-MAX_STRIPS = 16
+MAX_STRIPS = 32
 
 
-def smallest(sh: Shapes) -> Plan:
-    return Plan(rows=1, msa_rows=1, queries=min(sh.n, 16), channels=1, strips=MAX_STRIPS if sh.ranks == 1 else 1)
+def smallest(sh: Shapes, spill: bool = False) -> Plan:
+    one = sh.ranks == 1
+    return Plan(rows=1, msa_rows=1, queries=min(sh.n, 16), channels=1, strips=MAX_STRIPS if one else 1,
+                spill=spill and one)
 
 
-def choose(sh: Shapes, budget: int, prefer: int | None = None) -> Plan:
+def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = False) -> Plan:
     """The plan with the fewest steps whose peak stays within `budget` bytes, and, where one can,
     whose largest chunk's temporaries stay within `prefer` bytes (on a CPU, huge temporaries are
     slower than several cache-sized ones: each allocation is fresh pages); a `LoomError` naming the
-    longest sequence that would fit when none does."""
+    longest sequence that would fit when none does. `spill`: the waiting updates of the strip
+    triangle multiplication may go to a file, where nothing fits with them in memory."""
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
     best, best_key = None, None
-    # More strips only where the whole product does not fit (they redo the projections).
-    for strips in [1] + ([v for v in _pow2_upto(MAX_STRIPS) if v > 1] if sh.ranks == 1 else []):
+    # More strips only where the whole product does not fit (they redo the projections); a file
+    # for the waiting updates only where no number of strips fits in memory.
+    ways = [(1, False)]
+    if sh.ranks == 1:
+        more = [v for v in _pow2_upto(MAX_STRIPS) if v > 1]
+        ways += [(v, False) for v in more] + ([(v, True) for v in more] if spill else [])
+    for strips, spilled in ways:
         for rows in _pow2_upto(n_loc):
             for queries in _pow2_upto(sh.n):
                 if queries < min(sh.n, 16) and queries != sh.n:
                     continue                       # attention with very few queries is all overhead
                 for channels in _pow2_upto(sh.c_mul):
                     for msa_rows in _pow2_upto(s_loc):
-                        plan = Plan(rows, msa_rows, queries, channels, strips)
+                        plan = Plan(rows, msa_rows, queries, channels, strips, spilled)
                         temporaries = max(op_bytes(sh, plan).values())
-                        if held_bytes(sh) + temporaries > budget:
+                        if held_bytes(sh) + temporaries + HEAP_SLACK > budget:
                             continue
                         key = (prefer is not None and temporaries > prefer, _steps(sh, plan))
                         if best_key is None or key < best_key:
@@ -164,24 +192,32 @@ def choose(sh: Shapes, budget: int, prefer: int | None = None) -> Plan:
         if best is not None:
             break
     if best is None:
+        hint = ""
+        if sh.ranks == 1 and not spill:
+            hint = (f" (about {longest(sh, budget, spill=True)} with memory.spill_dir set to a folder on a local disk, "
+                    f"where the triangle multiplication then keeps the updates that wait for later rows)")
         raise LoomError(f"a {sh.n}-residue sequence does not fit: the Evoformer needs about "
-                        f"{peak_bytes(sh, smallest(sh)) / GIB:.2f} GiB even in the smallest chunks and "
+                        f"{peak_bytes(sh, smallest(sh, spill)) / GIB:.2f} GiB even in the smallest chunks and "
                         f"{budget / GIB:.2f} GiB of the memory budget is left for it; the longest sequence that fits "
-                        f"is about {longest(sh, budget)} residues. Raise memory.budget_gb, run on more processes "
-                        f"(torchrun: axial parallelism) or use model.dtype=bfloat16")
+                        f"is about {longest(sh, budget, spill)} residues{hint}. Raise memory.budget_gb, run on more "
+                        f"processes (torchrun: axial parallelism) or use model.dtype=bfloat16")
     return best
 
 
-def longest(sh: Shapes, budget: int) -> int:
+def longest(sh: Shapes, budget: int, spill: bool = False) -> int:
     """The longest sequence that fits `budget` with the smallest chunks (bisection)."""
     from dataclasses import replace
 
+    def fits(n: int) -> bool:
+        at = replace(sh, n=n)
+        return peak_bytes(at, smallest(at, spill)) <= budget
+
     lo, hi = 0, max(sh.n, 1)
-    while peak_bytes(replace(sh, n=hi), smallest(replace(sh, n=hi))) <= budget:
+    while fits(hi):
         hi *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if peak_bytes(replace(sh, n=mid), smallest(replace(sh, n=mid))) <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid

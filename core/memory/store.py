@@ -47,6 +47,44 @@ def return_freed_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+_LIBC = None
+
+
+def trim_heap() -> bool:
+    """Give the free pages inside glibc's heap back to the OS now (`malloc_trim`, glibc only).
+
+    Temporaries under the mmap threshold come from the heap, and the holes they leave when freed
+    stay in the resident set until the heap's top is free. Where an operation makes thousands of
+    small temporaries (an Evoformer in one-row chunks), that retained memory accumulates from one
+    operation to the next; a trim between operations bounds it."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        return bool(_LIBC.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def filesystem_type(path: str | Path) -> str:
+    """The type of the file system `path` is on ("ext4", "tmpfs", ...; "" if unknown), from the
+    longest mount point in /proc/mounts that contains it."""
+    target = Path(path).resolve()
+    best, kind = -1, ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = Path(fields[1].replace("\\040", " "))
+        if (target == mount or mount in target.parents) and len(mount.parts) > best:
+            best, kind = len(mount.parts), fields[2]
+    return kind
+
+
 def aligned_empty(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of `nbytes` whose address is a multiple of 4 KiB."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
@@ -137,19 +175,21 @@ class NVMeStore(Store):
 
     def __init__(self, folder: str | Path, slots: dict[str, tuple[int, int]], threads: int = 4,
                  direct: bool = True, aliases: dict[str, str] | None = None,
-                 used: dict[str, list[int]] | None = None) -> None:
+                 used: dict[str, list[int]] | None = None, setting: str = "memory.nvme_dir") -> None:
         """`slots[kind] = (count, slot_bytes)`: what one slot may be given; `used[kind][i]`: the
         bytes slot i really keeps (default: all). A chunk's tail past its last parameter is
         padding: only the used prefix goes to disk (on a GPT packed into chunks as large as its
         largest matrix, a third of the bytes), and it reads back as zeros. `aliases[kind] =
-        other`: `kind` reads and writes `other`'s file."""
+        other`: `kind` reads and writes `other`'s file. `setting`: the recipe key that named the
+        folder, for the messages."""
         super().__init__(threads)
+        self.setting = setting
         self.aliases = dict(aliases or {})
         self.folder = Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise LoomError(f"memory.nvme_dir: cannot create {self.folder}: {e.strerror}") from None
+            raise LoomError(f"{self.setting}: cannot create {self.folder}: {e.strerror}") from None
         self.slot_bytes = {kind: size for kind, (_, size) in slots.items()}
         self._keep: dict[str, list[int]] = {}
         self._offsets: dict[str, list[int]] = {}
@@ -164,8 +204,8 @@ class NVMeStore(Store):
         need = sum(offsets[-1] for offsets in self._offsets.values())
         free = shutil.disk_usage(self.folder).free
         if need > free:
-            raise LoomError(f"memory.nvme_dir {self.folder} has {free / 2**30:.1f} GiB free but the offloaded "
-                            f"state needs {need / 2**30:.1f} GiB; free space or point memory.nvme_dir elsewhere")
+            raise LoomError(f"{self.setting} {self.folder} has {free / 2**30:.1f} GiB free but the offloaded "
+                            f"state needs {need / 2**30:.1f} GiB; free space or point {self.setting} elsewhere")
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._fds: dict[str, int] = {}
         self.nbytes = need
@@ -191,8 +231,8 @@ class NVMeStore(Store):
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise LoomError(f"memory.nvme_dir: not enough space to pre-allocate {size / 2**30:.1f} GiB "
-                                f"for {path.name}; free space or point memory.nvme_dir elsewhere") from None
+                raise LoomError(f"{self.setting}: not enough space to pre-allocate {size / 2**30:.1f} GiB "
+                                f"for {path.name}; free space or point {self.setting} elsewhere") from None
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             os.ftruncate(fd, size)
@@ -237,7 +277,7 @@ class NVMeStore(Store):
                 pos += n
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise LoomError(f"memory.nvme_dir {self.folder}: the disk is full") from None
+                raise LoomError(f"{self.setting} {self.folder}: the disk is full") from None
             raise
         with self._count:
             if write:

@@ -14,7 +14,7 @@ from apps.protein.config import ProteinRecipe
 from apps.protein.evoformer import from_openfold
 from apps.protein.fasta import parse_fasta
 from apps.protein.model import build_model, features, openfold_config
-from apps.protein.plan import Plan, choose, held_bytes, longest, peak_bytes, smallest
+from apps.protein.plan import HEAP_SLACK, Plan, Shapes, choose, held_bytes, longest, peak_bytes, smallest
 from core.config import load_recipe
 from core.distributed.testing import run_distributed
 from core.errors import LoomError
@@ -66,14 +66,14 @@ def _alignments(root):
     return root
 
 
-def _model(cfg, config, ax=None, plan=None):
+def _model(cfg, config, ax=None, plan=None, spill_dir=None):
     torch.manual_seed(0)
     np.random.seed(0)                       # OpenFold draws truncated-normal initial weights with scipy
     model = build_model(cfg, config, ax)
     _perturb(model, seed=1)
     if cfg.model.engine == "loom":          # the noise went into Loom's stacks' copies of the weights
         for stack in (model.evoformer, model.extra_msa_stack):
-            stack.plan = plan
+            stack.configure(stack.ax, plan=plan, spill_dir=spill_dir)
     return model
 
 
@@ -91,7 +91,7 @@ def _stack_inputs(s, n, c_m, c_z, seed):
 
 
 @pytest.mark.parametrize("extra", [False, True])
-def test_loom_stacks_equal_openfolds(extra):
+def test_loom_stacks_equal_openfolds(extra, tmp_path):
     load_openfold()
     from openfold.config import model_config
     from openfold.model.evoformer import EvoformerStack, ExtraMSAStack
@@ -112,11 +112,17 @@ def test_loom_stacks_equal_openfolds(extra):
     with torch.no_grad():
         expected = theirs(m.clone(), z.clone(), inplace_safe=False, **args)
         for plan in (Plan(rows=13, msa_rows=5, queries=13, channels=64), Plan(rows=3, msa_rows=2, queries=5, channels=4),
-                     Plan(rows=2, msa_rows=2, queries=5, channels=4, strips=4)):     # strips of 4, 4, 4, 1 rows
-            ours.plan = plan
+                     Plan(rows=2, msa_rows=2, queries=5, channels=4, strips=4),      # strips of 4, 4, 4, 1 rows
+                     Plan(rows=2, msa_rows=2, queries=5, channels=4, strips=4, spill=True)):
+            ours.configure(ours.ax, plan=plan, spill_dir=str(tmp_path / "spill") if plan.spill else None)
             got = ours(m.clone(), z.clone(), inplace_safe=True, **args)
             for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
                 assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (plan, (a - b).abs().max())
+        # spilled: every tile below the strips' diagonal went through the file once per triangle
+        # multiplication (2 per block), and the file's folder is gone
+        below = sum(a * b for i, a in enumerate((4, 4, 4, 1)) for b in (4, 4, 4, 1)[:i])
+        assert ours.spilled_bytes == len(ours.blocks) * 2 * below * kw["c_z"] * 4
+        assert list((tmp_path / "spill").iterdir()) == []
         z_in = z.clone()
         ours(m.clone(), z_in, inplace_safe=True, **args)
         assert not torch.equal(z_in, z)                      # one process: z is updated in place
@@ -211,8 +217,9 @@ def test_the_loom_engine_predicts_openfolds_atoms_with_and_without_chunks(tmp_pa
     batch = _batch(config, alignments)
     assert batch["msa_feat"].shape[-4] == 6 and batch["aatype"].shape[-1] == 2   # 6 MSA rows, 2 cycles
     expected = _positions(_model(cfg_of, config), batch)
-    for plan in (None, Plan(rows=5, msa_rows=2, queries=7, channels=4, strips=3)):
-        got = _positions(_model(cfg_loom, config, plan=plan), batch)
+    for plan in (None, Plan(rows=5, msa_rows=2, queries=7, channels=4, strips=3),
+                 Plan(rows=5, msa_rows=2, queries=7, channels=4, strips=3, spill=True)):
+        got = _positions(_model(cfg_loom, config, plan=plan, spill_dir=tmp_path / "spill"), batch)
         assert (got - expected).abs().max() <= ATOL_ANGSTROM, (plan, (got - expected).abs().max())
     # the comparison can fail: other Evoformer weights move the atoms by far more than the tolerance
     other = _model(cfg_of, config)
@@ -232,12 +239,39 @@ def test_the_budget_sets_the_chunks_and_an_impossible_one_names_the_longest_leng
         sh = stack.shapes(rows, len(SEQUENCE), 4)
         smallest_peak = peak_bytes(sh, smallest(sh))
         stack.budget = None
-        stack.plan = choose(sh, smallest_peak + (smallest_peak - held_bytes(sh)))
+        stack.plan = choose(sh, smallest_peak + (smallest_peak - held_bytes(sh) - HEAP_SLACK))  # 2x the temporaries
         assert stack.plan.rows < len(SEQUENCE)
     assert (_positions(model, batch) - roomy).abs().max() <= ATOL_ANGSTROM
     with pytest.raises(LoomError, match=r"longest sequence that fits is about \d+ residues"):
         choose(sh, smallest_peak - 1)
     assert 0 < longest(sh, smallest_peak - 1) < len(SEQUENCE) <= longest(sh, smallest_peak)
+
+
+def test_past_what_fits_in_memory_the_plan_spills_the_waiting_updates_when_allowed():
+    """At AlphaFold's sizes, 960 residues: the waiting updates of the strip triangle
+    multiplication (a quarter of z) set the smallest plan's peak; a file for them lowers it, the
+    planner uses one only where nothing fits without it, and its refusal says so."""
+    sh = Shapes(s=1, n=960, c_m=256, c_z=128, heads_msa=8, c_att=32, c_opm=32, c_mul=128, heads_pair=4,
+                c_pair_att=32, transition_n=4, extra=False)
+    z = 960 * 960 * 128 * 4
+    in_memory, spilled = peak_bytes(sh, smallest(sh)), peak_bytes(sh, smallest(sh, spill=True))
+    assert in_memory - spilled > z // 5
+    budget = (in_memory + spilled) // 2
+    with pytest.raises(LoomError, match=r"about \d+ with memory.spill_dir set"):
+        choose(sh, budget)
+    plan = choose(sh, budget, spill=True)
+    assert plan.spill and plan.strips > 1 and peak_bytes(sh, plan) <= budget
+    assert longest(sh, budget) < 960 < longest(sh, budget, spill=True)
+    assert not choose(sh, in_memory, spill=True).spill          # where memory suffices, no file
+
+
+def test_the_waiting_updates_refuse_a_folder_in_memory(tmp_path, monkeypatch):
+    import apps.protein.spill as spill
+
+    assert spill.filesystem_type("/proc/self") == "proc"
+    monkeypatch.setattr(spill, "filesystem_type", lambda path: "tmpfs")
+    with pytest.raises(LoomError, match="tmpfs, which keeps files in memory"):
+        spill.WaitingUpdates(tmp_path, 4, 3, 8, torch.float32)
 
 
 def _dap_worker(batch, plan):
