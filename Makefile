@@ -13,15 +13,8 @@ STAMP  := $(VENV)/.loom-setup-done
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if [ -n "$(TORCH)" ]; then echo "installing $(TORCH)"; $(PY) -m pip install -q "$(TORCH)"; fi
-	@echo "installing loom-train (editable) with its test extras"
-	@$(PY) -m pip install -q -e ".[test]"
-	@# OpenFold (PyPI 0.0.1 = v1.0.1) needs torch at build time and a scripts.utils module its sdist lacks
-	@$(PY) -c "import openfold" 2>/dev/null || { echo "building openfold 0.0.1 (a few minutes)"; \
-		PYTHONPATH=apps/protein/openfold_build $(PY) -m pip install -q --no-build-isolation openfold==0.0.1; }
-	@touch $(STAMP)
+$(STAMP): pyproject.toml tools/setup.sh
+	@bash tools/setup.sh "$(PYTHON)" "$(TORCH)"
 
 # The main job on the embedded default: a tiny Stable Diffusion learns coloured shapes (~6 minutes on 2 cores).
 demo: setup
