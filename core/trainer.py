@@ -14,7 +14,6 @@ computes the same losses as an unbroken run (bitwise on CPU).
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import shutil
 import sys
@@ -30,12 +29,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from core.booster import Booster, Plugin, make_plugin
-from core.checkpoint import (capture_rng, find_checkpoints, latest_checkpoint, prune_checkpoints,
-                             restore_rng, step_folder)
+from core.checkpoint import (capture_rng, check_intact, find_checkpoints, latest_checkpoint,
+                             latest_intact_checkpoint, prune_checkpoints, restore_rng, step_folder)
 from core.config import ConfigError, Recipe, TrainConfig, to_yaml
 from core.distributed import ParallelMesh
 from core.distributed import comm
 from core.errors import LoomError
+from core.faults import fault_point
 from core.metrics import MetricsLog, plot_loss_curve
 from core.optim import build_optimizer, build_scheduler
 
@@ -143,9 +143,12 @@ class Trainer:
                                 f"or choose another output.dir")
             return None
         if resume == "latest":
-            found = latest_checkpoint(self.ckpt_root)
+            found = self._on_main(lambda: latest_intact_checkpoint(self.ckpt_root, report=self.log))
             if found is None:
-                self.log(f"train.resume=latest: no checkpoint in {self.ckpt_root} yet; starting fresh")
+                self.log(f"train.resume=latest: no {'intact ' if existing else ''}checkpoint in "
+                         f"{self.ckpt_root} yet; starting fresh")
+            elif existing and found != existing[-1][1]:
+                self.log(f"train.resume=latest: resuming from {found.name}, the newest intact checkpoint")
             return found
         path = Path(resume)
         if (path / "checkpoints").is_dir():  # an output folder: take its newest checkpoint
@@ -153,7 +156,26 @@ class Trainer:
         if not (path / "meta.json").is_file():
             raise LoomError(f"train.resume: {resume} is not a Loom checkpoint folder (no meta.json); "
                             f"pass 'latest' or a folder such as {self.ckpt_root}/step_0000100")
+        self._on_main(lambda: check_intact(path))
         return path
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() run by rank 0 alone (reading a checkpoint's every byte once, not once per rank), its
+        result or its LoomError shared with every rank."""
+        world = self.mesh.world
+        result: Any = None
+        if world.rank == 0:
+            try:
+                result = fn()
+            except LoomError as e:
+                result = e
+        if world.size > 1:
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=world.global_rank(0), group=world.group)
+            result = box[0]
+        if isinstance(result, LoomError):
+            raise LoomError(str(result))
+        return result
 
     def _prepare_output(self, resume_from: Path | None) -> None:
         world = self.mesh.world
@@ -262,19 +284,24 @@ class Trainer:
                 folder = Path(self.tc.init_weights)
                 if not folder.is_dir():
                     raise LoomError(f"train.init_weights={folder} is not a checkpoint folder")
+                self._on_main(lambda: check_intact(folder))
                 self.plugin.checkpoint_io().load_model(self.model.unwrap(), folder)
                 self.log(f"weights from {folder}; optimizer, schedule and data order start afresh")
             self._seed_training_rng()
-        self._prepare_output(resume_from)
         total = self.tc.steps
-        if self.step >= total:
-            self.log(f"already at step {self.step} of {total}; nothing to do")
-            return self._summary(None, 0.0, 0.0)
-
         micro, accum = self.batch.micro_batch, self.batch.grad_accum
+        # Every refusal of the data (fewer samples than a global batch) comes before anything
+        # is written in output.dir.
         loader = self.plugin.prepare_dataloader(
             self.task.train_data, micro, accum, seed=self.tc.seed, start_step=self.step,
             collate_fn=self.task.collate_fn, num_workers=self.task.num_workers)
+        if self.task.eval_data is not None:
+            self.plugin.prepare_dataloader(self.task.eval_data, micro, accum, seed=self.tc.seed, shuffle=False,
+                                           steps=self.tc.eval_batches, collate_fn=self.task.collate_fn)
+        self._prepare_output(resume_from)
+        if self.step >= total:
+            self.log(f"already at step {self.step} of {total}; nothing to do")
+            return self._summary(None, 0.0, 0.0)
         batches = iter(loader)
         units_per_step = self.batch.global_batch * self.task.units_per_sample
         dp = self.mesh.axis("dp")
@@ -329,7 +356,10 @@ class Trainer:
                 if (self.tc.eval_every and self.step % self.tc.eval_every == 0) or last:
                     eval_loss = self._run_eval()
                 if (self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0) or last:
+                    if window:   # steps not logged yet: a non-finite loss must not reach a checkpoint
+                        self._check_finite(comm.all_reduce(torch.stack(window), self.mesh.axis("dp"), op="avg"))
                     last_ckpt = self.save_checkpoint()
+                fault_point("train.step")
                 self._bar.update(1)
         finally:
             self._bar.close()
@@ -347,11 +377,8 @@ class Trainer:
         first = self.step - len(losses) + 1
         for i, value in enumerate(losses):
             self.step_losses[first + i] = value
+        self._check_finite(torch.tensor(losses))
         loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            raise LoomError(f"the loss became {loss} at step {self.step}; lower optim.lr, use "
-                            f"train.grad_clip, or parallel.precision=bf16 instead of fp16. "
-                            f"Resume from the last good checkpoint with train.resume=latest")
         rate = units_per_step * len(losses) / max(seconds, 1e-9)
         row = {"step": self.step, "loss": loss, "lr": lr,
                f"{self.task.unit}_per_s": rate, "time": time.time()}
@@ -363,6 +390,15 @@ class Trainer:
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {rate:,.0f} {self.task.unit}/s",
                                       refresh=False)
+
+    def _check_finite(self, losses: torch.Tensor) -> None:
+        """Stop the run (before any checkpoint of these steps) if a loss is NaN or infinite."""
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = self.step - len(losses) + 1 + int(bad[0])
+            raise LoomError(f"the loss became {float(losses[bad[0]])} at step {step}; lower optim.lr, use "
+                            f"train.grad_clip, or parallel.precision=bf16 instead of fp16, then resume from "
+                            f"the last good checkpoint with train.resume=latest (nothing after it was saved)")
 
     def _run_eval(self) -> float | None:
         eval_loss = self.evaluate()

@@ -17,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
-from core.checkpoint import CheckpointIO, load_file, save_file
+from core.checkpoint import CheckpointIO, load_file, read_weights, save_file
 from core.errors import LoomError
 from core.optim.split_norms import attach as attach_split_norms
 
@@ -35,12 +35,8 @@ def _tied_names_dropped(model: nn.Module) -> set[str]:
 
 def read_serial_weights(folder, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """The unsplit weights file of a checkpoint folder, or one clear error."""
-    from safetensors.torch import load_file as st_load_file
-
     path = Path(folder) / name
-    if not path.is_file():
-        raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
-    return path, st_load_file(str(path))
+    return path, read_weights(path)
 
 
 def load_serial_weights(model: nn.Module, saved: dict[str, torch.Tensor], path: Path) -> list[str]:

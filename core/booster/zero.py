@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 from torch import nn
 
 from core.booster.ddp import _tied_names_dropped, load_tied_serial_weights
 from core.booster.plugin import ModelWrapper, Plugin
-from core.checkpoint import CheckpointIO, load_file, save_file
+from core.checkpoint import CheckpointIO, load_file, read_weights, save_file
 from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
@@ -71,9 +70,7 @@ class ChunkCheckpointIO(CheckpointIO):
 
     def load_model(self, model: nn.Module, folder: Path) -> None:
         path = Path(folder) / self.MODEL
-        if not path.is_file():
-            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
-        saved = st_load_file(str(path))
+        saved = read_weights(path)
         if self._tp > 1:                       # this rank's parts of the unsplit weights
             local = {n: torch.empty_like(p, device="cpu") for n, p in model.named_parameters()}
             _with_data(model, local, lambda m: load_tied_serial_weights(m, saved, path))

@@ -1,8 +1,9 @@
 """Write a checkpoint folder so that it either exists complete or not at all.
 
 Every rank writes its part into a temporary folder beside the final one; the ranks agree that
-all parts were written; rank 0 flushes the files to disk and renames the folder into place
-(a rename is atomic on POSIX file systems). A rank that fails (a full disk, a permission
+all parts were written; the ranks share the hashing of the files and rank 0 records every file's
+size and SHA-256 in `manifest.json` (`core.checkpoint.manifest`), flushes the files to disk and
+renames the folder into place (a rename is atomic on POSIX file systems). A rank that fails (a full disk, a permission
 error) makes every rank fail with one clear message, the temporary folder is removed, and
 the checkpoints written before stay as they were.
 """
@@ -18,9 +19,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from core.checkpoint.manifest import hash_files, write_manifest
 from core.distributed import comm
 from core.distributed.comm import AxisGroup
 from core.errors import LoomError
+from core.faults import fault_point
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -76,19 +79,36 @@ def write_atomically(final: Path, write: Callable[[Path], None], world: AxisGrou
             error = e
     ready = _agree(error is None, world)  # the folder exists before anyone writes into it
     if ready:
+        fault_point("checkpoint.begin")
         try:
             write(tmp)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
+        fault_point("checkpoint.parts_written")
     all_ok = ready and _agree(error is None, world)
+    if all_ok:
+        try:
+            mine = hash_files(tmp, world.rank, world.size)
+        except OSError as e:
+            error, mine = e, None
+        digests = _gather(mine, world)
+        if world.rank == 0 and digests is not None:
+            try:
+                write_manifest(tmp, digests)
+            except OSError as e:
+                error = e
+        all_ok = _agree(error is None, world)
+        fault_point("checkpoint.manifest_written")
     if all_ok and world.rank == 0:
         try:
             _fsync_tree(tmp)
+            fault_point("checkpoint.synced")
             old = final.parent / f".{final.name}.old"
             if final.exists():  # the same step written again: the old copy goes only after
                 os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
+            fault_point("checkpoint.published")
             shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             error = e
@@ -100,6 +120,17 @@ def write_atomically(final: Path, write: Callable[[Path], None], world: AxisGrou
     # Every rank raises the failing rank's own message (the clean-up is done by then).
     message = _first_message(_describe(error, final) if error is not None else None, world)
     raise LoomError(message) from error
+
+
+def _gather(mine: dict | None, world: AxisGroup) -> dict | None:
+    """Every rank's dict merged (each rank hashed its share of the files); None if any rank failed."""
+    if world.size == 1:
+        return mine
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, mine)
+    if any(part is None for part in parts):
+        return None
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _first_message(mine: str | None, world: AxisGroup) -> str:

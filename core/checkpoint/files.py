@@ -6,7 +6,8 @@
         state.pt            step, scheduler, scaler, app state
         rng/rank_00000.pt   each rank's random-number generator states
         config.yaml         the complete recipe of the run
-        meta.json           step, layout and time; written last, marks the folder complete
+        meta.json           step, layout and time; marks the folder as a Loom checkpoint
+        manifest.json       every file's size and SHA-256 (see `core.checkpoint.manifest`)
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
+from core.checkpoint.manifest import verify
 from core.errors import LoomError
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -48,6 +51,42 @@ def find_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = find_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def latest_intact_checkpoint(root: Path, report=None) -> Path | None:
+    """The newest checkpoint under `root` whose files match their manifest; each damaged one
+    passed over is told to `report(message)`."""
+    for _, path in reversed(find_checkpoints(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if report is not None:
+            report(f"checkpoint {path} is damaged: {problem}; passing over it")
+    return None
+
+
+def check_intact(folder: Path) -> None:
+    """Refuse a checkpoint folder whose files do not match the manifest written at save time."""
+    problem = verify(folder)
+    if problem is not None:
+        raise LoomError(f"checkpoint {folder} is damaged: {problem}; use an earlier checkpoint "
+                        f"(train.resume=latest picks the newest intact one)")
+
+
+def _damaged(path: Path, e: Exception) -> LoomError:
+    return LoomError(f"{path} is damaged or not a safetensors file ({str(e).splitlines()[0]}); "
+                     f"use an earlier checkpoint (train.resume=latest picks the newest intact one)")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors weights file as a dict of tensors; a damaged file is named as damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoomError(f"{path} is missing; is {path.parent} a complete Loom checkpoint?")
+    try:
+        return st_load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, e) from None
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
@@ -102,7 +141,9 @@ class CheckpointIO:
             raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
         try:
             missing, unexpected = st_load_model(model, str(path), strict=False)
-        except (SafetensorError, RuntimeError) as e:
+        except (SafetensorError, OSError) as e:
+            raise _damaged(path, e) from None
+        except RuntimeError as e:
             raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
         if missing or unexpected:
             raise LoomError(f"weights in {path} do not fit this model: missing {sorted(missing)[:5]}, "
