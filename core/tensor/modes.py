@@ -325,6 +325,33 @@ def _valid_sizes(test, limit: int = 64) -> str:
     return ", ".join(str(n) for n in range(2, limit + 1) if test(n))
 
 
+def tp_grid(name: str, tp: int, depth: int = 1) -> int:
+    """q of the mode's grid for `tp` processes (1d: tp itself), or one error naming the sizes that
+    would fit. Needs no processes: the session asks it before it compares the layout with the world."""
+    if name == "1d":
+        return tp
+    if name == "2d":
+        q = _square_root(tp)
+        if q is None:
+            raise LoomError(f"parallel.tp_mode=2d needs a square parallel.tp (q x q); tp={tp} is not one. "
+                            f"Valid sizes: {_valid_sizes(lambda n: _square_root(n) is not None)}, ...")
+        return q
+    if name == "2.5d":
+        q = _square_root(tp // depth) if tp % depth == 0 else None
+        if q is None:
+            fits = [f"{depth * s * s} (q={s}, d={depth})" for s in range(2, 9)]
+            raise LoomError(f"parallel.tp_mode=2.5d needs parallel.tp = q x q x d with d = parallel.tp_depth="
+                            f"{depth}; tp={tp} is not one. Valid sizes with d={depth}: {', '.join(fits[:6])}, ...")
+        return q
+    if name == "3d":
+        q = _cube_root(tp)
+        if q is None:
+            raise LoomError(f"parallel.tp_mode=3d needs a cube parallel.tp (q x q x q); tp={tp} is not one. "
+                            f"Valid sizes: {_valid_sizes(lambda n: _cube_root(n) is not None, 512)}")
+        return q
+    raise LoomError(f"parallel.tp_mode={name} is unknown; choose 1d, 2d, 2.5d or 3d")
+
+
 def make_mode(name: str, mesh: ParallelMesh, depth: int = 1) -> TPMode:
     """The tensor-parallel mode `name` over the mesh's tp axis (every process must call this: the
     2D, 2.5D and 3D modes create their sub-groups collectively)."""
@@ -332,26 +359,9 @@ def make_mode(name: str, mesh: ParallelMesh, depth: int = 1) -> TPMode:
     from core.tensor.three_d import ThreeD
     from core.tensor.two_d import TwoFiveD
 
-    tp = mesh.size("tp")
+    q = tp_grid(name, mesh.size("tp"), depth)
     if name == "1d":
         return OneD(mesh.axis("tp"))
-    if name == "2d":
-        q = _square_root(tp)
-        if q is None:
-            raise LoomError(f"parallel.tp_mode=2d needs a square parallel.tp (q x q); tp={tp} is not one. "
-                            f"Valid sizes: {_valid_sizes(lambda n: _square_root(n) is not None)}, ...")
-        return TwoFiveD(mesh, q, 1)
-    if name == "2.5d":
-        q = _square_root(tp // depth) if tp % depth == 0 else None
-        if q is None:
-            fits = [f"{depth * s * s} (q={s}, d={depth})" for s in range(2, 9)]
-            raise LoomError(f"parallel.tp_mode=2.5d needs parallel.tp = q x q x d with d = parallel.tp_depth="
-                            f"{depth}; tp={tp} is not one. Valid sizes with d={depth}: {', '.join(fits[:6])}, ...")
-        return TwoFiveD(mesh, q, depth)
     if name == "3d":
-        q = _cube_root(tp)
-        if q is None:
-            raise LoomError(f"parallel.tp_mode=3d needs a cube parallel.tp (q x q x q); tp={tp} is not one. "
-                            f"Valid sizes: {_valid_sizes(lambda n: _cube_root(n) is not None, 512)}")
         return ThreeD(mesh, q)
-    raise LoomError(f"parallel.tp_mode={name} is unknown; choose 1d, 2d, 2.5d or 3d")
+    return TwoFiveD(mesh, q, depth if name == "2.5d" else 1)
