@@ -175,6 +175,18 @@ class MemoryCap:
                 pass
 
 
+def prepare_kernels() -> bool:
+    """Compile (or find) the C++ CPU Adam here, in the uncapped parent, before any capped child
+    starts: a child that compiled it would run the compiler under the cap, where it can be killed
+    mid-build, and would count the compile in its trial. The children then load the cached build.
+    Says on stderr where the kernel is (or why there is none); True if Loom's side will use it."""
+    from kernels import cpu_adam
+
+    ready = cpu_adam.load() is not None
+    print(cpu_adam.build_report(), file=sys.stderr, flush=True)
+    return ready
+
+
 def trial(cap: MemoryCap, who: str, k: int, nvme_root: Path, device_gb: float, timeout: float) -> dict:
     nvme_dir = Path(tempfile.mkdtemp(prefix=f"k{k}-", dir=nvme_root))
     cap.reset_peak()
@@ -258,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     # stopped from outside: still kill the trial, remove the cgroup and the offload files
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cap_gb = args.cap_gb or (1.0 if args.quick else 3.0)
+    cpu_adam_kernel = prepare_kernels()      # before the cap exists: never compiled under it
     device_gb = args.device_gb if args.device_gb is not None else cap_gb / 8
     nvme_root = Path(args.nvme_dir or tempfile.mkdtemp(prefix="loom-capacity-"))
     nvme_root.mkdir(parents=True, exist_ok=True)
@@ -291,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"name": "capacity_ratio", "value": round(b / a, 2), "unit": "x",
                       "plain_params": a, "loom_params": b, "plain_k": plain_k, "loom_k": loom_k,
                       "cap_gib": cap_gb, "loom_device_gb": device_gb, "quick": args.quick,
+                      "cpu_adam_kernel": cpu_adam_kernel,
                       "disk_free_gib": round(shutil.disk_usage(nvme_root.parent).free / 2**30, 1),
                       "baseline": {"colossal_ai_seed": 15, "zero_offload": 10}, "target": 30,
                       "machine": machine()}))

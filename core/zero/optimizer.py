@@ -28,7 +28,7 @@ from core.memory.manager import ChunkManager
 from core.memory.state import TensorState
 from core.memory.store import Store
 from core.zero.gradients import GradientShards
-from kernels.cpu_adam import adam_step
+from kernels.cpu_adam import adam_step, load as load_kernel
 
 S = TensorState
 KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -67,6 +67,8 @@ class ChunkAdam:
         self._worker = (ThreadPoolExecutor(1, thread_name_prefix="loom-adam")
                         if in_backward and manager.world == 1 else None)
         self._inflight: deque = deque()
+        if rule == "adam" and getattr(states, "device", torch.device("cpu")).type == "cpu":
+            load_kernel()      # a first compile happens now, not inside the first (timed) step
         if in_backward:
             if precision == "fp16":
                 raise ValueError("a step inside backward cannot be skipped on fp16 overflow; use bf16 or fp32")
