@@ -29,13 +29,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from core.booster import Booster, Plugin, make_plugin
-from core.checkpoint import (capture_rng, check_intact, find_checkpoints, latest_checkpoint,
-                             latest_intact_checkpoint, prune_checkpoints, restore_rng, step_folder)
+from core.checkpoint import (capture_rng, check_intact, find_checkpoints, latest_intact_checkpoint, prune_checkpoints, restore_rng, step_folder)
 from core.config import ConfigError, Recipe, TrainConfig, to_yaml
 from core.distributed import ParallelMesh
 from core.distributed import comm
 from core.errors import LoomError
 from core.faults import fault_point
+from core.run_folder import init_folder, refuse_earlier_run, resume_folder
 from core.metrics import MetricsLog, plot_loss_curve
 from core.optim import build_optimizer, build_scheduler
 
@@ -136,11 +136,8 @@ class Trainer:
         resume = self.tc.resume
         existing = find_checkpoints(self.ckpt_root)
         if resume == "":
-            if existing and not self.cfg.output.overwrite:
-                raise LoomError(f"output.dir {self.out} already holds checkpoints (up to step "
-                                f"{existing[-1][0]}) from an earlier run; continue it with "
-                                f"train.resume=latest, start over with output.overwrite=true, "
-                                f"or choose another output.dir")
+            refuse_earlier_run(self.out, self.cfg.output.overwrite,
+                               f"up to step {existing[-1][0]}" if existing else None)
             return None
         if resume == "latest":
             found = self._on_main(lambda: latest_intact_checkpoint(self.ckpt_root, report=self.log))
@@ -150,12 +147,7 @@ class Trainer:
             elif existing and found != existing[-1][1]:
                 self.log(f"train.resume=latest: resuming from {found.name}, the newest intact checkpoint")
             return found
-        path = Path(resume)
-        if (path / "checkpoints").is_dir():  # an output folder: take its newest checkpoint
-            path = latest_checkpoint(path / "checkpoints") or path
-        if not (path / "meta.json").is_file():
-            raise LoomError(f"train.resume: {resume} is not a Loom checkpoint folder (no meta.json); "
-                            f"pass 'latest' or a folder such as {self.ckpt_root}/step_0000100")
+        path = resume_folder(resume, self.ckpt_root)
         self._on_main(lambda: check_intact(path))
         return path
 
@@ -281,9 +273,7 @@ class Trainer:
             self._restore(resume_from)
         else:
             if self.tc.init_weights:
-                folder = Path(self.tc.init_weights)
-                if not folder.is_dir():
-                    raise LoomError(f"train.init_weights={folder} is not a checkpoint folder")
+                folder = init_folder(self.tc.init_weights)
                 self._on_main(lambda: check_intact(folder))
                 self.plugin.checkpoint_io().load_model(self.model.unwrap(), folder)
                 self.log(f"weights from {folder}; optimizer, schedule and data order start afresh")

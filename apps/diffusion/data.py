@@ -4,8 +4,9 @@
 whose rows name the image (`file_name`) and give its caption (`text`, or `data.caption_column`).
 `DreamBoothImages` pairs a folder of subject images and their prompt with class images and
 theirs (prior preservation). Every problem with the input (a missing folder, a row without a
-caption, an image that does not decode) is found when the dataset is opened, before training,
-and reported with the file and the row.
+caption, an image that does not decode to its end) is found by `check_captioned_folder` and
+`list_images`, which the entry points call before they build or load anything, and reported
+with the file and the row.
 
 Random augmentation (crop, flip, caption dropout) and the seed of each sample's noise are drawn
 from (seed, sample, epoch), not from a global generator: a resumed run sees exactly what an
@@ -15,6 +16,9 @@ unbroken run would have, and data-parallel ranks draw exactly what one process w
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,24 +32,52 @@ from core.errors import LoomError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+_BAD_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _undecodable(path: Path, e: Exception) -> LoomError:
+    return LoomError(f"image {path} cannot be decoded ({type(e).__name__}: {e}); "
+                     f"remove it or replace it with a valid image")
+
+
 def _open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise LoomError(f"image {path} cannot be decoded ({type(e).__name__}: {e}); "
-                        f"remove it or replace it with a valid image") from None
+    except _BAD_IMAGE as e:
+        raise _undecodable(path, e) from None
 
 
 def _verify(path: Path) -> None:
+    """Refuse a missing image, or one that does not decode to the end (a truncated file too)."""
     if not path.is_file():
-        raise LoomError(f"image {path} is listed but does not exist")
+        raise LoomError(f"image {path} is listed but does not exist; add it, or remove its line from metadata.jsonl")
     try:
         with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise LoomError(f"image {path} cannot be decoded ({type(e).__name__}: {e}); "
-                        f"remove it or replace it with a valid image") from None
+            if im.format == "PNG":
+                im.verify()                 # checks every chunk's CRC, up to IEND: no decoding needed
+            else:
+                # verify() does not read a JPEG's (or WebP's, BMP's) data, so a truncated one would
+                # pass; decode it, at 1/8 scale where the format allows, which still reads it all
+                im.draft("RGB", (1, 1))
+                im.load()
+    except _BAD_IMAGE as e:
+        raise _undecodable(path, e) from None
+
+
+def _verify_all(paths: list[Path]) -> None:
+    """`_verify` every path (on a few threads: decoding releases the GIL); the first bad one in
+    the list's order is the one reported."""
+    if len(paths) < 64:
+        for p in paths:
+            _verify(p)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        for _ in pool.map(_verify, paths):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)     # after a bad one, check no further
 
 
 class ImageTransform:
@@ -83,43 +115,81 @@ def _noise_seed(rng: np.random.Generator) -> torch.Tensor:
     return torch.tensor(int(rng.integers(2**62)), dtype=torch.int64)
 
 
+@dataclass
+class CaptionedFolder:
+    """What a folder's metadata.jsonl says, every image in it checked: see `check_captioned_folder`."""
+
+    folder: Path
+    files: list[Path]
+    captions: list[str]
+
+
+def check_captioned_folder(folder: str | Path, image_column: str = "file_name",
+                           caption_column: str = "text") -> CaptionedFolder:
+    """Read `folder/metadata.jsonl` and check every row and every image it names, without
+    building anything; each problem is one LoomError naming the file, the line and the fix."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise LoomError(f"data.path: {folder} {what}; give a folder of images with a "
+                        f"metadata.jsonl, or 'shapes' for the built-in set")
+    meta = path / "metadata.jsonl"
+    example = f'{{"{image_column}": "0001.png", "{caption_column}": "a photo of a cat"}}'
+    if not meta.is_file():
+        raise LoomError(f"{path} has no metadata.jsonl; write one line per image such as {example}")
+    try:
+        raw = meta.read_bytes()
+    except OSError as e:
+        raise LoomError(f"{meta} cannot be read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise LoomError(f"{meta} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    files: list[Path] = []
+    captions: list[str] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LoomError(f"{meta} line {n} is not valid JSON ({e.msg}); each line must be an object "
+                            f"such as {example}") from None
+        if not isinstance(row, dict):
+            raise LoomError(f"{meta} line {n} is not a JSON object ({line.strip()[:40]}); each line must be one "
+                            f"such as {example}")
+        cols = ", ".join(sorted(row)) or "none"
+        for column, kind, key, wanted in ((image_column, "image", "data.image_column", "a file name"),
+                                          (caption_column, "caption", "data.caption_column", "text")):
+            if column not in row:
+                raise LoomError(f"{meta} line {n} has no {kind} column '{column}' (its columns: {cols}); "
+                                f"set {key} to the right one")
+            value = row[column]
+            if not isinstance(value, str) or (column == image_column and not value):
+                raise LoomError(f"{meta} line {n}: column '{column}' holds {json.dumps(value)[:40]}, not {wanted}")
+        files.append(path / row[image_column])
+        captions.append(row[caption_column])
+    if not files:
+        raise LoomError(f"{meta} lists no images; write one line per image such as {example}")
+    _verify_all(files)
+    return CaptionedFolder(path, files, captions)
+
+
 class CaptionedImages(Dataset):
-    """A folder in the diffusers convention (images + metadata.jsonl)."""
+    """A folder in the diffusers convention (images + metadata.jsonl), or what
+    `check_captioned_folder` read of one."""
 
     wants_epoch = True   # items are (index, epoch) pairs: augmentation depends on both
 
-    def __init__(self, folder: str | Path, tokenize: Callable[[list[str]], torch.Tensor],
+    def __init__(self, folder: str | Path | CaptionedFolder, tokenize: Callable[[list[str]], torch.Tensor],
                  transform: ImageTransform, image_column: str = "file_name", caption_column: str = "text",
                  caption_dropout: float = 0.0, seed: int = 0) -> None:
-        self.folder = Path(folder).expanduser()
-        if not self.folder.is_dir():
-            raise LoomError(f"data.path: {folder} is not a folder; give a folder of images with a "
-                            f"metadata.jsonl, or 'shapes' for the built-in set")
-        meta = self.folder / "metadata.jsonl"
-        if not meta.is_file():
-            raise LoomError(f"{self.folder} has no metadata.jsonl; write one line per image such as "
-                            f'{{"{image_column}": "0001.png", "{caption_column}": "a photo of a cat"}}')
-        self.files: list[Path] = []
-        self.captions: list[str] = []
-        for n, line in enumerate(meta.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoomError(f"{meta} line {n} is not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or image_column not in row:
-                raise LoomError(f"{meta} line {n} has no '{image_column}' (data.image_column)")
-            if caption_column not in row or not isinstance(row[caption_column], str):
-                cols = ", ".join(sorted(row)) if isinstance(row, dict) else ""
-                raise LoomError(f"{meta} line {n} has no caption column '{caption_column}' (its columns: "
-                                f"{cols}); set data.caption_column to the right one")
-            path = self.folder / row[image_column]
-            _verify(path)
-            self.files.append(path)
-            self.captions.append(row[caption_column])
-        if not self.files:
-            raise LoomError(f"{meta} lists no images")
+        checked = folder if isinstance(folder, CaptionedFolder) else \
+            check_captioned_folder(folder, image_column, caption_column)
+        self.folder = checked.folder
+        self.files = checked.files
+        self.captions = checked.captions
         self.ids = tokenize(self.captions)
         self.empty_ids = tokenize([""])[0]
         self.transform = transform
@@ -140,12 +210,21 @@ class CaptionedImages(Dataset):
 
 
 def list_images(folder: str | Path, what: str) -> list[Path]:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise LoomError(f"{what}: {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    for p in files:
-        _verify(p)
+    """The images in `folder` (by suffix), each checked to decode; `what` names the recipe key."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        problem = "does not exist" if not path.exists() else "is not a folder"
+        raise LoomError(f"{what}: {folder} {problem}; give a folder of images ({', '.join(IMAGE_SUFFIXES)})")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    _verify_all(files)
+    return files
+
+
+def instance_images(folder: str | Path) -> list[Path]:
+    """DreamBooth's subject images: at least one, each checked."""
+    files = list_images(folder, "data.instance_dir")
+    if not files:
+        raise LoomError(f"data.instance_dir: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
 
 
@@ -157,9 +236,7 @@ class DreamBoothImages(Dataset):
     def __init__(self, instance_dir: str | Path, instance_prompt: str, tokenize: Callable,
                  transform: ImageTransform, class_dir: str | Path | None = None,
                  class_prompt: str = "", seed: int = 0) -> None:
-        self.instances = list_images(instance_dir, "data.instance_dir")
-        if not self.instances:
-            raise LoomError(f"data.instance_dir: no images ({', '.join(IMAGE_SUFFIXES)}) in {instance_dir}")
+        self.instances = instance_images(instance_dir)
         self.classes = list_images(class_dir, "data.class_dir") if class_dir else []
         self.instance_ids = tokenize([instance_prompt])[0]
         self.class_ids = tokenize([class_prompt])[0] if self.classes else None

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from apps.diffusion.config import DiffusionRecipe
-from apps.diffusion.data import CaptionedImages, DreamBoothImages, ImageTransform, list_images
-from apps.diffusion.model import (Denoiser, DenoisingLoss, Parts, add_lora, check_pipeline_folder, load_parts,
-                                  tokenize)
+from apps.diffusion.checks import check_inputs
+from apps.diffusion.data import CaptionedFolder, CaptionedImages, DreamBoothImages, ImageTransform
+from apps.diffusion.model import Denoiser, DenoisingLoss, Parts, add_lora, load_parts, tokenize
 from apps.diffusion import shapes
 from apps.diffusion.pipeline import export_lora, export_pipeline, grid, make_pipeline, render, to_array
 from apps.diffusion.prepare import class_images, shapes_folder, tiny_folder
@@ -34,7 +34,7 @@ SUMMARY = ("Stable Diffusion fine-tuning (full, LoRA, DreamBooth) on a local dif
            "folder of captioned images; by default a tiny model on generated coloured shapes.")
 
 
-def _dataset(cfg: DiffusionRecipe, parts: Parts, data_folder: Path | None, class_dir: Path | None):
+def _dataset(cfg: DiffusionRecipe, parts: Parts, data: CaptionedFolder | Path | None, class_dir: Path | None):
     transform = ImageTransform(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip)
 
     def tok(texts: list[str]) -> torch.Tensor:
@@ -43,19 +43,14 @@ def _dataset(cfg: DiffusionRecipe, parts: Parts, data_folder: Path | None, class
     if cfg.finetune.method == "dreambooth":
         return DreamBoothImages(cfg.data.instance_dir, cfg.data.instance_prompt, tok, transform,
                                 class_dir=class_dir, class_prompt=cfg.data.class_prompt, seed=cfg.train.seed)
-    return CaptionedImages(data_folder, tok, transform, cfg.data.image_column, cfg.data.caption_column,
+    return CaptionedImages(data, tok, transform, cfg.data.image_column, cfg.data.caption_column,
                            caption_dropout=cfg.finetune.caption_dropout, seed=cfg.train.seed)
 
 
-def _check_paths(cfg: DiffusionRecipe) -> None:
-    """The folders the recipe names, checked before anything is built or loaded."""
-    if cfg.model.pretrained != "tiny":
-        check_pipeline_folder(cfg.model.pretrained)
-    if cfg.finetune.method == "dreambooth":
-        list_images(cfg.data.instance_dir, "data.instance_dir")
-    elif cfg.data.path != "shapes" and not Path(cfg.data.path).expanduser().is_dir():
-        raise LoomError(f"data.path: {cfg.data.path} is not a folder; give a folder of images with a "
-                        f"metadata.jsonl, or 'shapes' for the built-in set")
+def _check_paths(cfg: DiffusionRecipe) -> CaptionedFolder | None:
+    """Every folder, file and count the recipe names, checked before anything is built, loaded or
+    written (see `apps.diffusion.checks`); returns data.path's checked metadata, if it has one."""
+    return check_inputs(cfg)
 
 
 def _check_chunked(cfg: DiffusionRecipe, plugin, mesh) -> None:
@@ -72,14 +67,15 @@ def _check_chunked(cfg: DiffusionRecipe, plugin, mesh) -> None:
 
 def run(cfg: DiffusionRecipe) -> dict:
     """Train as the recipe says (on this process and its torchrun peers); returns the summary."""
-    _check_paths(cfg)
+    checked = _check_paths(cfg)
+    quiet_libraries()                  # imports diffusers: after the checks, so a refusal comes at once
     with session(cfg) as s:
         mesh, plugin, log = s.mesh, s.plugin, s.log
         _check_chunked(cfg, plugin, mesh)
         world = mesh.world
-        data_folder = None
-        if cfg.finetune.method != "dreambooth":
-            data_folder = shapes_folder(cfg.data, world) if cfg.data.path == "shapes" else Path(cfg.data.path)
+        data = checked
+        if cfg.finetune.method != "dreambooth" and cfg.data.path == "shapes":
+            data = shapes_folder(cfg.data, world)
         base = tiny_folder(cfg, world, log) if cfg.model.pretrained == "tiny" else Path(cfg.model.pretrained)
         parts = load_parts(base, cfg.model.unet_init, cfg.train.seed)
         if cfg.model.prediction_type:
@@ -101,7 +97,7 @@ def run(cfg: DiffusionRecipe) -> dict:
         if cfg.model.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
         model = Denoiser(parts.unet, parts.text_encoder, ft.train_text_encoder and not lora)
-        dataset = _dataset(cfg, parts, data_folder, class_dir)
+        dataset = _dataset(cfg, parts, data, class_dir)
         ema = EMA(parts.unet, ft.ema_decay) if ft.ema else None
         samples = Path(cfg.output.dir) / "samples"
         log(f"{ft.method} fine-tuning of {base} on {len(dataset)} images at {cfg.data.resolution} px; "
@@ -157,7 +153,6 @@ def main(argv: list[str] | None = None, defaults: tuple[str, ...] = ()) -> int:
     cfg = cli.parse(DiffusionRecipe, list(defaults) + args, prog="python -m apps.diffusion.finetune",
                     summary=SUMMARY, default_recipe="diffusion/tiny-shapes")
     if cfg is not None:
-        quiet_libraries()
         run(cfg)
     return 0
 

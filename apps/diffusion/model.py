@@ -9,6 +9,7 @@ to latents, noises them at random timesteps and scores the UNet's prediction.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import named
 from apps.diffusion.config import FinetuneConfig
+from apps.diffusion.tokenizer import check_tokenizer
 from core.errors import LoomError
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -32,18 +35,68 @@ class Parts:
     folder: Path
 
 
-def check_pipeline_folder(path: str | Path) -> Path:
+# what each part's folder needs: its config, and (for the three networks) weights
+_CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+            "scheduler": "scheduler_config.json"}
+_WEIGHTS = ("unet", "vae", "text_encoder")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def check_pipeline_folder(path: str | Path, what: str = "model.pretrained",
+                          fix: str = "give a local diffusers Stable Diffusion folder, or 'tiny'",
+                          subject: str = "") -> Path:
+    """Check, without loading anything, that `path` is a complete diffusers Stable Diffusion
+    folder. Errors begin with `subject`, by default the recipe key or command-line flag `what`
+    with the path; `fix` says what to do about a path that is not a folder."""
     folder = Path(path).expanduser()
+    subject = subject or named(what, path)
+    layout = f"{', '.join(p + '/' for p in PARTS)} as StableDiffusionPipeline.save_pretrained writes"
     if not folder.is_dir():
-        raise LoomError(f"model.pretrained: {path} is not a folder; give a local diffusers Stable "
-                        f"Diffusion folder, or 'tiny'")
+        problem = "does not exist" if not folder.exists() else "is not a folder"
+        raise LoomError(f"{subject} {problem}; {fix}")
     if not (folder / "model_index.json").is_file():
-        raise LoomError(f"model.pretrained: {folder} is not a diffusers pipeline folder (no model_index.json); "
-                        f"it needs {', '.join(p + '/' for p in PARTS)} as StableDiffusionPipeline.save_pretrained writes")
+        raise LoomError(f"{subject} is not a diffusers pipeline folder (no model_index.json); it needs {layout}")
     missing = [p for p in PARTS if not (folder / p).is_dir()]
     if missing:
-        raise LoomError(f"model.pretrained: {folder} lacks {', '.join(m + '/' for m in missing)}; "
-                        f"a Stable Diffusion folder has {', '.join(p + '/' for p in PARTS)}")
+        raise LoomError(f"{subject} lacks {', '.join(m + '/' for m in missing)}; a Stable Diffusion folder has "
+                        f"{', '.join(p + '/' for p in PARTS)}")
+    configs = [folder / "model_index.json"] + [folder / part / name for part, name in _CONFIGS.items()]
+    for config in configs:
+        rel = config.relative_to(folder)
+        if not config.is_file():
+            raise LoomError(f"{subject} lacks {rel}; it needs {layout}")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise LoomError(f"{subject} has a damaged {rel} (not JSON: {e}); restore it from the model's source") from None
+    tok = folder / "tokenizer"
+    if not (tok / "tokenizer.json").is_file() and not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()):
+        raise LoomError(f"{subject} has neither tokenizer/tokenizer.json nor tokenizer/vocab.json with merges.txt; "
+                        f"restore them from the model's source")
+    for part in _WEIGHTS:
+        weights = sorted(f for f in (folder / part).iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file())
+        if not weights:
+            raise LoomError(f"{subject} has no weights in {part}/ (*.safetensors or *.bin); restore them from "
+                            f"the model's source")
+        for f in weights:
+            check_weights_file(f, subject, folder)
+    return folder
+
+
+def check_weights_file(f: Path, subject: str, folder: Path) -> None:
+    """A weights file that is a Git LFS pointer, or a truncated safetensors file (its header
+    says how long it must be), is refused without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    rel = f.relative_to(folder)
+    if f.stat().st_size < 1024 and f.read_bytes().startswith(b"version https://git-lfs"):
+        raise LoomError(f"{subject} has a Git LFS pointer in place of {rel}; run `git lfs pull` in {folder}")
+    if f.suffix == ".safetensors":
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise LoomError(f"{subject} has a damaged {rel} ({e}); replace it with an intact copy") from None
     return folder
 
 
@@ -60,9 +113,7 @@ def load_parts(path: str | Path, unet_init: str = "pretrained", seed: int = 0) -
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, EnvironmentError) as e:
         raise LoomError(f"model.pretrained: cannot load {folder}: {str(e).splitlines()[0]}") from None
-    if len(tokenizer) < 300:
-        raise LoomError(f"the tokenizer in {folder / 'tokenizer'} has only {len(tokenizer)} tokens; "
-                        f"its vocab.json / merges.txt are missing or damaged")
+    check_tokenizer(tokenizer, folder / "tokenizer")
     if unet_init == "random":
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(unet.config)

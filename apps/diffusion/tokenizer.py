@@ -66,9 +66,12 @@ def write_clip_tokenizer(folder: Path, words: Iterable[str]) -> Path:
 def load_clip_tokenizer(folder: Path, max_length: int):
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
-    # A tokenizer that failed to find its files still "loads", with 2 tokens: refuse it.
+    return check_tokenizer(CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length), folder)
+
+
+def check_tokenizer(tok, folder: Path):
+    """`tok`, unless it is the 2-token stand-in that a tokenizer without its files "loads" as."""
     if len(tok) < 300:
-        raise LoomError(f"the tokenizer in {folder} has only {len(tok)} tokens; its vocab.json / "
-                        f"merges.txt are missing or damaged")
+        raise LoomError(f"the tokenizer in {folder} has only {len(tok)} tokens; its tokenizer.json (or "
+                        f"vocab.json / merges.txt) is missing or damaged")
     return tok

@@ -56,7 +56,7 @@ def test_caption_dropout_replaces_some_captions_with_the_empty_one(captioned_fol
 
 def test_bad_data_gets_one_clear_message(captioned_folder, tmp_path):
     transform = ImageTransform(32)
-    with pytest.raises(LoomError, match="data.path: .*missing is not a folder"):
+    with pytest.raises(LoomError, match="data.path: .*missing does not exist"):
         CaptionedImages(tmp_path / "missing", fake_tokenize, transform)
     (tmp_path / "bare").mkdir()
     with pytest.raises(LoomError, match="has no metadata.jsonl; write one line per image"):

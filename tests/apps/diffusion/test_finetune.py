@@ -148,7 +148,7 @@ def test_sample_command_and_its_errors(cache, tmp_path):
     assert len(list((tmp_path / "s").glob("*-a-red-circle-*.png"))) == 2 and (tmp_path / "s" / "grid.png").is_file()
     r = _run_cli(["-m", "apps.diffusion.sample", "--model", str(tmp_path), "--prompt", "x"], cache)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: model.pretrained: {tmp_path} is not a diffusers pipeline folder (no model_index.json); "
+        f"error: --model {tmp_path}: is not a diffusers pipeline folder (no model_index.json); "
         "it needs unet/, vae/, text_encoder/, tokenizer/, scheduler/ as StableDiffusionPipeline.save_pretrained writes"]
 
 
