@@ -43,6 +43,8 @@ class ProteinDataConfig:
 class ProteinOutputConfig:
     dir: str = opt("runs/protein", "where each target's results go (one folder per target)")
     mmcif: bool = opt(False, "also write mmCIF next to the PDB")
+    overwrite: bool = opt(False, "replace the results an earlier run left in output.dir (its target folders); "
+                                 "false = refuse to start when there are some")
 
 
 @dataclass
@@ -66,7 +68,14 @@ class ProteinRecipe:
 
     def check(self) -> None:
         if self.model.params and not Path(self.model.params).is_file():
-            raise ConfigError(f"model.params: {self.model.params} does not exist")
+            raise ConfigError(f"model.params: {self.model.params} "
+                              + ("is a folder, not a weights file" if Path(self.model.params).is_dir()
+                                 else "does not exist"))
+        if self.data.alignments and not Path(self.data.alignments).is_dir():
+            raise ConfigError(f"data.alignments: {self.data.alignments} is not a folder; give a folder with one "
+                              f"subfolder of .a3m / .sto files per target, or '' for single-sequence mode")
+        if Path(self.output.dir).exists() and not Path(self.output.dir).is_dir():
+            raise ConfigError(f"output.dir: {self.output.dir} is a file; give a folder (it is made if missing)")
         if self.model.engine == "loom" and (self.model.chunk_size or self.model.use_lma):
             raise ConfigError("model.chunk_size and model.use_lma set OpenFold's own chunking (model.engine=openfold); "
                               "with model.engine=loom the chunks follow memory.budget_gb")

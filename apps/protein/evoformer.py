@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.protein.axial import Axial
-from apps.protein.plan import GIB, Plan, Shapes, choose, chunks, strip_spans
+from apps.protein.plan import GIB, Plan, Shapes, choose, chunks, longest, strip_spans, what_fits
 from apps.protein.spill import HeldUpdates, WaitingUpdates
 from core.errors import LoomError
 from core.memory.store import trim_heap
@@ -475,15 +475,20 @@ class Stack(nn.Module):
             return self.plan
         free = free_bytes(z.device)
         used, free = process_bytes(z.device), free - max(int(0.1 * free), UNMODELLED)
+        mz = (m.numel() + z.numel()) * m.element_size()        # the plan counts m and z itself
+        outside = max(used - mz, 0)                            # weights, inputs, the runtime
+        sh, spill = self.shapes(m.shape[0], m.shape[1], m.element_size()), self.spill_dir is not None
         if self.budget is not None and self.budget <= used:
+            # What fits is what the budget leaves besides `outside` (which a shorter sequence
+            # shrinks a little too: an estimate on the safe side).
             raise LoomError(f"memory.budget_gb={self.budget / GIB:.2f} is less than the {used / GIB:.2f} GiB this "
                             f"process already holds when the Evoformer starts (weights, inputs, the MSA and pair "
-                            f"representations); raise it")
+                            f"representations of this {sh.n}-residue sequence); "
+                            f"{what_fits(sh, self.budget - outside, spill, outside)}. Raise memory.budget_gb"
+                            + (" or fold a shorter sequence" if longest(sh, self.budget - outside, spill) else ""))
         room = free if self.budget is None else min(self.budget - used, free)    # free: within a cgroup's limit too
-        room += (m.numel() + z.numel()) * m.element_size()     # the plan counts m and z itself
         prefer = PREFER_GPU_CHUNK if z.device.type == "cuda" else PREFER_CPU_CHUNK
-        return choose(self.shapes(m.shape[0], m.shape[1], m.element_size()), room, prefer,
-                      spill=self.spill_dir is not None)
+        return choose(sh, room + mz, prefer, spill=spill, outside=outside)
 
     def forward(self, m, z, msa_mask, pair_mask, chunk_size=None, use_lma=False, use_flash=False,
                 inplace_safe=False, _mask_trans=True):

@@ -6,7 +6,8 @@
 
 Per target, in `output.dir/<name>/`: `<name>.pdb` (pLDDT in the B-factor column; `.cif` too with
 output.mmcif=true), `plddt.png` (and the predicted aligned error for _ptm presets), and
-`timings.json`; a summary table at the end.
+`timings.json`; a summary table at the end. An output.dir that holds an earlier run's results is
+refused before any model is built, unless output.overwrite=true (which replaces them).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from apps.protein.compat import load_openfold
 from apps.protein.config import ProteinRecipe
 from apps.protein.evoformer import Stack
 from apps.protein.fasta import read_fasta
-from apps.protein.model import build_model, features, openfold_config
+from apps.protein.model import build_model, features, openfold_config, read_alignments
 from apps.protein.plan import GIB
 from apps.protein.row_blocks import DeferredDistogram
 from core import cli
 from core.distributed import ParallelMesh, launch, resolve_layout
 from core.errors import LoomError
+from core.run_folder import refuse_earlier_run
 from core.memory.store import return_freed_buffers_to_the_os
 from core.memory.usage import peak_bytes, reset_peak
 
@@ -72,6 +74,46 @@ def _write_mmcif(pdb_path: Path, cif_path: Path) -> None:
     io.save(str(cif_path))
 
 
+def _result_files(folder: Path) -> list[Path]:
+    """What `_predict` writes for one target into its folder `output.dir/<name>/`."""
+    return [folder / f"{folder.name}.pdb", folder / f"{folder.name}.cif", folder / "plddt.png",
+            folder / "timings.json"]
+
+
+def _earlier_results(root: Path) -> list[Path]:
+    """The target folders of `root` that hold an earlier run's results (a `<name>.pdb` or a
+    `timings.json`), sorted; [] when `root` does not exist."""
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and ((d / f"{d.name}.pdb").is_file() or (d / "timings.json").is_file()))
+
+
+def _remove_results(folders: list[Path]) -> None:
+    """Delete the files an earlier run wrote into these target folders, and each folder it leaves
+    empty (anything else a person put there stays)."""
+    for folder in folders:
+        for f in _result_files(folder):
+            f.unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _refuse_earlier_results(root: Path, overwrite: bool, main: bool, ax: Axial) -> list[Path]:
+    """The earlier run's target folders that this run replaces (on rank 0, which alone writes);
+    a `LoomError` on every rank, decided by rank 0, when there are some and overwrite is off."""
+    earlier = _earlier_results(root) if main else []
+    refuse = bool(earlier) and not overwrite
+    if ax.size > 1:
+        shared = [refuse]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        refuse = shared[0]
+    if refuse:
+        names = ", ".join(d.name for d in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        refuse_earlier_run(root, False, f"target folders: {names}", what="results", resumable=False)
+    return earlier
+
+
 def _spilled(model: torch.nn.Module) -> int:
     """Bytes Loom's stacks have written to memory.spill_dir so far."""
     return sum(m.spilled_bytes for m in model.modules() if isinstance(m, Stack))
@@ -95,7 +137,12 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
     from openfold.np import protein
     from openfold.utils.tensor_utils import tensor_tree_map
 
+    # Every input is read, and the output folder checked, before the model is built.
     targets = read_fasta(cfg.data.fasta)
+    for target in targets:
+        read_alignments(target, cfg.data.alignments)
+    root = Path(cfg.output.dir)
+    earlier = _refuse_earlier_results(root, cfg.output.overwrite, main, ax)
     config = openfold_config(cfg)
     if not cfg.model.params and main:
         print(RANDOM_WEIGHTS, file=sys.stderr)
@@ -109,7 +156,6 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
     model = build_model(cfg, config, ax).to(device)
     dtype = next(model.parameters()).dtype
     build_s = time.perf_counter() - t0
-    root = Path(cfg.output.dir)
     rows = []
     for target in tqdm(targets, unit="target", disable=len(targets) < 2 or not main, file=sys.stderr):
         folder = root / target.name
@@ -130,6 +176,9 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
         spilled = _spilled(model) - spilled
         if not main:
             continue
+        if earlier:                          # output.overwrite=true: the earlier run's results go now
+            _remove_results(earlier)
+            earlier = []
         folder.mkdir(parents=True, exist_ok=True)
         feats = {k: v[..., -1].numpy() for k, v in batch.items()}      # the last recycling iteration's
         # Outputs the engine left uncomputed (the loom engine's distogram logits) are not written.

@@ -11,7 +11,7 @@ operation's temporaries. Among the plans that fit, the one with the fewest chunk
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.errors import LoomError
 
@@ -161,11 +161,12 @@ def smallest(sh: Shapes, spill: bool = False) -> Plan:
                 spill=spill and one)
 
 
-def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = False) -> Plan:
+def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = False, outside: int = 0) -> Plan:
     """The plan with the fewest steps whose peak stays within `budget` bytes, and, where one can,
     whose largest chunk's temporaries stay within `prefer` bytes (on a CPU, huge temporaries are
     slower than several cache-sized ones: each allocation is fresh pages); a `LoomError` naming the
-    longest sequence that would fit when none does. `spill`: the waiting updates of the strip
+    longest sequence that would fit when none does (`what_fits`; `outside`: what the process holds
+    besides the stack, for the floor it names). `spill`: the waiting updates of the strip
     triangle multiplication may go to a file, where nothing fits with them in memory."""
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
     best, best_key = None, None
@@ -193,21 +194,31 @@ def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = Fal
             break
     if best is None:
         hint = ""
-        if sh.ranks == 1 and not spill:
+        if sh.ranks == 1 and not spill and longest(sh, budget, spill=True) > longest(sh, budget):
             hint = (f" (about {longest(sh, budget, spill=True)} with memory.spill_dir set to a folder on a local disk, "
                     f"where the triangle multiplication then keeps the updates that wait for later rows)")
         raise LoomError(f"a {sh.n}-residue sequence does not fit: the Evoformer needs about "
                         f"{peak_bytes(sh, smallest(sh, spill)) / GIB:.2f} GiB even in the smallest chunks and "
-                        f"{budget / GIB:.2f} GiB of the memory budget is left for it; the longest sequence that fits "
-                        f"is about {longest(sh, budget, spill)} residues{hint}. Raise memory.budget_gb, run on more "
+                        f"{max(budget, 0) / GIB:.2f} GiB of the memory budget is left for it; "
+                        f"{what_fits(sh, budget, spill, outside)}{hint}. Raise memory.budget_gb, run on more "
                         f"processes (torchrun: axial parallelism) or use model.dtype=bfloat16")
     return best
 
 
+def what_fits(sh: Shapes, budget: int, spill: bool = False, outside: int = 0) -> str:
+    """For a refusal: the longest sequence whose stack fits `budget` bytes, or, where not even one
+    residue does, the floor: what the smallest run needs, `outside` (what the process holds besides
+    the stack: weights, inputs, the runtime) included."""
+    n = longest(sh, budget, spill)
+    if n:
+        return f"the longest sequence that fits is about {n} residues"
+    one = replace(sh, n=1)
+    floor = outside + peak_bytes(one, smallest(one, spill))
+    return f"no sequence fits: even a 1-residue one needs about {floor / GIB:.2f} GiB"
+
+
 def longest(sh: Shapes, budget: int, spill: bool = False) -> int:
     """The longest sequence that fits `budget` with the smallest chunks (bisection)."""
-    from dataclasses import replace
-
     def fits(n: int) -> bool:
         at = replace(sh, n=n)
         return peak_bytes(at, smallest(at, spill)) <= budget
