@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 from core.booster import Plugin, make_plugin
 from core.config import Recipe
 from core.distributed import ParallelMesh, Runtime, detect, launch, resolve_layout
+from core.run_folder import check_run_folder
 from core.tensor import tp_grid
 from core.trainer import plan_batches
 
@@ -27,6 +28,7 @@ def session(cfg: Recipe) -> Iterator[Session]:
     """Everything about the run's layout is checked before any process group is joined, so a bad
     layout or batch fails at once on every rank; then the job is joined for the block."""
     p = cfg.parallel
+    check_run_folder(cfg.output, cfg.train)
     if p.tp > 1:      # what is wrong with the layout itself is said before how it meets the world
         tp_grid(p.tp_mode, p.tp, p.tp_depth)
     layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, detect().world_size)
