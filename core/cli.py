@@ -1,12 +1,27 @@
-"""The command line shared by every entry point: `--recipe`, dot-list overrides, `--help`."""
+"""The command line shared by every entry point: `--recipe`, dot-list overrides, `--help`, and
+how a run ends.
+
+Exit statuses (`run_main`), the same on every rank of a job that is still alive:
+
+    0    done
+    2    a LoomError: a bad recipe, input or layout, a full disk, a NaN loss. One line from
+         rank 0 says what to fix.
+    3    the job lost a process (killed, crashed, or silent past parallel.timeout_s). One line
+         from the lowest surviving rank names the lost ranks (`core.distributed.failure`);
+         the checkpoints written so far are intact: restart with train.resume=latest.
+    130  interrupted (Ctrl-C)
+    143  stopped by SIGTERM with no process lost
+"""
 
 from __future__ import annotations
 
-import os
 import sys
+import time
 from typing import Callable, Sequence, TypeVar
 
 from core.config import ConfigError, Recipe, describe, known_recipes, load_recipe
+from core.distributed import failure
+from core.distributed.launch import DistEnv, detect
 from core.errors import LoomError
 
 T = TypeVar("T", bound=Recipe)
@@ -59,19 +74,62 @@ def parse(schema: type[T], argv: Sequence[str] | None, *, prog: str, summary: st
     return load_recipe(schema, recipe, overrides)
 
 
-def run_main(main: Callable[[], int | None]) -> None:
-    """Run an entry point; a LoomError ends it with one line on rank 0 and exit status 2."""
+def _where() -> DistEnv:
     try:
-        code = main()
-    except LoomError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        sys.exit(0)
-    except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
-            print("interrupted; the last complete checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
+        return detect()
+    except LoomError:   # unreadable launcher variables: treat as a single process
+        return DistEnv()
+
+
+def _refuse(error: LoomError, guard: failure.SignalGuard) -> None:
+    """One line from rank 0, status 2 from every rank."""
+    guard.hold(exit_status=2)   # torchrun stopping this rank from now on changes nothing
+    env = _where()
+    line = f"error: {error}"
+    failure.write_error_file(line)   # torchrun shows it in its report
+    if env.rank == 0:
+        print(line, file=sys.stderr)
+    # Under torchrun: tell the others, and wait for them to decide (see note_refusal).
+    rank0_refused = failure.note_refusal(str(error))
+    if env.rank != 0 and rank0_refused is False:   # rank 0 will not say it
+        print(f"error: on rank {env.rank}: {error}", file=sys.stderr)
+    elif env.rank != 0 and rank0_refused:
+        # Let rank 0 exit first, so that torchrun reports its line as the root cause; torchrun
+        # then stops this rank (SIGTERM: status 2 at once).
+        time.sleep(failure.GRACE_S)
+    sys.exit(2)
+
+
+def _lost(error: BaseException, guard: failure.SignalGuard) -> None:
+    """A peer is gone or the launcher stopped us: find out who, one line for the whole job."""
+    guard.hold()   # further SIGTERMs wait for the roll call
+    verdict = failure.roll_call(error)
+    failure.write_error_file(verdict.message)
+    if verdict.line:
+        print(verdict.line, file=sys.stderr)
+    sys.exit(verdict.status)
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run an entry point; every way it ends is one exit status (see the module's docstring) and
+    at most one line for the whole job, without a traceback."""
+    with failure.SignalGuard() as guard:
+        try:
+            code = main()
+        except LoomError as e:
+            _refuse(e, guard)
+        except BrokenPipeError:  # output piped into `head` and the like
+            sys.stderr.close()
+            sys.exit(0)
+        except KeyboardInterrupt:
+            guard.hold(exit_status=130)
+            if _where().rank == 0:
+                print("interrupted; the last complete checkpoint is intact", file=sys.stderr)
+            sys.exit(130)
+        except failure.Stopped as e:
+            _lost(e, guard)
+        except Exception as e:
+            if not failure.is_peer_failure(e):
+                raise
+            _lost(e, guard)
     sys.exit(code or 0)

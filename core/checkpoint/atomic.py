@@ -42,12 +42,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    # Writers implemented in other languages (safetensors) report it only in their message.
-    text = str(e)
-    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+def _disk_full(e: BaseException | None) -> bool:
+    """A full disk, in the error or in what caused it (torch's writer wraps the OSError)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # Writers implemented in other languages (safetensors) report it only in their message.
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _describe(e: BaseException, final: Path) -> str:

@@ -99,7 +99,10 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
 
 
 def save_file(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    # Through a Python file object: written by a path, a full disk reaches us only as torch's
+    # "unexpected pos" RuntimeError; this way that error carries the OSError (ENOSPC) as its context.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_file(path: Path) -> Any:

@@ -118,8 +118,9 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
     real_save = torch.save
 
     def save(obj, f, *a, **k):
-        if "step_0000004" in str(f) and str(f).endswith("optimizer.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        name = str(getattr(f, "name", f))         # a path, or the file object it was opened as
+        if "step_0000004" in name and name.endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", name)
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
