@@ -15,7 +15,7 @@ The same k means the same model and the same tokens on both sides.
 
 - plain: the model built in fp32, `torch.optim.AdamW`, `loss.backward()`, `opt.step()`.
 - Loom: the model built on the meta device and made chunk by chunk (`GPT.init_parameter`),
-  the gemini plugin with `parallel.offload=nvme`: parameters, fp32 master weights (the same bytes,
+  the zero plugin with `parallel.offload=nvme`: parameters, fp32 master weights (the same bytes,
   as the working precision is fp32) and Adam moments in pre-allocated files on the NVMe store,
   `memory.device_gb` of chunks in memory, and `memory.step_in_backward` so that no gradient is
   ever stored (12 bytes per parameter on disk).
@@ -88,7 +88,7 @@ def _child(who: str, k: int, nvme_dir: str, device_gb: float) -> None:
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss))
     else:
-        from core.booster import GeminiPlugin
+        from core.booster import ZeroPlugin
         from core.config import MemoryConfig
         from core.distributed import Layout, ParallelMesh
 
@@ -98,7 +98,7 @@ def _child(who: str, k: int, nvme_dir: str, device_gb: float) -> None:
         largest = max(p.numel() for p in model.parameters())
         memory = MemoryConfig(chunk_mb=largest * 4 / 2**20, device_gb=device_gb, io_threads=2, prefetch=1,
                               step_in_backward=True)
-        plugin = GeminiPlugin(ParallelMesh.build(Layout()), "fp32", stage=3, offload="nvme", memory=memory,
+        plugin = ZeroPlugin(ParallelMesh.build(Layout()), "fp32", stage=3, offload="nvme", memory=memory,
                               nvme_dir=nvme_dir, materialize=model.init_parameter)
         wrapped, chunk_opt = plugin.configure(model, opt)
         built = time.perf_counter()

@@ -6,7 +6,7 @@
 Three measurements in one process, on the same model and tokens, taken in alternating rounds
 (the median of the per-round ratios is reported, since the disk's speed drifts over minutes):
 
-1. offload: the gemini plugin with `parallel.offload=nvme`, a device budget of a quarter of the
+1. offload: the zero plugin with `parallel.offload=nvme`, a device budget of a quarter of the
    parameters (so parameters stream in every forward and backward, and every optimizer state
    lives only on disk), steps inside backward. A warm-up step traces the order of use; each
    timed step counts the bytes the NVMe store read and wrote.
@@ -37,14 +37,14 @@ from apps.gpt.config import GPTModelConfig
 from apps.gpt.model import GPT
 from benchmarks._machine import machine
 from benchmarks.memory_capacity import SEQ, VOCAB, family, params_of
-from core.booster import GeminiPlugin, ZeroPlugin
+from core.booster import ZeroPlugin
 from core.config import MemoryConfig
 from core.distributed import Layout, ParallelMesh
 from core.memory.store import NVMeStore
 
 
 class Engine:
-    """One model of the family on the gemini plugin: offloaded to NVMe, or all in memory."""
+    """One model of the family on the zero plugin: offloaded to NVMe, or all in memory."""
 
     def __init__(self, k: int, offload: bool, nvme_dir: Path) -> None:
         torch.manual_seed(0)
@@ -59,7 +59,7 @@ class Engine:
             budget = max(params_of(k) * 4 / 4, 2.5 * chunk_mb * 2**20) / 2**30
             memory = MemoryConfig(chunk_mb=chunk_mb, device_gb=budget, io_threads=2, prefetch=2,
                                   step_in_backward=True)
-            self.plugin = GeminiPlugin(mesh, "fp32", stage=3, offload="nvme", memory=memory, nvme_dir=nvme_dir,
+            self.plugin = ZeroPlugin(mesh, "fp32", stage=3, offload="nvme", memory=memory, nvme_dir=nvme_dir,
                                        materialize=model.init_parameter)
         else:
             memory = MemoryConfig(chunk_mb=chunk_mb, step_in_backward=True)

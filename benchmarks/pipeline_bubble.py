@@ -3,7 +3,7 @@
     python -m benchmarks.pipeline_bubble            # p = 2, 4; m = 4, 8, 16; GPipe, 1F1B, interleaved (v=2)
     python -m benchmarks.pipeline_bubble --quick    # m = 4, 8 only
 
-Each rank runs a stage of a model of identical layers through the `hybrid` plugin's stage runner
+Each rank runs a stage of a model of identical layers through the `pipeline` plugin's stage runner
 (the same code the GPT app uses). So that the schedule, not this machine's 2 cores shared by up
 to 4 ranks, decides the timing, each layer's work is a fixed wait (`--layer-ms` in forward,
 twice that in backward) around a small real Linear; activations still flow between the stages
@@ -69,7 +69,7 @@ def run_stage(p: int, configs: list[tuple[str, int, int]], layer_ms: float) -> l
     """On each of p ranks: for every (schedule, m, v), a warm-up step and a measured step."""
     import torch.distributed as dist
 
-    from core.booster import HybridPlugin
+    from core.booster import PipelinePlugin
     from core.distributed import Layout, ParallelMesh
 
     mesh = ParallelMesh.build(Layout(pp=p))
@@ -77,7 +77,7 @@ def run_stage(p: int, configs: list[tuple[str, int, int]], layer_ms: float) -> l
     for schedule, m, v in configs:
         torch.manual_seed(0)
         model = _Model(2 * p, layer_ms / 1000)      # the same model for every schedule: 2 layers per rank
-        plugin = HybridPlugin(mesh, "fp32", schedule, m, v)
+        plugin = PipelinePlugin(mesh, "fp32", schedule, m, v)
         wrapped, opt = plugin.configure(model, torch.optim.SGD(model.parameters(), lr=0.0))
         batches = [torch.randn(MB, SEQ, WIDTH) for _ in range(m)]
         for step in range(2):

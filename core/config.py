@@ -39,12 +39,14 @@ class ConfigError(LoomError, ValueError):
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        choices: Sequence[Any] | None = None) -> Any:
+        choices: Sequence[Any] | None = None, renamed: dict[str, str] | None = None) -> Any:
     """A schema field with its meaning and its allowed values.
 
-    `min`/`max` bound numbers (inclusive); `choices` lists the allowed values.
+    `min`/`max` bound numbers (inclusive); `choices` lists the allowed values; `renamed` maps
+    values an earlier Loom accepted to today's names (they still work, with one line saying so).
     """
-    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
+            "renamed": dict(renamed or {})}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -106,14 +108,14 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "optimizer: torch's AdamW, HybridAdam (the same update; a C++ kernel for "
+    name: str = opt("adamw", "optimizer: torch's AdamW, cpu_adam (the same update; a C++ kernel for "
                              "CPU-resident weights, torch's fused kernel on GPUs), SGD, or the large-batch "
                              "LAMB (Adam with a per-tensor trust ratio) and LARS (SGD with momentum and a "
                              "per-tensor learning rate); biases and norm gains take plain steps in LAMB/LARS",
-                    choices=("adamw", "hybrid_adam", "sgd", "lamb", "lars"))
+                    choices=("adamw", "cpu_adam", "sgd", "lamb", "lars"), renamed={"hybrid_adam": "cpu_adam"})
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
     weight_decay: float = opt(0.1, "weight decay, applied to matrices only (not biases, norms); decoupled "
-                                   "for adamw, hybrid_adam and lamb, added to the gradient for sgd and lars",
+                                   "for adamw, cpu_adam and lamb, added to the gradient for sgd and lars",
                               min=0.0)
     betas: List[float] = opt([0.9, 0.95], "Adam's and LAMB's (beta1, beta2)")
     eps: float = opt(1e-8, "Adam's and LAMB's epsilon; LARS adds it to its learning-rate denominator", min=0.0)
@@ -252,6 +254,13 @@ def validate(cfg: Any, prefix: str = "") -> None:
             validate(value, key + ".")
             continue
         meta = f.metadata
+        new_name = (meta.get("renamed") or {}).get(value) if isinstance(value, str) else None
+        if new_name is not None:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: {key}={value} is now called {key}={new_name}; the old name still works",
+                      file=sys.stderr)
+            value = new_name
+            setattr(cfg, f.name, value)
         choices = meta.get("choices")
         if choices is not None and value not in choices:
             by_lower = {str(c).lower(): str(c) for c in choices}

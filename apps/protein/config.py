@@ -22,7 +22,7 @@ class ProteinModelConfig:
     extra_msa_blocks: int = opt(0, "extra-MSA stack blocks; 0 = the preset's 4", min=0)
     structure_blocks: int = opt(0, "structure module iterations; 0 = the preset's 8", min=0)
     recycles: int = opt(3, "recycling iterations", min=0)
-    engine: str = opt("loom", "the Evoformer and extra-MSA stacks: loom (in-place, chunked to memory.budget_gb, "
+    engine: str = opt("loom", "the Evoformer and extra-MSA stacks: loom (in place, in blocks sized to memory.budget_gb, "
                               "axial parallelism under torchrun) or openfold (its own stacks)",
                       choices=("loom", "openfold"))
     dtype: str = opt("float32", "the model's weights and activations", choices=("float32", "bfloat16"))
@@ -49,7 +49,7 @@ class ProteinOutputConfig:
 
 @dataclass
 class ProteinMemoryConfig:
-    budget_gb: float = opt(0.0, "engine=loom: memory each process may use, in GiB; the Evoformer's chunks are "
+    budget_gb: float = opt(0.0, "engine=loom: memory each process may use, in GiB; the Evoformer's blocks are "
                                 "sized to stay under it and under what is free less a reserve (10% or 128 MiB, "
                                 "the larger); 0 = what is free less that reserve",
                            min=0)
@@ -78,4 +78,4 @@ class ProteinRecipe:
             raise ConfigError(f"output.dir: {self.output.dir} is a file; give a folder (it is made if missing)")
         if self.model.engine == "loom" and (self.model.chunk_size or self.model.use_lma):
             raise ConfigError("model.chunk_size and model.use_lma set OpenFold's own chunking (model.engine=openfold); "
-                              "with model.engine=loom the chunks follow memory.budget_gb")
+                              "with model.engine=loom the blocks follow memory.budget_gb")

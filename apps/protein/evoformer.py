@@ -5,9 +5,9 @@ stay as they are).
 The modules carry OpenFold's parameter names and shapes, so a state dict moves between the two
 unchanged (`from_openfold` loads one with strict checking). What differs is how a block runs:
 
-- every residual update is written into the MSA and pair representations in place, a chunk of
-  rows at a time, so a block holds z once plus one chunk's temporaries;
-- the chunks (rows, attention queries, triangle-multiplication channels) come from a `Plan`,
+- every residual update is written into the MSA and pair representations in place, a block of
+  rows at a time, so a block holds z once plus one block's temporaries;
+- the blocks (rows, attention queries, triangle-multiplication channels) come from a `Plan`,
   which `apps.protein.plan` sizes from a memory budget;
 - with dynamic axial parallelism (`apps.protein.axial`) each rank holds 1/p of m and z and the
   collectives switch the split axis where an operation needs it.
@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.protein.axial import Axial
-from apps.protein.plan import GIB, Plan, Shapes, choose, chunks, longest, strip_spans, what_fits
+from apps.protein.plan import GIB, Plan, Shapes, blocks, choose, longest, strip_spans, what_fits
 from apps.protein.spill import HeldUpdates, WaitingUpdates
 from core.errors import LoomError
 from core.memory.store import trim_heap
 from core.memory.usage import free_bytes, process_bytes
 
 
-# Where the budget leaves a choice, chunks whose temporaries stay under these run fastest (measured
-# on the CPU: beyond a few tens of MiB each chunk's fresh pages cost more than the extra steps).
+# Where the budget leaves a choice, blocks whose temporaries stay under these run fastest (measured
+# on the CPU: beyond a few tens of MiB each block's fresh pages cost more than the extra steps).
 PREFER_CPU_CHUNK = 64 << 20
 PREFER_GPU_CHUNK = 2 << 30
 # What the plan leaves free beyond its estimates (and at least 10% of what is free): the
@@ -61,13 +61,13 @@ class Attention(nn.Module):
         are updated in place, `plan_rows` rows and `queries` queries at a time."""
         n_rows, length, _ = stream.shape
         h, d = self.heads, self.c_hidden
-        for r0, r1 in chunks(n_rows, plan_rows):
+        for r0, r1 in blocks(n_rows, plan_rows):
             x = norm(stream[r0:r1])
             r = r1 - r0
             k = self.linear_k(x).view(r, length, h, d).permute(0, 2, 3, 1)
             v = self.linear_v(x).view(r, length, h, d).transpose(1, 2)
             mask_bias = (inf * (key_mask[r0:r1] - 1))[:, None, None, :].to(x.dtype)
-            for q0, q1 in chunks(length, queries):
+            for q0, q1 in blocks(length, queries):
                 xq = x[:, q0:q1]
                 q = self.linear_q(xq).view(r, q1 - q0, h, d).transpose(1, 2) / math.sqrt(d)
                 logits = torch.matmul(q, k)
@@ -96,7 +96,7 @@ class GlobalAttention(nn.Module):
                      plan_rows: int) -> None:
         n_rows, length, _ = stream.shape
         h, d = self.heads, self.c_hidden
-        for r0, r1 in chunks(n_rows, plan_rows):
+        for r0, r1 in blocks(n_rows, plan_rows):
             x = norm(stream[r0:r1])
             msk = mask[r0:r1].to(x.dtype)
             q = (x * msk[..., None]).sum(dim=-2) / (msk.sum(dim=-1)[..., None] + eps)
@@ -118,7 +118,7 @@ class Transition(nn.Module):
         self.linear_2 = _linear(n * c, c)
 
     def update_rows_(self, stream: torch.Tensor, mask: torch.Tensor | None, plan_rows: int) -> None:
-        for r0, r1 in chunks(stream.shape[0], plan_rows):
+        for r0, r1 in blocks(stream.shape[0], plan_rows):
             x = stream[r0:r1]
             u = self.linear_2(torch.relu(self.linear_1(self.layer_norm(x))))
             if mask is not None:
@@ -148,7 +148,7 @@ class OuterProductMean(nn.Module):
         transposed = st.z_layout == "T"
         local, other = (b, st.ax.gather(a, dim=1)) if transposed else (a, st.ax.gather(b, dim=1))
         spec = "sje,sic->jice" if transposed else "sic,sje->ijce"
-        for r0, r1 in chunks(local.shape[1], st.plan.rows):
+        for r0, r1 in blocks(local.shape[1], st.plan.rows):
             outer = torch.einsum(spec, local[:, r0:r1], other)
             outer = self.linear_out(outer.reshape(outer.shape[:2] + (-1,)))
             norm = torch.einsum("sr,sn->rn", mk[:, r0:r1, 0], full_mask) + self.eps
@@ -191,12 +191,12 @@ class TriangleMultiplication(nn.Module):
         z, mask = st.z, st.pair_mask_local()
         rows, n = z.shape[:2]
         x = z.new_empty(self.c_hidden, rows, n)
-        for c0, c1 in chunks(self.c_hidden, st.plan.channels):
+        for c0, c1 in blocks(self.c_hidden, st.plan.channels):
             local, other = self._sides(z, mask, 0, st.plan.rows, slice(c0, c1))
             other = st.ax.gather(other, dim=1)
             torch.matmul(local, other.transpose(1, 2), out=x[c0:c1])
             del local, other
-        for r0, r1 in chunks(rows, st.plan.rows):
+        for r0, r1 in blocks(rows, st.plan.rows):
             z[r0:r1] += self._delta(z[r0:r1], x[:, r0:r1])
 
     def _sides(self, z: torch.Tensor, mask: torch.Tensor, start: int, step: int, c: slice):
@@ -205,7 +205,7 @@ class TriangleMultiplication(nn.Module):
         rows, n = z.shape[0] - start, z.shape[1]
         local = z.new_empty(c.stop - c.start, rows, n)
         other = z.new_empty(c.stop - c.start, rows, n)
-        for r0, r1 in chunks(rows, step):
+        for r0, r1 in blocks(rows, step):
             zl = self.layer_norm_in(z[start + r0:start + r1])
             mk = mask[start + r0:start + r1, :, None].to(zl.dtype)
             local[:, r0:r1] = self._projection(mine, zl, mk, c).permute(2, 0, 1)
@@ -235,12 +235,12 @@ class TriangleMultiplication(nn.Module):
             size = s1 - s0
             xa = z.new_empty(self.c_hidden, size, n - s0)     # x[S_t, s0:]
             xb = z.new_empty(self.c_hidden, n - s1, size)     # x[s1:, S_t]
-            for c0, c1 in chunks(self.c_hidden, plan.channels):
+            for c0, c1 in blocks(self.c_hidden, plan.channels):
                 local, other = self._sides(z, mask, s0, plan.rows, slice(c0, c1))
                 torch.matmul(local[:, :size], other.transpose(1, 2), out=xa[c0:c1])
                 torch.matmul(local[:, size:], other[:, :size].transpose(1, 2), out=xb[c0:c1])
                 del local, other
-            for r0, r1 in chunks(size, plan.rows):         # S_t is read by no later tile: update it
+            for r0, r1 in blocks(size, plan.rows):         # S_t is read by no later tile: update it
                 z[s0 + r0:s0 + r1, s0:] += self._delta(z[s0 + r0:s0 + r1, s0:], xa[:, r0:r1])
             del xa
             for c, update in waiting.take(t):
@@ -248,7 +248,7 @@ class TriangleMultiplication(nn.Module):
                 del update
             for u, (u0, u1) in enumerate(strips[t + 1:], start=t + 1):
                 update = z.new_empty(u1 - u0, size, z.shape[2])
-                for r0, r1 in chunks(u1 - u0, plan.rows):
+                for r0, r1 in blocks(u1 - u0, plan.rows):
                     r0, r1 = r0 + u0, r1 + u0
                     update[r0 - u0:r1 - u0] = self._delta(z[r0:r1, s0:s1], xb[:, r0 - s1:r1 - s1])
                 waiting.put(u, t, update)
@@ -384,7 +384,7 @@ class _State:
     def settle(self) -> None:
         """Between operations on the host: the heap's freed holes go back to the OS, so that one
         operation's small temporaries do not stay resident under the next (measured at 384
-        residues in 4-row chunks: 15.5 MiB retained by the end of a block without, 3.5 with)."""
+        residues in 4-row blocks: 15.5 MiB retained by the end of a block without, 3.5 with)."""
         if self.z.device.type == "cpu":
             trim_heap()
 
@@ -414,9 +414,9 @@ class _State:
         gathered: indexed as z if `of_z`, else as the rows held now (z^T in layout T)."""
         order = (2, 1, 0) if of_z and self.z_layout == "T" else (2, 0, 1)
         rows, n = self.z.shape[:2]
-        if self.ax.size == 1:                  # each chunk goes straight to its place: one [H, N, N]
+        if self.ax.size == 1:                  # each block goes straight to its place: one [H, N, N]
             bias = self.z.new_empty(linear.out_features, n, n)
-            for r0, r1 in chunks(rows, self.plan.rows):
+            for r0, r1 in blocks(rows, self.plan.rows):
                 part = linear(norm(self.z[r0:r1])).permute(*order)
                 if order == (2, 0, 1):
                     bias[:, r0:r1] = part
@@ -424,7 +424,7 @@ class _State:
                     bias[:, :, r0:r1] = part
                 del part
             return bias
-        parts = [linear(norm(self.z[r0:r1])) for r0, r1 in chunks(rows, self.plan.rows)]
+        parts = [linear(norm(self.z[r0:r1])) for r0, r1 in blocks(rows, self.plan.rows)]
         bias = self.ax.gather(torch.cat(parts, dim=0), dim=0)
         del parts
         return bias.permute(*order).contiguous()
@@ -453,7 +453,7 @@ class Stack(nn.Module):
             self.linear = _linear(dims["c_m"], c_s)
         self.ax = Axial()
         self.budget: int | None = None         # bytes per process; None = what is free less UNMODELLED or 10%
-        self.plan: Plan | None = None          # fixed chunks (overrides the budget)
+        self.plan: Plan | None = None          # fixed blocks (overrides the budget)
         self.spill_dir: str | None = None      # a folder the waiting updates may go to (one process)
         self.last_plan: Plan | None = None
         self.spilled_bytes = 0                 # written to spill_dir by this stack so far

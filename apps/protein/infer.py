@@ -147,7 +147,7 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
     if not cfg.model.params and main:
         print(RANDOM_WEIGHTS, file=sys.stderr)
     if device.type == "cpu":
-        # Freed temporaries of 1 MiB or more go back to the OS at once, so that what the chunk
+        # Freed temporaries of 1 MiB or more go back to the OS at once, so that what the block
         # planner reads as this process's memory is what it holds (glibc keeps them otherwise).
         return_freed_buffers_to_the_os()
     t0 = time.perf_counter()

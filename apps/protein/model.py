@@ -52,7 +52,7 @@ def openfold_config(cfg: ProteinRecipe):
 
 def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn.Module:
     """OpenFold's AlphaFold with the recipe's weights; with model.engine=loom its Evoformer and
-    extra-MSA stacks are Loom's (same weights), chunked to memory.budget_gb and split over `ax`."""
+    extra-MSA stacks are Loom's (same weights), in blocks sized to memory.budget_gb and split over `ax`."""
     load_openfold()
     from openfold.model.model import AlphaFold
 

@@ -1,12 +1,12 @@
 """Chunk sizes for Loom's Evoformer from a memory budget (in the spirit of AutoChunk, arXiv
 2401.10652: estimate each operation's activation memory at this sequence length, then take the
-largest chunks that keep the peak under the budget).
+largest blocks that keep the peak under the budget).
 
 The estimate counts, per rank, the tensors `apps.protein.evoformer` allocates: the caller's m and
 z (held throughout), this rank's parts and the gathered operands under axial parallelism, and for
-each operation the temporaries of one chunk. The peak is the held memory plus the largest
-operation's temporaries. Among the plans that fit, the one with the fewest chunk steps wins
-(larger chunks run faster).
+each operation the temporaries of one block. The peak is the held memory plus the largest
+operation's temporaries. Among the plans that fit, the one with the fewest block steps wins
+(larger blocks run faster).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def held_bytes(sh: Shapes) -> int:
 
 
 def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
-    """Temporaries of each operation with the chunks of `plan` (per rank)."""
+    """Temporaries of each operation with the blocks of `plan` (per rank)."""
     p, e = sh.ranks, sh.bytes_per
     n, s = sh.n, sh.s
     n_loc, s_loc = -(-n // p), -(-s // p)
@@ -80,11 +80,11 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
     hm, dm, hp, dp = sh.heads_msa, sh.c_att, sh.heads_pair, sh.c_pair_att
 
     def attention(rows: int, length: int, c_in: int, h: int, d: int, bias: int) -> int:
-        per_chunk = rows * length * (c_in + 2 * h * d) + rows * q * (4 * h * d + c_in) + 2 * rows * h * q * length
-        return bias + per_chunk
+        per_block = rows * length * (c_in + 2 * h * d) + rows * q * (4 * h * d + c_in) + 2 * rows * h * q * length
+        return bias + per_block
 
     def pair_bias(h: int) -> int:
-        if p == 1:                     # written in place, a chunk of rows at a time
+        if p == 1:                     # written in place, a block of rows at a time
             return h * n * n + r * n * (sh.c_z + 2 * h)
         return 2 * h * n * n + n_loc * n * h                              # gathered, permuted, parts
 
@@ -112,7 +112,7 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
     return {k: v * e for k, v in out.items()}
 
 
-def chunks(n: int, size: int):
+def blocks(n: int, size: int):
     """(start, stop) of consecutive pieces of range(n), `size` long (the last one shorter)."""
     size = max(1, size)
     for start in range(0, n, size):
@@ -121,7 +121,7 @@ def chunks(n: int, size: int):
 
 def strip_spans(n: int, strips: int) -> list[tuple[int, int]]:
     """The rows of each strip of the triangle multiplication (the last one may be shorter)."""
-    return list(chunks(n, -(-n // strips)))
+    return list(blocks(n, -(-n // strips)))
 
 
 def _strip_bytes(sh: Shapes, plan: Plan, s0: int, s1: int) -> int:
@@ -163,7 +163,7 @@ def smallest(sh: Shapes, spill: bool = False) -> Plan:
 
 def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = False, outside: int = 0) -> Plan:
     """The plan with the fewest steps whose peak stays within `budget` bytes, and, where one can,
-    whose largest chunk's temporaries stay within `prefer` bytes (on a CPU, huge temporaries are
+    whose largest block's temporaries stay within `prefer` bytes (on a CPU, huge temporaries are
     slower than several cache-sized ones: each allocation is fresh pages); a `LoomError` naming the
     longest sequence that would fit when none does (`what_fits`; `outside`: what the process holds
     besides the stack, for the floor it names). `spill`: the waiting updates of the strip
@@ -198,7 +198,7 @@ def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = Fal
             hint = (f" (about {longest(sh, budget, spill=True)} with memory.spill_dir set to a folder on a local disk, "
                     f"where the triangle multiplication then keeps the updates that wait for later rows)")
         raise LoomError(f"a {sh.n}-residue sequence does not fit: the Evoformer needs about "
-                        f"{peak_bytes(sh, smallest(sh, spill)) / GIB:.2f} GiB even in the smallest chunks and "
+                        f"{peak_bytes(sh, smallest(sh, spill)) / GIB:.2f} GiB even in the smallest blocks and "
                         f"{max(budget, 0) / GIB:.2f} GiB of the memory budget is left for it; "
                         f"{what_fits(sh, budget, spill, outside)}{hint}. Raise memory.budget_gb, run on more "
                         f"processes (torchrun: axial parallelism) or use model.dtype=bfloat16")
@@ -218,7 +218,7 @@ def what_fits(sh: Shapes, budget: int, spill: bool = False, outside: int = 0) ->
 
 
 def longest(sh: Shapes, budget: int, spill: bool = False) -> int:
-    """The longest sequence that fits `budget` with the smallest chunks (bisection)."""
+    """The longest sequence that fits `budget` with the smallest blocks (bisection)."""
     def fits(n: int) -> bool:
         at = replace(sh, n=n)
         return peak_bytes(at, smallest(at, spill)) <= budget

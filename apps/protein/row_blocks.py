@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from apps.protein.compat import load_openfold
-from apps.protein.plan import chunks
+from apps.protein.plan import blocks
 
 BLOCK_BYTES = 64 << 20
 
@@ -63,14 +63,14 @@ class DeferredPair:
     def __iadd__(self, other: torch.Tensor) -> torch.Tensor:
         if not isinstance(other, torch.Tensor) or other.shape != self.shape:
             return NotImplemented
-        for r0, r1 in chunks(self.n, self.step):
+        for r0, r1 in blocks(self.n, self.step):
             block = other[r0:r1]
             block.copy_(self.rows(r0, r1) + block)           # OpenFold: z = pair; z += z_prev_emb
         return other
 
     def whole(self) -> torch.Tensor:
         out = self._like.new_empty(self.shape)
-        for r0, r1 in chunks(self.n, self.step):
+        for r0, r1 in blocks(self.n, self.step):
             out[r0:r1] = self.rows(r0, r1)
         return out
 
@@ -220,13 +220,13 @@ def _classes():
         def logits(self, z):
             n = z.shape[0]
             logits = z.new_empty(n, n, self.no_bins)
-            for r0, r1 in chunks(n, _rows(n, z.shape[-1] + self.no_bins, z.element_size())):
+            for r0, r1 in blocks(n, _rows(n, z.shape[-1] + self.no_bins, z.element_size())):
                 logits[r0:r1] = self.linear(z[r0:r1])
             # logits + logits^T in place, a pair of tiles at a time (t[i, j] = l[i, j] + l[j, i]);
             # a tile of ~8 MiB
             tile = max(1, int((BLOCK_BYTES / 8 / (self.no_bins * z.element_size())) ** 0.5))
-            for i0, i1 in chunks(n, tile):
-                for j0, j1 in chunks(n, tile):
+            for i0, i1 in blocks(n, tile):
+                for j0, j1 in blocks(n, tile):
                     if j0 < i0:
                         continue
                     upper, lower = logits[i0:i1, j0:j1], logits[j0:j1, i0:i1]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from core.booster.booster import Boosted, Booster
 from core.booster.ddp import DDPPlugin
-from core.booster.gemini import GeminiPlugin
-from core.booster.hybrid import HybridPlugin
+from core.booster.pipeline import PipelinePlugin
 from core.booster.zero import ZeroPlugin
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.config import Recipe
@@ -47,16 +46,16 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
             raise LoomError("memory.step_in_backward=true needs the chunked engine: set parallel.zero or "
                             "parallel.offload")
     if mesh.size("pp") > 1:
-        return HybridPlugin(mesh, precision=p.precision, schedule=p.pp_schedule, microbatches=p.microbatches,
+        return PipelinePlugin(mesh, precision=p.precision, schedule=p.pp_schedule, microbatches=p.microbatches,
                             virtual_stages=p.virtual_stages, partition_by=p.pp_partition)
     if p.offload != "none" or cfg.memory.device_gb > 0:
         nvme = cfg.memory.nvme_dir or str(Path(cfg.output.dir) / "nvme")
-        return GeminiPlugin(mesh, precision=p.precision, stage=p.zero or 3, offload=p.offload, memory=cfg.memory,
+        return ZeroPlugin(mesh, precision=p.precision, stage=p.zero or 3, offload=p.offload, memory=cfg.memory,
                             nvme_dir=nvme, materialize=materialize)
     if p.zero:
         return ZeroPlugin(mesh, precision=p.precision, stage=p.zero, memory=cfg.memory, materialize=materialize)
     return DDPPlugin(mesh, precision=p.precision)
 
 
-__all__ = ["Boosted", "Booster", "DDPPlugin", "GeminiPlugin", "HybridPlugin", "ModelWrapper", "OptimizerWrapper", "Plugin",
+__all__ = ["Boosted", "Booster", "DDPPlugin", "PipelinePlugin", "ModelWrapper", "OptimizerWrapper", "Plugin",
            "ZeroPlugin", "make_plugin"]

@@ -56,7 +56,7 @@ class Booster:
                          optimizer: OptimizerWrapper | None) -> torch.Tensor:
         """One pipelined step over the micro-batches `batches` (any iterable; forward only without an
         optimizer); gradients end up accumulated and synchronised, ready for `optimizer.step()`.
-        Returns the mean loss on every rank. Only plugins that pipeline (`hybrid`) have it."""
+        Returns the mean loss on every rank. Only the pipeline plugin has it."""
         if not getattr(self.plugin, "pipelined", False):
             raise LoomError(f"the {self.plugin.name} plugin does not pipeline; set parallel.pp > 1")
         return self.plugin.execute_pipeline(batches, model, first_input, criterion, optimizer)

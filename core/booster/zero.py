@@ -31,7 +31,7 @@ from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
 from core.memory.chunk import plan_chunks, shard_used
-from core.memory.gemini import GeminiModel
+from core.memory.chunked_model import ChunkedModel
 from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
 from core.optim.split_norms import attach as attach_split_norms
@@ -145,7 +145,7 @@ class ZeroPlugin(Plugin):
 
         rule = "lamb" if isinstance(optimizer, LAMB) else "lars" if isinstance(optimizer, LARS) else "adam"
         if rule == "adam" and any("betas" not in g for g in optimizer.param_groups):
-            raise LoomError(f"the {self.name} plugin trains with AdamW, LAMB or LARS (optim.name=adamw, hybrid_adam, "
+            raise LoomError(f"the {self.name} plugin trains with AdamW, LAMB or LARS (optim.name=adamw, cpu_adam, "
                             f"lamb or lars)")
         if rule != "adam" and (self.offload == "nvme" or self.memory.step_in_backward):
             raise LoomError(f"optim.name={rule} needs every parameter's norm before any step, so it cannot step "
@@ -196,7 +196,7 @@ class ZeroPlugin(Plugin):
         self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
                                    origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule,
                                    tp_axis=tp)
-        self.wrapped = GeminiModel(model, self.manager, grads.reduce)
+        self.wrapped = ChunkedModel(model, self.manager, grads.reduce)
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
 
     def unchunk(self, model: nn.Module) -> nn.Module:

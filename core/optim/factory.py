@@ -28,10 +28,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if cfg.name == "hybrid_adam":
-        from core.optim.hybrid_adam import HybridAdam
+    if cfg.name in ("cpu_adam", "hybrid_adam"):       # hybrid_adam: its name before Loom 0.2
+        from core.optim.cpu_adam import CPUAdam
 
-        return HybridAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return CPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name in ("lamb", "lars"):

@@ -1,6 +1,6 @@
 """Pipeline parallelism: schedules (GPipe, 1F1B, interleaved 1F1B), stage partitioning and the
-runner that executes a schedule with point-to-point messages between stages. The `hybrid`
-Booster plugin (`core.booster.hybrid`) composes it with data and tensor parallelism."""
+runner that executes a schedule with point-to-point messages between stages. The `pipeline`
+Booster plugin (`core.booster.pipeline`) composes it with data and tensor parallelism."""
 
 from core.pipeline.engine import PipelineLayer, StageRunner, StepRecord, partition, prune
 from core.pipeline.schedule import SCHEDULES, Action, build, check, simulate

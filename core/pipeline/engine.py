@@ -1,13 +1,13 @@
 """Running a schedule: one pipeline step on this rank.
 
 A model that can be pipelined lists its layers in order (`PipelineLayer`: the submodules it
-owns and the function that runs it); `partition` cuts them into p x v contiguous chunks and
-`StageRunner` runs this rank's chunks through a schedule's actions:
+owns and the function that runs it); `partition` cuts them into p x v contiguous stages and
+`StageRunner` runs this rank's (virtual) stages through a schedule's actions:
 
-- F(micro, chunk): take the input (the micro-batch itself on the first virtual stage, else the
-  activation received from the previous one), run the chunk, send the output on, or on the last
+- F(micro, virtual): take the input (the micro-batch itself on the first virtual stage, else the
+  activation received from the previous one), run the stage, send the output on, or on the last
   virtual stage compute the loss.
-- B(micro, chunk): start backward from the loss, or from the output gradient received from the
+- B(micro, virtual): start backward from the loss, or from the output gradient received from the
   next virtual stage, and send the input's gradient back.
 
 Point-to-point messages are tagged by (micro-batch, virtual stage, kind), so no two can be
@@ -43,7 +43,7 @@ class PipelineLayer:
     """One unit of a model that a stage may hold: `modules` names the submodules it owns (their
     parameters move with it), `fn` maps the previous layer's output to its own. `body` layers are
     the repeated ones (transformer blocks) that `partition(by="layers")` counts; the others
-    (embeddings, the head) ride with the first or last chunk."""
+    (embeddings, the head) ride with the first or last stage."""
 
     name: str
     modules: tuple[str, ...]
@@ -77,9 +77,9 @@ def _balanced(weights: list[float], parts: int) -> list[int]:
 
 def partition(layers: list[PipelineLayer], parts: int, by: str = "layers",
               weights: list[float] | None = None) -> list[list[int]]:
-    """Layer indices of each of `parts` chunks (virtual stages), in order.
+    """Layer indices of each of `parts` stages (p x v virtual stages), in order.
 
-    - "layers": the same number of body layers per chunk (refused when they do not divide);
+    - "layers": the same number of body layers per stage (refused when they do not divide);
     - "params": balanced by parameter count (`weights`, one per layer);
     - "cost": balanced by a measured per-layer cost (`weights`).
     """
@@ -87,19 +87,19 @@ def partition(layers: list[PipelineLayer], parts: int, by: str = "layers",
     if by == "layers":
         if len(body) % parts or not body:
             fits = [d for d in range(1, len(body) + 1) if len(body) % d == 0]
-            raise LoomError(f"the model's {len(body)} layers do not divide into {parts} pipeline chunks "
-                            f"(parallel.pp x parallel.virtual_stages); chunk counts that divide them: "
-                            f"{', '.join(map(str, fits))}; or balance unequal chunks with parallel.pp_partition=params")
+            raise LoomError(f"the model's {len(body)} layers do not divide into {parts} pipeline stages "
+                            f"(parallel.pp x parallel.virtual_stages); stage counts that divide them: "
+                            f"{', '.join(map(str, fits))}; or balance unequal stages with parallel.pp_partition=params")
         per = len(body) // parts
-        chunks = [body[k * per:(k + 1) * per] for k in range(parts)]
-        chunks[0] = list(range(0, chunks[0][-1] + 1))                    # leading layers (embeddings)
-        chunks[-1] = list(range(chunks[-1][0], len(layers)))             # trailing layers (the head)
-        return chunks
+        stages = [body[k * per:(k + 1) * per] for k in range(parts)]
+        stages[0] = list(range(0, stages[0][-1] + 1))                    # leading layers (embeddings)
+        stages[-1] = list(range(stages[-1][0], len(layers)))             # trailing layers (the head)
+        return stages
     if by in ("params", "cost"):
         if weights is None or len(weights) != len(layers):
             raise ValueError(f"partition by {by} needs one weight per layer")
         if len(layers) < parts:
-            raise LoomError(f"the model has {len(layers)} pipeline layers, fewer than the {parts} chunks asked for")
+            raise LoomError(f"the model has {len(layers)} pipeline layers, fewer than the {parts} stages asked for")
         bounds = _balanced(weights, parts)
         return [list(range(bounds[k], bounds[k + 1])) for k in range(parts)]
     raise LoomError(f"parallel.pp_partition={by} is unknown; choose layers, params or cost")
@@ -127,26 +127,26 @@ def prune(model: nn.Module, layers: list[PipelineLayer], keep: set[int]) -> None
 class StepRecord:
     """What one step did on this rank: compute spans and saved-activation bytes."""
 
-    spans: list[tuple[str, int, int, float, float]] = field(default_factory=list)  # kind, micro, chunk, t0, t1
+    spans: list[tuple[str, int, int, float, float]] = field(default_factory=list)  # kind, micro, virtual, t0, t1
     peak_activation_bytes: int = 0
     peak_held: int = 0
 
 
 class StageRunner:
-    """Runs this rank's chunks (lists of layers) through a schedule's actions."""
+    """Runs this rank's virtual stages (lists of layers) through a schedule's actions."""
 
-    def __init__(self, chunks: list[list[PipelineLayer]], axis: AxisGroup, autocast: Callable[[], Any],
+    def __init__(self, stages: list[list[PipelineLayer]], axis: AxisGroup, autocast: Callable[[], Any],
                  params: list[torch.Tensor]) -> None:
-        self.chunks = chunks
+        self.stages = stages
         self.axis = axis
-        self.p, self.s, self.v = axis.size, axis.rank, len(chunks)
+        self.p, self.s, self.v = axis.size, axis.rank, len(stages)
         self.autocast = autocast
         self._param_storages = {t.untyped_storage().data_ptr() for t in params}
 
     # ---- topology and tags -----------------------------------------------------------------
 
-    def _virtual(self, chunk: int) -> int:
-        return chunk * self.p + self.s
+    def _virtual(self, virtual: int) -> int:
+        return virtual * self.p + self.s
 
     @property
     def _last(self) -> int:
@@ -175,15 +175,15 @@ class StageRunner:
 
     def _post(self, a: Action) -> None:
         """Post the receive `a` will need, if its shape is known and it is not posted yet."""
-        g = self._virtual(a.chunk)
+        g = self._virtual(a.virtual)
         if a.kind == "F":
             if g == 0 or (g - 1) not in self._shapes:
                 return
             tag, src, (shape, dtype) = self._tag(a.micro, g - 1, 1), g - 1, self._shapes[g - 1]
         else:
-            if g == self._last or (a.micro, a.chunk) not in self._held:
+            if g == self._last or (a.micro, a.virtual) not in self._held:
                 return
-            y = self._held[(a.micro, a.chunk)][1]
+            y = self._held[(a.micro, a.virtual)][1]
             tag, src, shape, dtype = self._tag(a.micro, g + 1, 2), g + 1, y.shape, y.dtype
         if tag not in self._posted:
             buf = torch.empty(shape, dtype=dtype, device=self.device)
@@ -224,7 +224,7 @@ class StageRunner:
         live_bytes, held_bytes = 0, {}
         forward_only = backward is None
         for index, a in enumerate(actions):
-            g = self._virtual(a.chunk)
+            g = self._virtual(a.virtual)
             if index + 1 < len(actions):
                 self._post(actions[index + 1])
             if a.kind == "F":
@@ -242,7 +242,7 @@ class StageRunner:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                         torch.set_grad_enabled(not forward_only), self.autocast():
                     y = x
-                    for layer in self.chunks[a.chunk]:
+                    for layer in self.stages[a.virtual]:
                         y = layer.fn(y)
                     if g == self._last:
                         y = criterion(y, batches[a.micro])
@@ -252,15 +252,15 @@ class StageRunner:
                     self._send_activation(y, a.micro, g)
                 t1 = time.perf_counter()
                 if not forward_only:
-                    self._held[(a.micro, a.chunk)] = (x, y)
-                    held_bytes[(a.micro, a.chunk)] = saved[0]
+                    self._held[(a.micro, a.virtual)] = (x, y)
+                    held_bytes[(a.micro, a.virtual)] = saved[0]
                     live_bytes += saved[0]
                 if record is not None:
-                    record.spans.append(("F", a.micro, a.chunk, t0, t1))
+                    record.spans.append(("F", a.micro, a.virtual, t0, t1))
                     record.peak_activation_bytes = max(record.peak_activation_bytes, live_bytes)
                     record.peak_held = max(record.peak_held, len(self._held))
             else:
-                x, y = self._held.pop((a.micro, a.chunk))
+                x, y = self._held.pop((a.micro, a.virtual))
                 grad = None
                 if g < self._last:
                     grad = self._receive(self._tag(a.micro, g + 1, 2), g + 1, y.shape, y.dtype)
@@ -272,9 +272,9 @@ class StageRunner:
                 if g > 0:
                     self._send(x.grad, g - 1, self._tag(a.micro, g, 2))
                 t1 = time.perf_counter()
-                live_bytes -= held_bytes.pop((a.micro, a.chunk))
+                live_bytes -= held_bytes.pop((a.micro, a.virtual))
                 if record is not None:
-                    record.spans.append(("B", a.micro, a.chunk, t0, t1))
+                    record.spans.append(("B", a.micro, a.virtual, t0, t1))
             self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
         for work, _ in self._sends:
             work.wait()

@@ -1,5 +1,5 @@
 """Pipeline schedules: for each stage, the order in which it runs the forward (F) and backward
-(B) of each micro-batch on each of its model chunks.
+(B) of each micro-batch on each of its virtual stages.
 
 - GPipe (Huang et al. 2019): every forward, then every backward. A stage holds the
   activations of all m micro-batches at once.
@@ -7,7 +7,7 @@
   on GPU Clusters Using Megatron-LM", SC'21): p - s - 1 warm-up forwards on stage s, then one
   forward and one backward in turn, then the remaining backwards. The same bubble as GPipe,
   (p - 1) / m of the ideal time, but a stage holds at most p micro-batches of activations.
-- Interleaved 1F1B (same paper, section 2.2): each rank holds v model chunks (virtual stages
+- Interleaved 1F1B (same paper, section 2.2): each rank holds v virtual stages (parts of the model
   s, s + p, ..., s + (v - 1) p of p v); the bubble shrinks by v to (p - 1) / (m v), for v times
   as many point-to-point messages. Needs m to be a multiple of p.
 
@@ -29,10 +29,10 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 class Action:
     kind: str      # "F" or "B"
     micro: int     # micro-batch index
-    chunk: int = 0  # model chunk on this rank (virtual stage chunk * p + stage)
+    virtual: int = 0  # which of this rank's virtual stages (the model's stage virtual * p + rank)
 
     def __repr__(self) -> str:
-        return f"{self.kind}{self.micro}" + (f".{self.chunk}" if self.chunk else "")
+        return f"{self.kind}{self.micro}" + (f".{self.virtual}" if self.virtual else "")
 
 
 def check(schedule: str, stages: int, micro: int, virtual: int = 1) -> None:
@@ -70,8 +70,8 @@ def interleaved(stages: int, stage: int, micro: int, virtual: int) -> list[Actio
     total = micro * v
 
     def at(k: int, backward: bool) -> Action:
-        chunk = (k // p) % v
-        return Action("B" if backward else "F", (k // (p * v)) * p + k % p, v - 1 - chunk if backward else chunk)
+        virtual = (k // p) % v
+        return Action("B" if backward else "F", (k // (p * v)) * p + k % p, v - 1 - virtual if backward else virtual)
 
     warmup = total if micro == p else min(total, (p - stage - 1) * 2 + (v - 1) * p)
     out = [at(k, False) for k in range(warmup)]
@@ -91,7 +91,7 @@ def build(schedule: str, stages: int, stage: int, micro: int, virtual: int = 1) 
 
 def simulate(schedule: str, stages: int, micro: int, virtual: int = 1, forward: float = 1.0,
              backward: float = 2.0) -> dict:
-    """Play the schedule out with every stage's forward of one chunk taking `forward` and its
+    """Play the schedule out with every stage's forward of one virtual stage taking `forward` and its
     backward `backward` time units, messages instant. Returns the makespan, each stage's busy
     time and its largest number of micro-batches held (forward done, backward not yet), or
     raises RuntimeError if the stages would wait on each other forever."""
@@ -109,7 +109,7 @@ def simulate(schedule: str, stages: int, micro: int, virtual: int = 1, forward: 
             if cursor[s] == len(plans[s]):
                 continue
             a = plans[s][cursor[s]]
-            g = a.chunk * p + s
+            g = a.virtual * p + s
             if a.kind == "F":
                 need = ("F", a.micro, g - 1) if g > 0 else None
             else:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from apps.gpt.config import GPTRecipe
-from core.config import ConfigError, describe, iter_fields, known_recipes, load_recipe, to_yaml
+from core.config import ConfigError, Recipe, describe, iter_fields, known_recipes, load_recipe, to_yaml
 
 
 def test_defaults_recipe_and_overrides_merge_in_order():
@@ -95,3 +95,10 @@ def test_every_shipped_recipe_is_valid():
     recipes = Path(__file__).resolve().parents[2] / "recipes"
     for path in sorted(recipes.glob("gpt/*.yaml")):
         load_recipe(GPTRecipe, path)
+
+
+def test_a_renamed_value_still_works_with_one_line_saying_so(capsys):
+    cfg = load_recipe(Recipe, None, ["optim.name=hybrid_adam"])
+    assert cfg.optim.name == "cpu_adam"
+    assert capsys.readouterr().err == ("note: optim.name=hybrid_adam is now called optim.name=cpu_adam; "
+                                       "the old name still works\n")

@@ -70,7 +70,7 @@ def test_vocab_is_rounded_up_to_a_multiple_of_64():
 
 
 def test_gpt2_xl_nvme_recipe_builds_the_gpt2_xl_shape_and_its_plugin():
-    from core.booster import GeminiPlugin, make_plugin
+    from core.booster import ZeroPlugin, make_plugin
     from core.distributed import Layout, ParallelMesh
 
     cfg = load_recipe(GPTRecipe, "gpt/gpt2-xl-nvme")
@@ -78,4 +78,4 @@ def test_gpt2_xl_nvme_recipe_builds_the_gpt2_xl_shape_and_its_plugin():
         model = GPT(cfg.model)
     assert 1.55e9 <= model.num_params() <= 1.57e9       # GPT-2 XL: 1.5 B
     plugin = make_plugin(cfg, ParallelMesh.build(Layout()))
-    assert isinstance(plugin, GeminiPlugin) and plugin.offload == "nvme"
+    assert isinstance(plugin, ZeroPlugin) and plugin.offload == "nvme"

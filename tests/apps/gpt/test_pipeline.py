@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from apps.gpt.config import GPTModelConfig
 from apps.gpt.model import GPT
-from core.booster import HybridPlugin
+from core.booster import PipelinePlugin
 from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
 from core.tensor import make_mode
@@ -53,7 +53,7 @@ def _pipelined(layout, schedules, folder):
     for schedule, virtual, by in schedules:
         torch.manual_seed(0)
         model = GPT(CFG, mode)                     # serial-identical initialisation on every rank
-        plugin = HybridPlugin(mesh, "fp32", schedule, MICRO, virtual, by)
+        plugin = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, by)
         wrapped, opt = plugin.configure(model, _optimizer(model))
         losses, norms = [], []
         for step in range(STEPS):
@@ -78,7 +78,7 @@ def _pipelined(layout, schedules, folder):
         # by parameter count where the first cut was timed: a second timing may cut elsewhere)
         torch.manual_seed(1)
         fresh = GPT(CFG, mode)
-        again = HybridPlugin(mesh, "fp32", schedule, MICRO, virtual, "params" if by == "cost" else by)
+        again = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, "params" if by == "cost" else by)
         again.configure(fresh, None)
         again.checkpoint_io().load_model(fresh, where)
         mine, theirs = dict(fresh.named_parameters()), dict(model.named_parameters())

@@ -1,5 +1,5 @@
 """Schedules as data: each is free of deadlock (played out), runs every forward and backward once
-per micro-batch and chunk, has the bubble of its formula, and holds what its design promises;
+per micro-batch and virtual stage, has the bubble of its formula, and holds what its design promises;
 partitioning; refusals of what a schedule cannot run."""
 
 import pytest
@@ -15,9 +15,9 @@ def test_schedules_run_everything_once_without_deadlock_and_match_the_bubble_for
     for s in range(p):
         actions = build(schedule, p, s, m, v)
         for kind in "FB":
-            done = sorted((a.micro, a.chunk) for a in actions if a.kind == kind)
+            done = sorted((a.micro, a.virtual) for a in actions if a.kind == kind)
             assert done == sorted((i, c) for i in range(m) for c in range(v))
-        position = {(a.kind, a.micro, a.chunk): i for i, a in enumerate(actions)}
+        position = {(a.kind, a.micro, a.virtual): i for i, a in enumerate(actions)}
         assert all(position[("F", i, c)] < position[("B", i, c)] for i in range(m) for c in range(v))
     result = simulate(schedule, p, m, v)                  # raises if the stages would wait forever
     assert result["bubble"] == pytest.approx((p - 1) / (m * v))
@@ -50,14 +50,14 @@ def _layers(n_body):
 def test_partition_by_layers_puts_the_edges_with_the_first_and_last_chunk():
     assert partition(_layers(4), 2) == [[0, 1, 2], [3, 4, 5]]
     assert partition(_layers(8), 4) == [[0, 1, 2], [3, 4], [5, 6], [7, 8, 9]]
-    with pytest.raises(LoomError, match="the model's 6 layers do not divide into 4 pipeline chunks .* 1, 2, 3, 6"):
+    with pytest.raises(LoomError, match="the model's 6 layers do not divide into 4 pipeline stages .* 1, 2, 3, 6"):
         partition(_layers(6), 4)
 
 
 def test_partition_by_params_balances_the_largest_chunk():
-    # a big embedding (40) and six blocks of 10: the first chunk takes the embedding alone
+    # a big embedding (40) and six blocks of 10: the first stage takes the embedding alone
     weights = [40] + [10] * 6 + [5]
-    chunks = partition(_layers(6), 3, "params", weights)
-    loads = [sum(weights[i] for i in c) for c in chunks]
-    assert [i for c in chunks for i in c] == list(range(8))
-    assert max(loads) == 40 and chunks[0] == [0]
+    stages = partition(_layers(6), 3, "params", weights)
+    loads = [sum(weights[i] for i in c) for c in stages]
+    assert [i for c in stages for i in c] == list(range(8))
+    assert max(loads) == 40 and stages[0] == [0]

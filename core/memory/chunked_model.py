@@ -1,6 +1,6 @@
 """Training with parameters, gradients and optimizer states spread over device, host and NVMe.
 
-`GeminiModel` runs a model whose parameters live in chunks (`ChunkManager`):
+`ChunkedModel` runs a model whose parameters live in chunks (`ChunkManager`):
 
 - before a module's forward its parameters' chunks are fetched (`COMPUTE`), after it they are
   done for now (`HOLD_AFTER_FWD`) and may be evicted;
@@ -28,7 +28,7 @@ from core.memory.state import TensorState
 S = TensorState
 
 
-class GeminiModel(nn.Module):
+class ChunkedModel(nn.Module):
     def __init__(self, module: nn.Module, manager: ChunkManager, on_grads: Callable[[Chunk], None]) -> None:
         super().__init__()
         self.module = module

@@ -1,7 +1,7 @@
-"""The `hybrid` plugin: data x pipeline x tensor parallelism from one recipe.
+"""The `pipeline` plugin: data x pipeline x tensor parallelism from one recipe.
 
 - Pipeline: the model lists its layers (`pipeline_layers()`, see `core.pipeline`); they are cut
-  into parallel.pp x parallel.virtual_stages chunks, this rank keeps its own (the others are
+  into parallel.pp x parallel.virtual_stages stages, this rank keeps its own (the others are
   pruned, so its optimizer holds only its stage's parameters) and runs the schedule's actions
   for each step (`execute_pipeline`).
 - Tensor parallelism: the layers themselves are `core.tensor` layers built with the recipe's
@@ -61,7 +61,7 @@ class PipelineCheckpointIO(TensorParallelCheckpointIO):
 
     split_by = ("pp", "tp")
 
-    def __init__(self, plugin: "HybridPlugin") -> None:
+    def __init__(self, plugin: "PipelinePlugin") -> None:
         super().__init__(plugin.mesh)
         self.plugin = plugin
 
@@ -99,8 +99,8 @@ class PipelineCheckpointIO(TensorParallelCheckpointIO):
             raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
 
 
-class HybridPlugin(Plugin):
-    name = "hybrid"
+class PipelinePlugin(Plugin):
+    name = "pipeline"
     supported_precisions = ("fp32", "bf16")
     supported_devices = ("cpu", "cuda")
     supports_no_sync = False
@@ -143,7 +143,7 @@ class HybridPlugin(Plugin):
         assignment = partition(layers, p * v, self.partition_by, weights)
         self.assignment = assignment
         mine = [assignment[c * p + s] for c in range(v)]
-        keep = {i for chunk in mine for i in chunk}
+        keep = {i for stage in mine for i in stage}
         self.tied = list(getattr(model, "pipeline_tied", lambda: [])())
         self.tied_dropped = _tied_names_dropped(model)
         prune(model, layers, keep)
@@ -156,7 +156,7 @@ class HybridPlugin(Plugin):
         side = 0 if s == 0 else 1 if s == p - 1 else None
         self._tied_params = [by_name[pair[side]] for pair in self.tied if side is not None and pair[side] in by_name]
         skip = {id(t) for t in self._tied_params} if side == 1 else set()
-        self.runner = StageRunner([[layers[i] for i in chunk] for chunk in mine], self.pp,
+        self.runner = StageRunner([[layers[i] for i in stage] for stage in mine], self.pp,
                                   self.precision.autocast, params)
         wrapped = ModelWrapper(model, model, self.precision)
         opt = None

@@ -1,4 +1,4 @@
-"""HybridAdam: AdamW for parameters wherever they live.
+"""CPUAdam: AdamW for parameters wherever they live.
 
 Parameters in CPU memory (offloaded master weights) are updated by the C++ CPU Adam
 (`kernels.cpu_adam`: one vectorised OpenMP pass, optionally writing a bf16/fp16 working copy);
@@ -15,7 +15,7 @@ import torch
 from kernels.cpu_adam import adam_step, load as load_kernel
 
 
-class HybridAdam(torch.optim.Optimizer):
+class CPUAdam(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, adamw_mode: bool = True,
                  bias_correction: bool = True) -> None:
@@ -47,11 +47,11 @@ class HybridAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("HybridAdam does not support sparse gradients")
+                    raise RuntimeError("CPUAdam does not support sparse gradients")
                 state = self._state(p)
                 if p.device.type == "cpu":
                     if not p.data.is_contiguous():
-                        raise RuntimeError("HybridAdam needs contiguous CPU parameters")
+                        raise RuntimeError("CPUAdam needs contiguous CPU parameters")
                     state["step"] += 1
                     adam_step(p.data, p.grad,
                               state["exp_avg"], state["exp_avg_sq"], None, lr=group["lr"], beta1=beta1,
@@ -66,7 +66,7 @@ class HybridAdam(torch.optim.Optimizer):
                     steps.append(state["step"])
             if device_params:
                 if not group["adamw_mode"] or not group["bias_correction"]:
-                    raise RuntimeError("HybridAdam on GPU parameters supports AdamW with bias correction only")
+                    raise RuntimeError("CPUAdam on GPU parameters supports AdamW with bias correction only")
                 from torch.optim.adamw import adamw as functional_adamw
 
                 functional_adamw(  # increments the step tensors itselfdevice_params, device_grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False,
