@@ -27,14 +27,16 @@ from core.errors import LoomError
 T = TypeVar("T", bound=Recipe)
 
 
-def _usage(prog: str, summary: str, default_recipe: str) -> str:
+def _usage(prog: str, summary: str, default_recipe: str, training: bool) -> str:
+    example = "train.steps=50 parallel.dp=2" if training else "output.dir=runs/mine"
+    spread = " parallel.dp=N" if training else ""
     return (f"usage: {prog} [--recipe NAME_OR_PATH] [key=value ...]\n\n{summary}\n\n"
             f"  --recipe NAME_OR_PATH  a recipe file, or a name such as {default_recipe} "
             f"(default: {default_recipe})\n"
-            f"  key=value              override one recipe key, e.g. train.steps=50 parallel.dp=2\n"
+            f"  key=value              override one recipe key, e.g. {example}\n"
             f"  -h, --help             print this and every recipe key with its default and meaning\n\n"
             f"Known recipes: {', '.join(r for r in known_recipes() if r.split('/')[0] == default_recipe.split('/')[0])}\n"
-            f"Many processes: torchrun --standalone --nproc-per-node N -m {prog.split()[-1]} parallel.dp=N")
+            f"Many processes: torchrun --standalone --nproc-per-node N -m {prog.split()[-1]}{spread}")
 
 
 def parse(schema: type[T], argv: Sequence[str] | None, *, prog: str, summary: str,
@@ -67,7 +69,7 @@ def parse(schema: type[T], argv: Sequence[str] | None, *, prog: str, summary: st
             values = load_recipe(schema, recipe)
         except ConfigError:
             values = None
-        print(_usage(prog, summary, default_recipe))
+        print(_usage(prog, summary, default_recipe, issubclass(schema, Recipe)))
         print(f"\nRecipe keys (recipe shown: {recipe}):")
         print(describe(schema, values))
         return None

@@ -85,7 +85,17 @@ class TrainConfig:
 
 
 @dataclass
-class ParallelConfig:
+class LaunchConfig:
+    """How a run's processes find their devices and each other (what every app's `parallel`
+    section has, training or inference)."""
+
+    device: str = opt("auto", "compute device; auto = cuda when available, else cpu", choices=("auto", "cpu", "cuda"))
+    backend: str = opt("auto", "torch.distributed backend; auto = nccl on cuda, gloo on cpu", choices=("auto", "gloo", "nccl"))
+    timeout_s: int = opt(1800, "seconds a collective may wait for a peer before the run fails", min=10)
+
+
+@dataclass
+class ParallelConfig(LaunchConfig):
     dp: int = opt(0, "data-parallel size; 0 = whatever the world size leaves after tp x pp x sp", min=0)
     tp: int = opt(1, "tensor-parallel size", min=1)
     tp_mode: str = opt("1d", "tensor-parallel layout", choices=("1d", "2d", "2.5d", "3d"))
@@ -93,7 +103,7 @@ class ParallelConfig:
     pp: int = opt(1, "pipeline-parallel size (stages)", min=1)
     pp_schedule: str = opt("1f1b", "pipeline schedule", choices=("gpipe", "1f1b", "interleaved"))
     microbatches: int = opt(0, "micro-batches per pipeline step; 0 = pp", min=0)
-    virtual_stages: int = opt(1, "model chunks per pipeline rank (interleaved schedule)", min=1)
+    virtual_stages: int = opt(1, "virtual stages per pipeline rank (interleaved schedule)", min=1)
     pp_partition: str = opt("layers", "how layers are cut into stages: equal layer counts, or balanced by parameter "
                                       "count or by each layer's measured time", choices=("layers", "params", "cost"))
     sp: int = opt(1, "sequence-parallel size", min=1)
@@ -101,9 +111,6 @@ class ParallelConfig:
     zero: int = opt(0, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters", choices=(0, 1, 2, 3))
     offload: str = opt("none", "where optimizer states and parameters may live off the device", choices=("none", "cpu", "nvme"))
     precision: str = opt("fp32", "compute precision (bf16/fp16 use fp32 master weights)", choices=("fp32", "bf16", "fp16"))
-    device: str = opt("auto", "compute device; auto = cuda when available, else cpu", choices=("auto", "cpu", "cuda"))
-    backend: str = opt("auto", "torch.distributed backend; auto = nccl on cuda, gloo on cpu", choices=("auto", "gloo", "nccl"))
-    timeout_s: int = opt(1800, "seconds a collective may wait for a peer before the run fails", min=10)
 
 
 @dataclass
@@ -166,6 +173,18 @@ class Recipe:
         """Cross-field checks; raise ConfigError. Subclasses extend it."""
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: got {list(self.optim.betas)}; allowed: two numbers in [0, 1)")
+
+
+@dataclass
+class InferenceRecipe:
+    """The base of every app's inference recipe (an app adds `model` and `data`): where results
+    go, and how its processes join."""
+
+    parallel: LaunchConfig = section(LaunchConfig, "how the processes find their devices and each other")
+    output: OutputConfig = section(OutputConfig, "where results go")
+
+    def check(self) -> None:
+        """Cross-field checks; raise ConfigError. Subclasses extend it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,10 +418,6 @@ def load_recipe(schema: type[T], recipe: str | os.PathLike | None = None,
 def to_yaml(cfg: Any) -> str:
     """The complete, resolved recipe as YAML (what a checkpoint stores beside its weights)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,40 +1,138 @@
-"""The start every entry point shares: check the layout, join the job, build the mesh and plugin."""
+"""The one call between an app and the engine: `with session(recipe) as s:`.
+
+An app describes its recipe, its model (a factory), its data and a `TrainTask`; the session
+decides everything about how the model is spread:
+
+    with session(cfg) as s:
+        model = s.build(lambda par: MyModel(cfg.model, par.tensor, par.sequence))
+        summary = s.fit(TrainTask(model=model, loss_fn=..., train_data=...))
+        model = s.export(model)          # ordinary weights again, for sampling and exports
+
+`session` checks the whole layout (`core.layout.check_layout`) and the run folder before any
+process group is joined, so a bad recipe fails at once on every rank; then it joins the job,
+builds the mesh and picks the plugin. `build` makes the model as the plugin needs it (on the meta
+device, materialised chunk by chunk, when parameters are sharded or offloaded) with the
+tensor-parallel mode and sequence parallelism the recipe asks for; `fit` trains it; `export`
+hands back ordinary parameters. The app never names a plugin, a stage or a mode.
+"""
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
 
 from core.booster import Plugin, make_plugin
 from core.config import Recipe
-from core.distributed import ParallelMesh, Runtime, detect, launch, resolve_layout
+from core.distributed import ParallelMesh, Runtime, detect, launch
+from core.errors import LoomError
+from core.layout import AXES, BatchPlan, check_layout
 from core.run_folder import check_run_folder
-from core.tensor import tp_grid
-from core.trainer import plan_batches
+from core.sequence import SequenceParallel
+from core.tensor import OneD, TPMode, make_mode
+from core.trainer import Trainer, TrainTask
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelParallel:
+    """What a model's layers need to split themselves, handed to the app's model factory:
+    the tensor-parallel mode of `core.tensor`'s layers (on one rank, the mode in which every
+    layer computes what its torch.nn counterpart does) and the sequence-parallel attention of
+    `core.sequence` (None where the recipe does not split sequences)."""
+
+    tensor: TPMode
+    sequence: SequenceParallel | None = None
+
+
 class Session:
-    runtime: Runtime
-    mesh: ParallelMesh
-    plugin: Plugin
-    log: Callable[[str], None]     # prints on rank 0 only
+    def __init__(self, recipe: Recipe, runtime: Runtime, mesh: ParallelMesh, plugin: Plugin,
+                 batch: BatchPlan) -> None:
+        self.recipe = recipe
+        self.runtime = runtime
+        self.mesh = mesh
+        self.plugin = plugin
+        self.batch = batch
+        self.trainer: Trainer | None = None
+
+    def log(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.mesh.is_main:
+            print(message, file=sys.stderr)
+
+    # ---------------------------------------------------------------- what the layout allows
+
+    @property
+    def weights_readable_between_steps(self) -> bool:
+        """Every parameter is an ordinary tensor between steps (an EMA may read them)."""
+        return not self.plugin.chunked
+
+    @property
+    def forward_on_one_rank(self) -> bool:
+        """One rank may run the model alone between steps (validation on rank 0)."""
+        return self.plugin.forward_on_one_rank()
+
+    def autocast(self):
+        """The run's mixed-precision context, for work the app does outside the trainer."""
+        return self.plugin.precision.autocast()
+
+    # ---------------------------------------------------------------- the model's life
+
+    def build(self, factory: Callable[[ModelParallel], nn.Module]) -> nn.Module:
+        """The model, made by `factory(parallel)` as the layout needs it.
+
+        Where the plugin shards parameters or moves them off the device, the model is made on
+        the meta device and each parameter is created where it will live, by the model's
+        `init_parameter(name, tensor)` (a model without one is made normally)."""
+        par = self._parallel()
+        model = None
+        if self.plugin.builds_on_meta():
+            with torch.device("meta"):
+                model = factory(par)
+            init = getattr(model, "init_parameter", None)
+            if init is None:
+                model = None
+            else:
+                self.plugin.materialize = init
+        return model if model is not None else factory(par)
+
+    def _parallel(self) -> ModelParallel:
+        p, mesh = self.recipe.parallel, self.mesh
+        tensor, sequence = OneD.serial(), None
+        if mesh.size("tp") > 1:
+            tensor = make_mode(p.tp_mode, mesh, p.tp_depth)
+            micro = self.recipe.train.micro_batch
+            if micro % tensor.batch_parts:
+                raise LoomError(f"train.micro_batch={micro} does not split into the {tensor.batch_parts} batch parts "
+                                f"of parallel.tp_mode={tensor.name} ({tensor.describe()}); use a multiple of "
+                                f"{tensor.batch_parts}")
+            self.log(f"tensor parallelism: {tensor.describe()}")
+        if mesh.size("sp") > 1:
+            sequence = SequenceParallel(mesh.axis("sp"), p.sp_mode)
+            self.log(f"sequence parallelism: {p.sp_mode} attention over {sequence.size} ranks")
+        return ModelParallel(tensor, sequence)
+
+    def fit(self, task: TrainTask, recipe: Recipe | None = None) -> dict:
+        """Train `task` as the recipe says (`recipe`: the session's, or the app's resolved copy
+        of it); returns the trainer's summary. The trainer stays at `self.trainer`."""
+        self.trainer = Trainer(recipe or self.recipe, self.mesh, task, self.plugin)
+        return self.trainer.fit()
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """`model` with ordinary full-precision parameters again (every rank calls this)."""
+        return self.plugin.unchunk(model)
 
 
 @contextmanager
-def session(cfg: Recipe) -> Iterator[Session]:
-    """Everything about the run's layout is checked before any process group is joined, so a bad
-    layout or batch fails at once on every rank; then the job is joined for the block."""
+def session(cfg: Recipe, axes: Sequence[str] = AXES, what: str = "this app") -> Iterator[Session]:
+    """Check the layout and the run folder, join the job for the block, and hand back the
+    session. `axes`: the parallel axes the app's model can be spread over."""
     p = cfg.parallel
     check_run_folder(cfg.output, cfg.train)
-    if p.tp > 1:      # what is wrong with the layout itself is said before how it meets the world
-        tp_grid(p.tp_mode, p.tp, p.tp_depth)
-    layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, detect().world_size)
-    plan_batches(cfg.train, layout.dp)
+    layout, batch = check_layout(cfg, detect().world_size, axes, what)
     with launch(p.device, p.backend, p.timeout_s) as rt:
         mesh = ParallelMesh.build(layout, rt.device)
-        plugin = make_plugin(cfg, mesh)
-        log = (lambda m: print(m, file=sys.stderr)) if mesh.is_main else (lambda m: None)
-        yield Session(rt, mesh, plugin, log)
+        yield Session(cfg, rt, mesh, make_plugin(cfg, mesh), batch)

@@ -30,14 +30,16 @@ from tqdm import tqdm
 
 from core.booster import Booster, Plugin, make_plugin
 from core.checkpoint import (capture_rng, check_intact, find_checkpoints, latest_intact_checkpoint, prune_checkpoints, restore_rng, step_folder)
-from core.config import ConfigError, Recipe, TrainConfig, to_yaml
+from core.config import Recipe, to_yaml
 from core.distributed import ParallelMesh
 from core.distributed import comm
 from core.errors import LoomError
 from core.faults import fault_point
+from core.layout import plan_batches
 from core.run_folder import init_folder, refuse_earlier_run, resume_folder
 from core.metrics import MetricsLog, plot_loss_curve
 from core.optim import build_optimizer, build_scheduler
+from core.pipeline.schedule import check as check_schedule
 
 
 @dataclass
@@ -62,35 +64,6 @@ class TrainTask:
     pipeline_loss: Callable[[Any, Any], torch.Tensor] | None = None
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    micro_batch: int
-    grad_accum: int
-    global_batch: int
-
-
-def plan_batches(cfg: TrainConfig, dp: int, pp: int = 1, microbatches: int = 0) -> BatchPlan:
-    """Micro-batch, accumulation and global batch for `dp` data-parallel ranks. Under pipeline
-    parallelism (pp > 1) the accumulated micro-batches are the pipeline's: `microbatches` when
-    given, else what train.global_batch or train.grad_accum ask for, else pp."""
-    if pp > 1 and microbatches:
-        total = cfg.micro_batch * microbatches * dp
-        if cfg.global_batch and cfg.global_batch != total:
-            raise ConfigError(f"train.global_batch: got {cfg.global_batch}, but train.micro_batch x "
-                              f"parallel.microbatches x dp = {cfg.micro_batch} x {microbatches} x {dp} = {total}; "
-                              f"set one of them")
-        return BatchPlan(cfg.micro_batch, microbatches, total)
-    if pp > 1 and not cfg.global_batch and cfg.grad_accum == 1:
-        return BatchPlan(cfg.micro_batch, pp, cfg.micro_batch * pp * dp)
-    if cfg.global_batch:
-        per_step = cfg.micro_batch * dp
-        if cfg.global_batch % per_step:
-            raise ConfigError(f"train.global_batch: got {cfg.global_batch}; allowed: a multiple of "
-                              f"train.micro_batch x dp = {cfg.micro_batch} x {dp} = {per_step}")
-        return BatchPlan(cfg.micro_batch, cfg.global_batch // per_step, cfg.global_batch)
-    return BatchPlan(cfg.micro_batch, cfg.grad_accum, cfg.micro_batch * cfg.grad_accum * dp)
-
-
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -108,14 +81,12 @@ class Trainer:
         self.mesh = mesh
         self.task = task
         self.plugin = plugin or make_plugin(cfg, mesh)
+        self.booster = Booster(self.plugin)
         self.batch = plan_batches(cfg.train, mesh.size("dp"), mesh.size("pp"), cfg.parallel.microbatches)
         if self.pipelined:
-            from core.pipeline import check
-
-            check(cfg.parallel.pp_schedule, mesh.size("pp"), self.batch.grad_accum, cfg.parallel.virtual_stages)
+            check_schedule(cfg.parallel.pp_schedule, mesh.size("pp"), self.batch.grad_accum, cfg.parallel.virtual_stages)
         self.out = Path(cfg.output.dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.booster = Booster(self.plugin)
         optimizer = build_optimizer(cfg.optim, task.model)
         scheduler = build_scheduler(cfg.train, optimizer)
         boosted = self.booster.boost(task.model, optimizer, scheduler=scheduler)
@@ -223,7 +194,7 @@ class Trainer:
 
     @property
     def pipelined(self) -> bool:
-        return getattr(self.plugin, "pipelined", False)
+        return self.booster.pipelined
 
     def _pipeline_step(self, micro_batches: list, train: bool) -> torch.Tensor:
         if self.task.pipeline_input is None or self.task.pipeline_loss is None:
@@ -243,7 +214,7 @@ class Trainer:
         if self.task.eval_data is None:
             return None
         micro, accum = self.batch.micro_batch, self.batch.grad_accum
-        loader = self.plugin.prepare_dataloader(
+        loader = self.booster.prepare_dataloader(
             self.task.eval_data, micro, accum, seed=self.tc.seed, shuffle=False,
             steps=self.tc.eval_batches, collate_fn=self.task.collate_fn)
         devices = [self.mesh.device.index or 0] if self.mesh.device.type == "cuda" else []
@@ -275,18 +246,18 @@ class Trainer:
             if self.tc.init_weights:
                 folder = init_folder(self.tc.init_weights)
                 self._on_main(lambda: check_intact(folder))
-                self.plugin.checkpoint_io().load_model(self.model.unwrap(), folder)
+                self.booster.load_weights(self.model, folder)
                 self.log(f"weights from {folder}; optimizer, schedule and data order start afresh")
             self._seed_training_rng()
         total = self.tc.steps
         micro, accum = self.batch.micro_batch, self.batch.grad_accum
         # Every refusal of the data (fewer samples than a global batch) comes before anything
         # is written in output.dir.
-        loader = self.plugin.prepare_dataloader(
+        loader = self.booster.prepare_dataloader(
             self.task.train_data, micro, accum, seed=self.tc.seed, start_step=self.step,
             collate_fn=self.task.collate_fn, num_workers=self.task.num_workers)
         if self.task.eval_data is not None:
-            self.plugin.prepare_dataloader(self.task.eval_data, micro, accum, seed=self.tc.seed, shuffle=False,
+            self.booster.prepare_dataloader(self.task.eval_data, micro, accum, seed=self.tc.seed, shuffle=False,
                                            steps=self.tc.eval_batches, collate_fn=self.task.collate_fn)
         self._prepare_output(resume_from)
         if self.step >= total:
@@ -295,7 +266,7 @@ class Trainer:
         batches = iter(loader)
         units_per_step = self.batch.global_batch * self.task.units_per_sample
         dp = self.mesh.axis("dp")
-        self.log(f"training {self.step}->{total} steps with {self.plugin.describe()}: global batch "
+        self.log(f"training {self.step}->{total} steps with {self.booster.describe()}: global batch "
                  f"{self.batch.global_batch} = micro {micro} x accum {accum} x dp {dp.size}; "
                  f"output in {self.out}")
 
@@ -422,7 +393,7 @@ class Trainer:
         if rate:
             parts.append(f"{rate:,.0f} {self.task.unit}/s over {s['seconds']:.1f} s")
         lines = [", ".join(parts)]
-        report = self.plugin.report()
+        report = self.booster.report()
         if report:
             lines.append(report)
         if s["checkpoint"]:

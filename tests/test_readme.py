@@ -19,7 +19,8 @@ from core.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(?:bash|yaml|text)?\n(.*?)```", README, flags=re.S)
+BLOCKS = [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
+          if lang in ("bash", "yaml", "text", "")]
 LINES = [line.split("#")[0].strip() for block in BLOCKS for line in block.splitlines()]
 
 

@@ -14,10 +14,12 @@ from apps.diffusion.config import DiffusionRecipe
 from apps.diffusion.data import CaptionedFolder, check_captioned_folder, instance_images, list_images
 from apps.diffusion.model import check_pipeline_folder
 from core.cache import cache_dir
-from core.distributed import detect, resolve_layout
+from core.distributed import detect
+from core.layout import check_layout
 from core.errors import LoomError, named
 from core.run_folder import check_run_folder, check_writable
-from core.trainer import plan_batches
+
+AXES = ("dp",)      # the UNet is spread with data parallelism (and ZeRO, offload), not split
 
 
 def _dreambooth_samples(cfg: DiffusionRecipe) -> int:
@@ -38,17 +40,11 @@ def _dreambooth_samples(cfg: DiffusionRecipe) -> int:
 
 
 def _check_layout_and_batch(cfg: DiffusionRecipe, samples: int, what: str) -> None:
-    p = cfg.parallel
-    layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, detect().world_size)
-    split = [f"parallel.{axis}={n}" for axis, n in (("pp", layout.pp), ("tp", layout.tp), ("sp", layout.sp)) if n > 1]
-    if split:
-        raise LoomError(f"{', '.join(split)}: the diffusion app spreads its UNet with data parallelism "
-                        f"(parallel.dp), ZeRO (parallel.zero) and offload (parallel.offload) only; "
-                        f"set {' '.join(s.split('=')[0] + '=1' for s in split)}")
-    plan = plan_batches(cfg.train, layout.dp, layout.pp, p.microbatches)
+    _, plan = check_layout(cfg, detect().world_size, axes=AXES, what="the diffusion app")
     if samples < plan.global_batch:
         raise LoomError(f"{what} has {samples} samples, fewer than one global batch ({plan.global_batch} = "
-                        f"train.micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x dp {layout.dp}); "
+                        f"train.micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x dp "
+                        f"{plan.global_batch // (plan.micro_batch * plan.grad_accum)}); "
                         f"add data or lower train.micro_batch / train.grad_accum")
 
 

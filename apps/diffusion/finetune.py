@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from apps.diffusion.config import DiffusionRecipe
-from apps.diffusion.checks import check_inputs
+from apps.diffusion.checks import AXES, check_inputs
 from apps.diffusion.data import CaptionedFolder, CaptionedImages, DreamBoothImages, ImageTransform
 from apps.diffusion.model import Denoiser, DenoisingLoss, Parts, add_lora, load_parts, tokenize
 from apps.diffusion import shapes
@@ -26,9 +26,8 @@ from core import cli
 from core.distributed import comm
 from core.ema import EMA
 from core.errors import LoomError
-from core.booster import ZeroPlugin
 from core.session import session
-from core.trainer import Trainer, TrainTask
+from core.trainer import TrainTask
 
 SUMMARY = ("Stable Diffusion fine-tuning (full, LoRA, DreamBooth) on a local diffusers model and a "
            "folder of captioned images; by default a tiny model on generated coloured shapes.")
@@ -53,14 +52,12 @@ def _check_paths(cfg: DiffusionRecipe) -> CaptionedFolder | None:
     return check_inputs(cfg)
 
 
-def _check_chunked(cfg: DiffusionRecipe, plugin, mesh) -> None:
-    """What the chunked plugins (parallel.zero, parallel.offload) cannot do here yet."""
-    if not isinstance(plugin, ZeroPlugin):
-        return
-    if cfg.finetune.ema:
+def _check_layout_allows(cfg: DiffusionRecipe, s) -> None:
+    """What this app's recipe asks of the weights that the run's layout may not allow."""
+    if cfg.finetune.ema and not s.weights_readable_between_steps:
         raise LoomError("finetune.ema reads every weight after each step, which chunked parameters "
                         "(parallel.zero / parallel.offload) do not allow yet; set finetune.ema=false")
-    if plugin.stage == 3 and mesh.size("dp") > 1 and cfg.validation.prompts:
+    if cfg.validation.prompts and not s.forward_on_one_rank:
         raise LoomError("validation renders on rank 0 alone, but with parallel.zero=3 over several ranks every "
                         "rank must take part in each forward; set validation.prompts=[] or parallel.dp=1")
 
@@ -69,9 +66,9 @@ def run(cfg: DiffusionRecipe) -> dict:
     """Train as the recipe says (on this process and its torchrun peers); returns the summary."""
     checked = _check_paths(cfg)
     quiet_libraries()                  # imports diffusers: after the checks, so a refusal comes at once
-    with session(cfg) as s:
-        mesh, plugin, log = s.mesh, s.plugin, s.log
-        _check_chunked(cfg, plugin, mesh)
+    with session(cfg, AXES, "the diffusion app") as s:
+        mesh, log = s.mesh, s.log
+        _check_layout_allows(cfg, s)
         world = mesh.world
         data = checked
         if cfg.finetune.method != "dreambooth" and cfg.data.path == "shapes":
@@ -103,13 +100,13 @@ def run(cfg: DiffusionRecipe) -> dict:
         log(f"{ft.method} fine-tuning of {base} on {len(dataset)} images at {cfg.data.resolution} px; "
             f"trainable parameters: {sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6:.3f} M")
 
-        def validation(trainer: Trainer) -> dict | None:
+        def validation(trainer) -> dict | None:
             if not mesh.is_main or not cfg.validation.prompts:
                 return None
             v = cfg.validation
             pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler.config)
             row: dict = {}
-            with (ema.swapped_in() if ema else torch.no_grad()), trainer.plugin.precision.autocast():
+            with (ema.swapped_in() if ema else torch.no_grad()), s.autocast():
                 images = render(pipe, v.prompts, v.images_per_prompt, v.steps, v.guidance_scale, v.seed,
                                 cfg.data.resolution)
                 if cfg.data.path == "shapes":   # how often the shape has the colour its prompt asked for
@@ -129,8 +126,8 @@ def run(cfg: DiffusionRecipe) -> dict:
                          unit="images", num_workers=cfg.data.num_workers, on_eval=validation,
                          on_step=(lambda trainer: ema.update()) if ema else None,
                          extra_state={"ema": ema} if ema else {})
-        summary = Trainer(cfg, mesh, task, plugin).fit()
-        plugin.unchunk(model)             # ordinary tensors again for the exports (chunked plugins)
+        summary = s.fit(task)
+        s.export(model)                   # ordinary tensors again for the exports
         out = Path(cfg.output.dir)
         if mesh.is_main:
             if lora:

@@ -17,12 +17,8 @@ from apps.gpt.config import GPTModelConfig, GPTRecipe
 from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
 from core import cli
-from core.booster import ZeroPlugin
-from core.errors import LoomError
-from core.sequence import SequenceParallel
-from core.tensor import make_mode
 from core.session import session
-from core.trainer import Trainer, TrainTask
+from core.trainer import TrainTask
 
 SUMMARY = ("GPT pretraining on a folder of text files or, by default, the Python standard "
            "library's own source.")
@@ -49,30 +45,11 @@ def sample_text(model: GPT, corpus_tokenizer, prompt: str, tokens: int, temperat
 def train(cfg: GPTRecipe) -> dict:
     """Run the recipe on this process (and its peers under torchrun); returns the summary."""
     with session(cfg) as s:
-        mesh, plugin, log = s.mesh, s.plugin, s.log
+        mesh, log = s.mesh, s.log
         corpus: Corpus = prepare_corpus(cfg.data, mesh.world, log)
         cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, corpus.tokenizer.vocab_size))
         torch.manual_seed(cfg.train.seed)
-        chunked = isinstance(plugin, ZeroPlugin)
-        if chunked and (plugin.stage == 3 or plugin.offload != "none"):
-            # Built on the meta device, made chunk by chunk where it will live: a model larger than
-            # host memory never exists whole. (Same initial distribution, other random draws.)
-            with torch.device("meta"):
-                model = GPT(cfg.model)
-            plugin.materialize = model.init_parameter
-        else:
-            mode = make_mode(cfg.parallel.tp_mode, mesh, cfg.parallel.tp_depth) if mesh.size("tp") > 1 else None
-            if mode is not None and cfg.train.micro_batch % mode.batch_parts:
-                raise LoomError(f"train.micro_batch={cfg.train.micro_batch} does not split into the "
-                                f"{mode.batch_parts} batch parts of parallel.tp_mode={mode.name} ({mode.describe()}); "
-                                f"use a multiple of {mode.batch_parts}")
-            seq = SequenceParallel(mesh.axis("sp"), cfg.parallel.sp_mode) if mesh.size("sp") > 1 else None
-            model = GPT(cfg.model, mode, seq)
-            if seq is not None:
-                log(f"sequence parallelism: {cfg.parallel.sp_mode} attention over {seq.size} ranks, "
-                    f"{cfg.model.seq_len // seq.size} tokens of each sequence per rank")
-            if mode is not None:
-                log(f"tensor parallelism: {mode.describe()}; attention heads per rank: {cfg.model.n_head // mode.head_parts}")
+        model = s.build(lambda par: GPT(cfg.model, par.tensor, par.sequence))
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)
@@ -91,9 +68,8 @@ def train(cfg: GPTRecipe) -> dict:
                          units_per_sample=cfg.model.seq_len, unit="tokens", add_files=add_files,
                          pipeline_input=lambda batch: batch[:, :-1],
                          pipeline_loss=lambda logits, batch: model.loss(logits, batch[:, 1:]))
-        trainer = Trainer(cfg, mesh, task, plugin)
-        summary = trainer.fit()
-        model = plugin.unchunk(model)     # ordinary tensors again (chunked plugins; all ranks)
+        summary = s.fit(task, cfg)
+        model = s.export(model)           # ordinary tensors again (all ranks)
         # under tensor parallelism every rank of the group takes part in each forward
         if cfg.sample.tokens and (mesh.size("pp") > 1 or mesh.size("sp") > 1):
             log(f"no sample after a pipelined or sequence-parallel run (each rank holds a part); sample from "

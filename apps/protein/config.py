@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import ConfigError, opt, section
+from core.config import ConfigError, InferenceRecipe, LaunchConfig, OutputConfig, opt, section
 
 DEMO_FASTA = str(Path(__file__).parent / "data" / "demo.fasta")
 PRESETS = ("model_1", "model_2", "model_3", "model_4", "model_5",
@@ -40,7 +40,7 @@ class ProteinDataConfig:
 
 
 @dataclass
-class ProteinOutputConfig:
+class ProteinOutputConfig(OutputConfig):
     dir: str = opt("runs/protein", "where each target's results go (one folder per target)")
     mmcif: bool = opt(False, "also write mmCIF next to the PDB")
     overwrite: bool = opt(False, "replace the results an earlier run left in output.dir (its target folders); "
@@ -60,9 +60,11 @@ class ProteinMemoryConfig:
 
 
 @dataclass
-class ProteinRecipe:
+class ProteinRecipe(InferenceRecipe):
     model: ProteinModelConfig = section(ProteinModelConfig, "the AlphaFold model and its weights")
     data: ProteinDataConfig = section(ProteinDataConfig, "the targets and their alignments")
+    parallel: LaunchConfig = section(LaunchConfig, "how the processes join; under torchrun they split the "
+                                                   "Evoformer with axial parallelism")
     output: ProteinOutputConfig = section(ProteinOutputConfig, "where results go")
     memory: ProteinMemoryConfig = section(ProteinMemoryConfig, "memory-bounded inference")
 

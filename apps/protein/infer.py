@@ -121,7 +121,8 @@ def _spilled(model: torch.nn.Module) -> int:
 
 def predict(cfg: ProteinRecipe) -> list[dict]:
     """Fold every target; returns one summary row per target (on rank 0; [] on the others)."""
-    with launch("auto", "auto", 1800) as rt:
+    p = cfg.parallel
+    with launch(p.device, p.backend, p.timeout_s) as rt:
         ax = Axial()
         if rt.world_size > 1:
             if cfg.model.engine != "loom":

@@ -1,4 +1,10 @@
-"""`Booster(plugin).boost(...)`: one front for every parallel scheme."""
+"""`Booster(plugin)`: the one door between the training loop and a parallel scheme.
+
+The trainer (and anything else that trains) talks to the Booster only: it wraps the model and the
+optimizer (`boost`), runs backward and pipelined steps, skips gradient synchronisation between
+accumulation micro-batches, makes each rank's data loader, and saves and loads checkpoints. What
+a scheme supports is declared once, on the plugin (`core.booster.plugin.Plugin`).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +27,6 @@ from core.errors import LoomError
 class Boosted:
     model: ModelWrapper
     optimizer: OptimizerWrapper | None
-    criterion: Callable | None
-    dataloader: Any
     scheduler: Any
 
 
@@ -31,7 +35,7 @@ class Booster:
     checkpoints through it.
 
         booster = Booster(DDPPlugin(mesh, precision="bf16"))
-        b = booster.boost(model, optimizer, criterion, dataloader, scheduler)
+        b = booster.boost(model, optimizer, scheduler)
         loss = criterion(b.model(x), y)
         booster.backward(loss, b.optimizer)
         b.optimizer.step()
@@ -44,9 +48,28 @@ class Booster:
         self.mesh = plugin.mesh
 
     def boost(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-              criterion: Callable | None = None, dataloader: Any = None, scheduler: Any = None) -> Boosted:
+              scheduler: Any = None) -> Boosted:
         wrapped, opt = self.plugin.configure(model, optimizer)
-        return Boosted(wrapped, opt, criterion, dataloader, scheduler)
+        return Boosted(wrapped, opt, scheduler)
+
+    @property
+    def pipelined(self) -> bool:
+        """Steps run through `execute_pipeline` (the model is cut into stages across ranks)."""
+        return self.plugin.pipelined
+
+    def describe(self) -> str:
+        return self.plugin.describe()
+
+    def report(self) -> str | None:
+        return self.plugin.report()
+
+    def prepare_dataloader(self, dataset, micro_batch: int, grad_accum: int, **kw):
+        """This rank's share of every global batch (see `Plugin.prepare_dataloader`)."""
+        return self.plugin.prepare_dataloader(dataset, micro_batch, grad_accum, **kw)
+
+    def load_weights(self, model: ModelWrapper, folder: Path) -> None:
+        """Only the weights of a checkpoint (a fresh run started from them, any layout)."""
+        self.plugin.checkpoint_io().load_model(model.unwrap(), Path(folder))
 
     def backward(self, loss: torch.Tensor, optimizer: OptimizerWrapper) -> None:
         optimizer.backward(loss)
@@ -57,7 +80,7 @@ class Booster:
         """One pipelined step over the micro-batches `batches` (any iterable; forward only without an
         optimizer); gradients end up accumulated and synchronised, ready for `optimizer.step()`.
         Returns the mean loss on every rank. Only the pipeline plugin has it."""
-        if not getattr(self.plugin, "pipelined", False):
+        if not self.plugin.pipelined:
             raise LoomError(f"the {self.plugin.name} plugin does not pipeline; set parallel.pp > 1")
         return self.plugin.execute_pipeline(batches, model, first_input, criterion, optimizer)
 

@@ -112,8 +112,6 @@ class DDPPlugin(Plugin):
     name = "ddp"
     supported_precisions = ("fp32", "bf16", "fp16")
     supported_devices = ("cpu", "cuda")
-    supports_no_sync = True
-    supports_checkpoint_io = True
 
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
                   ) -> tuple[ModelWrapper, OptimizerWrapper | None]:

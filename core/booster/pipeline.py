@@ -103,8 +103,6 @@ class PipelinePlugin(Plugin):
     name = "pipeline"
     supported_precisions = ("fp32", "bf16")
     supported_devices = ("cpu", "cuda")
-    supports_no_sync = False
-    supports_checkpoint_io = True
     pipelined = True
 
     def __init__(self, mesh, precision: str = "fp32", schedule: str = "1f1b", microbatches: int = 0,

@@ -104,11 +104,12 @@ class OptimizerWrapper:
 class Plugin(ABC):
     """What a parallel scheme supports, and how it configures a model for it."""
 
+    # The contract: what a scheme supports, read by the Booster, the session and the trainer.
     name: str = "plugin"
     supported_precisions: tuple[str, ...] = ("fp32",)
     supported_devices: tuple[str, ...] = ("cpu", "cuda")
-    supports_no_sync: bool = False
-    supports_checkpoint_io: bool = True
+    pipelined: bool = False        # steps run through execute_pipeline: the model is cut into stages
+    chunked: bool = False          # parameters live in memory chunks: not readable between steps
 
     def __init__(self, mesh: ParallelMesh, precision: str = "fp32") -> None:
         self.mesh = mesh
@@ -154,6 +155,15 @@ class Plugin(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.mesh.layout.describe()}, {self.precision.name}, {self.mesh.device})"
+
+    def builds_on_meta(self) -> bool:
+        """The model may be made on the meta device and materialised where it will live (through
+        `materialize`), so that it never exists whole in host memory."""
+        return False
+
+    def forward_on_one_rank(self) -> bool:
+        """One rank may run the model on its own (validation on rank 0, say) between steps."""
+        return True
 
     def unchunk(self, model: nn.Module) -> nn.Module:
         """The model with ordinary parameters after training (a no-op unless the plugin moved

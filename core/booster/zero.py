@@ -118,8 +118,7 @@ class ZeroPlugin(Plugin):
     name = "zero"
     supported_precisions = ("fp32", "bf16", "fp16")
     supported_devices = ("cpu", "cuda")
-    supports_no_sync = False
-    supports_checkpoint_io = True
+    chunked = True
 
     def __init__(self, mesh: ParallelMesh, precision: str = "fp32", stage: int = 2, offload: str = "none",
                  memory: MemoryConfig | None = None, nvme_dir: str | Path = "",
@@ -198,6 +197,14 @@ class ZeroPlugin(Plugin):
                                    tp_axis=tp)
         self.wrapped = ChunkedModel(model, self.manager, grads.reduce)
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
+
+    def builds_on_meta(self) -> bool:
+        # where parameters are sharded or leave the device, the model need never exist whole
+        return self.stage == 3 or self.offload != "none"
+
+    def forward_on_one_rank(self) -> bool:
+        # ZeRO-3 gathers each chunk from every data-parallel rank during a forward
+        return not (self.stage == 3 and self.mesh.size("dp") > 1)
 
     def unchunk(self, model: nn.Module) -> nn.Module:
         """After training: give every parameter of `model` its own full-precision tensor again

@@ -123,10 +123,6 @@ class Chunk:
     def evictable(self) -> bool:
         return self.resident and all(t.state in EVICTABLE for t in self.tensors)
 
-    @property
-    def in_use(self) -> bool:
-        return any(t.state is TensorState.COMPUTE for t in self.tensors)
-
     # ------------------------------------------------------------------ storage
 
     def free_payload(self) -> None:

@@ -9,7 +9,8 @@
 - each parameter's gradient, as soon as it is complete, is added into its chunk's fp32 gradient
   buffer and the parameter's `.grad` is dropped (`READY_FOR_REDUCE`); when the chunk has all its
   gradients (or backward ends), `on_grads(chunk)` reduces and stores them
-  (`core.zero.GradientShards.reduce`).
+  (`core.zero.GradientShards.reduce`, which adds each micro-batch's shard to the step's), and the
+  chunk's tensors are free for the next forward again (gradient accumulation).
 
 `core.zero.ChunkAdam` then updates the chunks' master weights and moments.
 """
@@ -119,7 +120,7 @@ class ChunkedModel(nn.Module):
         chunk.set_state(info, S.READY_FOR_REDUCE)
         chunk.grads_seen += 1
         if chunk.grads_seen == chunk.grads_expected:
-            self.on_grads(chunk)
+            self._reduce(chunk)
         if chunk.resident and all(t.state is not S.COMPUTE for t in chunk.tensors):
             self.manager.release(chunk)
 
@@ -129,9 +130,17 @@ class ChunkedModel(nn.Module):
         self._node = None
         for chunk in self.manager.chunks:
             if chunk.grads_seen:                 # some parameters of the chunk got no gradient
-                self.on_grads(chunk)
+                self._reduce(chunk)
             for info in chunk.tensors:
                 if info.state is S.COMPUTE:      # used in backward, no gradient (frozen)
                     chunk.set_state(info, S.HOLD_AFTER_BWD)
             if chunk.resident:
                 self.manager.release(chunk)
+
+    def _reduce(self, chunk: Chunk) -> None:
+        """Hand the chunk's complete gradients on; its tensors are then free for the next
+        forward (the next micro-batch of an accumulated step adds to the reduced shard)."""
+        self.on_grads(chunk)
+        for info in chunk.tensors:
+            if info.state is S.READY_FOR_REDUCE:
+                chunk.set_state(info, S.HOLD if chunk.resident else S.FREE)

@@ -40,7 +40,6 @@ class Tracer:
         self.current: list[int] = []
         self.previous: list[int] | None = None
         self._positions: dict[int, list[int]] = {}
-        self.steps = 0
 
     def record(self, index: int) -> None:
         if not self.current or self.current[-1] != index:
@@ -53,7 +52,6 @@ class Tracer:
             for pos, index in enumerate(self.previous):
                 positions[index].append(pos)
             self._positions = dict(positions)
-            self.steps += 1
         self.current = []
 
     def next_use(self, index: int) -> float:

@@ -315,7 +315,7 @@ def test_layouts_the_diffusion_app_cannot_spread(capsys, places, nothing_expensi
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     line = _refused(capsys, places, f"data.path={places['data']}", "train.micro_batch=2", "parallel.pp=2")
-    assert line == ("error: parallel.pp=2: the diffusion app spreads its UNet with data parallelism (parallel.dp), "
+    assert line == ("error: parallel.pp=2: the diffusion app spreads its model with data parallelism (parallel.dp), "
                     "ZeRO (parallel.zero) and offload (parallel.offload) only; set parallel.pp=1")
 
 

@@ -1,0 +1,117 @@
+"""Is this run's layout possible, and how is each global batch split? One answer for every app.
+
+`check_layout(recipe, world_size)` runs before any process group is joined or any model built,
+on every rank alike, and refuses in one line what cannot run, in this order: what is wrong with
+the layout itself (a tensor-parallel grid that is not square), how it meets the world size, which
+axes the app's model can be spread over, which features do not combine yet, and the batch. It
+returns the layout and the batch plan that the session, the plugin and the trainer then use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from core.config import ConfigError, Recipe, TrainConfig
+from core.distributed import Layout, resolve_layout
+from core.errors import LoomError
+from core.pipeline.schedule import check as check_schedule
+from core.tensor import tp_grid
+
+AXES = ("dp", "pp", "tp", "sp")
+_AXIS_NAMES = {"dp": "data parallelism (parallel.dp)", "pp": "pipeline parallelism (parallel.pp)",
+               "tp": "tensor parallelism (parallel.tp)", "sp": "sequence parallelism (parallel.sp)"}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+
+
+def plan_batches(cfg: TrainConfig, dp: int, pp: int = 1, microbatches: int = 0) -> BatchPlan:
+    """Micro-batch, accumulation and global batch for `dp` data-parallel ranks. Under pipeline
+    parallelism (pp > 1) the accumulated micro-batches are the pipeline's: `microbatches` when
+    given, else what train.global_batch or train.grad_accum ask for, else pp."""
+    if pp > 1 and microbatches:
+        total = cfg.micro_batch * microbatches * dp
+        if cfg.global_batch and cfg.global_batch != total:
+            raise ConfigError(f"train.global_batch: got {cfg.global_batch}, but train.micro_batch x "
+                              f"parallel.microbatches x dp = {cfg.micro_batch} x {microbatches} x {dp} = {total}; "
+                              f"set one of them")
+        return BatchPlan(cfg.micro_batch, microbatches, total)
+    if pp > 1 and not cfg.global_batch and cfg.grad_accum == 1:
+        return BatchPlan(cfg.micro_batch, pp, cfg.micro_batch * pp * dp)
+    if cfg.global_batch:
+        per_step = cfg.micro_batch * dp
+        if cfg.global_batch % per_step:
+            raise ConfigError(f"train.global_batch: got {cfg.global_batch}; allowed: a multiple of "
+                              f"train.micro_batch x dp = {cfg.micro_batch} x {dp} = {per_step}")
+        return BatchPlan(cfg.micro_batch, cfg.global_batch // per_step, cfg.global_batch)
+    return BatchPlan(cfg.micro_batch, cfg.grad_accum, cfg.micro_batch * cfg.grad_accum * dp)
+
+
+def chunked(cfg: Recipe) -> bool:
+    """Parameters live in memory chunks (ZeRO, offload or a device budget): the zero plugin."""
+    return bool(cfg.parallel.zero) or offloaded(cfg)
+
+
+def offloaded(cfg: Recipe) -> bool:
+    """Chunks may leave the compute device (host or NVMe offload, or a device budget)."""
+    return cfg.parallel.offload != "none" or cfg.memory.device_gb > 0
+
+
+def check_combination(cfg: Recipe, layout: Layout) -> None:
+    """What this version of Loom cannot run together yet, in one message."""
+    p, missing = cfg.parallel, []
+    if layout.sp > 1 and layout.pp > 1:
+        missing.append("sequence parallelism (parallel.sp) together with pipeline parallelism (parallel.pp)")
+    for size, what in ((layout.pp, "parallel.pp"), (layout.sp, "parallel.sp")):
+        if size > 1 and chunked(cfg):
+            missing.append(f"ZeRO or offload together with {what}")
+    if layout.tp > 1 and (p.zero == 3 or offloaded(cfg)):
+        missing.append("ZeRO-3, offload or a device budget together with parallel.tp (ZeRO-1 and 2 run with it)")
+    if missing:
+        raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
+                        f"data parallelism (parallel.dp) with pipeline (parallel.pp) and tensor parallelism (parallel.tp, "
+                        f"parallel.tp_mode=1d|2d|2.5d|3d), data with sequence (parallel.sp) and tensor parallelism, "
+                        f"tensor parallelism with ZeRO-1/2 (parallel.zero=1|2), or data parallelism with ZeRO "
+                        f"(parallel.zero=1|2|3) and offload (parallel.offload=cpu|nvme)")
+    rule = cfg.optim.name
+    if chunked(cfg) and rule in ("lamb", "lars") and (p.offload == "nvme" or cfg.memory.step_in_backward):
+        raise LoomError(f"optim.name={rule} needs every parameter's norm before any step, so it cannot step "
+                        f"chunks inside backward (memory.step_in_backward) or stream states from NVMe "
+                        f"(parallel.offload=nvme); use adamw there, or parallel.offload=none|cpu")
+    if cfg.memory.step_in_backward:
+        accum = plan_batches(cfg.train, layout.dp).grad_accum
+        clash = [what for bad, what in ((cfg.train.grad_clip > 0, f"train.grad_clip={cfg.train.grad_clip:g}"),
+                                        (accum > 1, f"train.grad_accum={accum}"),
+                                        (p.precision == "fp16", "parallel.precision=fp16")) if bad]
+        if clash:
+            raise LoomError(f"memory.step_in_backward=true updates each chunk during backward, which rules out "
+                            f"{', '.join(clash)}; set train.grad_clip=0, train.grad_accum=1 and bf16 or fp32")
+        if not chunked(cfg):
+            raise LoomError("memory.step_in_backward=true needs the chunked engine: set parallel.zero or "
+                            "parallel.offload")
+
+
+def check_layout(cfg: Recipe, world_size: int, axes: Sequence[str] = AXES,
+                 what: str = "this app") -> tuple[Layout, BatchPlan]:
+    """The layout and batch plan of `cfg` on `world_size` processes, or one clear refusal.
+    `axes` are those the app's model can be spread over (data parallelism always)."""
+    p = cfg.parallel
+    if p.tp > 1:
+        tp_grid(p.tp_mode, p.tp, p.tp_depth)
+    layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, world_size)
+    split = [f"parallel.{a}={getattr(layout, a)}" for a in AXES if a != "dp" and a not in axes
+             and getattr(layout, a) > 1]
+    if split:
+        allowed = ", ".join(_AXIS_NAMES[a] for a in AXES if a in axes or a == "dp")
+        raise LoomError(f"{', '.join(split)}: {what} spreads its model with {allowed}, ZeRO (parallel.zero) and "
+                        f"offload (parallel.offload) only; set {' '.join(s.split('=')[0] + '=1' for s in split)}")
+    check_combination(cfg, layout)
+    batch = plan_batches(cfg.train, layout.dp, layout.pp, p.microbatches)
+    if layout.pp > 1:
+        check_schedule(p.pp_schedule, layout.pp, batch.grad_accum, p.virtual_stages)
+    return layout, batch
