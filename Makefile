@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m apps.diffusion.finetune output.overwrite=true
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean-venv:
 	rm -rf $(VENV)
