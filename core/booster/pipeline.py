@@ -17,15 +17,13 @@ counted once each, the tied copy on the last stage not at all) summed over pp an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from core.booster.ddp import TensorParallelCheckpointIO, _tied_names_dropped, load_serial_weights, read_serial_weights
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
-from core.checkpoint import CheckpointIO
+from core.checkpoint import CheckpointIO, Sharding
 from core.distributed.comm import all_reduce_, broadcast_
 from core.errors import LoomError
 from core.pipeline.engine import StageRunner, StepRecord, partition, prune
@@ -33,70 +31,48 @@ from core.pipeline.schedule import Action, build, check
 
 
 class PipelineOptimizerWrapper(OptimizerWrapper):
+    """The optimizer of one stage; its gradient norm is the whole model's: every stage's parts
+    summed over pp (and tp), a tied weight counted once (`skip_in_norm`: the last stage's copy)."""
+
     def __init__(self, optim, model, scaler, tp_axis, pp_axis, skip_in_norm: set[int]) -> None:
         super().__init__(optim, model, scaler, tp_axis=tp_axis)
         self.pp_axis = pp_axis
         self.skip_in_norm = skip_in_norm
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        from core.tensor import grad_norm_sq
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        from core.optim.norms import global_norm, gradients
 
-        self._unscale()
-        params = [p for g in self.optim.param_groups for p in g["params"]]
         counted = [p for p in params if id(p) not in self.skip_in_norm]
-        norm_sq = grad_norm_sq(counted, self.tp_axis)
-        all_reduce_(norm_sq, self.pp_axis, "sum")
-        norm = norm_sq.sqrt().float()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device))
-        return norm
+        return global_norm(gradients(counted, self.tp_axis), (self.tp_axis, self.pp_axis))
 
 
-class PipelineCheckpointIO(TensorParallelCheckpointIO):
-    """Weights as one unsplit state dict (each stage's part, gathered over tp, collected over pp
-    on rank 0), so a pipelined run's checkpoint loads into a serial model and back; the optimizer
-    per (pp, tp) rank, for resuming in the same layout."""
+class PipelineSharding(Sharding):
+    """Each rank holds its stage's parameters (its tp parts): they are gathered over tp, then
+    collected over pp on the first stage; a weight tied between the first and the last stage
+    (`pipeline_tied`) is one weight of the model. Optimizer states differ per (pp, tp) rank."""
 
     split_by = ("pp", "tp")
+    whole = False                  # a stage holds only its own names
 
     def __init__(self, plugin: "PipelinePlugin") -> None:
         super().__init__(plugin.mesh)
         self.plugin = plugin
 
-    def save_model(self, model: nn.Module, folder, rank: int) -> None:
+    def ties(self, model: nn.Module) -> list[tuple[str, ...]]:
+        return super().ties(model) + [tuple(pair) for pair in self.plugin.tied]
+
+    def gather(self, model: nn.Module) -> dict[str, torch.Tensor]:
         import torch.distributed as dist
-        from safetensors.torch import save_file as st_save_file
 
-        from core.tensor import serial_state_dict
-
-        state = serial_state_dict(model)                 # collective over tp
-        state.update({k: v.detach().cpu() for k, v in model.named_buffers()})
+        state = super().gather(model)                    # this stage's part; collective over tp
         mesh = self.mesh
         if mesh.rank("dp") or mesh.rank("tp") or mesh.rank("sp"):
-            return
+            return {}
         pp = mesh.axis("pp")
         parts = [None] * pp.size if pp.rank == 0 else None
-        dist.gather_object({k: v.contiguous() for k, v in state.items()}, parts, dst=pp.global_rank(0),
+        dist.gather_object({k: v.cpu().contiguous() for k, v in state.items()}, parts, dst=pp.global_rank(0),
                            group=pp.group)
-        if pp.rank == 0:
-            merged = {}
-            for part in parts:
-                merged.update(part)
-            merged = {k: v for k, v in merged.items() if k not in self.plugin.tied_dropped}
-            st_save_file(merged, str(Path(folder) / self.MODEL))
-
-    def load_model(self, model: nn.Module, folder) -> None:
-        path, saved = read_serial_weights(folder, self.MODEL)
-        for a, b in self.plugin.tied:                    # a tied weight is stored under one name
-            if a in saved and b not in saved:
-                saved[b] = saved[a]
-            elif b in saved and a not in saved:
-                saved[a] = saved[b]
-        missing = load_serial_weights(model, saved, path)
-        if missing:
-            raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
+        return {k: v for part in parts for k, v in part.items()} if pp.rank == 0 else {}
 
 
 class PipelinePlugin(Plugin):
@@ -113,7 +89,6 @@ class PipelinePlugin(Plugin):
         self.microbatches = microbatches
         check(schedule, self.pp.size, microbatches or self.pp.size, virtual_stages)
         self.tied: list[tuple[str, str]] = []
-        self.tied_dropped: set[str] = set()
         self.runner: StageRunner | None = None
         self.records: list[StepRecord] = []
         self.keep_records = False
@@ -143,7 +118,6 @@ class PipelinePlugin(Plugin):
         mine = [assignment[c * p + s] for c in range(v)]
         keep = {i for stage in mine for i in stage}
         self.tied = list(getattr(model, "pipeline_tied", lambda: [])())
-        self.tied_dropped = _tied_names_dropped(model)
         prune(model, layers, keep)
         model.to(self.mesh.device)
         params = list(model.parameters())
@@ -206,7 +180,7 @@ class PipelinePlugin(Plugin):
                 raise LoomError(f"parameter {pname} belongs to none of the model's pipeline layers")
 
     def checkpoint_io(self) -> CheckpointIO:
-        return PipelineCheckpointIO(self)
+        return CheckpointIO(PipelineSharding(self))
 
     def actions(self, micro: int, train: bool = True) -> list[Action]:
         if not train:

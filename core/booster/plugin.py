@@ -64,20 +64,21 @@ class OptimizerWrapper:
             self.scaler.unscale_(self.optim)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the global gradient norm to `max_norm`; returns the norm before clipping. Under
-        tensor parallelism the norm is the unsplit model's (parts summed over the tp axis)."""
+        """Clip the global gradient norm to `max_norm`; returns the norm before clipping (float32)."""
+        from core.optim.norms import clip_, clip_coef
+
         self._unscale()
         params = [p for g in self.optim.param_groups for p in g["params"]]
-        if self.tp_axis is None or self.tp_axis.size == 1:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        from core.tensor import grad_norm_sq
+        norm = self._grad_norm(params)
+        clip_(params, clip_coef(norm, max_norm))
+        return norm.float()
 
-        norm = grad_norm_sq(params, self.tp_axis).sqrt().float()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device))
-        return norm
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of the whole model's gradient (`core.optim.norms`); under tensor parallelism
+        the unsplit model's, each value counted once and the parts summed over the tp axis."""
+        from core.optim.norms import global_norm, gradients
+
+        return global_norm(gradients(params, self.tp_axis), (self.tp_axis,))
 
     def step(self) -> bool:
         """One optimizer step; False when fp16 gradients overflowed and the step was skipped."""

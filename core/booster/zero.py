@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file as st_save_file
 from torch import nn
 
-from core.booster.ddp import _tied_names_dropped, load_tied_serial_weights
 from core.booster.plugin import ModelWrapper, Plugin
-from core.checkpoint import CheckpointIO, load_file, read_weights, save_file
+from core.checkpoint import CheckpointIO, Sharding
 from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
@@ -36,82 +34,25 @@ from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
 from core.optim.split_norms import attach as attach_split_norms
 from core.zero import ChunkAdam, GradientShards
-from core.tensor import serial_state_dict
 from core.zero.optimizer import KINDS, init_states
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ChunkCheckpointIO(CheckpointIO):
-    """Full-precision weights from the master copies (by parameter name; tied weights once,
-    buffers from the model), and the optimizer's moments by parameter name. Under tensor
-    parallelism the weights are written unsplit (gathered over tp, as the ddp plugin writes them)
-    and the moments once per tp rank (`optimizer.tpR.pt`)."""
+class ChunkSharding(Sharding):
+    """The weights live in chunks: this rank's parameters (its tp parts) are the optimizer's fp32
+    master weights, gathered over dp by name (`master_state`) and set back by name
+    (`load_master`)."""
 
     def __init__(self, plugin: "ZeroPlugin") -> None:
+        super().__init__(plugin.mesh)
         self.plugin = plugin
 
-    @property
-    def _tp(self) -> int:
-        return self.plugin.mesh.size("tp")
+    def local(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.plugin.optimizer.master_state()          # a collective over dp
 
-    def save_model(self, model: nn.Module, folder: Path, rank: int) -> None:
-        weights = self.plugin.optimizer.master_state()      # a collective: every rank takes part
-        if self._tp > 1:
-            device = self.plugin.mesh.device
-            # unsplit over tp (a collective); tied weights under the name the ddp plugin keeps
-            weights, dropped = _with_data(model, {k: v.to(device) for k, v in weights.items()},
-                                          lambda m: (serial_state_dict(m), _tied_names_dropped(m)))
-            weights = {k: v.cpu() for k, v in weights.items() if k not in dropped}
-        if rank != 0:
-            return
-        weights.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers()})
-        st_save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(folder) / self.MODEL))
-
-    def load_model(self, model: nn.Module, folder: Path) -> None:
-        path = Path(folder) / self.MODEL
-        saved = read_weights(path)
-        if self._tp > 1:                       # this rank's parts of the unsplit weights
-            local = {n: torch.empty_like(p, device="cpu") for n, p in model.named_parameters()}
-            _with_data(model, local, lambda m: load_tied_serial_weights(m, saved, path))
-            saved = {**{k: v for k, v in saved.items() if k not in local}, **local}
-        names = [n for n, _ in model.named_parameters()]
-        missing = [n for n in names if n not in saved]
-        if missing:
-            raise LoomError(f"weights in {path} do not fit this model: missing {missing[:5]}")
-        self.plugin.optimizer.load_master(saved)
-        for name, buf in model.named_buffers():
-            if name in saved:
-                buf.copy_(saved[name])
-
-    def _optimizer_file(self) -> str:
-        return self.OPTIMIZER if self._tp == 1 else f"optimizer.tp{self.plugin.mesh.rank('tp')}.pt"
-
-    def save_optimizer(self, optimizer, folder: Path, rank: int) -> None:
-        state = optimizer.state_dict()          # a collective over dp
-        if self.plugin.mesh.rank("dp") == 0 and (self._tp > 1 or rank == 0):
-            save_file(state, Path(folder) / self._optimizer_file())
-
-    def load_optimizer(self, optimizer, folder: Path) -> None:
-        path = Path(folder) / self._optimizer_file()
-        if not path.is_file() and self._tp > 1:
-            raise LoomError(f"{path} is missing: optimizer states are saved per rank of parallel.tp, so a run resumes "
-                            f"with the same parallel.tp; to change it, start a fresh run from its weights with "
-                            f"train.init_weights={folder}")
-        optimizer.load_state_dict(load_file(path))
-
-
-def _with_data(model: nn.Module, tensors: dict[str, torch.Tensor], fn):
-    """fn(model) with each named parameter's data swapped for `tensors[name]` (then put back)."""
-    params = dict(model.named_parameters())
-    kept = {n: p.data for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.data = tensors[n]
-        return fn(model)
-    finally:
-        for n, p in params.items():
-            p.data = kept[n]
+    def load_local(self, model: nn.Module, local: dict[str, torch.Tensor]) -> None:
+        self.plugin.optimizer.load_master(local)
 
 
 class ZeroPlugin(Plugin):
@@ -139,15 +80,14 @@ class ZeroPlugin(Plugin):
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if optimizer is None:
             raise LoomError(f"the {self.name} plugin needs the optimizer (it keeps the optimizer states itself)")
-        from core.optim.lamb import LAMB
-        from core.optim.lars import LARS
+        from core.zero.rules import rule_for
 
-        rule = "lamb" if isinstance(optimizer, LAMB) else "lars" if isinstance(optimizer, LARS) else "adam"
-        if rule == "adam" and any("betas" not in g for g in optimizer.param_groups):
+        rule = rule_for(optimizer)
+        if rule is None:
             raise LoomError(f"the {self.name} plugin trains with AdamW, LAMB or LARS (optim.name=adamw, cpu_adam, "
                             f"lamb or lars)")
-        if rule != "adam" and (self.offload == "nvme" or self.memory.step_in_backward):
-            raise LoomError(f"optim.name={rule} needs every parameter's norm before any step, so it cannot step "
+        if rule.needs_norms and (self.offload == "nvme" or self.memory.step_in_backward):
+            raise LoomError(f"optim.name={rule.name} needs every parameter's norm before any step, so it cannot step "
                             f"chunks inside backward (memory.step_in_backward) or stream states from NVMe "
                             f"(parallel.offload=nvme); use adamw there, or parallel.offload=none|cpu")
         device = self.mesh.device
@@ -188,13 +128,12 @@ class ZeroPlugin(Plugin):
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, policy, self.memory.prefetch,
                                     axis=dp, shard_params=shard_params, materialize=self.materialize,
                                     on_master=lambda chunk, shard: init_states(states, chunk, shard))
-        grads = GradientShards(states, dp, stage=max(self.stage, 1))
-        # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
         tp = self.mesh.axis("tp")
+        grads = GradientShards(states, dp, stage=max(self.stage, 1), tp=tp)   # tp: each value once in the norm
+        # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
         attach_split_norms(optimizer, tp)          # LAMB / LARS on tensor-parallel parts: whole-parameter norms
         self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
-                                   origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule,
-                                   tp_axis=tp)
+                                   origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule)
         self.wrapped = ChunkedModel(model, self.manager, grads.reduce)
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
 
@@ -223,7 +162,7 @@ class ZeroPlugin(Plugin):
         return model
 
     def checkpoint_io(self) -> CheckpointIO:
-        return ChunkCheckpointIO(self)
+        return CheckpointIO(ChunkSharding(self))
 
     def report(self) -> str | None:
         m = self.manager

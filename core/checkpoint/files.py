@@ -1,8 +1,8 @@
-"""Checkpoint folders on disk: naming, discovery, pruning, and the replicated-state IO.
+"""Checkpoint folders on disk: naming, discovery, pruning, and reading and writing their files.
 
     <output.dir>/checkpoints/step_0000300/
-        model.safetensors   weights (loadable with safetensors alone)
-        optimizer.pt        optimizer state
+        model.safetensors   weights (loadable with safetensors alone; see `core.checkpoint.io`)
+        optimizer.pt        optimizer state (or one file per rank of a split: `core.checkpoint.io`)
         state.pt            step, scheduler, scaler, app state
         rng/rank_00000.pt   each rank's random-number generator states
         config.yaml         the complete recipe of the run
@@ -21,9 +21,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as st_load_file
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
-from torch import nn
 
 from core.checkpoint.manifest import verify
 from core.errors import LoomError
@@ -122,43 +119,3 @@ def read_meta(folder: Path) -> dict:
     if not path.is_file():
         raise LoomError(f"{folder} is not a complete Loom checkpoint (no meta.json)")
     return json.loads(path.read_text())
-
-
-class CheckpointIO:
-    """Saving and loading state that every rank holds in full (single process, DDP).
-
-    Rank 0 writes one copy; every rank reads it. Plugins whose state is sharded (ZeRO,
-    tensor parallelism) bring their own `CheckpointIO` with the same methods.
-    """
-
-    MODEL = "model.safetensors"
-    OPTIMIZER = "optimizer.pt"
-
-    def save_model(self, model: nn.Module, folder: Path, rank: int) -> None:
-        if rank == 0:
-            st_save_model(model, str(Path(folder) / self.MODEL))  # tied weights stored once
-
-    def load_model(self, model: nn.Module, folder: Path) -> None:
-        path = Path(folder) / self.MODEL
-        if not path.is_file():
-            raise LoomError(f"{path} is missing; is {folder} a complete Loom checkpoint?")
-        try:
-            missing, unexpected = st_load_model(model, str(path), strict=False)
-        except (SafetensorError, OSError) as e:
-            raise _damaged(path, e) from None
-        except RuntimeError as e:
-            raise LoomError(f"weights in {path} do not fit this model: {str(e).splitlines()[0]}") from None
-        if missing or unexpected:
-            raise LoomError(f"weights in {path} do not fit this model: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}; was it saved with another model.* recipe?")
-
-    def save_optimizer(self, optimizer: torch.optim.Optimizer, folder: Path, rank: int) -> None:
-        if rank == 0:
-            save_file(optimizer.state_dict(), Path(folder) / self.OPTIMIZER)
-
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-        state = load_file(Path(folder) / self.OPTIMIZER)
-        try:
-            optimizer.load_state_dict(state)
-        except (ValueError, KeyError) as e:
-            raise LoomError(f"optimizer state in {folder} does not fit this model/optimizer: {e}") from None

@@ -3,7 +3,8 @@
 Parameters in CPU memory (offloaded master weights) are updated by the C++ CPU Adam
 (`kernels.cpu_adam`: one vectorised OpenMP pass, optionally writing a bf16/fp16 working copy);
 parameters on a GPU by torch's fused AdamW. The update is torch.optim.AdamW's (or Adam's with L2
-regularisation when `adamw_mode=False`), so results match torch to float rounding.
+regularisation when `adamw_mode=False`), so results match torch to float rounding. The step of
+one host tensor is `adam_update`, which the chunk optimizer (`core.zero`) runs on its shards too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ from typing import Iterable
 import torch
 
 from kernels.cpu_adam import adam_step, load as load_kernel
+
+
+def adam_update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, group: dict,
+                work: torch.Tensor | None = None, grad_scale: float = 1.0) -> None:
+    """One Adam step of one fp32 tensor with its group's hyperparameters, in place (the C++ kernel for
+    host tensors, its torch reference elsewhere): AdamW with bias correction unless the group says
+    `adamw_mode` / `bias_correction` False. The gradient is taken times `grad_scale`; `work`, if
+    given, receives the new weight in its own dtype."""
+    beta1, beta2 = group["betas"]
+    adam_step(w, g, m, v, work, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+              weight_decay=group["weight_decay"], adamw=group.get("adamw_mode", True), step=step,
+              bias_correction=group.get("bias_correction", True), grad_scale=grad_scale)
 
 
 class CPUAdam(torch.optim.Optimizer):
@@ -53,11 +66,7 @@ class CPUAdam(torch.optim.Optimizer):
                     if not p.data.is_contiguous():
                         raise RuntimeError("CPUAdam needs contiguous CPU parameters")
                     state["step"] += 1
-                    adam_step(p.data, p.grad,
-                              state["exp_avg"], state["exp_avg_sq"], None, lr=group["lr"], beta1=beta1,
-                              beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                              adamw=group["adamw_mode"], step=int(state["step"]),
-                              bias_correction=group["bias_correction"])
+                    adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), group)
                 else:
                     device_params.append(p)
                     device_grads.append(p.grad)
@@ -69,7 +78,8 @@ class CPUAdam(torch.optim.Optimizer):
                     raise RuntimeError("CPUAdam on GPU parameters supports AdamW with bias correction only")
                 from torch.optim.adamw import adamw as functional_adamw
 
-                functional_adamw(  # increments the step tensors itselfdevice_params, device_grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False,
+                functional_adamw(  # increments the step tensors itself
+                                 device_params, device_grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False,
                                  capturable=False, differentiable=False, fused=True, grad_scale=None,
                                  found_inf=None, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

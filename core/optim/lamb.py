@@ -4,7 +4,9 @@ You, Li, Reddi, Hseu, Kumar, Bhojanapalli, Song, Demmel, Keutzer, Hsieh, "Large 
 Optimization for Deep Learning: Training BERT in 76 minutes", arXiv:1904.00962, Algorithm 2.
 
 Also home of `layer_norms`, the one batched computation of per-parameter norms that LAMB and
-LARS share (and that a distributed caller hooks into).
+LARS share (and that a distributed caller hooks into). The step of one tensor is `lamb_partner`
+(moments and direction), then, once the norms are known, `lamb_apply`: the same functions step
+the slices of chunk shards in `core.zero`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from core.optim.norms import sum_of_squares
+
 NormReducer = Callable[[Tensor], Tensor]
 
 
@@ -22,7 +26,7 @@ def layer_norms(ws: Sequence[Tensor], xs: Sequence[Tensor],
     """The L2 norms of each tensor in `ws` and in `xs` (two lists of the same length n).
 
     The squared norms go into one flat vector `[|ws[0]|², ..., |ws[n-1]|², |xs[0]|², ...,
-    |xs[n-1]|²]` (length 2n, fp32, or fp64 if any of `ws` is fp64, on the device of `ws[0]`),
+    |xs[n-1]|²]` (length 2n, float64, on the device of `ws[0]`),
     which is passed through `norm_reducer` (if given) before the square root. Returns the two
     halves: the norms of `ws` and the norms of `xs`, each of length n.
     """
@@ -33,8 +37,7 @@ def layer_norms(ws: Sequence[Tensor], xs: Sequence[Tensor],
         empty = torch.zeros(0)
         return empty, empty
     device = ws[0].device
-    dtype = torch.float64 if any(w.dtype == torch.float64 for w in ws) else torch.float32
-    squares = torch.stack([torch.linalg.vector_norm(t, dtype=dtype).square().to(device) for t in (*ws, *xs)])
+    squares = torch.stack([sum_of_squares(t).to(device) for t in (*ws, *xs)])
     if norm_reducer is not None:
         reduced = norm_reducer(squares)
         if not isinstance(reduced, Tensor) or reduced.shape != squares.shape:
@@ -56,6 +59,21 @@ def lamb_direction(m: Tensor, v: Tensor, w: Tensor, step: int, group: dict) -> T
     if group["weight_decay"] != 0.0:
         u.add_(w, alpha=group["weight_decay"])
     return u
+
+
+def lamb_partner(w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, group: dict) -> Tensor:
+    """Pass 1 of a LAMB step of one tensor: the moments m, v updated in place with the gradient g
+    for `step`; returns the direction u, whose norm (with w's) the trust ratio needs."""
+    beta1, beta2 = group["betas"]
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    return lamb_direction(m, v, w, step, group)
+
+
+def lamb_apply(w: Tensor, u: Tensor, w_norm: Tensor, u_norm: Tensor, group: dict) -> None:
+    """Pass 2: w = w - lr·trust·u, in place (u is used up)."""
+    scale = lamb_scale(w_norm, u_norm, group)
+    w.sub_(u.mul_(scale.to(u.device) if isinstance(scale, Tensor) else scale))   # 0-dim: no host sync
 
 
 def lamb_scale(w_norm: Tensor, u_norm: Tensor, group: dict) -> Tensor | float:
@@ -126,7 +144,6 @@ class LAMB(torch.optim.Optimizer):
         # pass 1: the moments and the update direction u of every parameter
         stepped: list[tuple[Tensor, Tensor, dict]] = []   # (w, u, group)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -138,15 +155,12 @@ class LAMB(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                stepped.append((p, lamb_direction(m, v, p, state["step"], group), group))
+                u = lamb_partner(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+                stepped.append((p, u, group))
         if not stepped:
             return loss
         # pass 2: all norms at once (through the hook), then the trust-scaled step
         w_norms, u_norms = layer_norms([p for p, _, _ in stepped], [u for _, u, _ in stepped], self.norm_reducer)
         for (p, u, group), w_norm, u_norm in zip(stepped, w_norms, u_norms):
-            scale = lamb_scale(w_norm, u_norm, group)
-            p.sub_(u.mul_(scale.to(u.device) if isinstance(scale, Tensor) else scale))   # 0-dim: no host sync
+            lamb_apply(p, u, w_norm, u_norm, group)
         return loss

@@ -1,7 +1,8 @@
 """LARS: SGD with momentum and a layer-wise learning rate, for training with very large batches.
 
 You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks", arXiv:1708.03888,
-Algorithm 1.
+Algorithm 1. The step of one tensor, once the norms are known, is `lars_apply`: the same
+function steps the slices of chunk shards in `core.zero`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ def lars_scale(w_norm: Tensor, g_norm: Tensor, group: dict) -> Tensor | float:
     ok = (w_norm > 0) & (denominator > 0)
     local_lr = torch.where(ok, group["trust_coefficient"] * w_norm / denominator, torch.ones_like(w_norm))
     return local_lr * group["lr"]
+
+
+def lars_apply(w: Tensor, g: Tensor, buf: Tensor, w_norm: Tensor, g_norm: Tensor, group: dict) -> None:
+    """One LARS step of one tensor, in place: buf = momentum·buf + lr·local_lr·(g + weight_decay·w),
+    then w = w - buf."""
+    wd = group["weight_decay"]
+    direction = g.add(w, alpha=wd) if wd != 0.0 else g.clone()
+    scale = lars_scale(w_norm, g_norm, group)
+    direction.mul_(scale.to(w.device) if isinstance(scale, Tensor) else scale)   # 0-dim: no host sync
+    buf.mul_(group["momentum"]).add_(direction)
+    w.sub_(buf)
 
 
 class LARS(torch.optim.Optimizer):
@@ -73,14 +85,8 @@ class LARS(torch.optim.Optimizer):
             return loss
         w_norms, g_norms = layer_norms([p for p, _ in stepped], [p.grad for p, _ in stepped], self.norm_reducer)
         for (p, group), w_norm, g_norm in zip(stepped, w_norms, g_norms):
-            wd = group["weight_decay"]
-            direction = p.grad.add(p, alpha=wd) if wd != 0.0 else p.grad.clone()
-            scale = lars_scale(w_norm, g_norm, group)
-            direction.mul_(scale.to(p.device) if isinstance(scale, Tensor) else scale)   # 0-dim: no host sync
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.mul_(group["momentum"]).add_(direction)
-            p.sub_(buf)
+            lars_apply(p, p.grad, state["momentum_buffer"], w_norm, g_norm, group)
         return loss

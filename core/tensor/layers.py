@@ -171,15 +171,7 @@ def load_serial_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def grad_norm_sq(parameters, axis) -> torch.Tensor:
     """Squared norm of the whole (unsplit) gradient: each part counted once however many ranks
-    hold it (`tp_replicas`; parameters outside these layers are replicated on every rank), summed
-    over the tensor-parallel axis in one all-reduce."""
-    from core.distributed.comm import all_reduce_
+    hold it (`tp_replicas`), summed over the tensor-parallel axis (`core.optim.norms`)."""
+    from core.optim.norms import gradients, squares, sum_over
 
-    total = torch.zeros((), dtype=torch.float64)
-    for p in parameters:
-        if p.grad is None:
-            continue
-        total += p.grad.detach().double().pow(2).sum().cpu() / getattr(p, "tp_replicas", axis.size)
-    if axis.size > 1:
-        all_reduce_(total, axis, "sum")
-    return total
+    return sum_over(squares(gradients(parameters, axis)), (axis,))

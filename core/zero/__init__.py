@@ -3,5 +3,6 @@ the data-parallel ranks, on the chunks of `core.memory`."""
 
 from core.zero.gradients import GradientShards
 from core.zero.optimizer import ChunkAdam
+from core.zero.states import ChunkStates
 
-__all__ = ["ChunkAdam", "GradientShards"]
+__all__ = ["ChunkAdam", "ChunkStates", "GradientShards"]

@@ -6,8 +6,10 @@ buffer into this rank's shard of the data-parallel mean: stage 1 all-reduces the
 keeps its shard, stages 2 and 3 reduce-scatter it (each rank receives only its shard: half the
 traffic of an all-reduce and 1/world of the memory). The shard is added to what earlier
 micro-batches of the same step left (gradient accumulation) and written to the store (device,
-host or NVMe). The sum of its squares is kept per chunk, so the global gradient norm (clipping,
-fp16 overflow) needs no second pass over gradients that may be on disk.
+host or NVMe). Its share of the squared gradient norm is kept per chunk (`core.optim.norms`: under
+tensor parallelism each parameter's slice divided by the tp ranks that hold the same values), so
+the global gradient norm (clipping, fp16 overflow) needs no second pass over gradients that may
+be on disk.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import torch
 from core.distributed.comm import AxisGroup, all_reduce_, reduce_scatter_into
 from core.memory.chunk import Chunk
 from core.memory.store import Store
+from core.optim.norms import replicas, squares, sum_of_squares, sum_over
+from core.zero.states import trained_slices
 
 
 class GradientShards:
-    def __init__(self, store: Store, axis: AxisGroup | None = None, stage: int = 2) -> None:
+    def __init__(self, store: Store, axis: AxisGroup | None = None, stage: int = 2,
+                 tp: AxisGroup | None = None) -> None:
         self.store = store
         self.axis = axis
         self.world = axis.size if axis is not None else 1
         self.rank = axis.rank if axis is not None else 0
         self.stage = stage
+        self.tp = tp if tp is not None and tp.size > 1 else None   # parameters split over tensor parallelism
         self.seen: set[int] = set()          # chunks with a gradient in this step
         self._sumsq: dict[int, float] = {}
         self._total: float | None = None
@@ -52,7 +58,7 @@ class GradientShards:
                                f"needs train.grad_accum=1")
         if chunk.index in self.seen:         # an earlier micro-batch of this step
             shard = shard + self.get(chunk).to(shard.device)
-        self._sumsq[chunk.index] = float(torch.linalg.vector_norm(shard)) ** 2   # one pass, no copy
+        self._sumsq[chunk.index] = self._squares(chunk, shard)
         if self.sink is not None:
             self.sink(chunk, shard)
             self.seen.add(chunk.index)
@@ -60,6 +66,13 @@ class GradientShards:
         self.store.write("grad", chunk.index, shard if self.store.in_memory else shard.to("cpu"))
         self.seen.add(chunk.index)
         self._total = None
+
+    def _squares(self, chunk: Chunk, shard: torch.Tensor) -> float:
+        """The shard's share of the squared gradient norm (one pass, no copy)."""
+        if self.tp is None:         # every value of the shard is this rank's alone
+            return float(sum_of_squares(shard))
+        parts = ((shard[s], replicas(info.origin, self.tp)) for info, s in trained_slices(chunk, self.rank))
+        return float(squares(parts))
 
     def get(self, chunk: Chunk) -> torch.Tensor:
         """This rank's gradient shard of the chunk (the slot itself for in-memory stores)."""
@@ -70,13 +83,11 @@ class GradientShards:
         return buf
 
     def total_sq(self) -> float:
-        """Sum of squares of the whole (unsharded) gradient; one all-reduce of one number."""
+        """Sum of squares of the whole (unsharded, unsplit) gradient; one all-reduce of one number
+        per axis (dp, and tp when parameters are split)."""
         if self._total is None:
-            local = math.fsum(self._sumsq[i] for i in self.seen)
-            if self.world > 1:
-                local = float(all_reduce_(torch.tensor([local], dtype=torch.float64, device=self.axis.device),
-                                          self.axis))
-            self._total = local
+            local = torch.tensor(math.fsum(self._sumsq[i] for i in self.seen), dtype=torch.float64)
+            self._total = float(sum_over(local, (self.axis, self.tp)))
         return self._total
 
     def reset(self) -> None:

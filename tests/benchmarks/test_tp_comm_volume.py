@@ -1,6 +1,6 @@
 """The benchmark's model at scale covers every mode and size, and shows what the modes are for.
 (That the cost model equals the counted collectives of a real training step in every mode is
-checked in tests/apps/gpt/test_tensor_parallel.py, in the ranks that check each mode's parity.)"""
+checked in tests.core.tensor.test_gpt_tensor_parallel.py, in the ranks that check each mode's parity.)"""
 
 from benchmarks.tp_comm_volume import modelled_lines
 

@@ -250,7 +250,7 @@ def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
                   f"output.dir={tmp_path / 'back'}"), tmp_path)
     assert _losses(tmp_path / "back")[1] == pytest.approx(one_eval, rel=1e-5)
     r = run(_torchrun(2, *common, *pipe, "model.n_layer=3", f"output.dir={tmp_path / 'bad'}"), tmp_path, check=False)
-    assert r.returncode != 0 and "the model's 3 layers do not divide into 2 pipeline chunks" in r.stderr
+    assert r.returncode != 0 and "the model's 3 layers do not divide into 2 pipeline stages" in r.stderr
     r = run(_torchrun(2, *common, "parallel.pp=2", "parallel.microbatches=1", f"output.dir={tmp_path / 'bad2'}"),
             tmp_path, check=False)
     assert r.returncode != 0 and "parallel.pp_schedule=1f1b needs at least as many micro-batches as stages" in r.stderr

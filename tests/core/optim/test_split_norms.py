@@ -101,7 +101,7 @@ class _SkewedGPT(GPT):
 
 
 def _skewed(train, *args):
-    import tests.apps.gpt.test_memory_parity as parity
+    import tests.core.memory.test_gpt_memory_parity as parity
 
     plain, parity.GPT = parity.GPT, _SkewedGPT
     try:
@@ -111,7 +111,7 @@ def _skewed(train, *args):
 
 
 def _zero_runs(out_dir):
-    from tests.apps.gpt.test_memory_parity import SMALL_CHUNKS
+    from tests.core.memory.test_gpt_memory_parity import SMALL_CHUNKS
 
     kinds = (("zero2", ["parallel.zero=2"]), ("chunks_offloaded", ["parallel.offload=cpu", *SMALL_CHUNKS]))
     return {(name, kind): _skewed(_train_parity, f"{out_dir}/{name}-{kind}", 2, [*extra, *_over(name)])
@@ -119,7 +119,7 @@ def _zero_runs(out_dir):
 
 
 def _train_parity(*args):
-    from tests.apps.gpt.test_memory_parity import _train
+    from tests.core.memory.test_gpt_memory_parity import _train
 
     return _train(*args)
 
@@ -152,7 +152,7 @@ def _train_tp_zero(out_dir: str, name: str, layout: Layout, overrides: list[str]
 
     from core.config import Recipe, load_recipe
     from core.trainer import Trainer, TrainTask
-    from tests.apps.gpt.test_memory_parity import GLOBAL_BATCH, MODEL, STEPS as PARITY_STEPS, _data
+    from tests.core.memory.test_gpt_memory_parity import GLOBAL_BATCH, MODEL, STEPS as PARITY_STEPS, _data
 
     mesh = ParallelMesh.build(layout)
     dp = mesh.size("dp")

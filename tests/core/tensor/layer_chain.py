@@ -3,7 +3,7 @@ column Linear, a row Linear, the classifier, the vocabulary-parallel cross-entro
 torch.nn counterpart: outputs, input and weight gradients, the clipping norm, weights after 3
 AdamW steps, shard equality against slices written out per mode, and the cross-entropy's exact
 communication. `chain_run` runs on every rank of a layout; `check_chain` asserts on the results
-(tests/apps/gpt/test_tensor_parallel.py runs it in the same ranks as the GPT checks)."""
+(tests.core.tensor.test_gpt_tensor_parallel.py runs it in the same ranks as the GPT checks)."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Tensor-parallel layouts that do not fit are refused with the valid sizes; dropout draws per rank
 only where activations are split. (Every layer of every mode against serial runs with the GPT
-checks, in the same ranks: tests/apps/gpt/test_tensor_parallel.py and layer_chain.py here.)"""
+checks, in the same ranks: tests.core.tensor.test_gpt_tensor_parallel.py and layer_chain.py here.)"""
 
 import re
 
