@@ -16,7 +16,8 @@ import torch
 
 from core.errors import LoomError
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the dtype matmuls and convolutions compute in (and chunked parameters are held in on the device)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
@@ -28,7 +29,7 @@ class Precision:
         self.dtype = DTYPES[name]
 
     def autocast(self) -> ContextManager:
-        if self.dtype is None:
+        if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 

@@ -102,19 +102,20 @@ def _refuse(error: LoomError, guard: failure.SignalGuard) -> None:
     sys.exit(2)
 
 
-def _lost(error: BaseException, guard: failure.SignalGuard) -> None:
+def _lost(error: BaseException, guard: failure.SignalGuard, after: failure.Aftermath) -> None:
     """A peer is gone or the launcher stopped us: find out who, one line for the whole job."""
     guard.hold()   # further SIGTERMs wait for the roll call
-    verdict = failure.roll_call(error)
+    verdict = failure.roll_call(error, after=after)
     failure.write_error_file(verdict.message)
     if verdict.line:
         print(verdict.line, file=sys.stderr)
     sys.exit(verdict.status)
 
 
-def run_main(main: Callable[[], int | None]) -> None:
+def run_main(main: Callable[[], int | None], after: failure.Aftermath = failure.TRAINING) -> None:
     """Run an entry point; every way it ends is one exit status (see the module's docstring) and
-    at most one line for the whole job, without a traceback."""
+    at most one line for the whole job, without a traceback. `after`: what a stopped run of this
+    entry point keeps and how to go on (a training run's checkpoints by default)."""
     with failure.SignalGuard() as guard:
         try:
             code = main()
@@ -126,12 +127,12 @@ def run_main(main: Callable[[], int | None]) -> None:
         except KeyboardInterrupt:
             guard.hold(exit_status=130)
             if _where().rank == 0:
-                print("interrupted; the last complete checkpoint is intact", file=sys.stderr)
+                print(f"interrupted; {after.kept}", file=sys.stderr)
             sys.exit(130)
         except failure.Stopped as e:
-            _lost(e, guard)
+            _lost(e, guard, after)
         except Exception as e:
             if not failure.is_peer_failure(e):
                 raise
-            _lost(e, guard)
+            _lost(e, guard, after)
     sys.exit(code or 0)

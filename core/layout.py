@@ -62,6 +62,16 @@ def offloaded(cfg: Recipe) -> bool:
     return cfg.parallel.offload != "none" or cfg.memory.device_gb > 0
 
 
+def check_chunk_rule(rule: str, offload: str, step_in_backward: bool) -> None:
+    """Whether the chunked engine can step with the update rule `rule` (optim.name): LAMB and LARS
+    need every parameter's norm before any chunk steps. (The zero plugin asks too, for callers that
+    build it without a recipe.)"""
+    if rule in ("lamb", "lars") and (offload == "nvme" or step_in_backward):
+        raise LoomError(f"optim.name={rule} needs every parameter's norm before any step, so it cannot step "
+                        f"chunks inside backward (memory.step_in_backward) or stream states from NVMe "
+                        f"(parallel.offload=nvme); use adamw there, or parallel.offload=none|cpu")
+
+
 def check_combination(cfg: Recipe, layout: Layout) -> None:
     """What this version of Loom cannot run together yet, in one message."""
     p, missing = cfg.parallel, []
@@ -78,11 +88,8 @@ def check_combination(cfg: Recipe, layout: Layout) -> None:
                         f"parallel.tp_mode=1d|2d|2.5d|3d), data with sequence (parallel.sp) and tensor parallelism, "
                         f"tensor parallelism with ZeRO-1/2 (parallel.zero=1|2), or data parallelism with ZeRO "
                         f"(parallel.zero=1|2|3) and offload (parallel.offload=cpu|nvme)")
-    rule = cfg.optim.name
-    if chunked(cfg) and rule in ("lamb", "lars") and (p.offload == "nvme" or cfg.memory.step_in_backward):
-        raise LoomError(f"optim.name={rule} needs every parameter's norm before any step, so it cannot step "
-                        f"chunks inside backward (memory.step_in_backward) or stream states from NVMe "
-                        f"(parallel.offload=nvme); use adamw there, or parallel.offload=none|cpu")
+    if chunked(cfg):
+        check_chunk_rule(cfg.optim.name, p.offload, cfg.memory.step_in_backward)
     if cfg.memory.step_in_backward:
         accum = plan_batches(cfg.train, layout.dp).grad_accum
         clash = [what for bad, what in ((cfg.train.grad_clip > 0, f"train.grad_clip={cfg.train.grad_clip:g}"),

@@ -56,6 +56,17 @@ def test_every_console_script_answers_help(installed):
         assert "usage:" in done.stdout, name
 
 
+def test_every_console_script_ends_as_the_module_does(installed):
+    # every script is its module's `console` (main under core.cli.run_main: exit statuses, one
+    # line for a refusal, no traceback); two of them are run on a bad key to show it
+    assert all(target.endswith(":console") for target in SCRIPTS.values()), SCRIPTS
+    venv, work = installed
+    for name in ("loom-gpt-pretrain", "loom-protein-infer"):
+        done = _run([str(venv / "bin" / name), "train.nonexistent=1"], cwd=work)
+        assert done.returncode == 2, (name, done.returncode, done.stderr[-2000:])
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, (name, done.stderr[-2000:])
+
+
 def test_the_installed_code_finds_its_recipes_and_files(installed):
     venv, work = installed
     shipped = sorted(str(p.relative_to(ROOT / "recipes").with_suffix("")) for p in (ROOT / "recipes").rglob("*.yaml"))

@@ -154,5 +154,10 @@ def main(argv: list[str] | None = None, defaults: tuple[str, ...] = ()) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The installed command `loom-diffusion-finetune`: `main` with Loom's exit statuses (`core.cli.run_main`)."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

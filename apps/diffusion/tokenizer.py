@@ -63,12 +63,6 @@ def write_clip_tokenizer(folder: Path, words: Iterable[str]) -> Path:
     return folder
 
 
-def load_clip_tokenizer(folder: Path, max_length: int):
-    from transformers import CLIPTokenizer
-
-    return check_tokenizer(CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length), folder)
-
-
 def check_tokenizer(tok, folder: Path):
     """`tok`, unless it is the 2-token stand-in that a tokenizer without its files "loads" as."""
     if len(tok) < 300:

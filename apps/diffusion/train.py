@@ -18,5 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     return finetune.main(args, defaults=("model.unet_init=random", "finetune.method=full"))
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The installed command `loom-diffusion-train`: `main` with Loom's exit statuses (`core.cli.run_main`)."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -13,6 +13,8 @@ refused before any model is built, unless output.overwrite=true (which replaces 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from apps.protein.model import build_model, features, openfold_config, read_alig
 from apps.protein.plan import GIB
 from apps.protein.row_blocks import DeferredDistogram
 from core import cli
-from core.distributed import ParallelMesh, launch, resolve_layout
+from core.distributed import ParallelMesh, failure, launch
 from core.errors import LoomError
 from core.run_folder import refuse_earlier_run
 from core.memory.store import return_freed_buffers_to_the_os
@@ -89,6 +91,23 @@ def _earlier_results(root: Path) -> list[Path]:
                   if d.is_dir() and ((d / f"{d.name}.pdb").is_file() or (d / "timings.json").is_file()))
 
 
+def _staging(root: Path, name: str) -> Path:
+    """Where one target's files are written before they appear in `output.dir/<name>/`, so a run
+    stopped mid-target never leaves a folder that looks finished."""
+    return root / f".{name}.partial"
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    """Move a target's finished files from `staging` into `folder`: the whole folder in one rename
+    where it does not exist yet, else file by file (each replace atomic), timings.json last."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "timings.json"):
+        os.replace(f, folder / f.name)
+    staging.rmdir()
+
+
 def _remove_results(folders: list[Path]) -> None:
     """Delete the files an earlier run wrote into these target folders, and each folder it leaves
     empty (anything else a person put there stays)."""
@@ -128,8 +147,7 @@ def predict(cfg: ProteinRecipe) -> list[dict]:
             if cfg.model.engine != "loom":
                 raise LoomError(f"{rt.world_size} processes split the Evoformer with axial parallelism, which "
                                 f"needs model.engine=loom (model.engine={cfg.model.engine})")
-            mesh = ParallelMesh.build(resolve_layout(1, 1, 1, rt.world_size, rt.world_size), rt.device)
-            ax = Axial(mesh.axis("sp"))
+            ax = Axial(ParallelMesh.one_axis("axial", rt.device).axis("axial"))
         return _predict(cfg, rt.device, ax, rt.is_main)
 
 
@@ -144,6 +162,9 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
         read_alignments(target, cfg.data.alignments)
     root = Path(cfg.output.dir)
     earlier = _refuse_earlier_results(root, cfg.output.overwrite, main, ax)
+    if main and root.is_dir():
+        for leftover in root.glob(_staging(root, "*").name):    # a stopped run's unfinished targets
+            shutil.rmtree(leftover, ignore_errors=True)
     config = openfold_config(cfg)
     if not cfg.model.params and main:
         print(RANDOM_WEIGHTS, file=sys.stderr)
@@ -180,7 +201,8 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
         if earlier:                          # output.overwrite=true: the earlier run's results go now
             _remove_results(earlier)
             earlier = []
-        folder.mkdir(parents=True, exist_ok=True)
+        staging = _staging(root, target.name)
+        staging.mkdir(parents=True)
         feats = {k: v[..., -1].numpy() for k, v in batch.items()}      # the last recycling iteration's
         # Outputs the engine left uncomputed (the loom engine's distogram logits) are not written.
         out = {k: v for k, v in out.items() if not isinstance(v, DeferredDistogram)}
@@ -189,15 +211,17 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
         prot = protein.from_prediction(feats, result, b_factors=np.repeat(plddt[:, None], 37, axis=1),
                                        remark=f"Loom / OpenFold {cfg.model.preset}"
                                               + ("" if cfg.model.params else " (random weights)"))
-        pdb_path = folder / f"{target.name}.pdb"
+        pdb_path = staging / f"{target.name}.pdb"
         pdb_path.write_text(protein.to_pdb(prot))
         if cfg.output.mmcif:
-            _write_mmcif(pdb_path, folder / f"{target.name}.cif")
-        _plot(folder / "plddt.png", target.name, plddt, result.get("predicted_aligned_error"))
+            _write_mmcif(pdb_path, staging / f"{target.name}.cif")
+        _plot(staging / "plddt.png", target.name, plddt, result.get("predicted_aligned_error"))
         timings = {"build_model_s": build_s, "features_s": t1 - t0, "inference_s": t2 - t1,
                    "peak_memory_gib": peak, "spilled_gib": spilled / GIB, "engine": cfg.model.engine,
                    "processes": ax.size}
-        (folder / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        (staging / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        _publish(staging, folder)
+        pdb_path = folder / pdb_path.name
         rows.append({"target": target.name, "length": len(target.sequence), "mean_plddt": float(plddt.mean()),
                      "inference_s": t2 - t1, "peak_gib": peak, "pdb": str(pdb_path)})
     if main:
@@ -217,5 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# A stopped run keeps the targets it finished; each target's folder appears only when complete.
+STOPPED = failure.Aftermath("the targets finished so far are complete in output.dir",
+                            "run the job again with output.overwrite=true")
+
+def console() -> None:
+    """The installed command `loom-protein-infer`: `main` with Loom's exit statuses (`core.cli.run_main`)."""
+    cli.run_main(main, STOPPED)
+
+
 if __name__ == "__main__":
-    cli.run_main(main)
+    console()

@@ -1,15 +1,15 @@
-"""The `zero` and `gemini` plugins: parameters in chunks, optimizer states (and gradients, and
-parameters) sharded over the data-parallel ranks, and offloaded to host memory or NVMe.
+"""The zero plugin: parameters in chunks (`core.memory`), optimizer states (and gradients, and
+parameters) sharded over the data-parallel ranks, and chunks offloaded to host memory or NVMe.
 
-One engine, chosen by the recipe:
+One engine, chosen by the recipe (`core.layout.chunked` says when a recipe runs on it):
 
-| recipe                                   | plugin | what is sharded over dp      | where states live |
-|------------------------------------------|--------|------------------------------|-------------------|
-| `parallel.zero=1`                        | zero   | optimizer states             | device            |
-| `parallel.zero=2`                        | zero   | + gradients (reduce-scatter) | device            |
-| `parallel.zero=3`                        | zero   | + parameters (gathered on use) | device          |
-| `parallel.offload=cpu/nvme` (+ `zero`)   | gemini | as `zero` (3 when unset)     | host / NVMe       |
-| `memory.device_gb>0`                     | gemini | chunks evicted to fit the device budget              |
+| recipe                                | what is sharded over dp         | where states live |
+|---------------------------------------|---------------------------------|-------------------|
+| `parallel.zero=1`                     | optimizer states                | device            |
+| `parallel.zero=2`                     | + gradients (reduce-scatter)    | device            |
+| `parallel.zero=3`                     | + parameters (gathered on use)  | device            |
+| `parallel.offload=cpu/nvme` (+ `zero`)| as `zero` (3 when unset)        | host / NVMe       |
+| `memory.device_gb>0`                  | as `zero`; chunks are evicted to fit the device budget | |
 
 Checkpoints hold the fp32 master weights by parameter name (gathered from every rank), so they
 load into a plain model and into any other layout.
@@ -28,15 +28,14 @@ from core.checkpoint import CheckpointIO, Sharding
 from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
+from core.layout import check_chunk_rule
 from core.memory.chunk import plan_chunks, shard_used
 from core.memory.chunked_model import ChunkedModel
 from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
 from core.optim.split_norms import attach as attach_split_norms
-from core.zero import ChunkAdam, GradientShards
-from core.zero.optimizer import KINDS, init_states
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from core.zero import ChunkOptimizer, GradientShards
+from core.zero.states import KINDS, init_states
 
 
 class ChunkSharding(Sharding):
@@ -74,7 +73,7 @@ class ZeroPlugin(Plugin):
         self.memory = memory or MemoryConfig()
         self.nvme_dir = Path(nvme_dir or self.memory.nvme_dir or "nvme")
         self.materialize = materialize
-        self.optimizer: ChunkAdam | None = None
+        self.optimizer: ChunkOptimizer | None = None
         self.manager: ChunkManager | None = None
 
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
@@ -86,15 +85,12 @@ class ZeroPlugin(Plugin):
         if rule is None:
             raise LoomError(f"the {self.name} plugin trains with AdamW, LAMB or LARS (optim.name=adamw, cpu_adam, "
                             f"lamb or lars)")
-        if rule.needs_norms and (self.offload == "nvme" or self.memory.step_in_backward):
-            raise LoomError(f"optim.name={rule.name} needs every parameter's norm before any step, so it cannot step "
-                            f"chunks inside backward (memory.step_in_backward) or stream states from NVMe "
-                            f"(parallel.offload=nvme); use adamw there, or parallel.offload=none|cpu")
+        check_chunk_rule(rule.name, self.offload, self.memory.step_in_backward)
         device = self.mesh.device
         if not any(p.is_meta for p in model.parameters()):
             model.to(device)
         dp = self.mesh.axis("dp")
-        dtype = DTYPES[self.precision.name]
+        dtype = self.precision.dtype
         element = torch.tensor([], dtype=dtype).element_size()
         params = list(dict.fromkeys(model.parameters()))
         chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element), max((p.numel() for p in params), default=1))
@@ -132,7 +128,7 @@ class ZeroPlugin(Plugin):
         grads = GradientShards(states, dp, stage=max(self.stage, 1), tp=tp)   # tp: each value once in the norm
         # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
         attach_split_norms(optimizer, tp)          # LAMB / LARS on tensor-parallel parts: whole-parameter norms
-        self.optimizer = ChunkAdam(self.manager, optimizer.param_groups, states, grads, self.precision.name,
+        self.optimizer = ChunkOptimizer(self.manager, optimizer.param_groups, states, grads, self.precision.name,
                                    origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule)
         self.wrapped = ChunkedModel(model, self.manager, grads.reduce)
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer

@@ -13,7 +13,8 @@ key-value store (the one the process group was built on):
    never answered are the lost ones;
 3. the lowest rank that answered (as this rank sees it) claims the report with an atomic
    `add`, so exactly one line is printed for the whole job, and every survivor exits with
-   `PEER_LOST` (3): "the job lost a process; restart it with train.resume=latest" (where
+   `PEER_LOST` (3): "the job lost a process; restart it with train.resume=latest" (an inference
+   entry point says what it kept and how to go on instead: `Aftermath`) (where
    2 means "fix the recipe or the input").
 
 Which store: under torchrun its agent hosts one at MASTER_ADDR:MASTER_PORT that outlives the
@@ -128,30 +129,40 @@ class Verdict:
     lost: list[int]
 
 
-_RESTART = "train.resume=latest"
-_INTACT = "every rank has stopped and the checkpoints written so far are intact"
+@dataclass(frozen=True)
+class Aftermath:
+    """What a stopped job leaves (`kept`) and how to go on (`again`), as the entry point's lines
+    say it: a training run keeps its checkpoints, an inference run the results it finished."""
+
+    kept: str
+    again: str
 
 
-def _verdict(env: DistEnv, lost: list[int] | None, reporter: bool, reason: str, sigterm: bool) -> Verdict:
+TRAINING = Aftermath("the checkpoints written so far are intact", "restart the job with train.resume=latest")
+
+
+def _verdict(env: DistEnv, lost: list[int] | None, reporter: bool, reason: str, sigterm: bool,
+             after: Aftermath = TRAINING) -> Verdict:
     world = env.world_size
+    stopped = f"every rank has stopped and {after.kept}: {after.again}"
     if lost is None:   # the store did not answer
         if env.launcher == "torchrun":
             msg = (f"error: the torchrun agent is gone (its store at {env.master_addr}:{env.master_port} "
-                   f"does not answer; rank {env.rank} saw: {reason}); {_INTACT}: restart the job with {_RESTART}")
+                   f"does not answer; rank {env.rank} saw: {reason}); {stopped}")
             return Verdict(msg if env.rank == 0 else None, msg, PEER_LOST, [])
         msg = (f"error: rank 0 of {world} stopped (it hosted the job's store at {env.master_addr}:{env.master_port}, "
-               f"which does not answer; rank {env.rank} saw: {reason}); {_INTACT}: restart the job with {_RESTART}")
+               f"which does not answer; rank {env.rank} saw: {reason}); {stopped}")
         return Verdict(msg if env.rank == 1 else None, msg, PEER_LOST, [0])
     if lost:
         msg = (f"error: {ranks_text(lost)} of {world} stopped "
                f"({'the launcher noticed and stopped the others' if sigterm else f'rank {env.rank} saw: {reason}'}; "
-               f"the lost rank's own output may say why); {_INTACT}: restart the job with {_RESTART}")
+               f"the lost rank's own output may say why); {stopped}")
         return Verdict(msg if reporter else None, msg, PEER_LOST, lost)
     if sigterm:
-        msg = f"stopped by SIGTERM (every rank was asked to stop); the checkpoints written so far are intact: continue with {_RESTART}"
+        msg = f"stopped by SIGTERM (every rank was asked to stop); {after.kept}: {after.again}"
         return Verdict(msg if reporter else None, msg, TERMINATED, [])
     msg = (f"error: a collective failed although all {world} ranks are alive (rank {env.rank} saw: {reason}); "
-           f"check that parallel.timeout_s is long enough for the slowest step, then restart the job with {_RESTART}")
+           f"check that parallel.timeout_s is long enough for the slowest step, then {after.again}")
     return Verdict(msg if reporter else None, msg, PEER_LOST, [])
 
 
@@ -233,7 +244,7 @@ def _wait_for_all(store: dist.TCPStore, key: str, world: int, deadline: float) -
 
 
 def roll_call(error: BaseException, environ: Mapping[str, str] | None = None,
-              grace_s: float = GRACE_S) -> Verdict:
+              grace_s: float = GRACE_S, after: Aftermath = TRAINING) -> Verdict:
     """Run on every rank that is still alive after `error`; says which ranks are lost.
 
     Takes at most about 2 x `grace_s` seconds (waiting for the store, then for the others).
@@ -245,12 +256,12 @@ def roll_call(error: BaseException, environ: Mapping[str, str] | None = None,
     reason = short_reason(error)
     sigterm = isinstance(error, Stopped)
     if env.world_size <= 1:
-        return _verdict(env, [], True, reason, sigterm)
+        return _verdict(env, [], True, reason, sigterm, after)
     prefix = _prefix(env, environ)
     with _stderr_to_devnull():
         opened = _open_store(env, time.monotonic() + grace_s)
         if opened is None:
-            return _verdict(env, None, False, reason, sigterm)
+            return _verdict(env, None, False, reason, sigterm, after)
         store, _keep = opened   # _keep: the store this rank hosts, alive until we return
         try:
             store.set(f"{prefix}alive/{env.rank}", "1")
@@ -266,12 +277,12 @@ def roll_call(error: BaseException, environ: Mapping[str, str] | None = None,
                 # the host stays until every survivor has read the roll call
                 _wait_for_all(store, f"{prefix}done", len(alive), time.monotonic() + grace_s)
         except (RuntimeError, ValueError):
-            return _verdict(env, None, False, reason, sigterm)
+            return _verdict(env, None, False, reason, sigterm, after)
     if refused:   # the job ends because a rank refused; rank 0 printed it if it was one of them
         first = min(refused)
         line = f"error: on rank {first}: {refused[first]}" if first else f"error: {refused[first]}"
         return Verdict(line if reporter and 0 not in refused else None, line, 2, lost)
-    return _verdict(env, lost, reporter, reason, sigterm)
+    return _verdict(env, lost, reporter, reason, sigterm, after)
 
 
 def note_refusal(message: str, environ: Mapping[str, str] | None = None,

@@ -1,5 +1,8 @@
 """`ParallelMesh`: the processes of a run arranged on named axes `pp`, `dp`, `sp`, `tp`.
 
+(An app whose parallelism is none of these names its own axis over every process instead:
+`ParallelMesh.one_axis("axial")` for the protein app's axial parallelism.)
+
 The axes are ordered outermost to innermost, so the ranks of one tensor-parallel group are
 neighbours (on one node, where the links are fastest), then sequence, then data, and pipeline
 stages are furthest apart. The mesh is built on `torch.distributed.device_mesh`; every axis
@@ -136,12 +139,28 @@ class ParallelMesh:
                                   device)
         return cls(layout, device, axes, stats, global_rank=dist.get_rank(), device_mesh=dm)
 
+    @classmethod
+    def one_axis(cls, name: str, device: torch.device | str = "cpu") -> "ParallelMesh":
+        """Every process of the run on one axis called `name`, for an app whose processes split
+        its work in a way none of the training axes describes (the protein app splits the
+        Evoformer's rows over `axial`); the training axes have size 1. Its collectives are
+        counted under `name`."""
+        device = torch.device(device)
+        stats = CommStats()
+        alone = not dist.is_initialized()
+        world, rank = (1, 0) if alone else (dist.get_world_size(), dist.get_rank())
+        axes = {a: AxisGroup(a, 1, 0, (rank,), None, stats, device) for a in AXES}
+        for axis in (name, "world"):                      # group None: the default group, every process
+            axes[axis] = AxisGroup(axis, world, rank, tuple(range(world)), None, stats, device)
+        return cls(Layout(), device, axes, stats, global_rank=rank)
+
     def axis(self, name: str) -> AxisGroup:
-        """One of `pp`, `dp`, `sp`, `tp`, or `world` (every process of the run)."""
+        """One of `pp`, `dp`, `sp`, `tp` (or an app's own, see `one_axis`), or `world` (every
+        process of the run)."""
         try:
             return self._axes[name]
         except KeyError:
-            raise KeyError(f"no mesh axis {name!r}; axes are {', '.join(AXES)} and world") from None
+            raise KeyError(f"no mesh axis {name!r}; axes are {', '.join(self._axes)}") from None
 
     def _instances(self, names: tuple[str, ...]) -> list[list[int]]:
         """The global ranks of every group spanned by the axes `names` (the other axes fixed),
@@ -227,7 +246,7 @@ class ParallelMesh:
 
     @property
     def world_size(self) -> int:
-        return self.layout.world_size
+        return self.world.size
 
     @property
     def is_main(self) -> bool:

@@ -115,10 +115,6 @@ class Chunk:
     def set_state(self, info: TensorInfo, new: TensorState) -> None:
         info.state = move(info.state, new, f"{info.name} (chunk {self.index})")
 
-    def set_all(self, new: TensorState) -> None:
-        for info in self.tensors:
-            self.set_state(info, new)
-
     @property
     def evictable(self) -> bool:
         return self.resident and all(t.state in EVICTABLE for t in self.tensors)

@@ -12,7 +12,7 @@
   (`core.zero.GradientShards.reduce`, which adds each micro-batch's shard to the step's), and the
   chunk's tensors are free for the next forward again (gradient accumulation).
 
-`core.zero.ChunkAdam` then updates the chunks' master weights and moments.
+`core.zero.ChunkOptimizer` then updates the chunks' master weights and moments.
 """
 
 from __future__ import annotations

@@ -167,11 +167,3 @@ def load_serial_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
             else:
                 p.copy_(state[prefix + pname])
     return missing
-
-
-def grad_norm_sq(parameters, axis) -> torch.Tensor:
-    """Squared norm of the whole (unsplit) gradient: each part counted once however many ranks
-    hold it (`tp_replicas`), summed over the tensor-parallel axis (`core.optim.norms`)."""
-    from core.optim.norms import gradients, squares, sum_over
-
-    return sum_over(squares(gradients(parameters, axis)), (axis,))

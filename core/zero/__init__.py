@@ -2,7 +2,7 @@
 the data-parallel ranks, on the chunks of `core.memory`."""
 
 from core.zero.gradients import GradientShards
-from core.zero.optimizer import ChunkAdam
+from core.zero.optimizer import ChunkOptimizer
 from core.zero.states import ChunkStates
 
-__all__ = ["ChunkAdam", "ChunkStates", "GradientShards"]
+__all__ = ["ChunkOptimizer", "ChunkStates", "GradientShards"]

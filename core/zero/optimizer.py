@@ -32,13 +32,13 @@ from core.memory.store import Store
 from core.optim.norms import clip_coef, sum_of_squares, sum_over
 from core.zero.gradients import GradientShards
 from core.zero.rules import AdamW, Rule
-from core.zero.states import KINDS, ChunkStates, init_states  # noqa: F401 - init_states: core.booster.zero's import
+from core.zero.states import KINDS, ChunkStates
 from kernels.cpu_adam import load as load_kernel
 
 S = TensorState
 
 
-class ChunkAdam:
+class ChunkOptimizer:
     MAX_INFLIGHT = 2       # chunk updates queued on the optimizer thread during backward
 
     def __init__(self, manager: ChunkManager, param_groups: list[dict], states: Store, grads: GradientShards,

@@ -11,7 +11,7 @@ from apps.diffusion import shapes
 from apps.diffusion.config import DiffusionRecipe
 from apps.diffusion.data import CaptionedImages, DreamBoothImages, ImageTransform
 from apps.diffusion.model import check_pipeline_folder
-from apps.diffusion.tokenizer import load_clip_tokenizer, write_clip_tokenizer
+from apps.diffusion.tokenizer import check_tokenizer, write_clip_tokenizer
 from core.config import ConfigError, load_recipe
 from core.errors import LoomError
 
@@ -99,7 +99,10 @@ def test_a_folder_that_is_not_a_diffusers_pipeline(tmp_path):
 
 
 def test_the_written_clip_tokenizer_knows_the_caption_words(tmp_path):
-    tok = load_clip_tokenizer(write_clip_tokenizer(tmp_path, shapes.WORDS), 16)
+    from transformers import CLIPTokenizer
+
+    folder = write_clip_tokenizer(tmp_path, shapes.WORDS)
+    tok = check_tokenizer(CLIPTokenizer.from_pretrained(str(folder), model_max_length=16), folder)
     tokens = tok.convert_ids_to_tokens(tok("a magenta diamond on a cyan background").input_ids)
     assert tokens == ["<|startoftext|>", "a</w>", "magenta</w>", "diamond</w>", "on</w>", "a</w>", "cyan</w>",
                       "background</w>", "<|endoftext|>"]

@@ -253,6 +253,33 @@ def test_overwrite_replaces_the_earlier_results_and_keeps_what_else_is_there(tmp
     assert sorted(p.name for p in out.iterdir()) == ["kept", "notes.txt", "ubiquitin"]
 
 
+def test_a_stopped_run_keeps_the_finished_targets_and_no_half_written_one(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    (tmp_path / "two.fasta").write_text(f">first\n{UBIQUITIN[:24]}\n>second\n{UBIQUITIN[24:48]}\n")
+    plot = infer._plot
+
+    def plot_then_stop(path, name, *rest):
+        if name == "second":                              # Ctrl-C while the second target is written
+            raise KeyboardInterrupt
+        plot(path, name, *rest)
+
+    monkeypatch.setattr(infer, "_plot", plot_then_stop)
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(lambda: infer.main([f"output.dir={out}", f"data.fasta={tmp_path / 'two.fasta'}",
+                                         "model.evoformer_blocks=1", "model.structure_blocks=1"]), infer.STOPPED)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.endswith("interrupted; the targets finished so far are complete in output.dir\n")
+    assert sorted(f.name for f in (out / "first").iterdir()) == ["first.pdb", "plddt.png", "timings.json"]
+    assert not (out / "second").exists()                  # its files wait in a hidden folder, never published
+    # the next run (output.overwrite=true) clears the leftovers and publishes both
+    monkeypatch.setattr(infer, "_plot", plot)
+    code, err = _run(capsys, f"output.dir={out}", f"data.fasta={tmp_path / 'two.fasta'}", "output.overwrite=true",
+                     "model.evoformer_blocks=1", "model.structure_blocks=1")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["first", "second"]
+    assert (out / "second" / "timings.json").is_file()
+
+
 # -- the memory budget ------------------------------------------------------------------------
 
 def _holds(monkeypatch, used: int) -> None:

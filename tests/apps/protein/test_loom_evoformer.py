@@ -276,13 +276,12 @@ def test_the_waiting_updates_refuse_a_folder_in_memory(tmp_path, monkeypatch):
 
 def _dap_worker(batch, plan):
     from apps.protein.axial import Axial
-    from core.distributed import ParallelMesh, resolve_layout
+    from core.distributed import ParallelMesh
 
-    world = torch.distributed.get_world_size()
-    mesh = ParallelMesh.build(resolve_layout(1, 1, 1, world, world), "cpu")
+    mesh = ParallelMesh.one_axis("axial", "cpu")
     cfg = _recipe("loom")
     config = _config(cfg)
-    model = _model(cfg, config, Axial(mesh.axis("sp")), plan)
+    model = _model(cfg, config, Axial(mesh.axis("axial")), plan)
     mesh.stats.reset()
     positions = _positions(model, batch)
     # the all-gathers one forward makes: per block the row attention's pair bias, the outer
@@ -311,5 +310,5 @@ def test_axial_parallelism_predicts_the_same_atoms(tmp_path, ranks):
     blocks = (cfg.model.evoformer_blocks + cfg.model.extra_msa_blocks) * cycles
     # per block: the MSA switches between sequence and residue splits twice, z between rows and
     # columns four times (three in a stack's first block, one more to end on rows)
-    assert stats["sp"]["all_to_all"]["calls"] == 6 * blocks
-    assert stats["sp"]["all_gather"]["calls"] == gathers * cycles
+    assert stats["axial"]["all_to_all"]["calls"] == 6 * blocks
+    assert stats["axial"]["all_gather"]["calls"] == gathers * cycles

@@ -12,7 +12,8 @@ from torch import nn
 
 from core.distributed import Layout, ParallelMesh
 from core.tensor import (COLUMN, ROW, Embedding, LayerNorm, Linear, PositionEmbedding, cross_entropy,
-                         grad_norm_sq, make_mode)
+                         make_mode)
+from core.optim.norms import global_norm, gradients
 
 B, T, D, H, V = 4, 3, 16, 32, 64     # batch, time, width, hidden, vocabulary
 TOKEN_PARTS = {"1d": 1, "2d": 2, "2.5d": 4, "3d": 4}     # how each tested layout splits the tokens (q = 2)
@@ -110,7 +111,7 @@ def chain_run(name, tp, depth, steps=3):
                        logits=mode.gather_activation(logits.detach(), COLUMN),
                        grads={f"{k}.{n}": m[k].mode.gather(m[k].tp_kinds[n], p.grad, m[k].serial_shapes[n])
                               for k in ("ln", "fc", "proj", "head") for n, p in m[k].named_parameters()},
-                       norm=float(grad_norm_sq([p for p in params if p.grad is not None], mode.axis).sqrt()))
+                       norm=float(global_norm(gradients(params, mode.axis), (mode.axis,))))
             m["emb"].weight.grad = m["wpe"].weight.grad = None
         opt.step()
         opt.zero_grad()
