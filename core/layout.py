@@ -3,7 +3,8 @@
 `check_layout(recipe, world_size)` runs before any process group is joined or any model built,
 on every rank alike, and refuses in one line what cannot run, in this order: what is wrong with
 the layout itself (a tensor-parallel grid that is not square), how it meets the world size, which
-axes the app's model can be spread over, which features do not combine yet, and the batch. It
+axes the app's model can be spread over, which features do not combine yet, and the batch (how
+the tensor-parallel mode splits it, how it accumulates). It
 returns the layout and the batch plan that the session, the plugin and the trainer then use.
 """
 
@@ -16,7 +17,7 @@ from core.config import ConfigError, Recipe, TrainConfig
 from core.distributed import Layout, resolve_layout
 from core.errors import LoomError
 from core.pipeline.schedule import check as check_schedule
-from core.tensor import tp_grid
+from core.tensor import batch_parts, tp_grid
 
 AXES = ("dp", "pp", "tp", "sp")
 _AXIS_NAMES = {"dp": "data parallelism (parallel.dp)", "pp": "pipeline parallelism (parallel.pp)",
@@ -118,6 +119,11 @@ def check_layout(cfg: Recipe, world_size: int, axes: Sequence[str] = AXES,
         raise LoomError(f"{', '.join(split)}: {what} spreads its model with {allowed}, ZeRO (parallel.zero) and "
                         f"offload (parallel.offload) only; set {' '.join(s.split('=')[0] + '=1' for s in split)}")
     check_combination(cfg, layout)
+    if layout.tp > 1:
+        parts = batch_parts(p.tp_mode, layout.tp, p.tp_depth)
+        if cfg.train.micro_batch % parts:
+            raise LoomError(f"train.micro_batch={cfg.train.micro_batch} does not split into the {parts} batch parts "
+                            f"of parallel.tp_mode={p.tp_mode} (parallel.tp={layout.tp}); use a multiple of {parts}")
     batch = plan_batches(cfg.train, layout.dp, layout.pp, p.microbatches)
     if layout.pp > 1:
         check_schedule(p.pp_schedule, layout.pp, batch.grad_accum, p.virtual_stages)

@@ -29,7 +29,6 @@ from torch import nn
 from core.booster import Plugin, make_plugin
 from core.config import Recipe
 from core.distributed import ParallelMesh, Runtime, detect, launch
-from core.errors import LoomError
 from core.layout import AXES, BatchPlan, check_layout
 from core.run_folder import check_run_folder
 from core.sequence import SequenceParallel
@@ -103,12 +102,7 @@ class Session:
         p, mesh = self.recipe.parallel, self.mesh
         tensor, sequence = OneD.serial(), None
         if mesh.size("tp") > 1:
-            tensor = make_mode(p.tp_mode, mesh, p.tp_depth)
-            micro = self.recipe.train.micro_batch
-            if micro % tensor.batch_parts:
-                raise LoomError(f"train.micro_batch={micro} does not split into the {tensor.batch_parts} batch parts "
-                                f"of parallel.tp_mode={tensor.name} ({tensor.describe()}); use a multiple of "
-                                f"{tensor.batch_parts}")
+            tensor = make_mode(p.tp_mode, mesh, p.tp_depth)     # its batch split: checked by check_layout
             self.log(f"tensor parallelism: {tensor.describe()}")
         if mesh.size("sp") > 1:
             sequence = SequenceParallel(mesh.axis("sp"), p.sp_mode)

@@ -325,6 +325,13 @@ def _valid_sizes(test, limit: int = 64) -> str:
     return ", ".join(str(n) for n in range(2, limit + 1) if test(n))
 
 
+def batch_parts(name: str, tp: int, depth: int = 1) -> int:
+    """How many parts the mode splits each micro-batch into (its `batch_parts`), known before any
+    process joins: 1d none, 2d q, 2.5d d x q, 3d q x q."""
+    q = tp_grid(name, tp, depth)
+    return {"1d": 1, "2d": q, "2.5d": depth * q, "3d": q * q}[name]
+
+
 def tp_grid(name: str, tp: int, depth: int = 1) -> int:
     """q of the mode's grid for `tp` processes (1d: tp itself), or one error naming the sizes that
     would fit. Needs no processes: the session asks it before it compares the layout with the world."""

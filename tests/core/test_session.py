@@ -17,3 +17,18 @@ def test_the_first_thing_wrong_is_named(overrides, message, tmp_path):
     with pytest.raises(LoomError, match=message):
         with session(cfg):
             pass
+
+
+@pytest.mark.parametrize("mode, tp, depth, micro, parts", [("2d", 4, 1, 3, 2), ("2.5d", 8, 2, 2, 4), ("3d", 8, 1, 6, 4)])
+def test_a_micro_batch_the_tensor_parallel_mode_cannot_split_is_refused_before_any_process_joins(
+        mode, tp, depth, micro, parts, tmp_path):
+    from core.layout import check_layout
+
+    cfg = load_recipe(Recipe, None, [f"output.dir={tmp_path}", f"parallel.tp={tp}", f"parallel.tp_mode={mode}",
+                                     f"parallel.tp_depth={depth}", f"train.micro_batch={micro}"])
+    with pytest.raises(LoomError) as refusal:
+        check_layout(cfg, tp)
+    assert str(refusal.value) == (f"train.micro_batch={micro} does not split into the {parts} batch parts of "
+                                  f"parallel.tp_mode={mode} (parallel.tp={tp}); use a multiple of {parts}")
+    cfg.train.micro_batch = micro * parts
+    assert check_layout(cfg, tp)[0].tp == tp

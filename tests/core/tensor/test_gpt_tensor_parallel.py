@@ -17,7 +17,7 @@ from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
 from core.errors import LoomError
 from benchmarks.tp_comm_volume import measure_layer
-from core.tensor import COLUMN, TPLayer, make_mode
+from core.tensor import COLUMN, TPLayer, batch_parts, make_mode
 from core.tensor.cost import transformer_layer
 from tests.core.tensor.layer_chain import chain_run, check_chain
 
@@ -79,6 +79,8 @@ def _serial() -> dict:
 def _parallel(name: str, tp: int, depth: int) -> dict:
     mesh = ParallelMesh.build(Layout(tp=tp))
     mode = make_mode(name, mesh, depth)
+    # what check_layout refuses before any process joins is what the mode splits
+    assert mode.batch_parts == batch_parts(name, tp, depth), (name, mode.batch_parts)
     torch.manual_seed(0)
     serial = GPT(CFG).serial_state_dict()
     torch.manual_seed(123)                   # a different init, overwritten by the serial weights
