@@ -30,6 +30,7 @@ from core.booster import Plugin, make_plugin
 from core.config import Recipe
 from core.distributed import ParallelMesh, Runtime, detect, launch
 from core.layout import AXES, BatchPlan, check_layout
+from core.memory.recompute import Recompute
 from core.run_folder import check_run_folder
 from core.sequence import SequenceParallel
 from core.tensor import OneD, TPMode, make_mode
@@ -40,11 +41,14 @@ from core.trainer import Trainer, TrainTask
 class ModelParallel:
     """What a model's layers need to split themselves, handed to the app's model factory:
     the tensor-parallel mode of `core.tensor`'s layers (on one rank, the mode in which every
-    layer computes what its torch.nn counterpart does) and the sequence-parallel attention of
-    `core.sequence` (None where the recipe does not split sequences)."""
+    layer computes what its torch.nn counterpart does), the sequence-parallel attention of
+    `core.sequence` (None where the recipe does not split sequences), and `recompute`, what a
+    model calls instead of `torch.utils.checkpoint.checkpoint` to checkpoint a block
+    (`core.memory.recompute`: it also works when the weights live in chunks)."""
 
     tensor: TPMode
     sequence: SequenceParallel | None = None
+    recompute: Recompute | None = None     # activation checkpointing that knows where the weights live
 
 
 class Session:
@@ -73,6 +77,13 @@ class Session:
     def forward_on_one_rank(self) -> bool:
         """One rank may run the model alone between steps (validation on rank 0)."""
         return self.plugin.forward_on_one_rank()
+
+    @property
+    def recompute(self) -> Recompute:
+        """Activation checkpointing for this run's layout: `recompute(block, *args)` in place of
+        `torch.utils.checkpoint.checkpoint`; for a diffusers model,
+        `model.enable_gradient_checkpointing(s.recompute)`."""
+        return self.plugin.recompute
 
     def autocast(self):
         """The run's mixed-precision context, for work the app does outside the trainer."""
@@ -107,7 +118,7 @@ class Session:
         if mesh.size("sp") > 1:
             sequence = SequenceParallel(mesh.axis("sp"), p.sp_mode)
             self.log(f"sequence parallelism: {p.sp_mode} attention over {sequence.size} ranks")
-        return ModelParallel(tensor, sequence)
+        return ModelParallel(tensor, sequence, self.recompute)
 
     def fit(self, task: TrainTask, recipe: Recipe | None = None) -> dict:
         """Train `task` as the recipe says (`recipe`: the session's, or the app's resolved copy

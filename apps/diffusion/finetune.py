@@ -92,7 +92,7 @@ def run(cfg: DiffusionRecipe) -> dict:
             torch.manual_seed(cfg.train.seed)
             add_lora(parts.unet, ft.lora_rank, ft.lora_alpha)
         if cfg.model.gradient_checkpointing:
-            parts.unet.enable_gradient_checkpointing()
+            parts.unet.enable_gradient_checkpointing(s.recompute)   # works with chunked weights too
         model = Denoiser(parts.unet, parts.text_encoder, ft.train_text_encoder and not lora)
         dataset = _dataset(cfg, parts, data, class_dir)
         ema = EMA(parts.unet, ft.ema_decay) if ft.ema else None

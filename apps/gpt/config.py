@@ -18,6 +18,9 @@ class GPTModelConfig:
     bias: bool = opt(True, "biases in linear layers and LayerNorms")
     tie_weights: bool = opt(True, "share the token embedding with the output head")
     init_std: float = opt(0.02, "standard deviation of the initial weights", min=0.0)
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward instead of keeping "
+                                              "them: memory for activations falls to one block's, for one more "
+                                              "forward of compute")
 
 
 @dataclass

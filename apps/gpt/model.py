@@ -12,6 +12,7 @@ same on every rank of the group, and each rank computes on its part of the batch
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from apps.gpt.config import GPTModelConfig
 from core.errors import LoomError
+from core.memory.recompute import Recompute
 from core.sequence import SequenceParallel
 from core.tensor import (COLUMN, ROW, Dropout, Embedding, LayerNorm, Linear, OneD, PositionEmbedding, TPLayer,
                          TPMode, load_serial_state_dict, serial_state_dict)
@@ -75,8 +77,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTModelConfig, mode: TPMode | None = None, seq: SequenceParallel | None = None) -> None:
+    def __init__(self, cfg: GPTModelConfig, mode: TPMode | None = None, seq: SequenceParallel | None = None,
+                 recompute: Recompute | None = None) -> None:
         super().__init__()
+        # how a block is checkpointed (model.gradient_checkpointing): the session's, which knows
+        # where the weights live; torch's checkpoint when the model is used on its own
+        self.recompute = recompute or Recompute()
         if cfg.vocab_size <= 0:
             raise ValueError("GPT needs a resolved vocab_size (see apps.gpt.pretrain.resolve_vocab)")
         mode = mode or OneD.serial()
@@ -135,8 +141,13 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self._embed(idx)
         for block in self.blocks:
-            x = block(x)
+            x = self._block(block, x)
         return self._head(x)
+
+    def _block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.gradient_checkpointing and self.training:
+            return self.recompute(block, x)
+        return block(x)
 
     def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -157,7 +168,8 @@ class GPT(nn.Module):
         from core.pipeline import PipelineLayer
 
         return ([PipelineLayer("embed", ("wte", "wpe", "drop"), self._embed, body=False)]
-                + [PipelineLayer(f"block{i}", (f"blocks.{i}",), block) for i, block in enumerate(self.blocks)]
+                + [PipelineLayer(f"block{i}", (f"blocks.{i}",), functools.partial(self._block, block))
+                   for i, block in enumerate(self.blocks)]
                 + [PipelineLayer("head", ("ln_f", "lm_head"), self._head, body=False)])
 
     def pipeline_sample(self) -> torch.Tensor:

@@ -49,7 +49,7 @@ def train(cfg: GPTRecipe) -> dict:
         corpus: Corpus = prepare_corpus(cfg.data, mesh.world, log)
         cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, corpus.tokenizer.vocab_size))
         torch.manual_seed(cfg.train.seed)
-        model = s.build(lambda par: GPT(cfg.model, par.tensor, par.sequence))
+        model = s.build(lambda par: GPT(cfg.model, par.tensor, par.sequence, par.recompute))
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)

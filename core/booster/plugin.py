@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from core.amp import Precision
+from core.memory.recompute import Recompute
 from core.checkpoint import CheckpointIO
 from core.data import GlobalBatchSampler
 from core.distributed import ParallelMesh
@@ -121,6 +122,8 @@ class Plugin(ABC):
             raise LoomError(f"the {self.name} plugin does not run on {mesh.device.type}; "
                             f"allowed: {', '.join(self.supported_devices)}")
         self.precision = Precision(precision, mesh.device)
+        # what the model calls for activation checkpointing: it must know where the weights live
+        self.recompute = Recompute()
 
     @abstractmethod
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None

@@ -131,6 +131,7 @@ class ZeroPlugin(Plugin):
         self.optimizer = ChunkOptimizer(self.manager, optimizer.param_groups, states, grads, self.precision.name,
                                    origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule)
         self.wrapped = ChunkedModel(model, self.manager, grads.reduce)
+        self.recompute.chunks = self.wrapped      # checkpointed blocks keep their chunks through backward
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
 
     def builds_on_meta(self) -> bool:
@@ -150,6 +151,7 @@ class ZeroPlugin(Plugin):
         for handle in self.wrapped._handles:
             handle.remove()
         self.wrapped._handles.clear()
+        self.recompute.chunks = None
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.data = weights[name].to(self.mesh.device)

@@ -10,18 +10,26 @@
   buffer and the parameter's `.grad` is dropped (`READY_FOR_REDUCE`); when the chunk has all its
   gradients (or backward ends), `on_grads(chunk)` reduces and stores them
   (`core.zero.GradientShards.reduce`, which adds each micro-batch's shard to the step's), and the
-  chunk's tensors are free for the next forward again (gradient accumulation).
+  chunk's tensors are free for the next forward again (gradient accumulation);
+- a block checkpointed with `core.memory.recompute.Recompute` runs its forward again inside
+  `recomputing()`, with the same hooks as the first forward, and its backward right after, so
+  the weights it saved are fetched again when they are read. Torch's own checkpoint keeps the
+  recomputed tensors out of these hooks (chunks could leave before the block's backward reads
+  them), so a forward that starts inside backward outside that bracket is refused with what to
+  use instead.
 
 `core.zero.ChunkOptimizer` then updates the chunks' master weights and moments.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from core.errors import LoomError
 from core.memory.chunk import Chunk
 from core.memory.manager import ChunkManager
 from core.memory.state import TensorState
@@ -38,6 +46,7 @@ class ChunkedModel(nn.Module):
         self._in_backward = False
         self._node = None                     # the autograd node that last unpacked a chunk tensor
         self._pinned: list = []               # (chunk, tensor) it pinned
+        self._recomputing = 0                 # depth of recompute brackets (see recomputing)
         self._handles = []
         for sub in module.modules():
             params = [p for p in sub.parameters(recurse=False) if p in manager.where]
@@ -52,6 +61,12 @@ class ChunkedModel(nn.Module):
 
     def _pre_forward(self, params):
         def hook(module, args):
+            if not self._recomputing and torch._C._current_graph_task_id() != -1:
+                raise LoomError(f"{type(module).__name__} runs its forward again inside backward (activation "
+                                f"checkpointing through torch.utils.checkpoint), which chunked parameters cannot "
+                                f"serve: the chunks may leave between the recomputation and its backward. "
+                                f"Checkpoint with the session's recompute (ModelParallel.recompute; diffusers: "
+                                f"model.enable_gradient_checkpointing(session.recompute))")
             for p in params:
                 chunk, info = self.manager.where[p]
                 self.manager.access(chunk)
@@ -69,6 +84,24 @@ class ChunkedModel(nn.Module):
                 self.manager.release(chunk)
         return hook
 
+    @contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """The bracket of one checkpointed block's backward (`core.memory.recompute`): its forward
+        runs again inside, as any forward does (chunks fetched and released per module, the
+        weights it saves noted by the saved-tensor hooks), then its backward, which fetches them
+        again per operation as the main backward does."""
+        self._enter_backward()
+        self._unpin()                  # a new node: the previous node's weights are free to go
+        self._node = None
+        self._recomputing += 1
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._recomputing -= 1
+            self._unpin()
+            self._node = None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return self.module(*args, **kwargs)
@@ -85,9 +118,7 @@ class ChunkedModel(nn.Module):
         if not isinstance(packed, tuple):
             return packed
         chunk, tensor = packed
-        if not self._in_backward:
-            self._in_backward = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        self._enter_backward()
         # A node unpacks all its saved tensors, then computes: what the previous node pinned is
         # free to go once another node starts unpacking.
         node = torch._C._current_autograd_node()
@@ -101,13 +132,24 @@ class ChunkedModel(nn.Module):
             self._pinned.append((chunk, info))
         return tensor
 
+    def _enter_backward(self) -> None:
+        """The first chunk use of a backward: `_backward_done` runs when it ends."""
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
     def _unpin(self) -> None:
+        pinned, self._pinned = self._pinned, []
+        self._let_go(pinned)
+
+    def _let_go(self, used: list) -> None:
+        """Backward is done with these (chunk, tensor)s: those without a complete gradient wait
+        as HOLD_AFTER_BWD, and their chunks may leave."""
         chunks = {}
-        for chunk, info in self._pinned:
+        for chunk, info in used:
             if info.state is S.COMPUTE:          # used; its gradient (if any) is not complete yet
                 chunk.set_state(info, S.HOLD_AFTER_BWD)
             chunks[chunk.index] = chunk
-        self._pinned.clear()
         for chunk in chunks.values():
             if chunk.resident:
                 self.manager.release(chunk)
