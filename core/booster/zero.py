@@ -29,7 +29,7 @@ from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
 from core.layout import check_chunk_rule
-from core.memory.chunk import plan_chunks, shard_used
+from core.memory.chunk import packing_order, plan_chunks, shard_used
 from core.memory.chunked_model import ChunkedModel
 from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
@@ -92,7 +92,7 @@ class ZeroPlugin(Plugin):
         dp = self.mesh.axis("dp")
         dtype = self.precision.dtype
         element = torch.tensor([], dtype=dtype).element_size()
-        params = list(dict.fromkeys(model.parameters()))
+        params = [p for _, p in packing_order(list(model.named_parameters()))]   # the manager's order
         chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element), max((p.numel() for p in params), default=1))
         chunk_numel = -(-chunk_numel // dp.size) * dp.size
         shard_numel = chunk_numel // dp.size
@@ -102,11 +102,14 @@ class ZeroPlugin(Plugin):
         alias = {"param": "master"} if dtype == torch.float32 and (dp.size == 1 or shard_params) else {}
         threads = self.memory.io_threads
         if self.offload == "nvme":
-            used = plan_chunks([p.numel() for p in params], chunk_numel)
+            planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params])
+            used, trained = [u for u, _ in planned], [t for _, t in planned]
             mine = [shard_used(u, chunk_numel, dp.size, dp.rank) for u in used]
             stored = KINDS if self.memory.step_in_backward else KINDS + ("grad",)
             slots = {k: (len(used), shard_numel * 4) for k in stored}
-            keep = {k: [n * 4 for n in mine] for k in stored}
+            # a frozen chunk keeps no states on disk (its master slot, when it is the home copy, stays)
+            keep = {k: [n * 4 if t or (k == "master" and alias) else 0 for n, t in zip(mine, trained)]
+                    for k in stored}
             if not alias:
                 slots["param"] = (len(used), (shard_numel if shard_params else chunk_numel) * element)
                 keep["param"] = [n * element for n in (mine if shard_params else used)]
@@ -123,7 +126,8 @@ class ZeroPlugin(Plugin):
         policy = make_policy(self.memory.policy, self.memory.static_fraction)
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, policy, self.memory.prefetch,
                                     axis=dp, shard_params=shard_params, materialize=self.materialize,
-                                    on_master=lambda chunk, shard: init_states(states, chunk, shard))
+                                    on_master=lambda chunk, shard: (init_states(states, chunk, shard)
+                                                                    if chunk.trained else None))
         tp = self.mesh.axis("tp")
         grads = GradientShards(states, dp, stage=max(self.stage, 1), tp=tp)   # tp: each value once in the norm
         # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.

@@ -26,17 +26,27 @@ from torch import nn
 from core.memory.state import EVICTABLE, IllegalTransition, TensorState, move
 
 
-def plan_chunks(numels: list[int], capacity: int) -> list[int]:
-    """How parameters of these sizes pack, in order, into chunks of `capacity` elements: the
-    elements each chunk uses (a parameter never spans two chunks)."""
-    used: list[int] = []
-    for n in numels:
+def packing_order(named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    """The order parameters go into chunks: the trained ones in the model's order, then the frozen
+    ones (a chunk then holds only one kind: a frozen chunk needs no optimizer state, no gradient
+    space, and may be stored in the working precision alone)."""
+    return [(n, p) for n, p in named if p.requires_grad] + [(n, p) for n, p in named if not p.requires_grad]
+
+
+def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = None) -> list[tuple[int, bool]]:
+    """How parameters of these sizes pack, in order, into chunks of `capacity` elements: for each
+    chunk, the elements it uses and whether its parameters are trained (a parameter never spans
+    two chunks; a trained and a frozen one never share one). `trained`: per parameter (default:
+    all)."""
+    chunks: list[tuple[int, bool]] = []
+    for i, n in enumerate(numels):
         if n > capacity:
             raise ValueError(f"a parameter of {n} elements does not fit a chunk of {capacity}")
-        if not used or used[-1] + n > capacity:
-            used.append(0)
-        used[-1] += n
-    return used
+        kind = True if trained is None else trained[i]
+        if not chunks or chunks[-1][0] + n > capacity or chunks[-1][1] != kind:
+            chunks.append((0, kind))
+        chunks[-1] = (chunks[-1][0] + n, kind)
+    return chunks
 
 
 def shard_used(used: int, capacity: int, world: int, rank: int) -> int:
@@ -88,6 +98,12 @@ class Chunk:
 
     def fits(self, numel: int) -> bool:
         return self.used + numel <= self.capacity
+
+    @property
+    def trained(self) -> bool:
+        """Its parameters are trained (`packing_order` never mixes trained and frozen ones): it
+        has optimizer states and gradients; a frozen chunk has only its weights."""
+        return self.grads_expected > 0
 
     def append(self, name: str, param: nn.Parameter) -> TensorInfo:
         """Reserve room for `param` and make it a view of the payload (the caller fills in the

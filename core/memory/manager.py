@@ -22,7 +22,7 @@ from torch import nn
 
 from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
 from core.errors import LoomError
-from core.memory.chunk import Chunk, TensorInfo, plan_chunks
+from core.memory.chunk import Chunk, TensorInfo, packing_order, plan_chunks
 from core.memory.store import Store, return_freed_buffers_to_the_os
 
 
@@ -174,7 +174,7 @@ class ChunkManager:
         self._pending: dict[int, Future] = {}
         self._busy: dict[int, Future] = {}               # optimizer updates in flight, by chunk
         self._storage: dict[int, Chunk] = {}
-        params = list(model.named_parameters())          # tied parameters come once
+        params = packing_order(list(model.named_parameters()))     # tied parameters come once
         largest = max((p.numel() for _, p in params), default=0)
         chunk_numel = max(chunk_numel, largest)          # a parameter never spans chunks
         chunk_numel = -(-chunk_numel // self.world) * self.world
@@ -191,7 +191,8 @@ class ChunkManager:
                     owners[p].append((module, pname))
         staging = None
         for name, param in params:
-            if not self.chunks or not self.chunks[-1].fits(param.numel()):
+            if (not self.chunks or not self.chunks[-1].fits(param.numel())
+                    or (self.chunks[-1].tensors and self.chunks[-1].trained != param.requires_grad)):
                 if self.chunks:
                     self._seal(self.chunks[-1], staging, on_master)
                 self.chunks.append(Chunk(len(self.chunks), chunk_numel, dtype, self.device, world=self.world))
@@ -212,8 +213,8 @@ class ChunkManager:
             self.where[info.param] = (chunk, info)
         if self.chunks:
             self._seal(self.chunks[-1], staging, on_master)
-        planned = plan_chunks([p.numel() for _, p in params], chunk_numel)
-        assert [c.used for c in self.chunks] == planned, "chunk packing differs from plan_chunks"
+        planned = plan_chunks([p.numel() for _, p in params], chunk_numel, [p.requires_grad for _, p in params])
+        assert [(c.used, c.trained) for c in self.chunks] == planned, "chunk packing differs from plan_chunks"
         self.enforce_budget()
 
     def _seal(self, chunk: Chunk, staging: torch.Tensor, on_master) -> None:
@@ -337,6 +338,31 @@ class ChunkManager:
             full = torch.empty(chunk.capacity, dtype=chunk.dtype, device=self.device)
             self._all_gather(full, work)
             self.home.write("param", chunk.index, full)
+
+    def full_weights(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's whole working copy in fp32 on the host (a frozen chunk's weights: it has no
+        master copy). Under ZeRO-3 every rank calls this (the shards are gathered)."""
+        if chunk.resident:
+            self._wait(chunk)
+            full = chunk.payload
+        elif self.shard_params:
+            shard = torch.empty(chunk.shard_numel, dtype=chunk.dtype, device=self.device)
+            self.home.read("param", chunk.index, shard)
+            full = torch.empty(chunk.capacity, dtype=chunk.dtype, device=self.device)
+            self._all_gather(full, shard)
+        else:
+            full = torch.empty(chunk.capacity, dtype=chunk.dtype, device=self.device)
+            self.home.read("param", chunk.index, full)
+        return full.float().cpu()
+
+    def set_weights(self, chunk: Chunk, full: torch.Tensor) -> None:
+        """Replace a frozen chunk's weights (`full`: the whole chunk) at home and on the device."""
+        work = full.to(device=self.device, dtype=chunk.dtype)
+        self.home.write("param", chunk.index, self._home_part(work, chunk))
+        if chunk.resident:
+            self._wait(chunk)
+            chunk.payload.copy_(work)
+        chunk.dirty = False
 
     def wait(self, chunk: Chunk) -> None:
         """Until the chunk's transfer in flight, if any, is done."""

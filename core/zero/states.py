@@ -1,7 +1,8 @@
 """The chunk optimizer's states: what it keeps between steps, and what its checkpoints hold.
 
-For this rank's shard of every chunk, an fp32 master copy of the weights and the two moments
-(`KINDS`), in a `Store`: the compute device (nothing offloaded), host memory
+For this rank's shard of every trained chunk, an fp32 master copy of the weights and the two
+moments (`KINDS`), in a `Store` (a frozen chunk keeps only its working copy, in the chunk manager's
+home store): the compute device (nothing offloaded), host memory
 (`parallel.offload=cpu`) or NVMe files (`parallel.offload=nvme`). Beside them: the step and
 skipped-step counts, the fp16 loss scale, and the groups' hyperparameters (the very dicts of the
 torch optimizer the states were made for, so that its learning-rate schedule keeps steering them).
@@ -101,9 +102,13 @@ class ChunkStates:
         return all_gather_into(full, shard.to(axis.device), axis)
 
     def _by_name(self, kind: str) -> dict[str, torch.Tensor]:
+        """The `kind` state of every parameter by name; a frozen chunk's weights for "master" (it
+        keeps nothing else)."""
         out = {}
         for chunk in self.manager.chunks:
-            full = self._full(kind, chunk).cpu()
+            if not chunk.trained and kind != "master":
+                continue
+            full = (self._full(kind, chunk) if chunk.trained else self.manager.full_weights(chunk)).cpu()
             for info in chunk.tensors:
                 out[info.name] = full[info.offset:info.offset + info.numel].clone().view(info.param.shape)
         return out
@@ -118,11 +123,15 @@ class ChunkStates:
         return {"step": self.step_count, "skipped": self.skipped_steps, "scaler": self.scaler.state_dict(),
                 "groups": groups, "exp_avg": self._by_name("exp_avg"), "exp_avg_sq": self._by_name("exp_avg_sq")}
 
-    def _load(self, kind: str, chunk: Chunk, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _whole(chunk: Chunk, values: dict[str, torch.Tensor]) -> torch.Tensor:
         full = torch.zeros(chunk.capacity, dtype=torch.float32)
         for info in chunk.tensors:
             full[info.offset:info.offset + info.numel].copy_(values[info.name].reshape(-1))
-        shard = full[chunk.shard(self.manager.rank)].clone()
+        return full
+
+    def _load(self, kind: str, chunk: Chunk, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        shard = self._whole(chunk, values)[chunk.shard(self.manager.rank)].clone()
         self.store.write(kind, chunk.index, shard)
         return shard
 
@@ -137,10 +146,14 @@ class ChunkStates:
             group.update(saved)
         for chunk in self.manager.chunks:
             for kind in ("exp_avg", "exp_avg_sq"):
-                self._load(kind, chunk, state[kind])
+                if chunk.trained:
+                    self._load(kind, chunk, state[kind])
 
     def load_master(self, weights: dict[str, torch.Tensor]) -> None:
         """Set master weights and working copies from full-precision weights by name."""
         for chunk in self.manager.chunks:
+            if not chunk.trained:
+                self.manager.set_weights(chunk, self._whole(chunk, weights))
+                continue
             shard = self._load("master", chunk, weights)
             self.manager.update_working(chunk, shard)

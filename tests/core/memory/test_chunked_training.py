@@ -74,3 +74,34 @@ def test_a_disk_failing_mid_run_ends_with_one_message_and_keeps_the_checkpoint(t
     monkeypatch.setattr(NVMeStore, "_io", real_io)
     resumed, summary = _fit(toy_recipe(tmp_path, "train.steps=6", "train.resume=latest", *OFFLOAD))
     assert summary["step"] == 6 and sorted(resumed.step_losses) == [3, 4, 5, 6]
+
+
+def _frozen_head_task():
+    task = toy_task(dropout=0.0)
+    task.model.net[0].requires_grad_(False)       # the first layers frozen: a fine-tune of the rest
+    task.model.net[3].requires_grad_(False)
+    return task
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_frozen_parameters_keep_only_their_weights(tmp_path, offload):
+    common = ("train.steps=4", "train.checkpoint_every=4")
+    plain, _ = _fit(toy_recipe(tmp_path / "plain", *common), _frozen_head_task())
+    chunked, _ = _fit(toy_recipe(tmp_path / offload, *common, f"parallel.offload={offload}", "memory.chunk_mb=0.002",
+                                 "memory.device_gb=0.00001"), _frozen_head_task())
+    assert all(chunked.step_losses[s] == pytest.approx(plain.step_losses[s], rel=1e-6) for s in range(1, 5))
+    weights = chunked.plugin.optimizer.master_state()
+    for name, p in plain.model.unwrap().named_parameters():
+        assert torch.allclose(weights[name], p.detach(), rtol=1e-5, atol=1e-7), name
+    manager = chunked.plugin.manager
+    frozen = [c.index for c in manager.chunks if not c.trained]
+    assert frozen and all(not info.param.requires_grad for i in frozen for info in manager.chunks[i].tensors)
+    states = chunked.plugin.optimizer.states
+    for kind in ("exp_avg", "exp_avg_sq", "grad"):      # no moments, no gradient space for frozen chunks
+        if offload == "nvme":
+            assert all(states._keep[kind][i] == 0 for i in frozen), kind
+        else:
+            assert not any((kind, i) in states._slots for i in frozen), kind
+    # their weights are saved and load back (a plain model takes the checkpoint as it is)
+    saved = load_file(str(find_checkpoints(tmp_path / offload / "checkpoints")[-1][1] / "model.safetensors"))
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)
