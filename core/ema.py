@@ -2,7 +2,8 @@
 
 The decay warms up as (1 + n) / (10 + n) up to its maximum, the schedule of diffusers'
 `EMAModel`, so early averages are not dominated by the random initial weights. The averaged
-weights can be swapped into the model for evaluation and swapped back.
+weights can be swapped into the model for evaluation and swapped back. With chunked parameters
+the session gives `core.zero.ema.ChunkEMA` instead (the same methods; `Session.average`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class EMA:
             with torch.no_grad():
                 for n, p in self._params():
                     p.copy_(saved[n])
+
+    def use_average(self) -> None:
+        """Make the averages the model's weights (at the end of training, before an export)."""
+        self.copy_to(self.model)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

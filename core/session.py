@@ -78,6 +78,13 @@ class Session:
         """One rank may run the model alone between steps (validation on rank 0)."""
         return self.plugin.forward_on_one_rank()
 
+    def average(self, module: nn.Module, decay: float):
+        """An exponential moving average of `module`'s trained weights, wherever they live
+        (`core.ema.EMA`, or kept with the optimizer states when they are in chunks:
+        `core.zero.ema.ChunkEMA`). Call `update()` after each step (a `TrainTask.on_step`); every
+        rank enters `swapped_in()` and calls `use_average()`. Ask before `fit`."""
+        return self.plugin.average(module, decay)
+
     @property
     def recompute(self) -> Recompute:
         """Activation checkpointing for this run's layout: `recompute(block, *args)` in place of

@@ -9,6 +9,7 @@ what is trained. Under torchrun it trains with data parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from apps.diffusion.prepare import class_images, shapes_folder, tiny_folder
 from apps.diffusion import quiet_libraries
 from core import cli
 from core.distributed import comm
-from core.ema import EMA
 from core.errors import LoomError
 from core.session import session
 from core.trainer import TrainTask
@@ -54,9 +54,6 @@ def _check_paths(cfg: DiffusionRecipe) -> CaptionedFolder | None:
 
 def _check_layout_allows(cfg: DiffusionRecipe, s) -> None:
     """What this app's recipe asks of the weights that the run's layout may not allow."""
-    if cfg.finetune.ema and not s.weights_readable_between_steps:
-        raise LoomError("finetune.ema reads every weight after each step, which chunked parameters "
-                        "(parallel.zero / parallel.offload) do not allow yet; set finetune.ema=false")
     if cfg.validation.prompts and not s.forward_on_one_rank:
         raise LoomError("validation renders on rank 0 alone, but with parallel.zero=3 over several ranks every "
                         "rank must take part in each forward; set validation.prompts=[] or parallel.dp=1")
@@ -95,18 +92,23 @@ def run(cfg: DiffusionRecipe) -> dict:
             parts.unet.enable_gradient_checkpointing(s.recompute)   # works with chunked weights too
         model = Denoiser(parts.unet, parts.text_encoder, ft.train_text_encoder and not lora)
         dataset = _dataset(cfg, parts, data, class_dir)
-        ema = EMA(parts.unet, ft.ema_decay) if ft.ema else None
+        ema = s.average(parts.unet, ft.ema_decay) if ft.ema else None   # kept where the weights are
         samples = Path(cfg.output.dir) / "samples"
         log(f"{ft.method} fine-tuning of {base} on {len(dataset)} images at {cfg.data.resolution} px; "
             f"trainable parameters: {sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6:.3f} M")
 
         def validation(trainer) -> dict | None:
-            if not mesh.is_main or not cfg.validation.prompts:
+            if not cfg.validation.prompts:
                 return None
+            # every rank swaps the average in (with chunked weights that is collective); rank 0 renders
+            with (ema.swapped_in() if ema else contextlib.nullcontext()):
+                return _render(trainer) if mesh.is_main else None
+
+        def _render(trainer) -> dict:
             v = cfg.validation
             pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler.config)
             row: dict = {}
-            with (ema.swapped_in() if ema else torch.no_grad()), s.autocast():
+            with torch.no_grad(), s.autocast():
                 images = render(pipe, v.prompts, v.images_per_prompt, v.steps, v.guidance_scale, v.seed,
                                 cfg.data.resolution)
                 if cfg.data.path == "shapes":   # how often the shape has the colour its prompt asked for
@@ -127,6 +129,8 @@ def run(cfg: DiffusionRecipe) -> dict:
                          on_step=(lambda trainer: ema.update()) if ema else None,
                          extra_state={"ema": ema} if ema else {})
         summary = s.fit(task)
+        if ema is not None and not lora:   # the export is the average (LoRA exports its adapters as trained)
+            ema.use_average()
         s.export(model)                   # ordinary tensors again for the exports
         out = Path(cfg.output.dir)
         if mesh.is_main:
@@ -135,7 +139,7 @@ def run(cfg: DiffusionRecipe) -> dict:
                 log(f"LoRA weights: {summary['lora']}/pytorch_lora_weights.safetensors "
                     f"(pipe.load_lora_weights('{summary['lora']}'))")
             else:
-                with ema.swapped_in() if ema else torch.no_grad():
+                with torch.no_grad():
                     pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet,
                                          parts.scheduler.config)
                     summary["pipeline"] = str(export_pipeline(pipe, out / "pipeline"))

@@ -169,6 +169,13 @@ class Plugin(ABC):
         """One rank may run the model on its own (validation on rank 0, say) between steps."""
         return True
 
+    def average(self, module: nn.Module, decay: float):
+        """An exponential moving average of `module`'s trained weights for this scheme
+        (`core.ema.EMA`: a copy beside the model, read after each step)."""
+        from core.ema import EMA
+
+        return EMA(module, decay)
+
     def unchunk(self, model: nn.Module) -> nn.Module:
         """The model with ordinary parameters after training (a no-op unless the plugin moved
         them into chunks). Every rank calls it."""

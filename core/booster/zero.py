@@ -35,6 +35,7 @@ from core.memory.manager import ChunkManager, human, make_policy
 from core.memory.store import MemoryStore, NVMeStore
 from core.optim.split_norms import attach as attach_split_norms
 from core.zero import ChunkOptimizer, GradientShards
+from core.zero.ema import ChunkEMA
 from core.zero.states import KINDS, init_states
 
 
@@ -74,6 +75,7 @@ class ZeroPlugin(Plugin):
         self.nvme_dir = Path(nvme_dir or self.memory.nvme_dir or "nvme")
         self.materialize = materialize
         self.optimizer: ChunkOptimizer | None = None
+        self.ema: ChunkEMA | None = None          # an average of the weights, kept with the states
         self.manager: ChunkManager | None = None
 
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
@@ -105,7 +107,8 @@ class ZeroPlugin(Plugin):
             planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params])
             used, trained = [u for u, _ in planned], [t for _, t in planned]
             mine = [shard_used(u, chunk_numel, dp.size, dp.rank) for u in used]
-            stored = KINDS if self.memory.step_in_backward else KINDS + ("grad",)
+            stored = (KINDS + (("ema",) if self.ema is not None else ())
+                      + (() if self.memory.step_in_backward else ("grad",)))
             slots = {k: (len(used), shard_numel * 4) for k in stored}
             # a frozen chunk keeps no states on disk (its master slot, when it is the home copy, stays)
             keep = {k: [n * 4 if t or (k == "master" and alias) else 0 for n, t in zip(mine, trained)]
@@ -136,7 +139,17 @@ class ZeroPlugin(Plugin):
                                    origin=optimizer, in_backward=self.memory.step_in_backward, rule=rule)
         self.wrapped = ChunkedModel(model, self.manager, grads.reduce)
         self.recompute.chunks = self.wrapped      # checkpointed blocks keep their chunks through backward
+        if self.ema is not None:
+            self.ema.start()
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
+
+    def average(self, module: nn.Module, decay: float) -> ChunkEMA:
+        """An exponential moving average of `module`'s trained weights, kept as one more optimizer
+        state (`core.zero.ema`); ask before the model is configured (its slots are planned then)."""
+        if self.optimizer is not None:
+            raise RuntimeError("ask for the average before training starts (its states are planned then)")
+        self.ema = ChunkEMA(self, module, decay)
+        return self.ema
 
     def builds_on_meta(self) -> bool:
         # where parameters are sharded or leave the device, the model need never exist whole

@@ -105,3 +105,49 @@ def test_frozen_parameters_keep_only_their_weights(tmp_path, offload):
     # their weights are saved and load back (a plain model takes the checkpoint as it is)
     saved = load_file(str(find_checkpoints(tmp_path / offload / "checkpoints")[-1][1] / "model.safetensors"))
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
+
+
+def _ema_run(out_dir, *overrides):
+    cfg = toy_recipe(out_dir, "train.steps=4", "train.checkpoint_every=4", *overrides)
+    mesh = ParallelMesh.build(Layout())
+    from core.booster import make_plugin
+
+    plugin = make_plugin(cfg, mesh)
+    task = toy_task(dropout=0.0)
+    ema = plugin.average(task.model, 0.9)
+    task.on_step, task.extra_state = (lambda trainer: ema.update()), {"ema": ema}
+    trainer = Trainer(cfg, mesh, task, plugin)
+    trainer.fit()
+    return trainer, ema
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_an_average_of_chunked_weights_equals_the_plain_one(tmp_path, offload):
+    plain, plain_ema = _ema_run(tmp_path / "plain")
+    chunked, ema = _ema_run(tmp_path / offload, f"parallel.offload={offload}", "memory.chunk_mb=0.002",
+                            "memory.device_gb=0.00001")
+    assert type(ema).__name__ == "ChunkEMA"          # kept with the optimizer states, not beside the model
+    if offload == "nvme":
+        assert "ema" in chunked.plugin.optimizer.states.slot_bytes
+    averaged = ema.state_dict()
+    assert averaged["updates"] == plain_ema.updates == 4
+    for name, value in plain_ema.shadow.items():
+        assert torch.allclose(averaged["shadow"][name], value, rtol=1e-5, atol=1e-7), name
+    trained = chunked.plugin.optimizer.master_state()
+    x = torch.randn(16, 8)
+    model = chunked.model.unwrap()
+    with torch.no_grad():
+        with ema.swapped_in():                 # the model computes with the averages ...
+            inside = model(x)
+            plain.model.unwrap().load_state_dict(plain_ema.shadow)
+            assert torch.allclose(inside, plain.model.unwrap()(x), rtol=1e-5, atol=1e-6)
+    after = chunked.plugin.optimizer.master_state()  # ... and the trained weights are back after
+    assert all(torch.equal(after[k], trained[k]) for k in trained)
+    # the checkpoint's average is saved by name: a plain EMA takes it, and so does a resumed run
+    resumed, resumed_ema = _ema_run(tmp_path / offload, f"parallel.offload={offload}", "memory.chunk_mb=0.002",
+                                    "memory.device_gb=0.00001", "train.resume=latest", "train.steps=4")
+    again = resumed_ema.state_dict()
+    assert all(torch.equal(again["shadow"][k], averaged["shadow"][k]) for k in averaged["shadow"])
+    ema.use_average()                          # the end of training: the averages become the weights
+    final = chunked.plugin.optimizer.master_state()
+    assert all(torch.equal(final[k], averaged["shadow"][k]) for k in averaged["shadow"])
