@@ -36,6 +36,7 @@ from core.distributed import comm
 from core.errors import LoomError
 from core.faults import fault_point
 from core.layout import plan_batches
+from core.memory.usage import peak_bytes, reset_peak
 from core.run_folder import init_folder, refuse_earlier_run, resume_folder
 from core.metrics import MetricsLog, plot_loss_curve
 from core.optim import build_optimizer, build_scheduler
@@ -280,9 +281,11 @@ class Trainer:
         eval_loss: float | None = None
         last_ckpt: Path | None = None
         self.model.train()
+        step_peak = 0      # the memory high-water mark of the steps themselves (not evaluation, saves)
         try:
             while self.step < total:
                 t0 = time.perf_counter()
+                reset_peak(self.mesh.device)
                 step_loss = torch.zeros((), device=self.mesh.device)
                 if self.pipelined:
                     micro_batches = [_to(next(batches), self.mesh.device) for _ in range(accum)]
@@ -304,6 +307,7 @@ class Trainer:
                 self.step += 1
                 if self.task.on_step is not None:
                     self.task.on_step(self)
+                step_peak = max(step_peak, peak_bytes(self.mesh.device))
                 window.append(step_loss)
                 dt = time.perf_counter() - t0
                 window_time += dt
@@ -329,6 +333,7 @@ class Trainer:
             plot_loss_curve(self.metrics.path, self.out / "loss.png",
                             title=f"{Path(self.cfg.output.dir).name}: loss")
         summary = self._summary(last_ckpt, busy_time, units_done)
+        summary["step_peak_memory_bytes"] = step_peak
         self.log(self._summary_text(summary, eval_loss))
         return summary
 
@@ -392,6 +397,9 @@ class Trainer:
             parts.append(f"eval loss {eval_loss:.4f}")
         if rate:
             parts.append(f"{rate:,.0f} {self.task.unit}/s over {s['seconds']:.1f} s")
+        if s.get("step_peak_memory_bytes"):
+            where = "device" if self.mesh.device.type == "cuda" else "resident"
+            parts.append(f"peak {where} memory in the steps {s['step_peak_memory_bytes'] / 2**30:.2f} GiB")
         lines = [", ".join(parts)]
         report = self.booster.report()
         if report:

@@ -113,9 +113,18 @@ def test_every_shipped_diffusion_recipe_is_valid():
     from pathlib import Path
     folder = Path(__file__).resolve().parents[3] / "recipes" / "diffusion"
     names = sorted(p.stem for p in folder.glob("*.yaml"))
-    assert names == ["sd15-dreambooth", "sd15-finetune", "sd15-lora", "tiny-shapes"]
+    assert names == ["sd15-dreambooth", "sd15-dreambooth-8gb", "sd15-finetune", "sd15-finetune-8gb", "sd15-lora",
+                     "sd15-lora-8gb", "tiny-shapes"]
     for name in names:
         cfg = load_recipe(DiffusionRecipe, f"diffusion/{name}")
         assert cfg.data.resolution % 8 == 0
     assert load_recipe(DiffusionRecipe, "diffusion/sd15-lora").finetune.method == "lora"
     assert load_recipe(DiffusionRecipe, "diffusion/sd15-dreambooth").finetune.prior_loss_weight == 1.0
+    # the 8 GB recipes: checkpointing with chunks, offloaded, and a layout Loom runs (EMA included)
+    from core.layout import check_layout
+
+    for name, offload in (("sd15-finetune-8gb", "nvme"), ("sd15-lora-8gb", "cpu"), ("sd15-dreambooth-8gb", "nvme")):
+        cfg = load_recipe(DiffusionRecipe, f"diffusion/{name}")
+        assert cfg.model.gradient_checkpointing and cfg.parallel.offload == offload and cfg.memory.device_gb > 0
+        check_layout(cfg, 1)
+    assert load_recipe(DiffusionRecipe, "diffusion/sd15-finetune-8gb").finetune.ema
