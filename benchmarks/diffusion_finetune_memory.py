@@ -8,7 +8,8 @@ a fresh process, batch 1, for `--steps` steps:
 - plain: what diffusers' train_text_to_image.py does by default: fp32 weights and compute,
   torch.optim.AdamW, no gradient checkpointing (for LoRA: peft adapters on the frozen UNet, AdamW
   on the adapters).
-- loom: `python -m apps.diffusion.finetune --recipe diffusion/sd15-<method>-8gb` on the same folder
+- loom: `python -m apps.diffusion.finetune --recipe diffusion/sd15-finetune-8gb` (LoRA:
+  `diffusion/sd15-lora-8gb`) on the same folder
   (Loom's own code path: gradient checkpointing through the session's recompute, the UNet in 64 MB
   chunks within `memory.device_gb`, optimizer states, gradients and the EMA on NVMe for full
   fine-tuning, frozen weights without optimizer state), validation off, precision bf16 where the
@@ -52,6 +53,7 @@ SD15_VAE = dict(
 CLIP_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 RESOLUTION = 512
+RECIPES = {"full": "diffusion/sd15-finetune-8gb", "lora": "diffusion/sd15-lora-8gb"}
 IMAGES = 8
 VERSION = 1
 
@@ -158,8 +160,20 @@ def run_variant(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess,
     return done, getattr(proc, "loom_maxrss", 0), time.perf_counter() - start
 
 
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+def _loom(cmd: list[str], env: dict, out: Path, method: str) -> dict | None:
+    """Run the app; its step peak, whole-life peak, NVMe bytes and seconds per step (last step)."""
+    done, life_peak, _ = run_variant(cmd, env)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return None
+    peak = re.search(r"peak (?:resident|device) memory in the steps ([0-9.]+) GiB", done.stderr)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["images_per_s"] for row in rows if "images_per_s" in row]
+    disk = re.search(r"NVMe ([0-9.]+) (GiB|MiB|KiB)", done.stderr)
+    nvme = float(disk.group(1)) * {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[disk.group(2)] if disk else 0
+    return {"step_peak": float(peak.group(1)) * 2**30, "life_peak": life_peak, "disk": nvme,
+            "seconds_per_step": 1.0 / rates[-1] if rates else None,
+            "exported": str(out / ("lora" if method == "lora" else "pipeline"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,38 +220,41 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         found["plain"] = {"step_peak": r["step_peak_bytes"], "life_peak": life_peak, "disk": 0,
                           "seconds_per_step": r["seconds_per_step"][-1]}
-        out = work / f"loom-{method}"
-        loom_cmd = [sys.executable, "-m", "apps.diffusion.finetune", "--recipe", f"diffusion/sd15-{method}-8gb",
-                    f"model.pretrained={folder}", f"data.path={data}", f"data.resolution={RESOLUTION}",
-                    f"train.steps={args.steps}", "train.grad_accum=1", "validation.prompts=[]", "train.progress=false",
-                    "train.log_every=1", f"parallel.precision={precision}", f"output.dir={out}", "output.overwrite=true",
-                    f"memory.nvme_dir={out / 'nvme'}", "data.num_workers=0"]
+        print(f"plain {method}: step peak {r['step_peak_bytes'] / 2**30:.2f} GiB, {r['seconds_per_step']} s per step",
+              file=sys.stderr, flush=True)
+        base = [sys.executable, "-m", "apps.diffusion.finetune", "--recipe", RECIPES[method],
+                f"model.pretrained={folder}", f"data.path={data}", f"data.resolution={RESOLUTION}",
+                f"train.steps={args.steps}", "train.grad_accum=1", "validation.prompts=[]", "train.progress=false",
+                "train.log_every=1", f"parallel.precision={precision}", "output.overwrite=true", "data.num_workers=0"]
         if not torch.cuda.is_available():
-            loom_cmd += ["parallel.device=cpu", f"memory.device_gb={args.device_gb}"]
-        done, life_peak, wall = run_variant(loom_cmd, env)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return done.returncode or 1
-        peak = re.search(r"peak (?:resident|device) memory in the steps ([0-9.]+) GiB", done.stderr)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        rates = [row["images_per_s"] for row in rows if "images_per_s" in row]
-        disk = re.search(r"NVMe ([0-9.]+) (GiB|MiB|KiB)", done.stderr)
-        nvme = float(disk.group(1)) * {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[disk.group(2)] if disk else 0
-        found["loom"] = {"step_peak": float(peak.group(1)) * 2**30, "life_peak": life_peak, "disk": nvme,
-                         "seconds_per_step": 1.0 / rates[-1] if rates else None,
-                         "exported": str(out / ("lora" if method == "lora" else "pipeline"))}
+            # host memory is the device here: offloading to it would offload nothing, so the
+            # states and the frozen weights go to the disk
+            base += ["parallel.device=cpu", f"memory.device_gb={args.device_gb}", "parallel.offload=nvme"]
+        variants = {"loom": [], "loom_in_memory": ["parallel.offload=none", "memory.device_gb=0"]}
+        for variant, extra in variants.items():
+            out = work / f"{variant}-{method}"
+            result = _loom(base + [f"output.dir={out}", f"memory.nvme_dir={out / 'nvme'}"] + extra, env, out, method)
+            if result is None:
+                return 1
+            found[variant] = result
+            print(f"{variant} {method}: step peak {result['step_peak'] / 2**30:.2f} GiB, "
+                  f"{result['seconds_per_step']} s per step", file=sys.stderr, flush=True)
         for variant, f in found.items():
             print(json.dumps({"name": f"sd15_{method}_step_peak_memory_{variant}", "value": f["step_peak"] / 2**30,
                               "unit": "GiB", "baseline": None, "process_life_peak_gib": f["life_peak"] / 2**30,
                               "disk_gib": f["disk"] / 2**30, "seconds_per_step": f["seconds_per_step"],
                               "precision": "fp32" if variant == "plain" else precision,
                               "resolution": RESOLUTION, "steps": args.steps, "machine": machine()}), flush=True)
+        print(json.dumps({"name": f"sd15_{method}_offload_time_ratio",
+                          "value": found["loom"]["seconds_per_step"] / found["loom_in_memory"]["seconds_per_step"],
+                          "unit": "x", "baseline": "the same app and recipe with everything in memory",
+                          "target": 1.5, "machine": machine()}), flush=True)
         ratios[method] = found["plain"]["step_peak"] / found["loom"]["step_peak"]
         name = "sd15_finetune_peak_memory_ratio" if method == "full" else f"sd15_{method}_peak_memory_ratio"
         print(json.dumps({"name": name, "value": ratios[method], "unit": "x",
                           "baseline": "plain diffusers-style fp32 AdamW step, no checkpointing",
                           "target": 5.6 if method == "full" else None,
-                          "loom_recipe": f"diffusion/sd15-{method}-8gb", "machine": machine()}), flush=True)
+                          "loom_recipe": recipe, "machine": machine()}), flush=True)
     return 0
 
 

@@ -69,11 +69,6 @@ class Session:
     # ---------------------------------------------------------------- what the layout allows
 
     @property
-    def weights_readable_between_steps(self) -> bool:
-        """Every parameter is an ordinary tensor between steps (an EMA may read them)."""
-        return not self.plugin.chunked
-
-    @property
     def forward_on_one_rank(self) -> bool:
         """One rank may run the model alone between steps (validation on rank 0)."""
         return self.plugin.forward_on_one_rank()

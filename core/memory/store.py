@@ -294,7 +294,15 @@ class NVMeStore(Store):
         self._io(False, kind, index, dst)
 
     def close(self) -> None:
+        """Close and delete the files (and the folder, when that leaves it empty): they are scratch
+        space, and what a later run needs is in the checkpoints. On a disk with tens of GB of
+        states a finished run must not leave them behind."""
         super().close()
-        for fd in self._fds.values():
+        for kind, fd in self._fds.items():
             os.close(fd)
+            (self.folder / f"{kind}.bin").unlink(missing_ok=True)
         self._fds.clear()
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass                                   # not empty: something else lives there

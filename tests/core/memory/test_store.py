@@ -113,3 +113,15 @@ def test_a_real_small_disk(tmp_path):
         small.close()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_closing_the_nvme_store_removes_its_files_and_keeps_what_else_is_there(tmp_path):
+    store = NVMeStore(tmp_path / "rank0", {"master": (2, 4096), "exp_avg": (2, 4096)}, threads=1)
+    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == ["exp_avg.bin", "master.bin"]
+    store.close()
+    assert not (tmp_path / "rank0").exists()            # scratch space: gone with the run
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "notes.txt").write_text("mine\n")
+    store = NVMeStore(tmp_path / "shared", {"master": (1, 4096)}, threads=1)
+    store.close()
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["notes.txt"]
