@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"name": name, "value": ratios[method], "unit": "x",
                           "baseline": "plain diffusers-style fp32 AdamW step, no checkpointing",
                           "target": 5.6 if method == "full" else None,
-                          "loom_recipe": recipe, "machine": machine()}), flush=True)
+                          "loom_recipe": RECIPES[method], "machine": machine()}), flush=True)
     return 0
 
 

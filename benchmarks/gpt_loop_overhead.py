@@ -31,7 +31,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from apps.gpt.config import GPTRecipe
 from apps.gpt.data import TokenWindows, prepare_corpus
