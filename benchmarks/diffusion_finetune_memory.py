@@ -176,12 +176,25 @@ def _loom(cmd: list[str], env: dict, out: Path, method: str) -> dict | None:
             "exported": str(out / ("lora" if method == "lora" else "pipeline"))}
 
 
+def _export_loads(folder: Path, method: str) -> bool:
+    """The run's export opens as diffusers opens it (the pipeline; LoRA: its weights file)."""
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        return len(load_file(str(folder / "pytorch_lora_weights.safetensors"))) > 0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    return sum(p.numel() for p in pipe.unet.parameters()) > 800e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="full,lora", help="full, lora or both (comma-separated)")
     ap.add_argument("--steps", type=int, default=2, help="training steps per variant")
     ap.add_argument("--device-gb", type=float, default=0.5, help="Loom's memory.device_gb on a CPU-only machine")
     ap.add_argument("--work", default="", help="folder for the runs (default: a folder in the cache)")
+    ap.add_argument("--keep", action="store_true", help="keep each run's output folder (checkpoints, export)")
     ap.add_argument("--child", choices=("plain",), help=argparse.SUPPRESS)
     ap.add_argument("--method", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--folder", default="", help=argparse.SUPPRESS)
@@ -236,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             result = _loom(base + [f"output.dir={out}", f"memory.nvme_dir={out / 'nvme'}"] + extra, env, out, method)
             if result is None:
                 return 1
+            result["export_loads"] = _export_loads(Path(result["exported"]), method)
+            if not args.keep:                     # checkpoints of SD v1.5 with its optimizer states: ~14 GB
+                shutil.rmtree(out, ignore_errors=True)
             found[variant] = result
             print(f"{variant} {method}: step peak {result['step_peak'] / 2**30:.2f} GiB, "
                   f"{result['seconds_per_step']} s per step", file=sys.stderr, flush=True)
@@ -243,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"name": f"sd15_{method}_step_peak_memory_{variant}", "value": f["step_peak"] / 2**30,
                               "unit": "GiB", "baseline": None, "process_life_peak_gib": f["life_peak"] / 2**30,
                               "disk_gib": f["disk"] / 2**30, "seconds_per_step": f["seconds_per_step"],
+                              "export_loads": f.get("export_loads"),
                               "precision": "fp32" if variant == "plain" else precision,
                               "resolution": RESOLUTION, "steps": args.steps, "machine": machine()}), flush=True)
         print(json.dumps({"name": f"sd15_{method}_offload_time_ratio",
