@@ -55,3 +55,15 @@ class StopAt:
         if self.left < 0:
             raise KeyboardInterrupt
         return mse(model, batch)
+
+
+def run_result(trainer) -> dict:
+    """What a finished run ended with, whatever the plugin: step losses, full-precision weights by
+    name (the chunked plugin's master weights, or the model's), and chunk evictions (0 without
+    chunks)."""
+    plugin = trainer.plugin
+    if plugin.chunked:
+        weights, moved = plugin.optimizer.master_state(), plugin.manager.stats.evictions
+    else:
+        weights, moved = {k: v.detach().clone() for k, v in trainer.model.unwrap().named_parameters()}, 0
+    return {"losses": dict(trainer.step_losses), "weights": weights, "evictions": moved}

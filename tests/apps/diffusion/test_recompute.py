@@ -14,6 +14,7 @@ from core.booster import make_plugin
 from core.config import Recipe, load_recipe
 from core.distributed import Layout, ParallelMesh
 from core.trainer import Trainer, TrainTask
+from tests.core.toy import run_result
 
 STEPS = 5
 SMALL = ["memory.chunk_mb=0.02", "memory.device_gb=0.00008"]       # ~5 K-element chunks, room for 4
@@ -68,11 +69,7 @@ def _train(out_dir, overrides: list[str], lora: bool) -> dict:
     unet.enable_gradient_checkpointing(plugin.recompute)
     trainer = Trainer(cfg, mesh, TrainTask(model=_Denoise(unet), loss_fn=_loss, train_data=_data()), plugin)
     trainer.fit()
-    if plugin.chunked:
-        weights, moved = plugin.optimizer.master_state(), plugin.manager.stats.evictions
-    else:
-        weights, moved = {k: v.detach().clone() for k, v in trainer.model.unwrap().named_parameters()}, 0
-    return {"losses": dict(trainer.step_losses), "weights": weights, "evictions": moved}
+    return run_result(trainer)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -19,6 +19,8 @@ from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
 from core.errors import LoomError
 from core.trainer import Trainer, TrainTask
+from tests.core.memory.test_gpt_memory_parity import _data, _loss   # same shapes as MODEL
+from tests.core.toy import run_result
 
 STEPS = 5
 MODEL = GPTModelConfig(n_layer=3, n_head=2, d_model=32, seq_len=16, vocab_size=64, bias=False, dropout=0.1,
@@ -30,17 +32,6 @@ CONFIGS = {
     "cpu": ["parallel.offload=cpu", *SMALL],
     "nvme": ["parallel.offload=nvme", *SMALL],
 }
-
-
-def _data() -> TensorDataset:
-    g = torch.Generator().manual_seed(3)
-    return TensorDataset(torch.randint(0, MODEL.vocab_size, (64, MODEL.seq_len + 1), generator=g))
-
-
-def _loss(model, batch):
-    (tokens,) = batch
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 def _train(out_dir, overrides: list[str], dp: int = 1, model: GPTModelConfig = MODEL) -> dict:
@@ -55,11 +46,7 @@ def _train(out_dir, overrides: list[str], dp: int = 1, model: GPTModelConfig = M
     trainer = Trainer(cfg, mesh, TrainTask(model=GPT(model, recompute=plugin.recompute), loss_fn=_loss,
                                            train_data=_data()), plugin)
     trainer.fit()
-    if plugin.chunked:
-        weights, moved = plugin.optimizer.master_state(), plugin.manager.stats.evictions
-    else:
-        weights, moved = {k: v.detach().clone() for k, v in trainer.model.unwrap().named_parameters()}, 0
-    return {"losses": dict(trainer.step_losses), "weights": weights, "evictions": moved}
+    return run_result(trainer)
 
 
 def _all(out_dir, dp, model=MODEL):
