@@ -95,27 +95,25 @@ class ZeroPlugin(Plugin):
         dtype = self.precision.dtype
         element = torch.tensor([], dtype=dtype).element_size()
         params = [p for _, p in packing_order(list(model.named_parameters()))]   # the manager's order
-        chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element), max((p.numel() for p in params), default=1))
-        chunk_numel = -(-chunk_numel // dp.size) * dp.size
-        shard_numel = chunk_numel // dp.size
+        chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element))   # a larger parameter gets its own
+        planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params], dp.size)
         shard_params = self.stage == 3
         # The fp32 working copy is the fp32 master: one slot serves both, when each rank's home
         # copy is exactly its shard.
         alias = {"param": "master"} if dtype == torch.float32 and (dp.size == 1 or shard_params) else {}
         threads = self.memory.io_threads
         if self.offload == "nvme":
-            planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params])
-            used, trained = [u for u, _ in planned], [t for _, t in planned]
-            mine = [shard_used(u, chunk_numel, dp.size, dp.rank) for u in used]
+            mine = [shard_used(c.used, c.capacity, dp.size, dp.rank) for c in planned]
             stored = (KINDS + (("ema",) if self.ema is not None else ())
                       + (() if self.memory.step_in_backward else ("grad",)))
-            slots = {k: (len(used), shard_numel * 4) for k in stored}
+            largest = max((c.capacity for c in planned), default=dp.size) // dp.size    # elements per shard
+            slots = {k: (len(planned), largest * 4) for k in stored}
             # a frozen chunk keeps no states on disk (its master slot, when it is the home copy, stays)
-            keep = {k: [n * 4 if t or (k == "master" and alias) else 0 for n, t in zip(mine, trained)]
+            keep = {k: [n * 4 if c.trained or (k == "master" and alias) else 0 for n, c in zip(mine, planned)]
                     for k in stored}
             if not alias:
-                slots["param"] = (len(used), (shard_numel if shard_params else chunk_numel) * element)
-                keep["param"] = [n * element for n in (mine if shard_params else used)]
+                slots["param"] = (len(planned), (largest if shard_params else largest * dp.size) * element)
+                keep["param"] = [n * element for n in (mine if shard_params else [c.used for c in planned])]
             folder = self.nvme_dir / f"rank{self.mesh.global_rank}"   # ranks may share a disk
             states = home = NVMeStore(folder, slots, threads=threads, aliases=alias, used=keep)
         else:
@@ -141,6 +139,7 @@ class ZeroPlugin(Plugin):
         self.recompute.chunks = self.wrapped      # checkpointed blocks keep their chunks through backward
         if self.ema is not None:
             self.ema.start()
+            self.optimizer.average = self.ema          # blended during each step where that saves reads
         return ModelWrapper(model, self.wrapped, self.precision), self.optimizer
 
     def average(self, module: nn.Module, decay: float) -> ChunkEMA:
@@ -195,7 +194,11 @@ class ZeroPlugin(Plugin):
 
     def describe(self) -> str:
         m = self.manager
-        chunks = f"{len(m.chunks)} chunks of {human(m.chunk_bytes)}" if m else "chunks"
+        chunks = "chunks"
+        if m:
+            larger = [c.nbytes for c in m.chunks if c.nbytes > m.chunk_bytes]
+            chunks = f"{len(m.chunks)} chunks of {human(m.chunk_bytes)}" + (
+                f" ({len(larger)} larger, up to {human(max(larger))}, for parameters larger than that)" if larger else "")
         budget = f"{self.memory.device_gb:g} GB device budget" if self.memory.device_gb else "no device budget"
         return (f"{self.name} (stage {self.stage} over dp={self.mesh.size('dp')}, {chunks}, {budget}, "
                 f"offload={self.offload}, {self.precision.name}, {self.mesh.device})")

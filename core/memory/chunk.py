@@ -1,4 +1,4 @@
-"""Chunks: parameters packed into fixed-size contiguous buffers that move as one.
+"""Chunks: parameters packed into contiguous buffers of a fixed size that move as one.
 
 A `Chunk` owns one flat `payload` tensor on the compute device. The parameters packed into it
 are views of that payload, so moving the chunk moves them all: eviction copies the payload to
@@ -19,10 +19,12 @@ this rank's shard is handed to the optimizer and the buffer is freed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from core.memory.store import advise_huge_pages
 from core.memory.state import EVICTABLE, IllegalTransition, TensorState, move
 
 
@@ -33,20 +35,35 @@ def packing_order(named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.P
     return [(n, p) for n, p in named if p.requires_grad] + [(n, p) for n, p in named if not p.requires_grad]
 
 
-def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = None) -> list[tuple[int, bool]]:
-    """How parameters of these sizes pack, in order, into chunks of `capacity` elements: for each
-    chunk, the elements it uses and whether its parameters are trained (a parameter never spans
-    two chunks; a trained and a frozen one never share one). `trained`: per parameter (default:
-    all)."""
-    chunks: list[tuple[int, bool]] = []
+class Planned(NamedTuple):
+    used: int          # elements that hold parameters
+    trained: bool      # its parameters are trained
+    capacity: int      # elements (a multiple of the data-parallel world)
+    count: int         # parameters
+
+
+def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = None,
+                world: int = 1) -> list[Planned]:
+    """How parameters of these sizes pack, in order, into chunks of `capacity` elements (rounded
+    up to a multiple of `world`): a parameter never spans two chunks, and a trained and a frozen
+    one never share one. A parameter larger than `capacity` gets a chunk of its own, of its size:
+    one large matrix (a text encoder's 49 K x 768 token embedding) then does not make every chunk
+    as large as itself, which would leave a small device budget room for only two or three.
+    `trained`: per parameter (default: all)."""
+    capacity = _round_up(max(1, capacity), world)
+    chunks: list[Planned] = []
     for i, n in enumerate(numels):
-        if n > capacity:
-            raise ValueError(f"a parameter of {n} elements does not fit a chunk of {capacity}")
         kind = True if trained is None else trained[i]
-        if not chunks or chunks[-1][0] + n > capacity or chunks[-1][1] != kind:
-            chunks.append((0, kind))
-        chunks[-1] = (chunks[-1][0] + n, kind)
+        last = chunks[-1] if chunks else None
+        if last is None or last.used + n > last.capacity or last.trained != kind:
+            last = Planned(0, kind, capacity if n <= capacity else _round_up(n, world), 0)
+            chunks.append(last)
+        chunks[-1] = last._replace(used=last.used + n, count=last.count + 1)
     return chunks
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
 
 
 def shard_used(used: int, capacity: int, world: int, rank: int) -> int:
@@ -83,7 +100,9 @@ class Chunk:
     def __post_init__(self) -> None:
         if self.capacity % self.world:
             raise ValueError(f"chunk capacity {self.capacity} does not split into {self.world} shards")
-        self.payload = torch.zeros(self.capacity, dtype=self.dtype, device=self.device)
+        self.payload = torch.empty(self.capacity, dtype=self.dtype, device=self.device)
+        advise_huge_pages(self.payload)
+        self.payload.zero_()
 
     @property
     def shard_numel(self) -> int:
@@ -153,6 +172,7 @@ class Chunk:
     def alloc_payload(self) -> None:
         """Give the payload its memory back (the caller fills it)."""
         self.payload.untyped_storage().resize_(self.nbytes)
+        advise_huge_pages(self.payload)         # fresh memory: fault it in by 2 MiB, not 4 KiB
         self.resident = True
         for t in self.tensors:
             if t.state is TensorState.FREE:
@@ -160,5 +180,7 @@ class Chunk:
 
     def grad_buffer(self) -> torch.Tensor:
         if self.grad is None:
-            self.grad = torch.zeros(self.capacity, dtype=torch.float32, device=self.device)
+            self.grad = torch.empty(self.capacity, dtype=torch.float32, device=self.device)
+            advise_huge_pages(self.grad)
+            self.grad.zero_()
         return self.grad

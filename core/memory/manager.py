@@ -23,7 +23,7 @@ from torch import nn
 from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
 from core.errors import LoomError
 from core.memory.chunk import Chunk, TensorInfo, packing_order, plan_chunks
-from core.memory.store import Store, return_freed_buffers_to_the_os
+from core.memory.store import MMAP_THRESHOLD_MAX, Store, return_freed_buffers_to_the_os
 
 
 def human(nbytes: float) -> str:
@@ -153,7 +153,6 @@ class ChunkManager:
                  axis: AxisGroup | None = None, shard_params: bool = False,
                  materialize: Callable[[str, torch.Tensor], None] | None = None,
                  on_master: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
-        return_freed_buffers_to_the_os()
         self.device = torch.device(device)
         self.dtype = dtype
         self.home = home
@@ -175,46 +174,47 @@ class ChunkManager:
         self._busy: dict[int, Future] = {}               # optimizer updates in flight, by chunk
         self._storage: dict[int, Chunk] = {}
         params = packing_order(list(model.named_parameters()))     # tied parameters come once
-        largest = max((p.numel() for _, p in params), default=0)
-        chunk_numel = max(chunk_numel, largest)          # a parameter never spans chunks
-        chunk_numel = -(-chunk_numel // self.world) * self.world
-        self.chunk_numel = chunk_numel
-        self.chunk_bytes = chunk_numel * torch.tensor([], dtype=dtype).element_size()
-        if params and budget_bytes < 2 * self.chunk_bytes:
+        self.plan = plan_chunks([p.numel() for _, p in params], chunk_numel,
+                                [p.requires_grad for _, p in params], self.world)
+        element = torch.tensor([], dtype=dtype).element_size()
+        self.chunk_numel = -(-max(1, chunk_numel) // self.world) * self.world   # a parameter larger has its own
+        self.chunk_bytes = self.chunk_numel * element
+        two = sum(sorted((c.capacity for c in self.plan), reverse=True)[:2]) * element
+        if params and budget_bytes < two:
             raise LoomError(f"memory.device_gb allows {human(budget_bytes)} on the device but one step needs at "
-                            f"least two chunks of {human(self.chunk_bytes)}; raise memory.device_gb or lower "
+                            f"least two chunks ({human(two)}: the largest two); raise memory.device_gb or lower "
                             f"memory.chunk_mb")
+        if self.chunk_bytes < MMAP_THRESHOLD_MAX:
+            # chunk buffers leave the process when evicted; smaller temporaries (activations)
+            # keep glibc's reuse of heap memory (larger chunks are mapped on their own anyway)
+            threshold = max(self.chunk_bytes, 1 << 20)
+            return_freed_buffers_to_the_os(threshold, keep_top=2 * threshold)
         owners: dict[nn.Parameter, list[tuple[nn.Module, str]]] = defaultdict(list)
         for _, module in model.named_modules(remove_duplicate=False):
             for pname, p in module._parameters.items():
                 if p is not None:
                     owners[p].append((module, pname))
-        staging = None
-        for name, param in params:
-            if (not self.chunks or not self.chunks[-1].fits(param.numel())
-                    or (self.chunks[-1].tensors and self.chunks[-1].trained != param.requires_grad)):
-                if self.chunks:
-                    self._seal(self.chunks[-1], staging, on_master)
-                self.chunks.append(Chunk(len(self.chunks), chunk_numel, dtype, self.device, world=self.world))
-                staging = torch.zeros(chunk_numel, dtype=torch.float32, device=self.device)
-            chunk = self.chunks[-1]
-            values = staging[chunk.used:chunk.used + param.numel()].view(param.shape)
-            if param.is_meta:
-                if materialize is None:
-                    raise LoomError(f"{name} is on the meta device and nothing was given to initialise it")
-                with torch.no_grad():
-                    materialize(name, values)
-            else:
-                values.copy_(param.detach())
-            info = chunk.append(name, param)
-            if info.param is not param:
-                for module, pname in owners[param]:
-                    module._parameters[pname] = info.param
-            self.where[info.param] = (chunk, info)
-        if self.chunks:
-            self._seal(self.chunks[-1], staging, on_master)
-        planned = plan_chunks([p.numel() for _, p in params], chunk_numel, [p.requires_grad for _, p in params])
-        assert [(c.used, c.trained) for c in self.chunks] == planned, "chunk packing differs from plan_chunks"
+        it = iter(params)
+        for planned in self.plan:
+            chunk = Chunk(len(self.chunks), planned.capacity, dtype, self.device, world=self.world)
+            self.chunks.append(chunk)
+            staging = torch.zeros(planned.capacity, dtype=torch.float32, device=self.device)
+            for _ in range(planned.count):
+                name, param = next(it)
+                values = staging[chunk.used:chunk.used + param.numel()].view(param.shape)
+                if param.is_meta:
+                    if materialize is None:
+                        raise LoomError(f"{name} is on the meta device and nothing was given to initialise it")
+                    with torch.no_grad():
+                        materialize(name, values)
+                else:
+                    values.copy_(param.detach())
+                info = chunk.append(name, param)
+                if info.param is not param:
+                    for module, pname in owners[param]:
+                        module._parameters[pname] = info.param
+                self.where[info.param] = (chunk, info)
+            self._seal(chunk, staging, on_master)
         self.enforce_budget()
 
     def _seal(self, chunk: Chunk, staging: torch.Tensor, on_master) -> None:

@@ -15,17 +15,20 @@ be on disk.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 
 import torch
 
 from core.distributed.comm import AxisGroup, all_reduce_, reduce_scatter_into
 from core.memory.chunk import Chunk
-from core.memory.store import Store
+from core.memory.store import Store, host_empty
 from core.optim.norms import replicas, squares, sum_of_squares, sum_over
 from core.zero.states import trained_slices
 
 
 class GradientShards:
+    WRITING = 2            # shards being written to a file store at once
+
     def __init__(self, store: Store, axis: AxisGroup | None = None, stage: int = 2,
                  tp: AxisGroup | None = None) -> None:
         self.store = store
@@ -38,6 +41,7 @@ class GradientShards:
         self._sumsq: dict[int, float] = {}
         self._total: float | None = None
         self.sink = None   # set: hand each complete shard to it instead of storing it
+        self._writing: dict[int, Future] = {}     # shards on their way to a file store, by chunk
 
     def reduce(self, chunk: Chunk) -> None:
         full = chunk.grad
@@ -63,9 +67,26 @@ class GradientShards:
             self.sink(chunk, shard)
             self.seen.add(chunk.index)
             return
-        self.store.write("grad", chunk.index, shard if self.store.in_memory else shard.to("cpu"))
+        if self.store.in_memory:
+            self.store.write("grad", chunk.index, shard)
+        else:
+            # to the disk while backward goes on (a synchronous write held backward 5 s per step
+            # for SD v1.5); at most WRITING shards wait for the disk at once
+            while len(self._writing) >= self.WRITING:
+                self._written(next(iter(self._writing)))
+            self._writing[chunk.index] = self.store.write_async("grad", chunk.index, shard.to("cpu"))
         self.seen.add(chunk.index)
         self._total = None
+
+    def _written(self, index: int) -> None:
+        """Until the chunk's gradient write in flight, if any, is done."""
+        writing = self._writing.pop(index, None)
+        if writing is not None:
+            writing.result()
+
+    def settle(self) -> None:
+        for index in list(self._writing):
+            self._written(index)
 
     def _squares(self, chunk: Chunk, shard: torch.Tensor) -> float:
         """The shard's share of the squared gradient norm (one pass, no copy)."""
@@ -76,11 +97,18 @@ class GradientShards:
 
     def get(self, chunk: Chunk) -> torch.Tensor:
         """This rank's gradient shard of the chunk (the slot itself for in-memory stores)."""
+        grad, reading = self.start_get(chunk)
+        if reading is not None:
+            reading.result()
+        return grad
+
+    def start_get(self, chunk: Chunk) -> tuple[torch.Tensor, Future | None]:
+        """`get`, started: the shard's buffer and the read in flight that fills it (None: ready)."""
         if self.store.in_memory:
-            return self.store.view("grad", chunk.index)
-        buf = torch.empty(chunk.shard_numel, dtype=torch.float32)
-        self.store.read("grad", chunk.index, buf)
-        return buf
+            return self.store.view("grad", chunk.index), None
+        self._written(chunk.index)
+        buf = host_empty(chunk.shard_numel)
+        return buf, self.store.read_async("grad", chunk.index, buf)
 
     def total_sq(self) -> float:
         """Sum of squares of the whole (unsharded, unsplit) gradient; one all-reduce of one number
@@ -91,6 +119,7 @@ class GradientShards:
         return self._total
 
     def reset(self) -> None:
+        self.settle()
         self.seen.clear()
         self._sumsq.clear()
         self._total = None

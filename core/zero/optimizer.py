@@ -40,6 +40,8 @@ S = TensorState
 
 class ChunkOptimizer:
     MAX_INFLIGHT = 2       # chunk updates queued on the optimizer thread during backward
+    LOOKAHEAD = 1          # a step after backward: chunks whose states are read while one updates...
+    WRITING = 1            # ... and chunks whose states are still being written
 
     def __init__(self, manager: ChunkManager, param_groups: list[dict], states: Store, grads: GradientShards,
                  precision: str = "fp32", origin: torch.optim.Optimizer | None = None,
@@ -53,6 +55,7 @@ class ChunkOptimizer:
         self.scaler = self.optim.scaler
         self._clip = 1.0
         self.in_backward = in_backward
+        self.average = None                  # a ChunkEMA blended during the step (it sets itself here)
         # Steps inside backward run on one optimizer thread, so that their disk reads and writes
         # overlap the rest of backward; with several ranks they stay on the main thread, where
         # the collectives of the update (gathering the new weights) keep the same order on all.
@@ -108,13 +111,56 @@ class ChunkOptimizer:
         if self.rule.needs_norms:
             self._two_pass_step(grad_scale)
         else:
-            for chunk in self.manager.chunks:
-                if chunk.index in self.grads.seen:
-                    self._update(chunk, self.grads.get(chunk), self.step_count, grad_scale)
+            self._streamed_step(grad_scale)
         self.scaler.update(False)
         self._clip = 1.0
         self._announce_step()
         return True
+
+    def _streamed_step(self, grad_scale: float) -> None:
+        """The rule's one pass (AdamW) over every chunk with a gradient. With the states in files
+        the step is a pipeline: the next `LOOKAHEAD` chunks' states and gradients are being read
+        while this chunk updates, and the last `WRITING` chunks' writes go on meanwhile, so
+        the step takes about as long as its disk traffic, not the sum of reads, update and writes
+        chunk after chunk (each chunk in flight holds its states: 4 shards of fp32)."""
+        step = self.step_count
+        todo = [c for c in self.manager.chunks if c.index in self.grads.seen]
+        if self.states.in_memory:
+            for chunk in todo:
+                self._update(chunk, self.grads.get(chunk), step, grad_scale)
+            return
+        # A moving average of the weights (`core.zero.ema`) is blended here too, chunk by chunk,
+        # rather than in a pass of its own that would read every master weight again.
+        extra = self.average.begin_blend(step, todo) if self.average is not None else ()
+
+        def start(chunk: Chunk):
+            return (self.optim.start_reads(chunk, extra if self.average.blends(chunk) else ())
+                    if extra else self.optim.start_reads(chunk)), self.grads.start_get(chunk)
+
+        started: dict[int, tuple] = {}
+        writes: deque = deque()
+        try:
+            for i, chunk in enumerate(todo):
+                for ahead in todo[i + 1:i + 1 + self.LOOKAHEAD]:
+                    if ahead.index not in started:
+                        started[ahead.index] = start(ahead)
+                reads, (grad, reading) = started.pop(chunk.index, None) or start(chunk)
+                if reading is not None:
+                    reading.result()
+                writes.append(self._update(chunk, grad, step, grad_scale, reads, wait_writes=False))
+                while len(writes) > self.WRITING:
+                    for w in writes.popleft():
+                        w.result()
+        finally:       # nothing still reading into or writing from these buffers when the step ends
+            for reads, (_, reading) in started.values():
+                for f in reads[2] + ([reading] if reading is not None else []):
+                    f.exception()
+            for ws in writes:
+                for w in ws:
+                    w.exception()
+        for ws in writes:
+            for w in ws:
+                w.result()
 
     def _announce_step(self) -> None:
         """Step the torch optimizer this one stands in for. It holds no gradients (the chunks do:
@@ -214,8 +260,8 @@ class ChunkOptimizer:
             own_master, bufs, futures = reads
             for f in futures:
                 f.result()
-            master = chunk.payload if own_master else bufs[0]
-            m, v = bufs[-2:]
+            master = chunk.payload if own_master else bufs["master"]
+            m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
         low = None if chunk.dtype == torch.float32 else torch.zeros(chunk.shard_numel, dtype=chunk.dtype,
                                                                         device=master.device)
         for _, group, s in self.optim.slices(chunk):
@@ -223,6 +269,10 @@ class ChunkOptimizer:
         writes = []
         if reads is not None:                # files: all writes in flight at once
             writes = [self.states.write_async(kind, chunk.index, buf) for kind, buf in zip(KINDS, (master, m, v))]
+            average = bufs.get(self.average.kind) if self.average is not None else None
+            if average is not None:          # the moving average, blended while its chunk is here
+                self.average.blend(chunk, master, average)
+                writes.append(self.states.write_async(self.average.kind, chunk.index, average))
         self.manager.update_working(chunk, master if low is None else low)
         if wait_writes:
             for w in writes:

@@ -20,7 +20,7 @@ from core.amp import LossScaler
 from core.distributed.comm import all_gather_into
 from core.memory.chunk import Chunk, TensorInfo
 from core.memory.manager import ChunkManager
-from core.memory.store import Store
+from core.memory.store import Store, host_empty
 
 KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -63,7 +63,7 @@ class ChunkStates:
         """The state shard: the slot itself in memory, a copy read from a file."""
         if self.store.in_memory:
             return self.store.view(kind, chunk.index)
-        buf = torch.empty(chunk.shard_numel, dtype=torch.float32)
+        buf = host_empty(chunk.shard_numel)
         self.store.read(kind, chunk.index, buf)
         return buf
 
@@ -81,15 +81,16 @@ class ChunkStates:
             return True
         return False
 
-    def start_reads(self, chunk: Chunk):
-        """Start reading the chunk's states from files (None for in-memory stores, whose slots are
-        used in place): (the payload is the master, buffers, futures)."""
+    def start_reads(self, chunk: Chunk, extra: tuple[str, ...] = ()):
+        """Start reading the chunk's states (and the `extra` kinds) from files (None for in-memory
+        stores, whose slots are used in place): (the payload is the master, buffers by kind,
+        futures)."""
         if self.store.in_memory:
             return None
         own_master = self._master_is_payload(chunk)
-        kinds = KINDS[1:] if own_master else KINDS
-        bufs = [torch.empty(chunk.shard_numel, dtype=torch.float32) for _ in kinds]
-        return own_master, bufs, [self.store.read_async(k, chunk.index, b) for k, b in zip(kinds, bufs)]
+        kinds = (KINDS[1:] if own_master else KINDS) + extra
+        bufs = {k: host_empty(chunk.shard_numel) for k in kinds}
+        return own_master, bufs, [self.store.read_async(k, chunk.index, b) for k, b in bufs.items()]
 
     # ------------------------------------------------------------------ checkpoints
 

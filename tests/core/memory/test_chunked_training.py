@@ -13,7 +13,7 @@ from core.trainer import Trainer
 from tests.core.toy import MLP, StopAt, mse, toy_recipe, toy_task
 
 # 3 chunks of 4 KiB, room for 2 on the "device"
-OFFLOAD = ("parallel.offload=nvme", "memory.chunk_mb=0.002", "memory.device_gb=0.00001")
+OFFLOAD = ("parallel.offload=nvme", "memory.chunk_mb=0.004", "memory.device_gb=0.00001")
 
 
 def _fit(cfg, task=None):
@@ -87,7 +87,7 @@ def _frozen_head_task():
 def test_frozen_parameters_keep_only_their_weights(tmp_path, offload):
     common = ("train.steps=4", "train.checkpoint_every=4")
     plain, _ = _fit(toy_recipe(tmp_path / "plain", *common), _frozen_head_task())
-    chunked, _ = _fit(toy_recipe(tmp_path / offload, *common, f"parallel.offload={offload}", "memory.chunk_mb=0.002",
+    chunked, _ = _fit(toy_recipe(tmp_path / offload, *common, f"parallel.offload={offload}", "memory.chunk_mb=0.004",
                                  "memory.device_gb=0.00001"), _frozen_head_task())
     assert all(chunked.step_losses[s] == pytest.approx(plain.step_losses[s], rel=1e-6) for s in range(1, 5))
     weights = chunked.plugin.optimizer.master_state()
@@ -124,7 +124,7 @@ def _ema_run(out_dir, *overrides):
 @pytest.mark.parametrize("offload", ["cpu", "nvme"])
 def test_an_average_of_chunked_weights_equals_the_plain_one(tmp_path, offload):
     plain, plain_ema = _ema_run(tmp_path / "plain")
-    chunked, ema = _ema_run(tmp_path / offload, f"parallel.offload={offload}", "memory.chunk_mb=0.002",
+    chunked, ema = _ema_run(tmp_path / offload, f"parallel.offload={offload}", "memory.chunk_mb=0.004",
                             "memory.device_gb=0.00001")
     assert type(ema).__name__ == "ChunkEMA"          # kept with the optimizer states, not beside the model
     if offload == "nvme":
@@ -144,7 +144,7 @@ def test_an_average_of_chunked_weights_equals_the_plain_one(tmp_path, offload):
     after = chunked.plugin.optimizer.master_state()  # ... and the trained weights are back after
     assert all(torch.equal(after[k], trained[k]) for k in trained)
     # the checkpoint's average is saved by name: a plain EMA takes it, and so does a resumed run
-    resumed, resumed_ema = _ema_run(tmp_path / offload, f"parallel.offload={offload}", "memory.chunk_mb=0.002",
+    resumed, resumed_ema = _ema_run(tmp_path / offload, f"parallel.offload={offload}", "memory.chunk_mb=0.004",
                                     "memory.device_gb=0.00001", "train.resume=latest", "train.steps=4")
     again = resumed_ema.state_dict()
     assert all(torch.equal(again["shadow"][k], averaged["shadow"][k]) for k in averaged["shadow"])

@@ -73,8 +73,26 @@ def test_prefetch_follows_the_traced_order():
 
 
 def test_a_budget_below_two_chunks_is_refused():
-    with pytest.raises(LoomError, match="memory.device_gb allows 256 B .* at least two chunks of 256 B"):
+    with pytest.raises(LoomError, match=r"memory.device_gb allows 256 B .* at least two chunks \(512 B"):
         _manager(_model(), budget_chunks=1)
+
+
+def test_a_parameter_larger_than_a_chunk_gets_a_chunk_of_its_own():
+    """One large matrix does not make every chunk as large as itself (SD v1.5's 49 K x 768 token
+    embedding would leave a 0.5 GB budget room for three chunks instead of seven)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 24, bias=False), nn.Linear(8, 8, bias=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    m = _manager(model, budget_chunks=5)
+    assert [c.capacity for c in m.chunks] == [CHUNK, 3 * CHUNK, CHUNK]
+    assert m.chunk_bytes == CHUNK_BYTES and all(c.resident for c in m.chunks)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    small = _manager(nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 24, bias=False),
+                                   nn.Linear(8, 8, bias=False)), budget_chunks=4)
+    _use(small, [0, 1, 2, 1, 0])                    # within the budget at every access (_use checks)
+    assert [c.resident for c in small.chunks] == [True, True, False]   # the large chunk and a small one
+    with pytest.raises(LoomError, match=r"at least two chunks \(1.0 KiB: the largest two\)"):
+        _manager(nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 24, bias=False)), budget_chunks=3)
 
 
 def test_static_policy_keeps_its_fraction_off_the_device():
