@@ -415,6 +415,12 @@ class ChunkManager:
     def release(self, chunk: Chunk) -> None:
         self.policy.after_use(self, chunk)
 
+    def evict_all(self) -> None:
+        """Send every chunk that may leave home (nothing in use)."""
+        for chunk in self.chunks:
+            if chunk.evictable and chunk.index not in self._pending:
+                self.evict(chunk)
+
     def enforce_budget(self) -> None:
         """Evict until the resident chunks fit the budget (and the static policy's share is off)."""
         for chunk in self.chunks:
