@@ -136,7 +136,8 @@ class OptimConfig:
 @dataclass
 class MemoryConfig:
     chunk_mb: float = opt(32.0, "size of a parameter chunk (parallel.zero=3 or parallel.offload): the unit "
-                                "that moves between device, host and NVMe", min=0.0001)
+                                "that moves between device, host and NVMe; a larger parameter gets a chunk "
+                                "of its own", min=0.0001)
     device_gb: float = opt(0.0, "budget for chunks on the compute device; 0 = no limit "
                                 "(on a CPU-only machine the 'device' is the CPU with this budget)", min=0.0)
     policy: str = opt("auto", "auto: fit the budget, evicting the chunk used furthest in the future; "

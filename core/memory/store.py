@@ -28,7 +28,7 @@ from core.errors import LoomError
 
 ALIGN = 4096
 _LIBC = None
-PIECE = 32 << 20  # bytes per system call (a multiple of ALIGN)
+PIECE = 8 << 20   # bytes per system call (a multiple of ALIGN); each IO thread keeps one for unaligned tensors
 M_MMAP_THRESHOLD = -3
 M_TRIM_THRESHOLD = -1
 MMAP_THRESHOLD_MAX = 32 << 20   # glibc's ceiling for the mmap threshold on 64-bit machines

@@ -27,7 +27,7 @@ from core.zero.states import trained_slices
 
 
 class GradientShards:
-    WRITING = 2            # shards being written to a file store at once
+    WRITING = 1            # shards being written to a file store while backward goes on (each holds its buffer)
 
     def __init__(self, store: Store, axis: AxisGroup | None = None, stage: int = 2,
                  tp: AxisGroup | None = None) -> None:
