@@ -1,4 +1,5 @@
-"""Chunks: parameters packed into contiguous buffers of a fixed size that move as one.
+"""Chunks: parameters packed into contiguous buffers that move as one (all of `memory.chunk_mb`,
+but for a parameter larger than that, which gets a chunk of its own size).
 
 A `Chunk` owns one flat `payload` tensor on the compute device. The parameters packed into it
 are views of that payload, so moving the chunk moves them all: eviction copies the payload to
@@ -24,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from core.memory.store import advise_huge_pages
+from core.memory.store import _round_up, advise_huge_pages
 from core.memory.state import EVICTABLE, IllegalTransition, TensorState, move
 
 
@@ -60,10 +61,6 @@ def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = N
             chunks.append(last)
         chunks[-1] = last._replace(used=last.used + n, count=last.count + 1)
     return chunks
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 def shard_used(used: int, capacity: int, world: int, rank: int) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
 from core.errors import LoomError
 from core.memory.chunk import Chunk, TensorInfo, packing_order, plan_chunks
-from core.memory.store import MMAP_THRESHOLD_MAX, Store, return_freed_buffers_to_the_os
+from core.memory.store import MMAP_THRESHOLD_MAX, Store, _round_up, return_freed_buffers_to_the_os
 
 
 def human(nbytes: float) -> str:
@@ -177,7 +177,7 @@ class ChunkManager:
         self.plan = plan_chunks([p.numel() for _, p in params], chunk_numel,
                                 [p.requires_grad for _, p in params], self.world)
         element = torch.tensor([], dtype=dtype).element_size()
-        self.chunk_numel = -(-max(1, chunk_numel) // self.world) * self.world   # a parameter larger has its own
+        self.chunk_numel = _round_up(max(1, chunk_numel), self.world)   # a parameter larger has its own
         self.chunk_bytes = self.chunk_numel * element
         two = sum(sorted((c.capacity for c in self.plan), reverse=True)[:2]) * element
         if params and budget_bytes < two:

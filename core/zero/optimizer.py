@@ -141,8 +141,8 @@ class ChunkOptimizer:
         extra = self.average.begin_blend(step, todo) if self.average is not None else ()
 
         def start(chunk: Chunk):
-            return (self.optim.start_reads(chunk, extra if self.average.blends(chunk) else ())
-                    if extra else self.optim.start_reads(chunk)), self.grads.start_get(chunk)
+            kinds = extra if extra and self.average.blends(chunk) else ()
+            return self.optim.start_reads(chunk, kinds), self.grads.start_get(chunk)
 
         started: dict[int, tuple] = {}
         writes: deque = deque()
