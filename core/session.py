@@ -6,14 +6,16 @@ decides everything about how the model is spread:
     with session(cfg) as s:
         model = s.build(lambda par: MyModel(cfg.model, par.tensor, par.sequence))
         summary = s.fit(TrainTask(model=model, loss_fn=..., train_data=...))
-        model = s.export(model)          # ordinary weights again, for sampling and exports
+        for part in s.weights(model):    # the weights, a chunk at a time: exports of any size
+            ...
+        model = s.export(model)          # or ordinary parameters again, for sampling
 
 `session` checks the whole layout (`core.layout.check_layout`) and the run folder before any
 process group is joined, so a bad recipe fails at once on every rank; then it joins the job,
 builds the mesh and picks the plugin. `build` makes the model as the plugin needs it (on the meta
 device, materialised chunk by chunk, when parameters are sharded or offloaded) with the
-tensor-parallel mode and sequence parallelism the recipe asks for; `fit` trains it; `export`
-hands back ordinary parameters. The app never names a plugin, a stage or a mode.
+tensor-parallel mode and sequence parallelism the recipe asks for; `fit` trains it; `weights`
+hands the trained weights back a part at a time, `export` as ordinary parameters. The app never names a plugin, a stage or a mode.
 """
 
 from __future__ import annotations
@@ -122,14 +124,32 @@ class Session:
             self.log(f"sequence parallelism: {p.sp_mode} attention over {sequence.size} ranks")
         return ModelParallel(tensor, sequence, self.recompute)
 
+    def prepare(self, task: TrainTask, recipe: Recipe | None = None) -> Trainer:
+        """The trainer for `task`, with the model and optimizer configured for the layout (the
+        weights now live where the plugin keeps them: in chunks, say), before any step: for
+        work that should run on the model as it will train (DreamBooth's class images rendered
+        within the memory budget). `fit(task)` then trains this trainer."""
+        self.trainer = Trainer(recipe or self.recipe, self.mesh, task, self.plugin)
+        return self.trainer
+
     def fit(self, task: TrainTask, recipe: Recipe | None = None) -> dict:
         """Train `task` as the recipe says (`recipe`: the session's, or the app's resolved copy
         of it); returns the trainer's summary. The trainer stays at `self.trainer`."""
-        self.trainer = Trainer(recipe or self.recipe, self.mesh, task, self.plugin)
+        if self.trainer is None or self.trainer.task is not task:
+            self.prepare(task, recipe)
         return self.trainer.fit()
 
+    def weights(self, module: nn.Module, trained_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """`module`'s weights after (or before) training, as a state dict in parts: unsplit, in
+        full precision, on the host, one chunk at a time where the weights live in chunks, so
+        that exporting a model never needs it whole in memory (`core.checkpoint.stream` writes
+        the parts into one safetensors file). `trained_only`: just the trained parameters (a
+        LoRA's adapters). Every rank iterates to the end (the parts are gathered)."""
+        return self.plugin.weights(module, trained_only)
+
     def export(self, model: nn.Module) -> nn.Module:
-        """`model` with ordinary full-precision parameters again (every rank calls this)."""
+        """`model` with ordinary full-precision parameters again (every rank calls this); for a
+        model that does not fit in memory, write it from `weights` instead."""
         return self.plugin.unchunk(model)
 
 
@@ -142,4 +162,8 @@ def session(cfg: Recipe, axes: Sequence[str] = AXES, what: str = "this app") -> 
     layout, batch = check_layout(cfg, detect().world_size, axes, what)
     with launch(p.device, p.backend, p.timeout_s) as rt:
         mesh = ParallelMesh.build(layout, rt.device)
-        yield Session(cfg, rt, mesh, make_plugin(cfg, mesh), batch)
+        plugin = make_plugin(cfg, mesh)
+        try:
+            yield Session(cfg, rt, mesh, plugin, batch)
+        finally:
+            plugin.close()                 # scratch files of offloaded states go, even after an error

@@ -26,6 +26,7 @@ from apps.diffusion import quiet_libraries
 from core import cli
 from core.distributed import comm
 from core.errors import LoomError
+from core.memory.usage import peak_bytes, process_bytes, reset_peak
 from core.session import session
 from core.trainer import TrainTask
 
@@ -74,13 +75,7 @@ def run(cfg: DiffusionRecipe) -> dict:
         parts = load_parts(base, cfg.model.unet_init, cfg.train.seed)
         if cfg.model.prediction_type:
             parts.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
-        device = mesh.device
-        parts.vae.to(device)
-        class_dir = None
-        if cfg.finetune.method == "dreambooth" and cfg.finetune.prior_loss_weight > 0:
-            parts.text_encoder.to(device)
-            parts.unet.to(device)
-            class_dir = class_images(cfg, parts, world, log)
+        parts.vae.to(mesh.device)
         ft = cfg.finetune
         lora = ft.method == "lora" or (ft.method == "dreambooth" and ft.dreambooth_lora)
         if lora:
@@ -91,11 +86,8 @@ def run(cfg: DiffusionRecipe) -> dict:
         if cfg.model.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing(s.recompute)   # works with chunked weights too
         model = Denoiser(parts.unet, parts.text_encoder, ft.train_text_encoder and not lora)
-        dataset = _dataset(cfg, parts, data, class_dir)
         ema = s.average(parts.unet, ft.ema_decay) if ft.ema else None   # kept where the weights are
         samples = Path(cfg.output.dir) / "samples"
-        log(f"{ft.method} fine-tuning of {base} on {len(dataset)} images at {cfg.data.resolution} px; "
-            f"trainable parameters: {sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6:.3f} M")
 
         def validation(trainer) -> dict | None:
             if not cfg.validation.prompts:
@@ -124,29 +116,51 @@ def run(cfg: DiffusionRecipe) -> dict:
             row["samples"] = str(path)
             return row
 
-        task = TrainTask(model=model, loss_fn=DenoisingLoss(parts.vae, parts.scheduler, ft), train_data=dataset,
+        task = TrainTask(model=model, loss_fn=DenoisingLoss(parts.vae, parts.scheduler, ft), train_data=None,
                          unit="images", num_workers=cfg.data.num_workers, on_eval=validation,
                          on_step=(lambda trainer: ema.update()) if ema else None,
                          extra_state={"ema": ema} if ema else {})
+        s.prepare(task)               # the weights now live where the layout keeps them (chunks, say)
+        class_dir = None
+        if ft.method == "dreambooth" and ft.prior_loss_weight > 0:   # rendered within the memory budget
+            class_dir = class_images(cfg, parts, world, log, together=not s.forward_on_one_rank)
+        task.train_data = _dataset(cfg, parts, data, class_dir)
+        log(f"{ft.method} fine-tuning of {base} on {len(task.train_data)} images at {cfg.data.resolution} px; "
+            f"trainable parameters: {sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6:.3f} M")
         summary = s.fit(task)
         if ema is not None and not lora:   # the export is the average (LoRA exports its adapters as trained)
             ema.use_average()
-        s.export(model)                   # ordinary tensors again for the exports
-        out = Path(cfg.output.dir)
-        if mesh.is_main:
-            if lora:
-                summary["lora"] = str(export_lora(parts.unet, out / "lora", base))
-                log(f"LoRA weights: {summary['lora']}/pytorch_lora_weights.safetensors "
-                    f"(pipe.load_lora_weights('{summary['lora']}'))")
-            else:
-                with torch.no_grad():
-                    pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet,
-                                         parts.scheduler.config)
-                    summary["pipeline"] = str(export_pipeline(pipe, out / "pipeline"))
-                log(f"diffusers pipeline: {summary['pipeline']} "
-                    f"(StableDiffusionPipeline.from_pretrained('{summary['pipeline']}'))")
+        device = mesh.device
+        before = process_bytes(device)
+        reset_peak(device)
+        summary.update(_export(cfg, s, parts, base, lora))
+        summary["export_peak_memory_bytes"] = peak = peak_bytes(device)
+        log(f"export: peak {'device' if device.type == 'cuda' else 'resident'} memory {peak / 2**30:.2f} GiB "
+            f"({before / 2**30:.2f} GiB held before it)")
         comm.barrier(world)
         return summary
+
+
+def _export(cfg: DiffusionRecipe, s, parts: Parts, base: Path, lora: bool) -> dict:
+    """Write what a user takes elsewhere: the LoRA adapters, or the whole diffusers pipeline. The
+    weights come from `s.weights`, a chunk at a time where they live in chunks (never the whole
+    fp32 model in memory); every rank takes part, rank 0 writes."""
+    out, main, log = Path(cfg.output.dir), s.mesh.is_main, s.log
+    if lora:
+        adapters = {}
+        for part in s.weights(parts.unet, trained_only=True):
+            adapters.update({k: v.clone() for k, v in part.items()})
+        if not main:
+            return {}
+        path = str(export_lora(parts.unet, out / "lora", base, adapters))
+        log(f"LoRA weights: {path}/pytorch_lora_weights.safetensors (pipe.load_lora_weights('{path}'))")
+        return {"lora": path}
+    pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler.config)
+    path = export_pipeline(pipe, out / "pipeline" if main else None, s.weights)
+    if not main:
+        return {}
+    log(f"diffusers pipeline: {path} (StableDiffusionPipeline.from_pretrained('{path}'))")
+    return {"pipeline": str(path)}
 
 
 def main(argv: list[str] | None = None, defaults: tuple[str, ...] = ()) -> int:

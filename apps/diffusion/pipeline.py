@@ -13,11 +13,15 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from core.checkpoint.stream import state_specs, write_parts
+
+Weights = Callable[[torch.nn.Module], Iterator[dict[str, torch.Tensor]]]   # Session.weights
 
 
 def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
@@ -76,21 +80,64 @@ def _fresh(final: Path) -> Path:
     return tmp
 
 
-def export_pipeline(pipe, final: Path) -> Path:
-    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(final)` loads."""
-    tmp = _fresh(Path(final))
-    pipe.save_pretrained(tmp)
+def export_pipeline(pipe, final: Path | None, weights: Weights | None = None) -> Path | None:
+    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(final)` loads.
+
+    `weights` (`Session.weights`): where the models' weights come from, a part at a time; each
+    model's weights file is then written part by part as it arrives (`core.checkpoint.stream`), so
+    the pipeline is exported from weights kept in chunks without ever being whole in memory. Every
+    rank calls it then (the parts are gathered), and only the one given `final` writes."""
+    if weights is None:
+        tmp = _fresh(Path(final))
+        pipe.save_pretrained(tmp)
+        return _publish(tmp, Path(final))
+    tmp = _fresh(Path(final)) if final is not None else None
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            _save_model(component, tmp / name if tmp else None, weights)
+        elif component is not None and tmp is not None:
+            component.save_pretrained(tmp / name)
+    if tmp is None:
+        return None
+    pipe.save_config(tmp)          # model_index.json, as save_pretrained writes it last
     return _publish(tmp, Path(final))
 
 
-def export_lora(unet, final: Path, base_model: str | Path) -> Path:
-    """`pytorch_lora_weights.safetensors` (diffusers' LoRA format) and the base model it adapts."""
+def _save_model(model: torch.nn.Module, folder: Path | None, weights: Weights) -> None:
+    """What the model's own `save_pretrained` writes (its config, its weights as one safetensors
+    file), the weights taken from `weights(model)` part by part. Floating weights are written in
+    fp32, as they are gathered."""
+    from diffusers import ModelMixin
+
+    specs = state_specs(model)
+    if folder is None:
+        write_parts(None, specs, weights(model))
+        return
+    folder.mkdir(parents=True)
+    if isinstance(model, ModelMixin):
+        model.save_config(folder)
+        file = "diffusion_pytorch_model.safetensors"
+    else:                                            # a transformers model (the text encoder)
+        config = model.config
+        config.dtype = "float32"
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(folder)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+        file = "model.safetensors"
+    write_parts(folder / file, specs, weights(model), metadata={"format": "pt"})
+
+
+def export_lora(unet, final: Path, base_model: str | Path, adapters: dict[str, torch.Tensor] | None = None) -> Path:
+    """`pytorch_lora_weights.safetensors` (diffusers' LoRA format) and the base model it adapts.
+    `adapters`: the adapters' weights by parameter name (`Session.weights(unet, trained_only=True)`),
+    where the UNet's own tensors do not hold them (they live in chunks)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     tmp = _fresh(Path(final))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=adapters))
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
     (tmp / "base_model.json").write_text(json.dumps({"pretrained": str(Path(base_model).resolve())}) + "\n")
     return _publish(tmp, Path(final))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.amp import Precision
 from core.memory.recompute import Recompute
 from core.checkpoint import CheckpointIO
+from core.checkpoint.sharding import unsplit
 from core.data import GlobalBatchSampler
 from core.distributed import ParallelMesh
 from core.errors import LoomError
@@ -180,6 +181,22 @@ class Plugin(ABC):
         """The model with ordinary parameters after training (a no-op unless the plugin moved
         them into chunks). Every rank calls it."""
         return model
+
+    def weights(self, module: nn.Module, trained_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """`module`'s state dict (its parameters at their unsplit shapes, by their first name, and
+        its persistent buffers), a part at a time, as the plugin can best gather it: here in one
+        part, as the checkpoints gather it. `trained_only`: the parameters that require grad, and
+        no buffers. A collective: every rank iterates to the end; which ranks get the values is
+        the checkpoints' rule (all of them, but rank 0 under pipeline parallelism)."""
+        if trained_only:
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            yield unsplit(module, {n: module.get_parameter(n).detach() for n in names})
+        else:
+            yield self.checkpoint_io().sharding.gather(module)
+
+    def close(self) -> None:
+        """Release what the plugin holds beyond the model (files, threads); the session calls it
+        when it ends. Idempotent."""
 
     def report(self) -> str | None:
         """A line for the end of a run (what the plugin moved, for one), or None."""

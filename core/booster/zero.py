@@ -18,13 +18,15 @@ load into a plain model and into any other layout.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from core.booster.plugin import ModelWrapper, Plugin
 from core.checkpoint import CheckpointIO, Sharding
+from core.checkpoint.sharding import unsplit
+from core.checkpoint.weights import persistent_buffers
 from core.config import MemoryConfig
 from core.distributed import ParallelMesh
 from core.errors import LoomError
@@ -171,9 +173,36 @@ class ZeroPlugin(Plugin):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.data = weights[name].to(self.mesh.device)
-        for store in {id(s): s for s in (self.manager.home, self.optimizer.states)}.values():
-            store.close()
+        self.close()
         return model
+
+    def weights(self, module: nn.Module, trained_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """`module`'s weights in fp32 on the host, one chunk at a time (trained chunks: the master
+        weights, gathered over dp; frozen ones: their working copy), then its parameters that live
+        outside chunks and its persistent buffers. No more than one chunk is gathered at once, so
+        a model far larger than memory can be exported (`core.checkpoint.stream`). A part may be a
+        view of a live buffer: copy what is kept past the next part. Every rank iterates."""
+        if self.optimizer is None:           # not configured (yet): its parameters are ordinary
+            yield from super().weights(module, trained_only)
+            return
+        names = {p: n for n, p in module.named_parameters()}
+        m, states = self.manager, self.optimizer.optim
+        for chunk in m.chunks:               # the same chunks, in the same order, on every rank
+            mine = [info for info in chunk.tensors if info.param in names]
+            if not mine or (trained_only and not chunk.trained):
+                continue
+            full = (states.full("master", chunk) if chunk.trained else m.full_weights(chunk)).cpu()
+            yield unsplit(module, {names[i.param]: full[i.offset:i.offset + i.numel].view(i.param.shape)
+                                   for i in mine})
+        rest = {n: p.detach() for p, n in names.items() if p not in m.where and (p.requires_grad or not trained_only)}
+        buffers = {} if trained_only else persistent_buffers(module)
+        if rest or buffers:
+            yield {**unsplit(module, rest), **buffers}
+
+    def close(self) -> None:
+        stores = [self.manager.home, self.optimizer.states] if self.optimizer is not None else []
+        for store in {id(s): s for s in stores}.values():
+            store.close()
 
     def checkpoint_io(self) -> CheckpointIO:
         return CheckpointIO(ChunkSharding(self))

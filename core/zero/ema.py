@@ -193,7 +193,7 @@ class ChunkEMA:
         self.start()
         shadow: dict[str, torch.Tensor] = {}
         for chunk in self._chunks():
-            full = self._optim.optim._full(self.kind, chunk).cpu()
+            full = self._optim.optim.full(self.kind, chunk).cpu()
             for name, info, _ in self._slices(chunk):
                 shadow[name] = full[info.offset:info.offset + info.numel].clone().view(info.param.shape)
         return {"updates": self.updates, "decay": self.decay, "shadow": shadow}

@@ -94,7 +94,8 @@ class ChunkStates:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _full(self, kind: str, chunk: Chunk) -> torch.Tensor:
+    def full(self, kind: str, chunk: Chunk) -> torch.Tensor:
+        """The whole chunk's `kind` state (gathered over dp: every rank calls this)."""
         shard = self.get(kind, chunk)
         if self.manager.world == 1:
             return shard
@@ -109,7 +110,7 @@ class ChunkStates:
         for chunk in self.manager.chunks:
             if not chunk.trained and kind != "master":
                 continue
-            full = (self._full(kind, chunk) if chunk.trained else self.manager.full_weights(chunk)).cpu()
+            full = (self.full(kind, chunk) if chunk.trained else self.manager.full_weights(chunk)).cpu()
             for info in chunk.tensors:
                 out[info.name] = full[info.offset:info.offset + info.numel].clone().view(info.param.shape)
         return out

@@ -118,20 +118,43 @@ def test_two_ranks_train_like_one_process(cache, tmp_path):
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(a[k]) + 1e-8, k
 
 
-def test_dreambooth_makes_class_images_then_trains(cache, tmp_path):
+def _dreambooth(cache, out, subject, *overrides):
+    return finetune.run(recipe(cache, out, "finetune.method=dreambooth", f"data.instance_dir={subject}",
+                               "data.instance_prompt=a photo of sks circle", "data.class_prompt=a photo of a circle",
+                               "data.num_class_images=3", "validation.prompts=[]", *overrides))
+
+
+def _dreambooth_zero3_worker(cache, out, subject):
+    # ZeRO-3 over two ranks: every forward gathers the weights from both, so the ranks render the
+    # class images in lockstep (rank 1 renders one to throw away), and export a chunk at a time
+    summary = _dreambooth(cache, out, subject, "parallel.dp=2", "parallel.zero=3", "parallel.offload=nvme",
+                          "memory.chunk_mb=0.2", "memory.device_gb=0.0004", "train.micro_batch=1")
+    return summary["loss"]
+
+
+def test_dreambooth_makes_class_images_with_the_chunked_model_then_trains(cache, tmp_path):
     from PIL import Image
 
     subject = tmp_path / "subject"
     subject.mkdir()
     for i, colour in enumerate([(220, 30, 30), (200, 40, 40)]):
         Image.new("RGB", (24, 24), colour).save(subject / f"{i}.png")
-    summary = finetune.run(recipe(cache, tmp_path / "out", "finetune.method=dreambooth",
-                                  f"data.instance_dir={subject}", "data.instance_prompt=a photo of sks circle",
-                                  "data.class_prompt=a photo of a circle", "data.num_class_images=3",
-                                  "train.micro_batch=2"))
-    assert sorted(p.name for p in (tmp_path / "out" / "class_images").iterdir()) == [
-        "class_00000.png", "class_00001.png", "class_00002.png"]
-    assert Path(summary["pipeline"], "model_index.json").is_file()
+    plain = _dreambooth(cache, tmp_path / "plain", subject, "train.micro_batch=2")
+    names = ["class_00000.png", "class_00001.png", "class_00002.png"]
+    assert sorted(p.name for p in (tmp_path / "plain" / "class_images").iterdir()) == names
+    assert Path(plain["pipeline"], "model_index.json").is_file()
+    losses = run_distributed(_dreambooth_zero3_worker, world_size=2,
+                             args=(str(cache), str(tmp_path / "zero3"), str(subject)))
+    assert sorted(p.name for p in (tmp_path / "zero3" / "class_images").iterdir()) == names
+    for name in names:     # the same images from the same weights and seeds, wherever the weights live
+        a, b = (np.asarray(Image.open(tmp_path / d / "class_images" / name), dtype=np.int16) for d in ("plain", "zero3"))
+        assert np.abs(a - b).max() <= 1, name
+    assert losses[0] == pytest.approx(plain["loss"], rel=1e-4)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    a, b = (load_file(tmp_path / d / "pipeline" / unet) for d in ("plain", "zero3"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.linalg.norm(a[k] - b[k]) <= 1e-4 * torch.linalg.norm(a[k]) + 1e-8, k
 
 
 def _run_cli(args, cache):
@@ -193,10 +216,38 @@ def test_the_small_memory_recipe_combination_exports_what_plain_pytorch_does(cac
                                 "memory.chunk_mb=0.2", "memory.device_gb=0.0004"))
     assert small["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert (tmp_path / "nvme" / "samples" / "step_0000002.png").is_file()
-    unet = "unet/diffusion_pytorch_model.safetensors"
-    a, b = load_file(Path(plain["pipeline"]) / unet), load_file(Path(small["pipeline"]) / unet)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(a[k]) + 1e-8, k
+    # the chunked run's pipeline is written a chunk at a time: the same files, configs and
+    # weights as the plain run's, and as diffusers' own save_pretrained writes them
+    from diffusers import StableDiffusionPipeline
+
+    one, two = Path(plain["pipeline"]), Path(small["pipeline"])
+    StableDiffusionPipeline.from_pretrained(one).save_pretrained(tmp_path / "resaved")
+    _same_folders(tmp_path / "resaved", two, only=("unet/", "vae/", "text_encoder/", "model_index.json"))
+    _same_folders(one, two)
+    b = load_file(two / "unet/diffusion_pytorch_model.safetensors")
     trained = load_file(tmp_path / "nvme" / "checkpoints" / "step_0000003" / "model.safetensors")
     assert not torch.equal(b["conv_in.weight"], trained["unet.conv_in.weight"])    # the average, not the last
+
+
+def _same_folders(one: Path, two: Path, only: tuple[str, ...] = ("",)) -> None:
+    """Two exported pipelines hold the same files, configs and (to 1e-5) weights (`only`: the
+    files whose paths start so)."""
+    def listed(folder: Path) -> list[str]:
+        return sorted(n for n in (str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+                      if n.startswith(only))
+
+    files = listed(one)
+    assert files == listed(two)
+    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors", "model_index.json"} <= set(files)
+    for f in files:
+        if f.endswith(".json"):     # (_name_or_path: where the saved object had been loaded from)
+            a, b = ({k: v for k, v in json.loads((d / f).read_text()).items() if k != "_name_or_path"}
+                    for d in (one, two))
+            assert a == b, f
+        elif f.endswith(".safetensors"):
+            a, b = load_file(one / f), load_file(two / f)
+            assert a.keys() == b.keys(), f
+            for k in a:
+                assert a[k].dtype == b[k].dtype, (f, k)
+                assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(a[k]) + 1e-8, (f, k)

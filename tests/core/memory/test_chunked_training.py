@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.checkpoint import find_checkpoints
+from core.checkpoint.stream import state_specs, write_parts
 from core.distributed import Layout, ParallelMesh
 from core.errors import LoomError
 from core.memory.store import NVMeStore
@@ -105,6 +106,22 @@ def test_frozen_parameters_keep_only_their_weights(tmp_path, offload):
     # their weights are saved and load back (a plain model takes the checkpoint as it is)
     saved = load_file(str(find_checkpoints(tmp_path / offload / "checkpoints")[-1][1] / "model.safetensors"))
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
+    # an export gathers them a chunk at a time: no part larger than a chunk, together every weight
+    model = chunked.model.unwrap()
+    parts = list(chunked.plugin.weights(model))
+    assert len(parts) == len(manager.chunks) > 2
+    largest = max(c.capacity for c in manager.chunks) * 4
+    assert all(0 < sum(t.numel() * t.element_size() for t in part.values()) <= largest for part in parts)
+    streamed = {k: v.clone() for part in chunked.plugin.weights(model) for k, v in part.items()}
+    assert streamed.keys() == weights.keys() and all(torch.equal(streamed[k], weights[k]) for k in weights)
+    trained = {k for part in chunked.plugin.weights(model, trained_only=True) for k in part}
+    assert trained == {n for n, p in model.named_parameters() if p.requires_grad}
+    write_parts(tmp_path / "export.safetensors", state_specs(model), chunked.plugin.weights(model))
+    exported = load_file(str(tmp_path / "export.safetensors"))
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+    # the plain plugin's weights are its parameters, in one part
+    (whole,) = list(plain.plugin.weights(plain.model.unwrap()))
+    assert all(torch.equal(whole[n], p) for n, p in plain.model.unwrap().named_parameters())
 
 
 def _ema_run(out_dir, *overrides):
