@@ -6,10 +6,12 @@ Rank 0 makes each of them once (cached on disk, written atomically) while the ot
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from apps.diffusion import shapes
 from apps.diffusion.config import DiffusionDataConfig, DiffusionRecipe
@@ -70,12 +72,15 @@ def class_images(cfg: DiffusionRecipe, parts: Parts, world: AxisGroup, log: Call
     missing = cfg.data.num_class_images - have
     if missing <= 0:
         return folder
-    log(f"generating {missing} class images for '{cfg.data.class_prompt}' in {folder}")
-    pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler.config)
     v = cfg.validation
+    log(f"generating {missing} class images for '{cfg.data.class_prompt}' in {folder} "
+        f"({v.steps} sampling steps each: validation.steps)")
+    pipe = make_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler.config)
     mine = list(range(have + world.rank, cfg.data.num_class_images, world.size))
     rounds = -(-missing // world.size) if together else len(mine)
-    for r in range(rounds):
+    bar = tqdm(range(rounds), desc="class images", unit="image", file=sys.stderr, mininterval=1.0,
+               disable=world.rank != 0 or not cfg.train.progress)
+    for r in bar:
         i = mine[r] if r < len(mine) else have      # past the end: rendered for the lockstep only
         with torch.no_grad():
             (image,) = render(pipe, [cfg.data.class_prompt], 1, v.steps, v.guidance_scale, seed=10_000 + i,
