@@ -139,6 +139,14 @@ class Session:
             self.prepare(task, recipe)
         return self.trainer.fit()
 
+    def between_steps(self, passes: nn.Module | None = None):
+        """A context for work on the model between training steps (validation, sampling, class
+        images): where the weights live in chunks, their uses inside are kept out of the training
+        steps' trace (which predicts the next step's order), and each forward of `passes` (the
+        denoiser a sampler calls once per step) predicts the next one's, so its chunks are
+        prefetched."""
+        return self.plugin.between_steps(passes)
+
     def weights(self, module: nn.Module, trained_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """`module`'s weights after (or before) training, as a state dict in parts: unsplit, in
         full precision, on the host, one chunk at a time where the weights live in chunks, so

@@ -226,7 +226,8 @@ class Trainer:
         devices = [self.mesh.device.index or 0] if self.mesh.device.type == "cuda" else []
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        # each eval batch's chunk uses (weights in chunks) predict the next's, apart from the steps'
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), self.plugin.between_steps(passes=self.model):
             torch.manual_seed(self.tc.seed + 1)
             if self.pipelined:
                 batches = iter(loader)
@@ -372,13 +373,14 @@ class Trainer:
                             f"the last good checkpoint with train.resume=latest (nothing after it was saved)")
 
     def _run_eval(self) -> float | None:
-        eval_loss = self.evaluate()
-        row: dict[str, Any] = {"step": self.step}
-        if eval_loss is not None:
-            self.eval_losses[self.step] = eval_loss
-            row["eval_loss"] = eval_loss
-        if self.task.on_eval is not None:
-            row.update(self.task.on_eval(self) or {})
+        with self.plugin.between_steps():      # not part of the steps' trace of chunk uses
+            eval_loss = self.evaluate()
+            row: dict[str, Any] = {"step": self.step}
+            if eval_loss is not None:
+                self.eval_losses[self.step] = eval_loss
+                row["eval_loss"] = eval_loss
+            if self.task.on_eval is not None:
+                row.update(self.task.on_eval(self) or {})
         if len(row) > 1:
             self.metrics.write(row)
             self.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -94,7 +94,10 @@ def run(cfg: DiffusionRecipe) -> dict:
                 return None
             # every rank swaps the average in (with chunked weights that is collective); rank 0 renders
             with (ema.swapped_in() if ema else contextlib.nullcontext()):
-                return _render(trainer) if mesh.is_main else None
+                if not mesh.is_main:
+                    return None
+                with s.between_steps(passes=parts.unet):   # one denoising step's chunk uses predict the next's
+                    return _render(trainer)
 
         def _render(trainer) -> dict:
             v = cfg.validation
@@ -123,7 +126,8 @@ def run(cfg: DiffusionRecipe) -> dict:
         s.prepare(task)               # the weights now live where the layout keeps them (chunks, say)
         class_dir = None
         if ft.method == "dreambooth" and ft.prior_loss_weight > 0:   # rendered within the memory budget
-            class_dir = class_images(cfg, parts, world, log, together=not s.forward_on_one_rank)
+            with s.between_steps(passes=parts.unet):
+                class_dir = class_images(cfg, parts, world, log, together=not s.forward_on_one_rank)
         task.train_data = _dataset(cfg, parts, data, class_dir)
         log(f"{ft.method} fine-tuning of {base} on {len(task.train_data)} images at {cfg.data.resolution} px; "
             f"trainable parameters: {sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6:.3f} M")

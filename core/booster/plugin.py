@@ -194,6 +194,11 @@ class Plugin(ABC):
         else:
             yield self.checkpoint_io().sharding.gather(module)
 
+    def between_steps(self, passes: nn.Module | None = None) -> ContextManager:
+        """The context of work on the model between training steps (validation, sampling);
+        `passes`: a module it runs repeatedly (see `Session.between_steps`)."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         """Release what the plugin holds beyond the model (files, threads); the session calls it
         when it ends. Idempotent."""

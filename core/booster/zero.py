@@ -199,6 +199,11 @@ class ZeroPlugin(Plugin):
         if rest or buffers:
             yield {**unsplit(module, rest), **buffers}
 
+    def between_steps(self, passes: nn.Module | None = None):
+        if self.manager is None:
+            return super().between_steps(passes)
+        return self.manager.traced_apart(passes)
+
     def close(self) -> None:
         stores = [self.manager.home, self.optimizer.states] if self.optimizer is not None else []
         for store in {id(s): s for s in stores}.values():

@@ -14,8 +14,9 @@ import bisect
 import time
 from collections import defaultdict
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -426,6 +427,31 @@ class ChunkManager:
         for chunk in self.chunks:
             self.policy.after_use(self, chunk)
         self._make_room(0, protect=set())
+
+    @contextmanager
+    def traced_apart(self, passes: nn.Module | None = None) -> Iterator[Tracer]:
+        """Chunk uses outside the training steps (validation, sampling) are traced on their own:
+        the step's trace, which predicts the next step's order of use, stays the step's alone.
+        `passes`: a module run again and again inside (a denoiser, once per sampling step); each
+        of its forwards starts a new trace, so one pass predicts the next and its chunks are
+        prefetched as in training."""
+        saved, self.tracer = self.tracer, Tracer()
+        started = []
+
+        def new_pass(module, args) -> None:
+            if started:
+                self.tracer.end_step()          # the pass just done predicts this one
+            else:                               # what ran before the first pass predicts nothing
+                self.tracer.current = []
+                started.append(True)
+
+        handle = passes.register_forward_pre_hook(new_pass) if passes is not None else None
+        try:
+            yield self.tracer
+        finally:
+            if handle is not None:
+                handle.remove()
+            self.tracer = saved
 
     def end_step(self) -> None:
         self.settle_all()

@@ -168,3 +168,27 @@ def test_an_average_of_chunked_weights_equals_the_plain_one(tmp_path, offload):
     ema.use_average()                          # the end of training: the averages become the weights
     final = chunked.plugin.optimizer.master_state()
     assert all(torch.equal(final[k], averaged["shadow"][k]) for k in averaged["shadow"])
+
+
+def test_work_between_steps_is_traced_apart_and_its_passes_prefetch(tmp_path):
+    """Validation or sampling between steps: its chunk uses do not enter the training trace (which
+    predicts the next step's order), and each forward of the repeated module predicts the next."""
+    trainer, _ = _fit(toy_recipe(tmp_path, "train.steps=2", *OFFLOAD), toy_task(dropout=0.0))
+    manager, model = trainer.plugin.manager, trainer.model.unwrap()
+    trace = list(manager.tracer.previous)
+    assert manager.tracer.current == []         # the evaluation after the last step was traced apart
+    x = torch.randn(4, 8)
+
+    def passes(**kw):
+        hits = manager.stats.prefetch_hits
+        with torch.no_grad(), trainer.plugin.between_steps(**kw):
+            outs = [model(x) for _ in range(3)]
+        assert manager.tracer.previous == trace and manager.tracer.current == []   # the step's trace untouched
+        return manager.stats.prefetch_hits - hits, outs
+
+    unpredicted, a = passes()
+    predicted, b = passes(passes=model)
+    assert unpredicted == 0 and predicted >= 2          # passes 2 and 3 fetched ahead from pass 1's trace
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    with torch.no_grad():
+        assert torch.equal(model(x), a[0])
