@@ -80,17 +80,12 @@ def _fresh(final: Path) -> Path:
     return tmp
 
 
-def export_pipeline(pipe, final: Path | None, weights: Weights | None = None) -> Path | None:
-    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(final)` loads.
-
-    `weights` (`Session.weights`): where the models' weights come from, a part at a time; each
-    model's weights file is then written part by part as it arrives (`core.checkpoint.stream`), so
-    the pipeline is exported from weights kept in chunks without ever being whole in memory. Every
-    rank calls it then (the parts are gathered), and only the one given `final` writes."""
-    if weights is None:
-        tmp = _fresh(Path(final))
-        pipe.save_pretrained(tmp)
-        return _publish(tmp, Path(final))
+def export_pipeline(pipe, final: Path | None, weights: Weights) -> Path | None:
+    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(final)` loads: the files
+    `pipe.save_pretrained` writes, each model's weights taken from `weights` (`Session.weights`) a
+    part at a time and written as they arrive (`core.checkpoint.stream`), so a pipeline whose weights
+    live in chunks is exported without ever being whole in memory. Every rank calls it (the parts
+    are gathered); only the one given `final` writes."""
     tmp = _fresh(Path(final)) if final is not None else None
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
@@ -128,10 +123,10 @@ def _save_model(model: torch.nn.Module, folder: Path | None, weights: Weights) -
     write_parts(folder / file, specs, weights(model), metadata={"format": "pt"})
 
 
-def export_lora(unet, final: Path, base_model: str | Path, adapters: dict[str, torch.Tensor] | None = None) -> Path:
+def export_lora(unet, final: Path, base_model: str | Path, adapters: dict[str, torch.Tensor]) -> Path:
     """`pytorch_lora_weights.safetensors` (diffusers' LoRA format) and the base model it adapts.
-    `adapters`: the adapters' weights by parameter name (`Session.weights(unet, trained_only=True)`),
-    where the UNet's own tensors do not hold them (they live in chunks)."""
+    `adapters`: the adapters' weights by parameter name (`Session.weights(unet, trained_only=True)`:
+    where the weights live in chunks, the UNet's own tensors do not hold them)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict

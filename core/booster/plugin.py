@@ -189,8 +189,7 @@ class Plugin(ABC):
         no buffers. A collective: every rank iterates to the end; which ranks get the values is
         the checkpoints' rule (all of them, but rank 0 under pipeline parallelism)."""
         if trained_only:
-            names = [n for n, p in module.named_parameters() if p.requires_grad]
-            yield unsplit(module, {n: module.get_parameter(n).detach() for n in names})
+            yield unsplit(module, {n: p.detach() for n, p in module.named_parameters() if p.requires_grad})
         else:
             yield self.checkpoint_io().sharding.gather(module)
 

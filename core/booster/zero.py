@@ -186,12 +186,12 @@ class ZeroPlugin(Plugin):
             yield from super().weights(module, trained_only)
             return
         names = {p: n for n, p in module.named_parameters()}
-        m, states = self.manager, self.optimizer.optim
+        m = self.manager
         for chunk in m.chunks:               # the same chunks, in the same order, on every rank
             mine = [info for info in chunk.tensors if info.param in names]
             if not mine or (trained_only and not chunk.trained):
                 continue
-            full = (states.full("master", chunk) if chunk.trained else m.full_weights(chunk)).cpu()
+            full = self.optimizer.optim.whole("master", chunk)
             yield unsplit(module, {names[i.param]: full[i.offset:i.offset + i.numel].view(i.param.shape)
                                    for i in mine})
         rest = {n: p.detach() for p, n in names.items() if p not in m.where and (p.requires_grad or not trained_only)}

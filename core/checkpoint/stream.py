@@ -19,6 +19,7 @@ buffers as they are.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -31,17 +32,10 @@ from core.checkpoint.sharding import _split_layer
 from core.checkpoint.weights import persistent_buffers
 from core.errors import LoomError
 
-DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
 PIECE = 64 * 2**20          # bytes written per system call (a 145 MiB embedding goes in three)
-
-
-def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 class SafetensorsWriter:
@@ -55,11 +49,11 @@ class SafetensorsWriter:
         self._where: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         offset = 0
         for name, (dtype, shape) in specs.items():
-            if dtype not in DTYPES:
+            if dtype not in SAFETENSORS_DTYPES:
                 raise LoomError(f"{name}: dtype {dtype} has no safetensors name")
             shape = tuple(int(d) for d in shape)
-            end = offset + _nbytes(dtype, shape)
-            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
             self._where[name] = (dtype, shape, offset, end)
             offset = end
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -84,7 +78,7 @@ class SafetensorsWriter:
         """Write `tensor`'s bytes at its place (converted to the dtype its spec names)."""
         if name not in self._where:
             raise LoomError(f"{self.path.name}: {name} is not one of the tensors this file was planned with")
-        dtype, shape, start, end = self._where[name]
+        dtype, shape, start, _ = self._where[name]
         if tuple(tensor.shape) != shape:
             raise LoomError(f"{self.path.name}: {name} has shape {tuple(tensor.shape)}, planned {shape}")
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)

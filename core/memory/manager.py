@@ -436,14 +436,15 @@ class ChunkManager:
         of its forwards starts a new trace, so one pass predicts the next and its chunks are
         prefetched as in training."""
         saved, self.tracer = self.tracer, Tracer()
-        started = []
+        started = False
 
         def new_pass(module, args) -> None:
+            nonlocal started
             if started:
                 self.tracer.end_step()          # the pass just done predicts this one
             else:                               # what ran before the first pass predicts nothing
                 self.tracer.current = []
-                started.append(True)
+                started = True
 
         handle = passes.register_forward_pre_hook(new_pass) if passes is not None else None
         try:

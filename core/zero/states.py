@@ -103,6 +103,11 @@ class ChunkStates:
         full = torch.empty(chunk.capacity, dtype=shard.dtype, device=axis.device)
         return all_gather_into(full, shard.to(axis.device), axis)
 
+    def whole(self, kind: str, chunk: Chunk) -> torch.Tensor:
+        """The whole chunk's `kind` state on the host; for "master", a frozen chunk's weights (it
+        keeps nothing else). Every rank calls this."""
+        return (self.full(kind, chunk) if chunk.trained else self.manager.full_weights(chunk)).cpu()
+
     def _by_name(self, kind: str) -> dict[str, torch.Tensor]:
         """The `kind` state of every parameter by name; a frozen chunk's weights for "master" (it
         keeps nothing else)."""
@@ -110,7 +115,7 @@ class ChunkStates:
         for chunk in self.manager.chunks:
             if not chunk.trained and kind != "master":
                 continue
-            full = (self.full(kind, chunk) if chunk.trained else self.manager.full_weights(chunk)).cpu()
+            full = self.whole(kind, chunk)
             for info in chunk.tensors:
                 out[info.name] = full[info.offset:info.offset + info.numel].clone().view(info.param.shape)
         return out
