@@ -76,8 +76,6 @@ def check_chunk_rule(rule: str, offload: str, step_in_backward: bool) -> None:
 def check_combination(cfg: Recipe, layout: Layout) -> None:
     """What this version of Loom cannot run together yet, in one message."""
     p, missing = cfg.parallel, []
-    if layout.sp > 1 and layout.pp > 1:
-        missing.append("sequence parallelism (parallel.sp) together with pipeline parallelism (parallel.pp)")
     for size, what in ((layout.pp, "parallel.pp"), (layout.sp, "parallel.sp")):
         if size > 1 and chunked(cfg):
             missing.append(f"ZeRO or offload together with {what}")

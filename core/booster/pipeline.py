@@ -6,8 +6,10 @@
   for each step (`execute_pipeline`).
 - Tensor parallelism: the layers themselves are `core.tensor` layers built with the recipe's
   mode; a stage talks to the same tensor-parallel rank of its neighbours.
-- Data parallelism: after the step's backward, gradients are averaged over the dp axis in one
-  flat all-reduce per stage (no DDP: a pipeline step runs many forwards and backwards).
+- Sequence parallelism: the layers split each sequence over the sp axis themselves
+  (`core.sequence`); a stage sends its part of the activations to the same sp rank of the next.
+- Data parallelism: after the step's backward, gradients are averaged over the dp x sp ranks in
+  one flat all-reduce per stage (no DDP: a pipeline step runs many forwards and backwards).
 - Tied weights (GPT's embedding and classifier, on the first and last stage): their gradients
   are summed between those two stages every step, so the copies stay equal.
 
@@ -35,9 +37,16 @@ class PipelineOptimizerWrapper(OptimizerWrapper):
     summed over pp (and tp), a tied weight counted once (`skip_in_norm`: the last stage's copy)."""
 
     def __init__(self, optim, model, scaler, tp_axis, pp_axis, skip_in_norm: set[int]) -> None:
-        super().__init__(optim, model, scaler, tp_axis=tp_axis)
+        super().__init__(optim, model, scaler, tp_axis=tp_axis, agree=(pp_axis,))
         self.pp_axis = pp_axis
         self.skip_in_norm = skip_in_norm
+
+    def _unscale(self) -> None:
+        if self.scaler is not None and self.scaler.is_enabled() and not self._unscaled:
+            # only the last stage scales a loss (the others receive scaled gradients): the scale
+            # starts on a stage at its first use, which a loss would have been
+            self.scaler.scale(torch.ones((), device=self.pp_axis.device))
+        super()._unscale()
 
     def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
         from core.optim.norms import global_norm, gradients
@@ -77,7 +86,7 @@ class PipelineSharding(Sharding):
 
 class PipelinePlugin(Plugin):
     name = "pipeline"
-    supported_precisions = ("fp32", "bf16")
+    supported_precisions = ("fp32", "bf16", "fp16")
     supported_devices = ("cpu", "cuda")
     pipelined = True
 
@@ -95,6 +104,9 @@ class PipelinePlugin(Plugin):
         p = self.pp.size
         # the ranks of the first and last stage, which hold the tied weights' two copies
         self._ends = (mesh.subgroup("pp", (0, p - 1), "ends") if p > 2 else self.pp)
+        # the ranks holding the same weights of a stage: dp, and sp (each computed its gradient from
+        # its part of the sequences; averaging over both completes it, as under DDP)
+        self.replicas = mesh.joint(("dp", "sp"))
 
     def describe(self) -> str:
         sched = self.schedule + (f" x{self.virtual} virtual" if self.virtual > 1 else "")
@@ -207,17 +219,24 @@ class PipelinePlugin(Plugin):
         return value
 
     def _sync_gradients(self, model: nn.Module) -> None:
+        tied = {id(t) for t in self._tied_params}
+        # A tied weight's copies must stay bitwise equal: their gradients are averaged over the
+        # replicas in a buffer of their own (the same size and order on both end stages, so the
+        # same summation order; inside each stage's flat buffer their offsets differ, and over 3+
+        # ranks the order of a sum follows the offset), then summed between the two ends.
+        self._average([t.grad for t in self._tied_params if t.grad is not None])
         for t in self._tied_params:
             if t.grad is not None:
                 all_reduce_(t.grad, self._ends, "sum")
-        dp = self.mesh.axis("dp")
-        if dp.size == 1:
+        self._average([t.grad for t in model.parameters() if t.grad is not None and id(t) not in tied])
+
+    def _average(self, grads: list[torch.Tensor]) -> None:
+        """Average `grads` over the ranks holding the same weights, in one flat all-reduce."""
+        if self.replicas.size == 1 or not grads:
             return
-        grads = [t.grad for t in model.parameters() if t.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            all_reduce_(flat, dp, "avg")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_(flat, self.replicas, "avg")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

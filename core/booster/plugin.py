@@ -21,6 +21,7 @@ from core.amp import Precision
 from core.memory.recompute import Recompute
 from core.checkpoint import CheckpointIO
 from core.checkpoint.sharding import unsplit
+from core.distributed.comm import all_reduce_
 from core.data import GlobalBatchSampler
 from core.distributed import ParallelMesh
 from core.errors import LoomError
@@ -44,15 +45,21 @@ class ModelWrapper(nn.Module):
 
 
 class OptimizerWrapper:
-    """The optimizer as the plugin steps it: loss scaling, clipping and stepping in one place."""
+    """The optimizer as the plugin steps it: loss scaling, clipping and stepping in one place.
+
+    Under fp16 the ranks that hold different gradients (tensor-parallel parts, pipeline stages:
+    `agree`) decide together: one rank's overflow skips the step, and lowers the scale, on all of
+    them, so their weights and scales never drift apart."""
 
     def __init__(self, optim: torch.optim.Optimizer, model: nn.Module,
-                 scaler: "torch.amp.GradScaler | None" = None, tp_axis=None) -> None:
+                 scaler: "torch.amp.GradScaler | None" = None, tp_axis=None, agree: tuple = ()) -> None:
         self.optim = optim
         self.model = model
         self.scaler = scaler
         self.tp_axis = tp_axis
+        self.agree = tuple(a for a in (tp_axis, *agree) if a is not None and a.size > 1)
         self.skipped_steps = 0
+        self._unscaled = False
 
     @property
     def param_groups(self) -> list[dict]:
@@ -62,8 +69,23 @@ class OptimizerWrapper:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _unscale(self) -> None:
-        if self.scaler is not None:
+        if self.scaler is not None and not self._unscaled:
             self.scaler.unscale_(self.optim)
+            self._unscaled = True
+            self._agree_on_overflow()
+
+    def _agree_on_overflow(self) -> None:
+        """Make this rank's overflow verdict the verdict of every rank in `agree` (torch's scaler
+        keeps it per optimizer and device; `step` and `update` both read it there)."""
+        if not self.agree:
+            return
+        found = self.scaler._per_optimizer_states[id(self.optim)]["found_inf_per_device"]
+        flag = torch.tensor([float(any(bool(v.item()) for v in found.values()))],
+                            device=next(iter(found.values())).device if found else "cpu")
+        for axis in self.agree:
+            all_reduce_(flag, axis, "max")
+        for v in found.values():
+            v.fill_(flag.item())
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm to `max_norm`; returns the norm before clipping (float32)."""
@@ -87,6 +109,8 @@ class OptimizerWrapper:
         if self.scaler is None:
             self.optim.step()
             return True
+        self._unscale()
+        self._unscaled = False
         scale = self.scaler.get_scale()
         self.scaler.step(self.optim)
         self.scaler.update()

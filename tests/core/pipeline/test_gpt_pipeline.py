@@ -1,7 +1,9 @@
 """GPT under pipeline parallelism against the serial model with the same global batch: pp=2 and
-pp=4 with each schedule (GPipe, 1F1B, interleaved with 2 virtual stages), and dp=2 x pp=2 x tp=2
-on 8 ranks: the loss of every step, the clipped gradient norm, and the weights after 3 AdamW
-steps, fp32, 1e-5; the checkpoint a pipelined run writes is the serial state dict."""
+pp=4 with each schedule (GPipe, 1F1B, interleaved with 2 virtual stages), and on 8 ranks dp=2 x
+pp=2 x tp=2, dp=2 x pp=2 x sp=2 and pp=2 x tp=2 x sp=2 (one spawn): the loss of every step, the
+clipped gradient norm, and the weights after 3 AdamW steps, fp32, 1e-5; the checkpoint a
+pipelined run writes is the serial state dict. fp16: an overflow on one stage skips the step on
+every stage, as one process skips it."""
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from apps.gpt.model import GPT
 from core.booster import PipelinePlugin
 from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
+from core.sequence import SequenceParallel
 from core.tensor import make_mode
 
 CFG = GPTModelConfig(n_layer=8, n_head=2, d_model=16, seq_len=8, vocab_size=32, bias=True)
@@ -45,14 +48,15 @@ def _serial(dp):
     return losses, norms, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _pipelined(layout, schedules, folder):
-    mesh = ParallelMesh.build(layout)
+def _pipelined(layout, schedules, folder, mesh=None):
+    mesh = mesh or ParallelMesh.build(layout)
     mode = make_mode("1d", mesh) if layout.tp > 1 else None
+    seq = SequenceParallel(mesh.axis("sp"), "ring") if layout.sp > 1 else None
     dp = mesh.axis("dp")
     out = {}
     for schedule, virtual, by in schedules:
         torch.manual_seed(0)
-        model = GPT(CFG, mode)                     # serial-identical initialisation on every rank
+        model = GPT(CFG, mode, seq)                # serial-identical initialisation on every rank
         plugin = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, by)
         wrapped, opt = plugin.configure(model, _optimizer(model))
         losses, norms = [], []
@@ -77,7 +81,7 @@ def _pipelined(layout, schedules, folder):
         # and back: the serial file loads into a fresh pipelined model, every stage its part (cut
         # by parameter count where the first cut was timed: a second timing may cut elsewhere)
         torch.manual_seed(1)
-        fresh = GPT(CFG, mode)
+        fresh = GPT(CFG, mode, seq)
         again = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, "params" if by == "cost" else by)
         again.configure(fresh, None)
         again.checkpoint_io().load_model(fresh, where)
@@ -128,8 +132,85 @@ def test_gpt_pipeline_schedules_match_serial(pp, tmp_path):
         assert sum(sizes["params"]) == sum(sizes["cost"]) == 10
 
 
-def test_gpt_dp_pp_tp_on_eight_ranks_matches_serial(tmp_path):
-    layout = Layout(dp=2, pp=2, tp=2)
-    results = run_distributed(_pipelined, world_size=8, args=(layout, [("1f1b", 1, "layers"), ("interleaved", 2, "layers")],
-                                                                     str(tmp_path)))
-    _check(results, _serial(2), 2)
+def _layouts(jobs, folder):
+    """Several layouts of the same ranks in one spawn (each its own mesh): 8-rank spawns are the
+    suite's slowest part."""
+    out = []
+    for layout, schedules in jobs:
+        out.append(_pipelined(layout, schedules, f"{folder}/{layout.describe().replace(' ', '_')}",
+                              ParallelMesh.build(layout)))
+    return out
+
+
+EIGHT = [(Layout(dp=2, pp=2, tp=2), [("1f1b", 1, "layers"), ("interleaved", 2, "layers")]),
+         (Layout(dp=2, pp=2, sp=2), [("1f1b", 1, "layers")]),                  # sequence-split stages
+         (Layout(pp=2, tp=2, sp=2), [("gpipe", 1, "layers")])]
+
+
+def test_gpt_dp_pp_tp_sp_layouts_on_eight_ranks_match_serial(tmp_path):
+    results = run_distributed(_layouts, world_size=8, args=(EIGHT, str(tmp_path)))
+    for i, (layout, _) in enumerate(EIGHT):
+        _check([r[i] for r in results], _serial(layout.dp), layout.dp)
+
+
+def _fp16_steps(model, opt, batches, first_stage: bool):
+    """3 fp16 steps; in the second an overflow appears in a gradient of the first stage only."""
+    out = {"losses": [], "stepped": [], "scales": [], "moved": []}
+    for step in range(STEPS):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = batches(step)
+        if step == 1 and first_stage:
+            model.wte.weight.grad[0, 0] = float("inf")
+        opt.clip_grad_norm(0.5)
+        out["stepped"].append(opt.step())
+        opt.zero_grad()
+        out["losses"].append(float(loss))
+        out["scales"].append(opt.scaler.get_scale())
+        out["moved"].append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters())))
+    out["weights"] = {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
+    return out
+
+
+def _fp16_pipelined():
+    mesh = ParallelMesh.build(Layout(pp=2))
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    plugin = PipelinePlugin(mesh, "fp16", "1f1b", MICRO)
+    wrapped, opt = plugin.configure(model, _optimizer(model))
+
+    def step(i):
+        return plugin.execute_pipeline(list(_global_batch(i, 1).split(MB)), wrapped, lambda b: b[:, :-1],
+                                       lambda logits, b: model.loss(logits, b[:, 1:]), opt)
+
+    return _fp16_steps(model, opt, step, mesh.rank("pp") == 0)
+
+
+def _fp16_serial():
+    from core.booster import DDPPlugin
+
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    wrapped, opt = DDPPlugin(ParallelMesh.build(Layout()), "fp16").configure(model, _optimizer(model))
+
+    def step(i):
+        total = torch.zeros(())
+        for mb in _global_batch(i, 1).split(MB):
+            loss = model.loss(wrapped(mb[:, :-1]), mb[:, 1:]) / MICRO
+            opt.backward(loss)
+            total += loss.detach()
+        return total
+
+    return _fp16_steps(model, opt, step, True)
+
+
+def test_fp16_pipeline_skips_an_overflow_on_every_stage_and_matches_one_process():
+    ranks = run_distributed(_fp16_pipelined, world_size=2)
+    ref = _fp16_serial()
+    assert ref["stepped"] == [True, False, True] and ref["moved"] == [True, False, True]
+    for r in ranks:      # the second stage's gradients were finite: it skipped with the first
+        assert r["stepped"] == ref["stepped"] and r["moved"] == ref["moved"]
+        assert r["scales"] == ref["scales"] and r["scales"][1] == r["scales"][0] / 2
+    assert ranks[1]["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    for r in ranks:
+        for name, w in r["weights"].items():
+            assert torch.linalg.norm(w - ref["weights"][name]) <= 1e-4 * torch.linalg.norm(ref["weights"][name]), name
