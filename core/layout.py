@@ -76,11 +76,8 @@ def check_chunk_rule(rule: str, offload: str, step_in_backward: bool) -> None:
 def check_combination(cfg: Recipe, layout: Layout) -> None:
     """What this version of Loom cannot run together yet, in one message."""
     p, missing = cfg.parallel, []
-    for size, what in ((layout.pp, "parallel.pp"), (layout.sp, "parallel.sp")):
-        if size > 1 and chunked(cfg):
-            missing.append(f"ZeRO or offload together with {what}")
-    if layout.tp > 1 and (p.zero == 3 or offloaded(cfg)):
-        missing.append("ZeRO-3, offload or a device budget together with parallel.tp (ZeRO-1 and 2 run with it)")
+    if layout.pp > 1 and chunked(cfg):
+        missing.append("ZeRO or offload together with parallel.pp")
     if missing:
         raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
                         f"data parallelism (parallel.dp) with pipeline (parallel.pp) and tensor parallelism (parallel.tp, "

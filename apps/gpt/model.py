@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,12 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTModelConfig, mode: TPMode | None = None, seq: SequenceParallel | None = None,
                  recompute: Recompute | None = None) -> None:
         super().__init__()
+        # Each parameter's initial values come from a generator of its own, seeded by this number
+        # and its name (`init_parameter`): the same values whether the model is built whole, on the
+        # meta device and made chunk by chunk in any order, or one pipeline stage at a time, and
+        # whatever the layers' constructors drew. The one draw from torch's RNG is explicit on the
+        # CPU, so it happens under a meta default device too.
+        self.init_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         # how a block is checkpointed (model.gradient_checkpointing): the session's, which knows
         # where the weights live; torch's checkpoint when the model is used on its own
         self.recompute = recompute or Recompute()
@@ -124,11 +131,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_parameter(self, name: str, out: torch.Tensor) -> None:
-        """Initial value of parameter `name`, written into `out` (GPT-2's scheme)."""
+        """Initial value of parameter `name` (unsplit), written into `out` (GPT-2's scheme), drawn
+        from a generator seeded by the model's `init_seed` and the name alone."""
         if out.ndim >= 2:
             # residual projections scaled by 1/sqrt(2 x layers)
             scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("proj.weight") else 1.0
-            nn.init.normal_(out, mean=0.0, std=self.cfg.init_std * scale)
+            g = torch.Generator().manual_seed(self.init_seed * 1_000_003 + zlib.crc32(name.encode()))
+            out.copy_(torch.empty(out.shape).normal_(0.0, self.cfg.init_std * scale, generator=g))
         elif name.endswith("bias"):
             nn.init.zeros_(out)
         else:

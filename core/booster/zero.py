@@ -79,6 +79,10 @@ class ZeroPlugin(Plugin):
         self.optimizer: ChunkOptimizer | None = None
         self.ema: ChunkEMA | None = None          # an average of the weights, kept with the states
         self.manager: ChunkManager | None = None
+        # the ranks holding the same weights, over which states (and gradients, and parameters) are
+        # sharded: dp, and sp (each sp rank computes its gradient from its part of the sequences,
+        # and averaging over dp x sp completes it, as under DDP)
+        self.replicas = mesh.joint(("dp", "sp"))
 
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if optimizer is None:
@@ -93,7 +97,7 @@ class ZeroPlugin(Plugin):
         device = self.mesh.device
         if not any(p.is_meta for p in model.parameters()):
             model.to(device)
-        dp = self.mesh.axis("dp")
+        dp = self.replicas
         dtype = self.precision.dtype
         element = torch.tensor([], dtype=dtype).element_size()
         params = [p for _, p in packing_order(list(model.named_parameters()))]   # the manager's order
@@ -158,7 +162,7 @@ class ZeroPlugin(Plugin):
 
     def forward_on_one_rank(self) -> bool:
         # ZeRO-3 gathers each chunk from every data-parallel rank during a forward
-        return not (self.stage == 3 and self.mesh.size("dp") > 1)
+        return not (self.stage == 3 and self.replicas.size > 1)
 
     def unchunk(self, model: nn.Module) -> nn.Module:
         """After training: give every parameter of `model` its own full-precision tensor again
@@ -234,5 +238,6 @@ class ZeroPlugin(Plugin):
             chunks = f"{len(m.chunks)} chunks of {human(m.chunk_bytes)}" + (
                 f" ({len(larger)} larger, up to {human(max(larger))}, for parameters larger than that)" if larger else "")
         budget = f"{self.memory.device_gb:g} GB device budget" if self.memory.device_gb else "no device budget"
-        return (f"{self.name} (stage {self.stage} over dp={self.mesh.size('dp')}, {chunks}, {budget}, "
+        over = " x ".join(f"{a}={self.mesh.size(a)}" for a in ("dp", "sp") if a == "dp" or self.mesh.size(a) > 1)
+        return (f"{self.name} (stage {self.stage} over {over}, {chunks}, {budget}, "
                 f"offload={self.offload}, {self.precision.name}, {self.mesh.device})")

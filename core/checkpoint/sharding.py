@@ -20,7 +20,7 @@ from core.checkpoint.weights import Ties, check_shape, persistent_buffers, tied_
 from core.tensor import TPLayer
 
 
-def _split_layer(model: nn.Module, name: str) -> tuple[TPLayer, str] | None:
+def split_layer(model: nn.Module, name: str) -> tuple[TPLayer, str] | None:
     """The tensor-parallel layer that splits parameter `name`, and the parameter's name in it."""
     module_name, _, pname = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -36,7 +36,7 @@ def unsplit(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     the device it was given on."""
     out = {}
     for name, t in tensors.items():
-        split = _split_layer(model, name)
+        split = split_layer(model, name)
         if split is not None and split[0].mode.size > 1:
             layer, pname = split
             device = getattr(layer, pname).device         # where the group communicates
@@ -49,7 +49,7 @@ def split(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch
     """This rank's part of each of its parameters (by its first name) from unsplit `weights`."""
     out = {}
     for name, p in model.named_parameters():
-        value, split = weights[name], _split_layer(model, name)
+        value, split = weights[name], split_layer(model, name)
         if split is None:
             check_shape(name, value, p.shape)
             out[name] = value

@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from core.checkpoint.sharding import _split_layer
+from core.checkpoint.sharding import split_layer
 from core.checkpoint.weights import persistent_buffers
 from core.errors import LoomError
 
@@ -125,7 +125,7 @@ def state_specs(module: nn.Module, trained_only: bool = False) -> dict[str, tupl
     for name, p in module.named_parameters():
         if trained_only and not p.requires_grad:
             continue
-        split = _split_layer(module, name)
+        split = split_layer(module, name)
         shape = split[0].serial_shapes[split[1]] if split is not None else p.shape
         specs[name] = (torch.float32 if p.is_floating_point() else p.dtype, tuple(shape))
     if not trained_only:
