@@ -74,18 +74,19 @@ def check_chunk_rule(rule: str, offload: str, step_in_backward: bool) -> None:
 
 
 def check_combination(cfg: Recipe, layout: Layout) -> None:
-    """What this version of Loom cannot run together yet, in one message."""
-    p, missing = cfg.parallel, []
-    if layout.pp > 1 and chunked(cfg):
-        missing.append("ZeRO or offload together with parallel.pp")
-    if missing:
-        raise LoomError(f"{', '.join(missing)} is not available in this version of Loom; what runs today is "
-                        f"data parallelism (parallel.dp) with pipeline (parallel.pp) and tensor parallelism (parallel.tp, "
-                        f"parallel.tp_mode=1d|2d|2.5d|3d), data with sequence (parallel.sp) and tensor parallelism, "
-                        f"tensor parallelism with ZeRO-1/2 (parallel.zero=1|2), or data parallelism with ZeRO "
-                        f"(parallel.zero=1|2|3) and offload (parallel.offload=cpu|nvme)")
+    """Features that rule each other out (every parallel axis composes with every other and with
+    the chunked engine; what is refused here cannot work as asked), in one message."""
+    p = cfg.parallel
     if chunked(cfg):
         check_chunk_rule(cfg.optim.name, p.offload, cfg.memory.step_in_backward)
+    if cfg.memory.step_in_backward and layout.pp > 1:
+        raise LoomError("memory.step_in_backward=true updates each chunk as soon as its gradient is complete, but "
+                        "a pipeline step (parallel.pp > 1) adds the gradients of several micro-batches first; "
+                        "set memory.step_in_backward=false")
+    if layout.pp > 1 and p.pp_partition == "cost" and chunked(cfg) and ((p.zero or 3) == 3 or p.offload != "none"):
+        raise LoomError("parallel.pp_partition=cost times every layer of the whole model on each rank, but under "
+                        "ZeRO-3 or offload a stage is made on the meta device and never holds the others' "
+                        "layers; use parallel.pp_partition=layers or params")
     if cfg.memory.step_in_backward:
         accum = plan_batches(cfg.train, layout.dp).grad_accum
         clash = [what for bad, what in ((cfg.train.grad_clip > 0, f"train.grad_clip={cfg.train.grad_clip:g}"),

@@ -19,14 +19,15 @@ def make_plugin(cfg: Recipe, mesh: ParallelMesh, materialize=None) -> Plugin:
     this version of Loom cannot run that combination yet."""
     check_combination(cfg, mesh.layout)
     p = cfg.parallel
-    if mesh.size("pp") > 1:
-        return PipelinePlugin(mesh, precision=p.precision, schedule=p.pp_schedule, microbatches=p.microbatches,
-                              virtual_stages=p.virtual_stages, partition_by=p.pp_partition)
+    memory = None
     if chunked(cfg):
         nvme = cfg.memory.nvme_dir or str(Path(cfg.output.dir) / "nvme")
-        return ZeroPlugin(mesh, precision=p.precision, stage=p.zero or 3, offload=p.offload, memory=cfg.memory,
-                          nvme_dir=nvme, materialize=materialize)
-    return DDPPlugin(mesh, precision=p.precision)
+        memory = ZeroPlugin(mesh, precision=p.precision, stage=p.zero or 3, offload=p.offload, memory=cfg.memory,
+                            nvme_dir=nvme, materialize=materialize)
+    if mesh.size("pp") > 1:       # the stages' weights in the memory plugin's chunks, when there is one
+        return PipelinePlugin(mesh, precision=p.precision, schedule=p.pp_schedule, microbatches=p.microbatches,
+                              virtual_stages=p.virtual_stages, partition_by=p.pp_partition, memory=memory)
+    return memory or DDPPlugin(mesh, precision=p.precision)
 
 
 __all__ = ["Boosted", "Booster", "DDPPlugin", "PipelinePlugin", "ModelWrapper", "OptimizerWrapper", "Plugin",

@@ -70,6 +70,19 @@ class PipelineSharding(Sharding):
     def ties(self, model: nn.Module) -> list[tuple[str, ...]]:
         return super().ties(model) + [tuple(pair) for pair in self.plugin.tied]
 
+    def local(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        inner = self.plugin.memory
+        if inner is not None and inner.optimizer is not None:
+            return inner.optimizer.master_state()          # the stage's chunks; a collective over dp x sp
+        return super().local(model)
+
+    def load_local(self, model: nn.Module, local: dict[str, torch.Tensor]) -> None:
+        inner = self.plugin.memory
+        if inner is not None and inner.optimizer is not None:
+            inner.optimizer.load_master(local)
+        else:
+            super().load_local(model, local)
+
     def gather(self, model: nn.Module) -> dict[str, torch.Tensor]:
         import torch.distributed as dist
 
@@ -91,8 +104,17 @@ class PipelinePlugin(Plugin):
     pipelined = True
 
     def __init__(self, mesh, precision: str = "fp32", schedule: str = "1f1b", microbatches: int = 0,
-                 virtual_stages: int = 1, partition_by: str = "layers") -> None:
+                 virtual_stages: int = 1, partition_by: str = "layers", memory: Plugin | None = None) -> None:
         super().__init__(mesh, precision)
+        # the chunked engine (`ZeroPlugin`: ZeRO, offload, a device budget) keeping this stage's
+        # weights, gradients and optimizer states, or None (ordinary parameters, averaged over dp)
+        self.memory = memory
+        if memory is not None:
+            if memory.precision.name != precision:
+                raise ValueError("the pipeline and its memory plugin must share one precision")
+            self.recompute = memory.recompute          # checkpointed blocks keep their chunks
+            self.chunked = True
+        self.materialize = None                         # set by the session for a model made on meta
         self.pp = mesh.axis("pp")
         self.schedule, self.virtual, self.partition_by = schedule, virtual_stages, partition_by
         self.microbatches = microbatches
@@ -110,7 +132,8 @@ class PipelinePlugin(Plugin):
 
     def describe(self) -> str:
         sched = self.schedule + (f" x{self.virtual} virtual" if self.virtual > 1 else "")
-        return f"{self.name} ({self.mesh.layout.describe()}, {sched}, {self.precision.name}, {self.mesh.device})"
+        line = f"{self.name} ({self.mesh.layout.describe()}, {sched}, {self.precision.name}, {self.mesh.device})"
+        return line if self.memory is None else f"{line}, each stage in {self.memory.describe()}"
 
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if not hasattr(model, "pipeline_layers"):
@@ -131,24 +154,54 @@ class PipelinePlugin(Plugin):
         keep = {i for stage in mine for i in stage}
         self.tied = list(getattr(model, "pipeline_tied", lambda: [])())
         prune(model, layers, keep)
-        model.to(self.mesh.device)
+        if self.memory is None:
+            model.to(self.mesh.device)
         params = list(model.parameters())
         kept = {id(t) for t in params}
         # tied weights: the first stage's copy is named after its first use, the last stage's after
         # its second; the last stage's copy is left out of the gradient norm (counted once)
         by_name = dict(model.named_parameters(remove_duplicate=False))
         side = 0 if s == 0 else 1 if s == p - 1 else None
-        self._tied_params = [by_name[pair[side]] for pair in self.tied if side is not None and pair[side] in by_name]
+        self._side = side
+        self._tied_names = [pair[side] for pair in self.tied if side is not None and pair[side] in by_name]
+        self._tied_params = [by_name[n] for n in self._tied_names]
         skip = {id(t) for t in self._tied_params} if side == 1 else set()
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [t for t in group["params"] if id(t) in kept]
+        if self.memory is not None:
+            return self._configure_chunked(model, optimizer, layers, mine, params)
         self.runner = StageRunner([[layers[i] for i in stage] for stage in mine], self.pp,
                                   self.precision.autocast, params)
         wrapped = ModelWrapper(model, model, self.precision)
         opt = None
         if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["params"] = [t for t in group["params"] if id(t) in kept]
             opt = PipelineOptimizerWrapper(optimizer, model, self.precision.make_scaler(),
                                            self.mesh.axis("tp"), self.pp, skip)
+        return wrapped, opt
+
+    def _configure_chunked(self, model: nn.Module, optimizer, layers, mine, params):
+        """This stage's parameters go into the memory plugin's chunks (made there, from the meta
+        device, when the model was built on it: a stage never holds the others' layers). A tied
+        weight's copy gets a chunk of its own, first, so both ends shard it alike and sum its
+        gradient shards after the step; the gradient norm and fp16's overflow verdict span the
+        stages."""
+        inner = self.memory
+        # both copies of a tied weight start from the first one's values (a model made on meta
+        # draws each parameter by its name)
+        first_name = {pair[1]: pair[0] for pair in self.tied}
+        if self.materialize is not None:
+            inner.materialize = lambda name, out: self.materialize(first_name.get(name, name), out)
+        inner.alone = tuple(self._tied_names)
+        inner.across = (self.pp,)
+        wrapped, opt = inner.configure(model, optimizer)
+        chunked = wrapped.module
+        self.runner = StageRunner([[layers[i] for i in stage] for stage in mine], self.pp,
+                                  self.precision.autocast, list(model.parameters()))
+        self.runner.saved_hooks = (chunked._pack, chunked._unpack)
+        # the chunk holding each tied copy (first in packing order, one each)
+        self._tied_chunks = [inner.manager.where[p][0] for p in (dict(model.named_parameters(remove_duplicate=False))[n]
+                                                                  for n in self._tied_names)]
         return wrapped, opt
 
     def _measure(self, model: nn.Module, layers) -> list[float]:
@@ -194,6 +247,27 @@ class PipelinePlugin(Plugin):
     def checkpoint_io(self) -> CheckpointIO:
         return CheckpointIO(PipelineSharding(self))
 
+    # what the memory plugin decides, where it keeps the stage's weights
+
+    def builds_on_meta(self) -> bool:
+        return self.memory is not None and self.memory.builds_on_meta()
+
+    def average(self, module: nn.Module, decay: float):
+        return super().average(module, decay) if self.memory is None else self.memory.average(module, decay)
+
+    def unchunk(self, model: nn.Module) -> nn.Module:
+        return model if self.memory is None else self.memory.unchunk(model)
+
+    def between_steps(self, passes: nn.Module | None = None):
+        return super().between_steps(passes) if self.memory is None else self.memory.between_steps(passes)
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+
+    def report(self) -> str | None:
+        return None if self.memory is None else self.memory.report()
+
     def actions(self, micro: int, train: bool = True) -> list[Action]:
         if not train:
             return [Action("F", i, c) for i in range(micro) for c in range(self.virtual)]
@@ -212,7 +286,9 @@ class PipelinePlugin(Plugin):
                                optimizer.backward if train else None, self.mesh.device, record)
         if record is not None:
             self.records.append(record)
-        if train:
+        if train and self.memory is not None:
+            self._sync_chunked_ties()
+        elif train:
             self._sync_gradients(model.unwrap())
         value = loss if loss is not None else torch.zeros((), device=self.mesh.device)
         broadcast_(value, self.pp, self.pp.size - 1)
@@ -229,6 +305,14 @@ class PipelinePlugin(Plugin):
             if t.grad is not None:
                 all_reduce_(t.grad, self._ends, "sum")
         self._average([t.grad for t in model.parameters() if t.grad is not None and id(t) not in tied])
+
+    def _sync_chunked_ties(self) -> None:
+        """The chunks reduced each gradient over dp x sp during backward; a tied weight's two
+        copies (each alone in a chunk laid out alike) now add their shards between the two ends,
+        the last stage's left out of the norm."""
+        grads = self.memory.optimizer.grads
+        for chunk in self._tied_chunks:
+            grads.combine(chunk, self._ends, counted=self._side == 0)
 
     def _average(self, grads: list[torch.Tensor]) -> None:
         """Average `grads` over the ranks holding the same weights, in one flat all-reduce."""

@@ -83,6 +83,11 @@ class ZeroPlugin(Plugin):
         # sharded: dp, and sp (each sp rank computes its gradient from its part of the sequences,
         # and averaging over dp x sp completes it, as under DDP)
         self.replicas = mesh.joint(("dp", "sp"))
+        # set by a plugin that runs this one on a part of the model (`PipelinePlugin`): parameters
+        # packed first, each in a chunk of its own (tied across stages), and the axes whose ranks
+        # hold the model's other parts (the gradient norm and fp16's overflow verdict span them)
+        self.alone: tuple[str, ...] = ()
+        self.across: tuple = ()
 
     def configure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if optimizer is None:
@@ -100,9 +105,11 @@ class ZeroPlugin(Plugin):
         dp = self.replicas
         dtype = self.precision.dtype
         element = torch.tensor([], dtype=dtype).element_size()
-        params = [p for _, p in packing_order(list(model.named_parameters()))]   # the manager's order
+        named = packing_order(list(model.named_parameters()), self.alone)   # the manager's order
+        params = [p for _, p in named]
         chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element))   # a larger parameter gets its own
-        planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params], dp.size)
+        planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params], dp.size,
+                              alone=sum(n in self.alone for n, _ in named))
         shard_params = self.stage == 3
         # The fp32 working copy is the fp32 master: one slot serves both, when each rank's home
         # copy is exactly its shard.
@@ -134,9 +141,11 @@ class ZeroPlugin(Plugin):
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, policy, self.memory.prefetch,
                                     axis=dp, shard_params=shard_params, materialize=self.materialize,
                                     on_master=lambda chunk, shard: (init_states(states, chunk, shard)
-                                                                    if chunk.trained else None))
+                                                                    if chunk.trained else None),
+                                    alone=self.alone)
         tp = self.mesh.axis("tp")
-        grads = GradientShards(states, dp, stage=max(self.stage, 1), tp=tp)   # tp: each value once in the norm
+        grads = GradientShards(states, dp, stage=max(self.stage, 1), tp=tp,   # tp: each value once in the norm
+                               across=self.across)
         # The same group dicts: the learning-rate schedule made for `optimizer` keeps steering them.
         attach_split_norms(optimizer, tp)          # LAMB / LARS on tensor-parallel parts: whole-parameter norms
         self.optimizer = ChunkOptimizer(self.manager, optimizer.param_groups, states, grads, self.precision.name,

@@ -29,11 +29,15 @@ from core.memory.store import _round_up, advise_huge_pages
 from core.memory.state import EVICTABLE, IllegalTransition, TensorState, move
 
 
-def packing_order(named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
-    """The order parameters go into chunks: the trained ones in the model's order, then the frozen
-    ones (a chunk then holds only one kind: a frozen chunk needs no optimizer state, no gradient
-    space, and may be stored in the working precision alone)."""
-    return [(n, p) for n, p in named if p.requires_grad] + [(n, p) for n, p in named if not p.requires_grad]
+def packing_order(named: list[tuple[str, nn.Parameter]], alone: tuple[str, ...] = ()
+                  ) -> list[tuple[str, nn.Parameter]]:
+    """The order parameters go into chunks: those named in `alone` first (each gets a chunk of its
+    own, see `plan_chunks`), then the trained ones in the model's order, then the frozen ones (a
+    chunk then holds only one kind: a frozen chunk needs no optimizer state, no gradient space,
+    and may be stored in the working precision alone)."""
+    first = [(n, p) for a in alone for n, p in named if n == a]
+    rest = [(n, p) for n, p in named if n not in alone]
+    return first + [(n, p) for n, p in rest if p.requires_grad] + [(n, p) for n, p in rest if not p.requires_grad]
 
 
 class Planned(NamedTuple):
@@ -44,19 +48,20 @@ class Planned(NamedTuple):
 
 
 def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = None,
-                world: int = 1) -> list[Planned]:
+                world: int = 1, alone: int = 0) -> list[Planned]:
     """How parameters of these sizes pack, in order, into chunks of `capacity` elements (rounded
     up to a multiple of `world`): a parameter never spans two chunks, and a trained and a frozen
     one never share one. A parameter larger than `capacity` gets a chunk of its own, of its size:
     one large matrix (a text encoder's 49 K x 768 token embedding) then does not make every chunk
     as large as itself, which would leave a small device budget room for only two or three.
-    `trained`: per parameter (default: all)."""
+    `trained`: per parameter (default: all). The first `alone` parameters get a chunk each (a
+    weight tied across pipeline stages: the same chunk, so the same shards, on both)."""
     capacity = _round_up(max(1, capacity), world)
     chunks: list[Planned] = []
     for i, n in enumerate(numels):
         kind = True if trained is None else trained[i]
         last = chunks[-1] if chunks else None
-        if last is None or last.used + n > last.capacity or last.trained != kind:
+        if last is None or last.used + n > last.capacity or last.trained != kind or i <= alone:
             last = Planned(0, kind, capacity if n <= capacity else _round_up(n, world), 0)
             chunks.append(last)
         chunks[-1] = last._replace(used=last.used + n, count=last.count + 1)

@@ -147,13 +147,15 @@ class ChunkManager:
     parameters that were created on the meta device (a model too large to build in memory is
     built on `meta` and its weights made chunk by chunk). `on_master(chunk, fp32_shard)` receives
     the full-precision initial values of this rank's shard of each chunk as it is built.
+    The parameters named in `alone` come first, each in a chunk of its own.
     """
 
     def __init__(self, model: nn.Module, chunk_numel: int, dtype: torch.dtype, device: torch.device,
                  home: Store, budget_bytes: int, policy: Policy, prefetch: int = 2,
                  axis: AxisGroup | None = None, shard_params: bool = False,
                  materialize: Callable[[str, torch.Tensor], None] | None = None,
-                 on_master: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
+                 on_master: Callable[[Chunk, torch.Tensor], None] | None = None,
+                 alone: tuple[str, ...] = ()) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.home = home
@@ -174,9 +176,10 @@ class ChunkManager:
         self._pending: dict[int, Future] = {}
         self._busy: dict[int, Future] = {}               # optimizer updates in flight, by chunk
         self._storage: dict[int, Chunk] = {}
-        params = packing_order(list(model.named_parameters()))     # tied parameters come once
+        params = packing_order(list(model.named_parameters()), alone)     # tied parameters come once
         self.plan = plan_chunks([p.numel() for _, p in params], chunk_numel,
-                                [p.requires_grad for _, p in params], self.world)
+                                [p.requires_grad for _, p in params], self.world,
+                                alone=sum(n in alone for n, _ in params))
         element = torch.tensor([], dtype=dtype).element_size()
         self.chunk_numel = _round_up(max(1, chunk_numel), self.world)   # a parameter larger has its own
         self.chunk_bytes = self.chunk_numel * element

@@ -142,6 +142,9 @@ class StageRunner:
         self.p, self.s, self.v = axis.size, axis.rank, len(stages)
         self.autocast = autocast
         self._param_storages = {t.untyped_storage().data_ptr() for t in params}
+        # (pack, unpack) of saved tensors for the weights' keeper, when they live in chunks
+        # (`core.memory.chunked_model.ChunkedModel`): the chunks a backward reads are fetched again
+        self.saved_hooks: tuple[Callable, Callable] | None = None
 
     # ---- topology and tags -----------------------------------------------------------------
 
@@ -232,14 +235,15 @@ class StageRunner:
                 if g > 0 and not forward_only:
                     x.requires_grad_(True)
                 saved = [0]
+                inner_pack, unpack = self.saved_hooks or (None, lambda t: t)
 
-                def pack(t, saved=saved):
+                def pack(t, saved=saved, inner_pack=inner_pack):
                     if t.untyped_storage().data_ptr() not in self._param_storages:
                         saved[0] += t.numel() * t.element_size()
-                    return t
+                    return t if inner_pack is None else inner_pack(t)
 
                 t0 = time.perf_counter()
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                with torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
                         torch.set_grad_enabled(not forward_only), self.autocast():
                     y = x
                     for layer in self.stages[a.virtual]:

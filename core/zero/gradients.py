@@ -30,13 +30,14 @@ class GradientShards:
     WRITING = 1            # shards being written to a file store while backward goes on (each holds its buffer)
 
     def __init__(self, store: Store, axis: AxisGroup | None = None, stage: int = 2,
-                 tp: AxisGroup | None = None) -> None:
+                 tp: AxisGroup | None = None, across: tuple[AxisGroup, ...] = ()) -> None:
         self.store = store
         self.axis = axis
         self.world = axis.size if axis is not None else 1
         self.rank = axis.rank if axis is not None else 0
         self.stage = stage
         self.tp = tp if tp is not None and tp.size > 1 else None   # parameters split over tensor parallelism
+        self.across = across               # axes whose ranks hold other parameters (pipeline stages)
         self.seen: set[int] = set()          # chunks with a gradient in this step
         self._sumsq: dict[int, float] = {}
         self._total: float | None = None
@@ -115,8 +116,22 @@ class GradientShards:
         per axis (dp, and tp when parameters are split)."""
         if self._total is None:
             local = torch.tensor(math.fsum(self._sumsq[i] for i in self.seen), dtype=torch.float64)
-            self._total = float(sum_over(local, (self.axis, self.tp)))
+            self._total = float(sum_over(local, (self.axis, self.tp, *self.across)))
         return self._total
+
+    def combine(self, chunk: Chunk, axis: AxisGroup, counted: bool = True) -> None:
+        """Sum this step's gradient shard of `chunk` with the same shard on the other ranks of
+        `axis` (a weight tied across pipeline stages: its chunk is laid out alike on each, so the
+        shards hold the same elements); `counted`: whether it enters this rank's share of the
+        gradient norm (a tied weight's second copy does not)."""
+        if chunk.index not in self.seen:
+            return
+        shard = self.get(chunk)
+        all_reduce_(shard, axis, "sum")
+        if not self.store.in_memory:
+            self.store.write("grad", chunk.index, shard)
+        self._sumsq[chunk.index] = self._squares(chunk, shard) if counted else 0.0
+        self._total = None
 
     def reset(self) -> None:
         self.settle()

@@ -27,7 +27,13 @@ def _global_batch(step, dp):
 
 
 def _optimizer(model):
-    return torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    # Adam moves every element by about lr whatever its gradient's size, so an element whose
+    # gradient is rounding noise around zero (the summation orders of tensor or sequence
+    # parallelism differ from one process's) takes a full-size step in a direction set by the noise:
+    # at lr=0.02 (the weights' own scale, init_std=0.02) that put dp2 x pp2 x sp2 at 2.3e-5 from one
+    # process (and dp2 x sp2 under DDP, no pipeline, at 1.6e-5: ring attention's rounding, not the
+    # pipeline's); lr=0.002 and eps=1e-6 (8.5e-6 and 8.1e-6) keep the comparison about the computation
+    return torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.1, eps=1e-6)
 
 
 def _serial(dp):
@@ -48,17 +54,37 @@ def _serial(dp):
     return losses, norms, {k: v.clone() for k, v in model.state_dict().items()}
 
 
+# the chunked engine keeping each stage's weights: (ZeRO stage, offload, device budget in GB)
+ZERO = {"zero1": (1, "none", 0.0), "zero2": (2, "none", 0.0),
+        "zero3_cpu": (3, "cpu", 0.0000458)}      # a budget of 3 chunks of ~4 K elements: evictions every step
+
+
 def _pipelined(layout, schedules, folder, mesh=None):
+    from core.booster import ZeroPlugin
+    from core.config import MemoryConfig
+    from core.session import _whole_then_split
+
     mesh = mesh or ParallelMesh.build(layout)
     mode = make_mode("1d", mesh) if layout.tp > 1 else None
     seq = SequenceParallel(mesh.axis("sp"), "ring") if layout.sp > 1 else None
     dp = mesh.axis("dp")
     out = {}
-    for schedule, virtual, by in schedules:
+    for schedule, virtual, by, *zero in schedules:
+        memory = None
+        if zero:
+            stage, offload, budget = ZERO[zero[0]]
+            memory = ZeroPlugin(mesh, "fp32", stage, offload,
+                                MemoryConfig(chunk_mb=0.016, device_gb=budget), nvme_dir=f"{folder}/nvme")
         torch.manual_seed(0)
-        model = GPT(CFG, mode, seq)                # serial-identical initialisation on every rank
-        plugin = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, by)
+        plugin = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, by, memory=memory)
+        if plugin.builds_on_meta():                # each stage makes only its own layers' weights
+            with torch.device("meta"):
+                model = GPT(CFG, mode, seq)
+            plugin.materialize = _whole_then_split(model, model.init_parameter)
+        else:
+            model = GPT(CFG, mode, seq)            # serial-identical initialisation on every rank
         wrapped, opt = plugin.configure(model, _optimizer(model))
+        on_meta = sum(p.is_meta for p in model.parameters())
         losses, norms = [], []
         for step in range(STEPS):
             mine = _global_batch(step, dp.size).split(MB)[dp.rank * MICRO:(dp.rank + 1) * MICRO]
@@ -68,30 +94,34 @@ def _pipelined(layout, schedules, folder, mesh=None):
             norms.append(float(opt.clip_grad_norm(0.5)))
             opt.step()
             opt.zero_grad()
-        where = f"{folder}/{schedule}{virtual}{by}"
+        where = f"{folder}/{schedule}{virtual}{by}{''.join(zero)}"
         if mesh.is_main:
             import os
             os.makedirs(where, exist_ok=True)
         torch.distributed.barrier()
         plugin.checkpoint_io().save_model(model, where, mesh.global_rank)
         torch.distributed.barrier()                # rank 0 has written the file
+        theirs = (memory.optimizer.master_state() if memory is not None else
+                  {k: v.detach() for k, v in model.named_parameters()})
         # the tied embedding / classifier: the first and the last stage's copies stay equal
-        tied = model.wte.weight if mesh.rank("pp") == 0 else model.lm_head.weight if \
+        tied = theirs["wte.weight"] if mesh.rank("pp") == 0 else theirs["lm_head.weight"] if \
             mesh.rank("pp") == mesh.size("pp") - 1 else None
-        # and back: the serial file loads into a fresh pipelined model, every stage its part (cut
-        # by parameter count where the first cut was timed: a second timing may cut elsewhere)
+        # and back: the serial file loads into a fresh pipelined model (without chunks), every
+        # stage its part (cut by parameter count where the first cut was timed: a second timing
+        # may cut elsewhere)
         torch.manual_seed(1)
         fresh = GPT(CFG, mode, seq)
         again = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, "params" if by == "cost" else by)
         again.configure(fresh, None)
         again.checkpoint_io().load_model(fresh, where)
-        mine, theirs = dict(fresh.named_parameters()), dict(model.named_parameters())
+        mine = dict(fresh.named_parameters())
         common = mine.keys() & theirs.keys()
         back = (bool(common) and all(torch.equal(mine[k], theirs[k]) for k in common)
                 and (by == "cost" or mine.keys() == theirs.keys()))
-        out[(schedule, virtual, by)] = (losses, norms, where,
-                                        None if tied is None else (mesh.rank("tp"), tied.detach().clone()), back,
-                                        [len(c) for c in plugin.assignment])
+        out[(schedule, virtual, by, *zero)] = (losses, norms, where,
+                                               None if tied is None else (mesh.rank("tp"), tied.clone()), back,
+                                               [len(c) for c in plugin.assignment], on_meta)
+        plugin.close()
     return out
 
 
@@ -142,9 +172,22 @@ def _layouts(jobs, folder):
     return out
 
 
-EIGHT = [(Layout(dp=2, pp=2, tp=2), [("1f1b", 1, "layers"), ("interleaved", 2, "layers")]),
+EIGHT = [(Layout(dp=2, pp=2, tp=2), [("1f1b", 1, "layers"), ("interleaved", 2, "layers"),
+                                    ("1f1b", 1, "layers", "zero1")]),
          (Layout(dp=2, pp=2, sp=2), [("1f1b", 1, "layers")]),                  # sequence-split stages
          (Layout(pp=2, tp=2, sp=2), [("gpipe", 1, "layers")])]
+
+
+FOUR = [(Layout(pp=2, tp=2), [("1f1b", 1, "layers", "zero2")]),
+        (Layout(dp=2, pp=2), [("1f1b", 1, "layers", "zero3_cpu"), ("interleaved", 2, "layers", "zero2")])]
+
+
+def test_zero_and_offload_on_pipeline_stages_match_serial(tmp_path):
+    results = run_distributed(_layouts, world_size=4, args=(FOUR, str(tmp_path)))
+    for i, (layout, _) in enumerate(FOUR):
+        _check([r[i] for r in results], _serial(layout.dp), layout.dp)
+    # ZeRO-3 with offload: every stage made only its own weights, from the meta device
+    assert all(r[1][("1f1b", 1, "layers", "zero3_cpu")][6] == 0 for r in results)
 
 
 def test_gpt_dp_pp_tp_sp_layouts_on_eight_ranks_match_serial(tmp_path):
@@ -211,6 +254,6 @@ def test_fp16_pipeline_skips_an_overflow_on_every_stage_and_matches_one_process(
         assert r["stepped"] == ref["stepped"] and r["moved"] == ref["moved"]
         assert r["scales"] == ref["scales"] and r["scales"][1] == r["scales"][0] / 2
     assert ranks[1]["losses"] == pytest.approx(ref["losses"], rel=1e-4)
-    for r in ranks:
+    for r in ranks:      # fp16's own resolution (2^-10): the orders of its roundings differ
         for name, w in r["weights"].items():
-            assert torch.linalg.norm(w - ref["weights"][name]) <= 1e-4 * torch.linalg.norm(ref["weights"][name]), name
+            assert torch.linalg.norm(w - ref["weights"][name]) <= 1e-3 * torch.linalg.norm(ref["weights"][name]), name
