@@ -1,4 +1,5 @@
-"""The `pipeline` plugin: data x pipeline x tensor parallelism from one recipe.
+"""The `pipeline` plugin: data x pipeline x tensor x sequence parallelism from one recipe, with
+each stage's weights in the chunked engine (ZeRO 1-3, host / NVMe offload) when the recipe asks.
 
 - Pipeline: the model lists its layers (`pipeline_layers()`, see `core.pipeline`); they are cut
   into parallel.pp x parallel.virtual_stages stages, this rank keeps its own (the others are
@@ -12,9 +13,16 @@
   one flat all-reduce per stage (no DDP: a pipeline step runs many forwards and backwards).
 - Tied weights (GPT's embedding and classifier, on the first and last stage): their gradients
   are summed between those two stages every step, so the copies stay equal.
+- ZeRO and offload (`memory`: a `ZeroPlugin`): after pruning, the stage's parameters go into that
+  plugin's chunks (made there from the meta device under ZeRO-3 or offload, so no rank ever holds
+  the other stages' weights), the stage runner saves tensors through the chunk hooks, and each
+  micro-batch's backward reduces every chunk's gradient over dp x sp as it completes (accumulated
+  in the shards). A tied weight's copy sits alone in the first chunk on both ends, so their shards
+  hold the same elements and are summed between the ends after the step.
 
 Gradient clipping sees the whole model's norm: every stage's squared norm (tensor-parallel parts
-counted once each, the tied copy on the last stage not at all) summed over pp and tp.
+counted once each, the tied copy on the last stage not at all) summed over pp and tp. Under fp16
+the overflow verdict spans the stages: one stage's overflow skips the step on all.
 """
 
 from __future__ import annotations

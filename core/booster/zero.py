@@ -3,13 +3,17 @@ parameters) sharded over the data-parallel ranks, and chunks offloaded to host m
 
 One engine, chosen by the recipe (`core.layout.chunked` says when a recipe runs on it):
 
-| recipe                                | what is sharded over dp         | where states live |
+| recipe                                | what is sharded over dp (x sp)  | where states live |
 |---------------------------------------|---------------------------------|-------------------|
 | `parallel.zero=1`                     | optimizer states                | device            |
 | `parallel.zero=2`                     | + gradients (reduce-scatter)    | device            |
 | `parallel.zero=3`                     | + parameters (gathered on use)  | device            |
 | `parallel.offload=cpu/nvme` (+ `zero`)| as `zero` (3 when unset)        | host / NVMe       |
 | `memory.device_gb>0`                  | as `zero`; chunks are evicted to fit the device budget | |
+
+The ranks that share chunks are those holding the same weights: dp, and sp (sequence parallelism
+splits the activations, not the weights). Under tensor parallelism each tp rank chunks its own
+parts; under pipeline parallelism the pipeline plugin hands each stage's parameters to this one.
 
 Checkpoints hold the fp32 master weights by parameter name (gathered from every rank), so they
 load into a plain model and into any other layout.
@@ -244,7 +248,7 @@ class ZeroPlugin(Plugin):
         chunks = "chunks"
         if m:
             larger = [c.nbytes for c in m.chunks if c.nbytes > m.chunk_bytes]
-            chunks = f"{len(m.chunks)} chunks of {human(m.chunk_bytes)}" + (
+            chunks = f"{len(m.chunks)} chunk{'s' if len(m.chunks) != 1 else ''} of {human(m.chunk_bytes)}" + (
                 f" ({len(larger)} larger, up to {human(max(larger))}, for parameters larger than that)" if larger else "")
         budget = f"{self.memory.device_gb:g} GB device budget" if self.memory.device_gb else "no device budget"
         over = " x ".join(f"{a}={self.mesh.size(a)}" for a in ("dp", "sp") if a == "dp" or self.mesh.size(a) > 1)

@@ -59,30 +59,38 @@ ZERO = {"zero1": (1, "none", 0.0), "zero2": (2, "none", 0.0),
         "zero3_cpu": (3, "cpu", 0.0000458)}      # a budget of 3 chunks of ~4 K elements: evictions every step
 
 
-def _pipelined(layout, schedules, folder, mesh=None):
+def _build(mesh, layout, schedule, virtual, by, zero, folder):
+    """A GPT and its pipeline plugin (its stages in the chunked engine when `zero` names one of
+    ZERO), made as the session makes them: on the meta device where the plugin says so."""
     from core.booster import ZeroPlugin
     from core.config import MemoryConfig
     from core.session import _whole_then_split
 
-    mesh = mesh or ParallelMesh.build(layout)
     mode = make_mode("1d", mesh) if layout.tp > 1 else None
     seq = SequenceParallel(mesh.axis("sp"), "ring") if layout.sp > 1 else None
+    memory = None
+    if zero:
+        stage, offload, budget = ZERO[zero[0]]
+        memory = ZeroPlugin(mesh, "fp32", stage, offload,
+                            MemoryConfig(chunk_mb=0.016, device_gb=budget), nvme_dir=f"{folder}/nvme")
+    plugin = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, by, memory=memory)
+    if plugin.builds_on_meta():                # each stage makes only its own layers' weights
+        with torch.device("meta"):
+            model = GPT(CFG, mode, seq)
+        plugin.materialize = _whole_then_split(model, model.init_parameter)
+    else:
+        model = GPT(CFG, mode, seq)            # serial-identical initialisation on every rank
+    return plugin, model, mode, seq
+
+
+def _pipelined(layout, schedules, folder, mesh=None):
+    mesh = mesh or ParallelMesh.build(layout)
     dp = mesh.axis("dp")
     out = {}
     for schedule, virtual, by, *zero in schedules:
-        memory = None
-        if zero:
-            stage, offload, budget = ZERO[zero[0]]
-            memory = ZeroPlugin(mesh, "fp32", stage, offload,
-                                MemoryConfig(chunk_mb=0.016, device_gb=budget), nvme_dir=f"{folder}/nvme")
         torch.manual_seed(0)
-        plugin = PipelinePlugin(mesh, "fp32", schedule, MICRO, virtual, by, memory=memory)
-        if plugin.builds_on_meta():                # each stage makes only its own layers' weights
-            with torch.device("meta"):
-                model = GPT(CFG, mode, seq)
-            plugin.materialize = _whole_then_split(model, model.init_parameter)
-        else:
-            model = GPT(CFG, mode, seq)            # serial-identical initialisation on every rank
+        plugin, model, mode, seq = _build(mesh, layout, schedule, virtual, by, zero, folder)
+        memory = plugin.memory
         wrapped, opt = plugin.configure(model, _optimizer(model))
         on_meta = sum(p.is_meta for p in model.parameters())
         losses, norms = [], []
@@ -165,10 +173,25 @@ def test_gpt_pipeline_schedules_match_serial(pp, tmp_path):
 def _layouts(jobs, folder):
     """Several layouts of the same ranks in one spawn (each its own mesh): 8-rank spawns are the
     suite's slowest part."""
-    out = []
+    out, meshes = [], []
     for layout, schedules in jobs:
-        out.append(_pipelined(layout, schedules, f"{folder}/{layout.describe().replace(' ', '_')}",
-                              ParallelMesh.build(layout)))
+        meshes.append(ParallelMesh.build(layout))
+        out.append(_pipelined(layout, schedules, f"{folder}/{layout.describe().replace(' ', '_')}", meshes[-1]))
+    # and across layouts: the last run of each loads the checkpoint the next layout's last run wrote
+    # (chunked or not, other stages, tp or sp), and gathers back the same weights
+    across = {}
+    for i, (layout, schedules) in enumerate(jobs):
+        j = (i + 1) % len(jobs)
+        written = out[j][tuple(jobs[j][1][-1])][2]
+        schedule, virtual, by, *zero = schedules[-1]
+        torch.manual_seed(2)
+        plugin, model, _, _ = _build(meshes[i], layout, schedule, virtual, by, zero, f"{folder}/across{i}")
+        plugin.configure(model, _optimizer(model))
+        io = plugin.checkpoint_io()
+        io.load_model(model, written)
+        across[(j, i)] = (written, io.sharding.gather(model))
+        plugin.close()
+    out.append(across)
     return out
 
 
@@ -182,10 +205,21 @@ FOUR = [(Layout(pp=2, tp=2), [("1f1b", 1, "layers", "zero2")]),
         (Layout(dp=2, pp=2), [("1f1b", 1, "layers", "zero3_cpu"), ("interleaved", 2, "layers", "zero2")])]
 
 
+def _check_across(results, jobs):
+    """Rank 0 gathered, in each layout, the weights another layout saved: the file's, exactly."""
+    across = results[0][len(jobs)]
+    assert len(across) == len(jobs)
+    for (writer, loader), (folder, gathered) in across.items():
+        saved = load_file(f"{folder}/model.safetensors")
+        assert set(saved) <= set(gathered) and len(gathered) - len(saved) <= 1, (writer, loader)   # tied: once
+        assert all(torch.equal(gathered[k], v) for k, v in saved.items()), (writer, loader)
+
+
 def test_zero_and_offload_on_pipeline_stages_match_serial(tmp_path):
     results = run_distributed(_layouts, world_size=4, args=(FOUR, str(tmp_path)))
     for i, (layout, _) in enumerate(FOUR):
         _check([r[i] for r in results], _serial(layout.dp), layout.dp)
+    _check_across(results, FOUR)
     # ZeRO-3 with offload: every stage made only its own weights, from the meta device
     assert all(r[1][("1f1b", 1, "layers", "zero3_cpu")][6] == 0 for r in results)
 
@@ -194,6 +228,7 @@ def test_gpt_dp_pp_tp_sp_layouts_on_eight_ranks_match_serial(tmp_path):
     results = run_distributed(_layouts, world_size=8, args=(EIGHT, str(tmp_path)))
     for i, (layout, _) in enumerate(EIGHT):
         _check([r[i] for r in results], _serial(layout.dp), layout.dp)
+    _check_across(results, EIGHT)
 
 
 def _fp16_steps(model, opt, batches, first_stage: bool):
@@ -257,3 +292,20 @@ def test_fp16_pipeline_skips_an_overflow_on_every_stage_and_matches_one_process(
     for r in ranks:      # fp16's own resolution (2^-10): the orders of its roundings differ
         for name, w in r["weights"].items():
             assert torch.linalg.norm(w - ref["weights"][name]) <= 1e-3 * torch.linalg.norm(ref["weights"][name]), name
+
+
+SIXTEEN = [(Layout(dp=2, pp=2, tp=2, sp=2), [("1f1b", 1, "layers"), ("1f1b", 1, "layers", "zero1")])]
+
+if __name__ == "__main__":
+    # every axis at once, by hand (16 ranks: 81 s on 2 cores, too long for the suite):
+    #   python -m tests.core.pipeline.test_gpt_pipeline
+    import tempfile
+    import time
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        ranks = run_distributed(_layouts, world_size=16, args=(SIXTEEN, root), timeout=900)
+        _check([r[0] for r in ranks], _serial(2), 2)
+        _check_across(ranks, SIXTEEN)
+    print(f"dp=2 x pp=2 x tp=2 x sp=2 on 16 ranks, plain and ZeRO-1: losses, clipped norms and weights after "
+          f"{STEPS} steps match one process to 1e-5 ({time.perf_counter() - start:.0f} s)")
