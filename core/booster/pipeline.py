@@ -16,8 +16,9 @@ each stage's weights in the chunked engine (ZeRO 1-3, host / NVMe offload) when 
 - ZeRO and offload (`memory`: a `ZeroPlugin`): after pruning, the stage's parameters go into that
   plugin's chunks (made there from the meta device under ZeRO-3 or offload, so no rank ever holds
   the other stages' weights), the stage runner saves tensors through the chunk hooks, and each
-  micro-batch's backward reduces every chunk's gradient over dp x sp as it completes (accumulated
-  in the shards). A tied weight's copy sits alone in the first chunk on both ends, so their shards
+  chunk's gradient is reduced over dp x sp once a step, in its virtual stage's last backward
+  (ZeRO-1/2 without offload: the buffers stay on the device anyway), or as each micro-batch's
+  backward completes it (accumulated in the shards; offload, budgets, ZeRO-3). A tied weight's copy sits alone in the first chunk on both ends, so their shards
   hold the same elements and are summed between the ends after the step.
 
 Gradient clipping sees the whole model's norm: every stage's squared norm (tensor-parallel parts
@@ -207,6 +208,14 @@ class PipelinePlugin(Plugin):
         self.runner = StageRunner([[layers[i] for i in stage] for stage in mine], self.pp,
                                   self.precision.autocast, list(model.parameters()))
         self.runner.saved_hooks = (chunked._pack, chunked._unpack)
+        # Where the gradients' buffers stay on the device anyway (ZeRO-1/2, no offload or budget),
+        # each chunk's gradient is reduced once a step, by the virtual stage's last backward (the
+        # pipeline's cool-down), not once per micro-batch; elsewhere each micro-batch reduces it, so
+        # that no more than a chunk's gradient is held at once.
+        self._chunked = chunked
+        self._defer = (inner.stage in (1, 2) and inner.offload == "none" and not inner.memory.device_gb)
+        if self._defer:
+            self.runner.before_backward = lambda action, last: setattr(chunked, "defer_reduce", not last)
         # the chunk holding each tied copy (first in packing order, one each)
         self._tied_chunks = [inner.manager.where[p][0] for p in (dict(model.named_parameters(remove_duplicate=False))[n]
                                                                   for n in self._tied_names)]
@@ -292,6 +301,9 @@ class PipelinePlugin(Plugin):
         batches = list(batches)           # any iterable of micro-batches
         loss = self.runner.run(self.actions(len(batches), train), batches, first_input, criterion,
                                optimizer.backward if train else None, self.mesh.device, record)
+        if self.memory is not None and train:
+            self._chunked.defer_reduce = False
+            self._chunked.flush()           # what no last backward reduced (chunks across virtual stages)
         if record is not None:
             self.records.append(record)
         if train and self.memory is not None:

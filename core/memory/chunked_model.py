@@ -47,6 +47,9 @@ class ChunkedModel(nn.Module):
         self._node = None                     # the autograd node that last unpacked a chunk tensor
         self._pinned: list = []               # (chunk, tensor) it pinned
         self._recomputing = 0                 # depth of recompute brackets (see recomputing)
+        # set (by a pipeline, between its micro-batches): complete gradients stay in their chunks'
+        # buffers, adding up, until a backward with it unset (or `flush`) reduces them once
+        self.defer_reduce = False
         self._handles = []
         for sub in module.modules():
             params = [p for p in sub.parameters(recurse=False) if p in manager.where]
@@ -166,6 +169,12 @@ class ChunkedModel(nn.Module):
         if chunk.resident and all(t.state is not S.COMPUTE for t in chunk.tensors):
             self.manager.release(chunk)
 
+    def flush(self) -> None:
+        """Reduce every gradient still held in a chunk's buffer (see `defer_reduce`)."""
+        for chunk in self.manager.chunks:
+            if chunk.grad is not None:
+                self.on_grads(chunk)
+
     def _backward_done(self) -> None:
         self._in_backward = False
         self._unpin()
@@ -181,8 +190,13 @@ class ChunkedModel(nn.Module):
 
     def _reduce(self, chunk: Chunk) -> None:
         """Hand the chunk's complete gradients on; its tensors are then free for the next
-        forward (the next micro-batch of an accumulated step adds to the reduced shard)."""
-        self.on_grads(chunk)
+        forward (the next micro-batch of an accumulated step adds to the reduced shard). With
+        `defer_reduce` the gradients stay in the chunk's buffer, and the next micro-batch's add
+        to them."""
+        if self.defer_reduce:
+            chunk.grads_seen = 0
+        else:
+            self.on_grads(chunk)
         for info in chunk.tensors:
             if info.state is S.READY_FOR_REDUCE:
                 chunk.set_state(info, S.HOLD if chunk.resident else S.FREE)

@@ -145,6 +145,8 @@ class StageRunner:
         # (pack, unpack) of saved tensors for the weights' keeper, when they live in chunks
         # (`core.memory.chunked_model.ChunkedModel`): the chunks a backward reads are fetched again
         self.saved_hooks: tuple[Callable, Callable] | None = None
+        # called before each backward action with whether it is its virtual stage's last in the step
+        self.before_backward: Callable[[Action, bool], None] | None = None
 
     # ---- topology and tags -----------------------------------------------------------------
 
@@ -226,6 +228,7 @@ class StageRunner:
         losses = []
         live_bytes, held_bytes = 0, {}
         forward_only = backward is None
+        last_backward = {a.virtual: i for i, a in enumerate(actions) if a.kind == "B"}
         for index, a in enumerate(actions):
             g = self._virtual(a.virtual)
             if index + 1 < len(actions):
@@ -264,6 +267,8 @@ class StageRunner:
                     record.peak_activation_bytes = max(record.peak_activation_bytes, live_bytes)
                     record.peak_held = max(record.peak_held, len(self._held))
             else:
+                if self.before_backward is not None:
+                    self.before_backward(a, last_backward[a.virtual] == index)
                 x, y = self._held.pop((a.micro, a.virtual))
                 grad = None
                 if g < self._last:

@@ -93,6 +93,7 @@ def _pipelined(layout, schedules, folder, mesh=None):
         memory = plugin.memory
         wrapped, opt = plugin.configure(model, _optimizer(model))
         on_meta = sum(p.is_meta for p in model.parameters())
+        sent = mesh.stats.as_dict().get("dp", {}).get("reduce_scatter", {}).get("calls", 0)
         losses, norms = [], []
         for step in range(STEPS):
             mine = _global_batch(step, dp.size).split(MB)[dp.rank * MICRO:(dp.rank + 1) * MICRO]
@@ -128,7 +129,11 @@ def _pipelined(layout, schedules, folder, mesh=None):
                 and (by == "cost" or mine.keys() == theirs.keys()))
         out[(schedule, virtual, by, *zero)] = (losses, norms, where,
                                                None if tied is None else (mesh.rank("tp"), tied.clone()), back,
-                                               [len(c) for c in plugin.assignment], on_meta)
+                                               [len(c) for c in plugin.assignment], on_meta,
+                                               # gradient reductions a step, and the chunks
+                                               ((mesh.stats.as_dict().get("dp", {}).get("reduce_scatter", {})
+                                                 .get("calls", 0) - sent) / STEPS,
+                                                len(memory.manager.chunks) if memory is not None else 0))
         plugin.close()
     return out
 
@@ -222,6 +227,13 @@ def test_zero_and_offload_on_pipeline_stages_match_serial(tmp_path):
     _check_across(results, FOUR)
     # ZeRO-3 with offload: every stage made only its own weights, from the meta device
     assert all(r[1][("1f1b", 1, "layers", "zero3_cpu")][6] == 0 for r in results)
+    # ZeRO-2 reduces each chunk's gradient once a step (twice for a chunk across the two virtual
+    # stages), in each virtual stage's last backward; with offload and a budget, once per micro-batch
+    for r in results:
+        calls, chunks = r[1][("interleaved", 2, "layers", "zero2")][7]
+        assert chunks <= calls <= chunks + 1, (calls, chunks)
+        calls, chunks = r[1][("1f1b", 1, "layers", "zero3_cpu")][7]
+        assert calls == MICRO * chunks, (calls, chunks)
 
 
 def test_gpt_dp_pp_tp_sp_layouts_on_eight_ranks_match_serial(tmp_path):
