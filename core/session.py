@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from core.booster import Plugin, make_plugin
-from core.checkpoint.sharding import split_layer
+from core.checkpoint.sharding import SplitDraw
 from core.config import Recipe
 from core.distributed import ParallelMesh, Runtime, detect, launch
 from core.layout import AXES, BatchPlan, check_layout
@@ -111,7 +111,7 @@ class Session:
             if init is None:
                 model = None
             else:
-                self.plugin.materialize = _whole_then_split(model, init)
+                self.plugin.materialize = SplitDraw(model, init)
         return model if model is not None else factory(par)
 
     def _parallel(self) -> ModelParallel:
@@ -160,22 +160,6 @@ class Session:
         """`model` with ordinary full-precision parameters again (every rank calls this); for a
         model that does not fit in memory, write it from `weights` instead."""
         return self.plugin.unchunk(model)
-
-
-def _whole_then_split(model: nn.Module, init: Callable[[str, torch.Tensor], None]) -> Callable:
-    """`materialize(name, out)` for a model made on the meta device: a parameter that a
-    tensor-parallel layer splits is drawn whole by `init` (the same numbers one process draws,
-    in the same order) and this rank keeps its part, as the layers do when built normally."""
-    def materialize(name: str, out: torch.Tensor) -> None:
-        split = split_layer(model, name)
-        if split is None or split[0].mode.size == 1:
-            init(name, out)
-            return
-        layer, pname = split
-        whole = torch.empty(layer.serial_shapes[pname], dtype=out.dtype, device=out.device)
-        init(name, whole)
-        out.copy_(layer.shard(pname, whole))
-    return materialize
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from torch import nn
 
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.checkpoint import CheckpointIO, Sharding
+from core.checkpoint.sharding import SplitDraw
 from core.distributed.comm import all_reduce_, broadcast_
 from core.errors import LoomError
 from core.pipeline.engine import StageRunner, StepRecord, partition, prune
@@ -164,6 +165,7 @@ class PipelinePlugin(Plugin):
         self.tied = list(getattr(model, "pipeline_tied", lambda: [])())
         prune(model, layers, keep)
         if self.memory is None:
+            self._materialize(model)
             model.to(self.mesh.device)
         params = list(model.parameters())
         kept = {id(t) for t in params}
@@ -189,6 +191,38 @@ class PipelinePlugin(Plugin):
                                            self.mesh.axis("tp"), self.pp, skip)
         return wrapped, opt
 
+    def _draw(self, name: str, out: torch.Tensor) -> None:
+        """The initial values of parameter `name` of a model made on meta: both copies of a tied
+        weight start from the first one's values (a model draws each parameter by its name)."""
+        as_name = {pair[1]: pair[0] for pair in self.tied}.get(name)
+        if as_name is None:
+            self.materialize(name, out)
+        elif isinstance(self.materialize, SplitDraw):
+            self.materialize(name, out, as_name)      # still split as this copy's layer splits it
+        else:
+            self.materialize(as_name, out)
+
+    def _materialize(self, model: nn.Module) -> None:
+        """Make the stage's own parameters, where the model was built on the meta device: each
+        drawn by `materialize` (a tied weight's copy by its first name), in place (the optimizer
+        and every module that shares it keep the same parameter object)."""
+        for name, param in model.named_parameters():
+            if not param.is_meta:
+                continue
+            if self.materialize is None:
+                raise LoomError(f"{name} is on the meta device and nothing was given to initialise it")
+            values = torch.empty(param.shape, dtype=param.dtype, device=self.mesh.device)
+            with torch.no_grad():
+                self._draw(name, values)
+            made = nn.Parameter(values, requires_grad=param.requires_grad)
+            made.__dict__.update(param.__dict__)    # what the layers noted on it (tp_replicas); swapped too
+            torch.utils.swap_tensors(param, made)
+        meta = [n for n, b in model.named_buffers() if b.is_meta]
+        if meta:
+            raise LoomError(f"{type(model).__name__} was made on the meta device but its buffers ({', '.join(meta[:3])}) "
+                            f"have no values; give them values in __init__ outside the meta device, or build "
+                            f"the model without init_parameter")
+
     def _configure_chunked(self, model: nn.Module, optimizer, layers, mine, params):
         """This stage's parameters go into the memory plugin's chunks (made there, from the meta
         device, when the model was built on it: a stage never holds the others' layers). A tied
@@ -196,11 +230,8 @@ class PipelinePlugin(Plugin):
         gradient shards after the step; the gradient norm and fp16's overflow verdict span the
         stages."""
         inner = self.memory
-        # both copies of a tied weight start from the first one's values (a model made on meta
-        # draws each parameter by its name)
-        first_name = {pair[1]: pair[0] for pair in self.tied}
         if self.materialize is not None:
-            inner.materialize = lambda name, out: self.materialize(first_name.get(name, name), out)
+            inner.materialize = self._draw
         inner.alone = tuple(self._tied_names)
         inner.across = (self.pp,)
         wrapped, opt = inner.configure(model, optimizer)
@@ -267,7 +298,10 @@ class PipelinePlugin(Plugin):
     # what the memory plugin decides, where it keeps the stage's weights
 
     def builds_on_meta(self) -> bool:
-        return self.memory is not None and self.memory.builds_on_meta()
+        # a stage makes only its own layers' weights (timing every layer needs them all)
+        if self.memory is not None:
+            return self.memory.builds_on_meta()
+        return self.partition_by != "cost"
 
     def average(self, module: nn.Module, decay: float):
         return super().average(module, decay) if self.memory is None else self.memory.average(module, decay)

@@ -45,6 +45,28 @@ def unsplit(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+class SplitDraw:
+    """`materialize(name, out)` for a model made on the meta device, from its `init(name, tensor)`:
+    a parameter that a tensor-parallel layer splits is drawn whole (the same numbers one process
+    draws) and this rank keeps its part, as the layers do when built normally. `as_name` draws
+    the values of another name (a tied weight's copy on another pipeline stage, which holds the
+    first one's values), still split as `name` is."""
+
+    def __init__(self, model: nn.Module, init) -> None:
+        self.model, self.init = model, init
+
+    def __call__(self, name: str, out: torch.Tensor, as_name: str | None = None) -> None:
+        draw = as_name or name
+        split = split_layer(self.model, name)
+        if split is None or split[0].mode.size == 1:
+            self.init(draw, out)
+            return
+        layer, pname = split
+        whole = torch.empty(layer.serial_shapes[pname], dtype=out.dtype, device=out.device)
+        self.init(draw, whole)
+        out.copy_(layer.shard(pname, whole))
+
+
 def split(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's part of each of its parameters (by its first name) from unsplit `weights`."""
     out = {}

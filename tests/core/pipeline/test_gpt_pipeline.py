@@ -64,7 +64,7 @@ def _build(mesh, layout, schedule, virtual, by, zero, folder):
     ZERO), made as the session makes them: on the meta device where the plugin says so."""
     from core.booster import ZeroPlugin
     from core.config import MemoryConfig
-    from core.session import _whole_then_split
+    from core.checkpoint.sharding import SplitDraw
 
     mode = make_mode("1d", mesh) if layout.tp > 1 else None
     seq = SequenceParallel(mesh.axis("sp"), "ring") if layout.sp > 1 else None
@@ -77,7 +77,7 @@ def _build(mesh, layout, schedule, virtual, by, zero, folder):
     if plugin.builds_on_meta():                # each stage makes only its own layers' weights
         with torch.device("meta"):
             model = GPT(CFG, mode, seq)
-        plugin.materialize = _whole_then_split(model, model.init_parameter)
+        plugin.materialize = SplitDraw(model, model.init_parameter)
     else:
         model = GPT(CFG, mode, seq)            # serial-identical initialisation on every rank
     return plugin, model, mode, seq
@@ -206,7 +206,7 @@ EIGHT = [(Layout(dp=2, pp=2, tp=2), [("1f1b", 1, "layers"), ("interleaved", 2, "
          (Layout(pp=2, tp=2, sp=2), [("gpipe", 1, "layers")])]
 
 
-FOUR = [(Layout(pp=2, tp=2), [("1f1b", 1, "layers", "zero2")]),
+FOUR = [(Layout(pp=2, tp=2), [("1f1b", 1, "layers", "zero2"), ("gpipe", 1, "layers", "zero3_cpu")]),
         (Layout(dp=2, pp=2), [("1f1b", 1, "layers", "zero3_cpu"), ("interleaved", 2, "layers", "zero2")])]
 
 
