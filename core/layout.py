@@ -4,7 +4,8 @@
 on every rank alike, and refuses in one line what cannot run, in this order: what is wrong with
 the layout itself (a tensor-parallel grid that is not square), how it meets the world size, which
 axes the app's model can be spread over, which features rule each other out, and the batch (how
-the tensor-parallel mode splits it, how it accumulates). It returns the layout and the batch plan that the session, the plugin and the trainer then use.
+the tensor-parallel mode splits it, how it accumulates). It returns the layout and the batch plan
+that the session, the plugin and the trainer then use.
 """
 
 from __future__ import annotations

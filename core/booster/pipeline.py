@@ -18,8 +18,9 @@ each stage's weights in the chunked engine (ZeRO 1-3, host / NVMe offload) when 
   the other stages' weights), the stage runner saves tensors through the chunk hooks, and each
   chunk's gradient is reduced over dp x sp once a step, in its virtual stage's last backward
   (ZeRO-1/2 without offload: the buffers stay on the device anyway), or as each micro-batch's
-  backward completes it (accumulated in the shards; offload, budgets, ZeRO-3). A tied weight's copy sits alone in the first chunk on both ends, so their shards
-  hold the same elements and are summed between the ends after the step.
+  backward completes it (accumulated in the shards; offload, budgets, ZeRO-3). A tied weight's
+  copy sits alone in the first chunk on both ends, so their shards hold the same elements and
+  are summed between the ends after the step.
 
 Gradient clipping sees the whole model's norm: every stage's squared norm (tensor-parallel parts
 counted once each, the tied copy on the last stage not at all) summed over pp and tp. Under fp16
@@ -181,7 +182,7 @@ class PipelinePlugin(Plugin):
             for group in optimizer.param_groups:
                 group["params"] = [t for t in group["params"] if id(t) in kept]
         if self.memory is not None:
-            return self._configure_chunked(model, optimizer, layers, mine, params)
+            return self._configure_chunked(model, optimizer, layers, mine)
         self.runner = StageRunner([[layers[i] for i in stage] for stage in mine], self.pp,
                                   self.precision.autocast, params)
         wrapped = ModelWrapper(model, model, self.precision)
@@ -223,7 +224,7 @@ class PipelinePlugin(Plugin):
                             f"have no values; give them values in __init__ outside the meta device, or build "
                             f"the model without init_parameter")
 
-    def _configure_chunked(self, model: nn.Module, optimizer, layers, mine, params):
+    def _configure_chunked(self, model: nn.Module, optimizer, layers, mine):
         """This stage's parameters go into the memory plugin's chunks (made there, from the meta
         device, when the model was built on it: a stage never holds the others' layers). A tied
         weight's copy gets a chunk of its own, first, so both ends shard it alike and sum its
@@ -335,12 +336,11 @@ class PipelinePlugin(Plugin):
         batches = list(batches)           # any iterable of micro-batches
         loss = self.runner.run(self.actions(len(batches), train), batches, first_input, criterion,
                                optimizer.backward if train else None, self.mesh.device, record)
-        if self.memory is not None and train:
-            self._chunked.defer_reduce = False
-            self._chunked.flush()           # what no last backward reduced (chunks across virtual stages)
         if record is not None:
             self.records.append(record)
         if train and self.memory is not None:
+            self._chunked.defer_reduce = False
+            self._chunked.flush()           # what no last backward reduced (chunks across virtual stages)
             self._sync_chunked_ties()
         elif train:
             self._sync_gradients(model.unwrap())
