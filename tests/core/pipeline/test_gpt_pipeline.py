@@ -1,9 +1,11 @@
 """GPT under pipeline parallelism against the serial model with the same global batch: pp=2 and
-pp=4 with each schedule (GPipe, 1F1B, interleaved with 2 virtual stages), and on 8 ranks dp=2 x
-pp=2 x tp=2, dp=2 x pp=2 x sp=2 and pp=2 x tp=2 x sp=2 (one spawn): the loss of every step, the
+pp=4 with each schedule (GPipe, 1F1B, interleaved with 2 virtual stages); on 4 ranks the stages in
+the chunked engine (ZeRO-2, and ZeRO-3 with host offload under an evicting budget, stages made on
+the meta device); on 8 ranks dp=2 x pp=2 x tp=2 (also with ZeRO-1), dp=2 x pp=2 x sp=2,
+pp=2 x tp=2 x sp=2 and pp=2 x tp=4 (2D, with ZeRO-2), one spawn: the loss of every step, the
 clipped gradient norm, and the weights after 3 AdamW steps, fp32, 1e-5; the checkpoint a
-pipelined run writes is the serial state dict. fp16: an overflow on one stage skips the step on
-every stage, as one process skips it."""
+pipelined run writes is the serial state dict and loads into the other layouts. fp16: an overflow
+on one stage skips the step on every stage, as one process skips it."""
 
 import pytest
 import torch
@@ -66,7 +68,7 @@ def _build(mesh, layout, schedule, virtual, by, zero, folder):
     from core.config import MemoryConfig
     from core.checkpoint.sharding import SplitDraw
 
-    mode = make_mode("1d", mesh) if layout.tp > 1 else None
+    mode = make_mode(TP_MODES.get(layout, "1d"), mesh) if layout.tp > 1 else None
     seq = SequenceParallel(mesh.axis("sp"), "ring") if layout.sp > 1 else None
     memory = None
     if zero:
@@ -200,8 +202,10 @@ def _layouts(jobs, folder):
     return out
 
 
+TP_MODES = {Layout(pp=2, tp=4): "2d"}       # the layouts whose tensor parallelism is not 1D
 EIGHT = [(Layout(dp=2, pp=2, tp=2), [("1f1b", 1, "layers"), ("interleaved", 2, "layers"),
                                     ("1f1b", 1, "layers", "zero1")]),
+         (Layout(pp=2, tp=4), [("1f1b", 1, "layers", "zero2")]),              # 2D tensor parallelism
          (Layout(dp=2, pp=2, sp=2), [("1f1b", 1, "layers")]),                  # sequence-split stages
          (Layout(pp=2, tp=2, sp=2), [("gpipe", 1, "layers")])]
 
