@@ -10,7 +10,7 @@ cannot be built.
 
 Compile it ahead, outside anything measured or memory-capped: `python -m kernels.cpu_adam` (the
 last step of `make setup`; after a plain `pip install .`, run it once). Otherwise the first
-`load()` compiles it (20-60 s on 2 cores) and says so on stderr. How a build that is killed
+`load()` compiles it (about 20 s on 2 cores) and says so on stderr. How a build that is killed
 halfway is kept from blocking every later load, and how concurrent loads compile only once, is
 in `kernels/cpu_adam/build.py`.
 """
@@ -89,7 +89,7 @@ def load():
             try:
                 _MODULE, _LIBRARY, _COMPILE_S = load_or_build(
                     name, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, label=_LABEL,
-                    what="the C++ CPU Adam", expected="20-60 s on 2 cores, once per machine")
+                    what="the C++ CPU Adam", expected="about 20 s on 2 cores, once per machine")
             except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back to torch
                 _FAILED, _FAILED_DETAIL = _one_line(e), f"{type(e).__name__}: {e}"
                 if isinstance(e, ImportError) and (build_root() / name).exists():   # a damaged cached build

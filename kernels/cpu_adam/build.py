@@ -222,8 +222,10 @@ def load_or_build(name: str, sources: list[str], *, extra_cflags: list[str], ext
         try:
             from torch.utils.cpp_extension import load
 
-            module = load(name=name, sources=sources, extra_cflags=extra_cflags, extra_ldflags=extra_ldflags,
-                          build_directory=str(private), verbose=False)
+            # copies: torch appends its own flags to the lists it is given, which changed the
+            # caller's flags (and so the kernel's cache name) after a first compile in a process
+            module = load(name=name, sources=list(sources), extra_cflags=list(extra_cflags),
+                          extra_ldflags=list(extra_ldflags), build_directory=str(private), verbose=False)
             seconds = time.monotonic() - start
             try:
                 os.rename(private, published)

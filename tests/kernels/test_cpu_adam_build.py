@@ -2,7 +2,7 @@
 and a process that waits on another's build says whom it waits for.
 
 Every build here goes to a private TORCH_EXTENSIONS_DIR under tmp_path, never to the shared cache.
-The slow test compiles the kernel once (20-60 s on 2 cores); the others compile nothing.
+The slow test compiles the kernel once (about 20 s on 2 cores); the others compile nothing.
 """
 
 import os
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from kernels.cpu_adam import kernel_name
-from kernels.cpu_adam.build import BuildLock
+from kernels.cpu_adam.build import BuildLock, load_or_build
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD_TIMEOUT = 600          # a cold build takes 20-60 s here; a hang is what this catches
+BUILD_TIMEOUT = 600          # a cold build takes about 20 s here; a hang is what this catches
 
 
 def _can_compile() -> bool:
@@ -65,7 +65,7 @@ def _finish(p: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 HOLD = """
 import sys, time
-from kernels.cpu_adam.build import BuildLock
+from kernels.cpu_adam.build import BuildLock, load_or_build
 with BuildLock(sys.argv[1]) as lock:
     lock.record(building=sys.argv[2])
     print("held", flush=True)
@@ -74,7 +74,7 @@ with BuildLock(sys.argv[1]) as lock:
 
 WAIT = """
 import sys, time
-from kernels.cpu_adam.build import BuildLock
+from kernels.cpu_adam.build import BuildLock, load_or_build
 start = time.monotonic()
 with BuildLock(sys.argv[1], label="test", what="compiling X", wait_notice_s=0.5):
     print(f"acquired after {time.monotonic() - start:.1f} s", flush=True)
@@ -184,3 +184,22 @@ def test_after_a_build_killed_mid_compile_two_loads_at_once_compile_once(tmp_pat
         out, err = _finish(third, 60)
     assert third.returncode == 0 and out.strip() == f"C++ CPU Adam ready: {library}", (out, err)
     assert "waiting" not in err and "compiling" not in err, err
+
+
+def test_a_build_leaves_the_callers_flags_alone(tmp_path, monkeypatch):
+    """torch's `load` appends its own flags to the lists it is given; the kernel's cache name is a
+    hash of its flags, so a first compile in a process used to rename the kernel for the rest of it."""
+    import torch.utils.cpp_extension as ext
+
+    def load(*, extra_cflags, extra_ldflags, build_directory, **_):
+        extra_cflags.append("-std=c++17")
+        extra_ldflags.append("-shared")
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return object()
+
+    monkeypatch.setattr(ext, "load", load)
+    name, cflags, ldflags = "flags_probe", ["-O3"], ["-fopenmp"]
+    load_or_build(name, ["x.cpp"], extra_cflags=cflags, extra_ldflags=ldflags, label="test", what="X",
+                  root=tmp_path, say=lambda line: None)
+    assert cflags == ["-O3"] and ldflags == ["-fopenmp"]
+    assert (tmp_path / name / f"{name}.so").exists()
