@@ -16,14 +16,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.commands import run_at_once
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-def _run(args, cwd, timeout=300):
+def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def _run(args, cwd, timeout=300):
+    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +56,8 @@ def installed(tmp_path_factory):
 
 def test_every_console_script_answers_help(installed):
     venv, work = installed
-    for name in SCRIPTS:
-        done = _run([str(venv / "bin" / name), "--help"], cwd=work)
+    answers = run_at_once([[venv / "bin" / name, "--help"] for name in SCRIPTS], env=_env(), cwd=work)
+    for name, done in zip(SCRIPTS, answers):
         assert done.returncode == 0, (name, done.stderr[-2000:])
         assert "usage:" in done.stdout, name
 
@@ -61,8 +67,9 @@ def test_every_console_script_ends_as_the_module_does(installed):
     # line for a refusal, no traceback); two of them are run on a bad key to show it
     assert all(target.endswith(":console") for target in SCRIPTS.values()), SCRIPTS
     venv, work = installed
-    for name in ("loom-gpt-pretrain", "loom-protein-infer"):
-        done = _run([str(venv / "bin" / name), "train.nonexistent=1"], cwd=work)
+    names = ("loom-gpt-pretrain", "loom-protein-infer")
+    for name, done in zip(names, run_at_once([[venv / "bin" / name, "train.nonexistent=1"] for name in names],
+                                             env=_env(), cwd=work)):
         assert done.returncode == 2, (name, done.returncode, done.stderr[-2000:])
         assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, (name, done.stderr[-2000:])
 

@@ -3,7 +3,6 @@ DreamBooth, exact resume, data parallelism, and the sample command."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from apps.diffusion.config import DiffusionRecipe
 from apps.diffusion.model import DenoisingLoss
 from core.config import load_recipe
 from core.distributed.testing import run_distributed
+from tests.commands import run_at_once
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -157,32 +157,34 @@ def test_dreambooth_makes_class_images_with_the_chunked_model_then_trains(cache,
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-4 * torch.linalg.norm(a[k]) + 1e-8, k
 
 
-def _run_cli(args, cache):
-    env = dict(os.environ, LOOM_CACHE=str(cache), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _run_cli(commands, cache):
+    """`python -m ...` commands, started together (each spends seconds importing diffusers)."""
+    return run_at_once([[sys.executable, *args] for args in commands],
+                       env=dict(os.environ, LOOM_CACHE=str(cache), OMP_NUM_THREADS="1"))
 
 
 def test_sample_command_and_its_errors(cache, tmp_path):
     finetune.run(recipe(cache, tmp_path / "run", "train.steps=1", "validation.prompts=[]"))
-    r = _run_cli(["-m", "apps.diffusion.sample", "--model", str(tmp_path / "run"), "--prompt", "a red circle",
-                  "--prompt", "a blue square", "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "s")],
-                 cache)
+    r, bad = _run_cli([["-m", "apps.diffusion.sample", "--model", str(tmp_path / "run"), "--prompt", "a red circle",
+                        "--prompt", "a blue square", "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "s")],
+                       ["-m", "apps.diffusion.sample", "--model", str(tmp_path), "--prompt", "x"]], cache)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "s").glob("*-a-red-circle-*.png"))) == 2 and (tmp_path / "s" / "grid.png").is_file()
-    r = _run_cli(["-m", "apps.diffusion.sample", "--model", str(tmp_path), "--prompt", "x"], cache)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: --model {tmp_path}: is not a diffusers pipeline folder (no model_index.json); "
         "it needs unet/, vae/, text_encoder/, tokenizer/, scheduler/ as StableDiffusionPipeline.save_pretrained writes"]
 
 
 def test_finetune_command_line_errors(cache, tmp_path):
-    for args, message in [
+    cases = [
         (["data.resolution=30"], "error: data.resolution: got 30; allowed: a multiple of 8"),
         ([f"model.pretrained={tmp_path}"], "error: model.pretrained: "),
         ([f"data.path={tmp_path / 'nope'}"], "error: data.path: "),
-    ]:
-        r = _run_cli(["-m", "apps.diffusion.finetune", f"output.dir={tmp_path / 'o'}", "data.shapes_count=32",
-                      "data.resolution=16", "model.tiny_vae_steps=3", *args], cache)
+    ]
+    results = _run_cli([["-m", "apps.diffusion.finetune", f"output.dir={tmp_path / str(i)}", "data.shapes_count=32",
+                         "data.resolution=16", "model.tiny_vae_steps=3", *args] for i, (args, _) in enumerate(cases)],
+                       cache)
+    for (args, message), r in zip(cases, results):
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith(message), (args, r.stderr)

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 import apps.gpt.pretrain as pretrain
 from apps.gpt.config import GPTRecipe
 from core.config import load_recipe
+from core.distributed.testing import run_distributed
+from tests.commands import run_at_once
 
 REPO = Path(__file__).resolve().parents[3]
 QUICK_MODEL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=32",
@@ -56,13 +58,15 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
         (["data.path=/nonexistent"], "error: data.path: /nonexistent is not a folder"),
         (["--recipe", "gpt/huge"], "error: recipe 'gpt/huge' not found"),
     ]
-    for args, message in cases:
-        r = run([sys.executable, "-m", "apps.gpt.pretrain", f"output.dir={tmp_path / 'x'}", *args],
-                tmp_path, check=False)
+    results = run_at_once([[sys.executable, "-m", "apps.gpt.pretrain", f"output.dir={tmp_path / str(i)}", *args]
+                           for i, (args, _) in enumerate(cases)]
+                          + [[sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path)]],
+                          env=dict(os.environ, LOOM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"))
+    for (args, message), r in zip(cases, results):
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), (args, r.stderr)
-    r = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path)], tmp_path, check=False)
+    r = results[-1]
     assert r.returncode == 2 and "not a Loom checkpoint folder nor a run folder" in r.stderr
 
 
@@ -77,6 +81,31 @@ def _torchrun(nproc, *args):
             "-m", "apps.gpt.pretrain", *args]
 
 
+def _main(module: str, argv: list[str]) -> str:
+    """One rank of `python -m <module> <argv>`: the module's own `main`; what it printed."""
+    import contextlib
+    import importlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert importlib.import_module(module).main(argv) == 0
+    return out.getvalue()
+
+
+def ranks(nproc, tmp_path, *args, module="apps.gpt.pretrain") -> str:
+    """`python -m apps.gpt.pretrain <args>` on `nproc` ranks that the test harness forks and gives
+    the variables torchrun gives (torchrun itself is started in the data-parallel test below and in
+    tests/reliability, once per launch path: each start costs seconds of imports); rank 0's stdout."""
+    return run_distributed(_main, world_size=nproc, args=(module, list(args)), timeout=300,
+                           env={"LOOM_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"})[0]
+
+
+def generate(tmp_path, checkpoint, prompt="line", tokens=4) -> str:
+    return ranks(1, tmp_path, "--checkpoint", str(checkpoint), "--prompt", prompt, "--max-new-tokens", str(tokens),
+                 "--temperature", "0", module="apps.gpt.generate")
+
+
 def test_torchrun_data_parallel_matches_one_process(tmp_path, text_folder):
     # model.bias=false: the attention key bias gets an exactly-zero gradient (softmax ignores a
     # shift shared by all keys), so Adam turns rounding noise into its updates and no two
@@ -85,8 +114,7 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path, text_folder):
               "train.eval_every=5", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
               *QUICK_MODEL]
     run(_torchrun(2, *common, "parallel.dp=2", "train.micro_batch=2", f"output.dir={tmp_path / 'ddp'}"), tmp_path)
-    run([sys.executable, "-m", "apps.gpt.pretrain", *common, "train.micro_batch=4",
-         f"output.dir={tmp_path / 'one'}"], tmp_path)
+    ranks(1, tmp_path, *common, "train.micro_batch=4", f"output.dir={tmp_path / 'one'}")
 
     (ddp_loss, ddp_eval), (one_loss, one_eval) = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
     assert len(ddp_loss) == 5
@@ -100,8 +128,8 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path, text_folder):
     # the same steps with each sequence split over 2 ranks (all-to-all attention): the losses and
     # evaluation of one process (Adam's elementwise steps leave the weights ~1e-5 apart; the model
     # tests compare them exactly under SGD)
-    run(_torchrun(2, *common, "parallel.sp=2", "parallel.sp_mode=all_to_all", "train.micro_batch=4",
-                  f"output.dir={tmp_path / 'sp'}"), tmp_path)
+    ranks(2, tmp_path, *common, "parallel.sp=2", "parallel.sp_mode=all_to_all", "train.micro_batch=4",
+          f"output.dir={tmp_path / 'sp'}")
     sp_loss, sp_eval = _losses(tmp_path / "sp")
     assert sp_loss == pytest.approx(one_loss, rel=1e-5) and sp_eval == pytest.approx(one_eval, rel=1e-5)
 
@@ -157,15 +185,12 @@ def test_offload_and_zero_from_the_recipe(tmp_path, text_folder):
     assert evictions > 4 and "NVMe" in report, report
     assert (nvme / "sample.txt").is_file()
     zero = tmp_path / "zero3"
-    run(_torchrun(2, *common, "parallel.dp=2", "parallel.zero=3", "parallel.offload=cpu",
-                  f"output.dir={zero}"), tmp_path)
+    ranks(2, tmp_path, *common, "parallel.dp=2", "parallel.zero=3", "parallel.offload=cpu", f"output.dir={zero}")
     for out in (nvme, zero):
-        g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(out), "--prompt", "line",
-                 "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
-        assert g.stdout.startswith("line")
+        assert generate(tmp_path, out).startswith("line")
 
 
-def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
+def test_tensor_parallel_matches_one_process(tmp_path, text_folder):
     """`parallel.tp=4 parallel.tp_mode=2d` trains like one process and the checkpoint holds the
     unsplit weights (generate loads them into a serial model). 1D runs in the dp x tp test below;
     what a mode cannot split is refused before any process joins (tests/core/test_session.py,
@@ -173,9 +198,8 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
     common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=4", "train.log_every=1",
               "train.eval_every=4", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
               "train.micro_batch=4", "train.checkpoint_every=4", *QUICK_MODEL]
-    run(_torchrun(4, *common, "parallel.tp=4", "parallel.tp_mode=2d", "parallel.dp=1",
-                  f"output.dir={tmp_path / 'tp'}"), tmp_path)
-    run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
+    ranks(4, tmp_path, *common, "parallel.tp=4", "parallel.tp_mode=2d", "parallel.dp=1", f"output.dir={tmp_path / 'tp'}")
+    ranks(1, tmp_path, *common, f"output.dir={tmp_path / 'one'}")
 
     (tp_loss, tp_eval), (one_loss, one_eval) = _losses(tmp_path / "tp"), _losses(tmp_path / "one")
     assert len(tp_loss) == 4
@@ -185,18 +209,16 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path, text_folder):
     assert a.keys() == b.keys()
     for k in b:
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), k
-    g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "tp"), "--prompt", "line",
-             "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
-    assert g.stdout.startswith("line")
+    assert generate(tmp_path, tmp_path / "tp").startswith("line")
 
 
-def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder):
+def test_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder):
     """dp=2 x tp=2: DDP over the data axis around the split model; same global batch as one process."""
     common = [f"data.path={text_folder}", "data.tokenizer=bytes", "train.steps=4", "train.log_every=1",
               "train.eval_every=4", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
               "train.micro_batch=2", "train.global_batch=8", "train.checkpoint_every=4", *QUICK_MODEL]
-    run(_torchrun(4, *common, "parallel.tp=2", "parallel.dp=2", f"output.dir={tmp_path / 'hybrid'}"), tmp_path)
-    run([sys.executable, "-m", "apps.gpt.pretrain", *common, f"output.dir={tmp_path / 'one'}"], tmp_path)
+    ranks(4, tmp_path, *common, "parallel.tp=2", "parallel.dp=2", f"output.dir={tmp_path / 'hybrid'}")
+    ranks(1, tmp_path, *common, f"output.dir={tmp_path / 'one'}")
 
     hybrid, one = _losses(tmp_path / "hybrid")[0], _losses(tmp_path / "one")[0]
     assert len(hybrid) == 4 and hybrid == pytest.approx(one, rel=1e-5)
@@ -206,12 +228,10 @@ def test_torchrun_data_times_tensor_parallel_on_four_ranks(tmp_path, text_folder
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), k
     meta = json.loads((tmp_path / "hybrid" / "checkpoints" / "step_0000004" / "meta.json").read_text())
     assert meta["layout"]["dp"] == 2 and meta["layout"]["tp"] == 2
-    g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "hybrid"), "--prompt", "line",
-             "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
-    assert g.stdout.startswith("line")
+    assert generate(tmp_path, tmp_path / "hybrid").startswith("line")
 
 
-def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
+def test_pipeline_matches_one_process(tmp_path, text_folder):
     """`parallel.pp=2` with 1F1B and with the interleaved schedule trains like one process
     accumulating the same micro-batches (losses, eval loss, checkpoint weights), the checkpoint
     loads into a serial model for generation and a serial checkpoint starts a pipelined run."""
@@ -219,11 +239,10 @@ def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
               "train.eval_every=3", "optim.lr=0.01", "train.warmup_steps=0", "model.bias=false",
               "train.micro_batch=2", "train.checkpoint_every=3", *QUICK_MODEL, "model.n_layer=4"]
     pipe = ["parallel.pp=2", "parallel.microbatches=4"]
-    run(_torchrun(2, *common, *pipe, f"output.dir={tmp_path / 'pp'}"), tmp_path)
-    run(_torchrun(2, *common, *pipe, "parallel.pp_schedule=interleaved", "parallel.virtual_stages=2",
-                  f"output.dir={tmp_path / 'vpp'}"), tmp_path)
-    run([sys.executable, "-m", "apps.gpt.pretrain", *common, "train.grad_accum=4", f"output.dir={tmp_path / 'one'}"],
-        tmp_path)
+    ranks(2, tmp_path, *common, *pipe, f"output.dir={tmp_path / 'pp'}")
+    ranks(2, tmp_path, *common, *pipe, "parallel.pp_schedule=interleaved", "parallel.virtual_stages=2",
+          f"output.dir={tmp_path / 'vpp'}")
+    ranks(1, tmp_path, *common, "train.grad_accum=4", f"output.dir={tmp_path / 'one'}")
     one_loss, one_eval = _losses(tmp_path / "one")
     b = load_file(tmp_path / "one" / "checkpoints" / "step_0000003" / "model.safetensors")
     for name in ("pp", "vpp"):
@@ -233,14 +252,11 @@ def test_torchrun_pipeline_matches_one_process(tmp_path, text_folder):
         assert a.keys() == b.keys()
         for k in b:
             assert torch.linalg.norm(a[k] - b[k]) <= 1e-5 * torch.linalg.norm(b[k]), (name, k)
-    g = run([sys.executable, "-m", "apps.gpt.generate", "--checkpoint", str(tmp_path / "pp"), "--prompt", "line",
-             "--max-new-tokens", "4", "--temperature", "0"], tmp_path)
-    assert g.stdout.startswith("line")
+    assert generate(tmp_path, tmp_path / "pp").startswith("line")
     # and back: the one-process checkpoint starts a pipelined run (lr 0: its weights stay, so the
     # pipelined evaluation equals the one-process run's final one)
-    run(_torchrun(2, *common, *pipe, "train.steps=1", "optim.lr=0", "train.eval_every=1",
-                  f"train.init_weights={tmp_path / 'one' / 'checkpoints' / 'step_0000003'}",
-                  f"output.dir={tmp_path / 'back'}"), tmp_path)
+    ranks(2, tmp_path, *common, *pipe, "train.steps=1", "optim.lr=0", "train.eval_every=1",
+          f"train.init_weights={tmp_path / 'one' / 'checkpoints' / 'step_0000003'}", f"output.dir={tmp_path / 'back'}")
     assert _losses(tmp_path / "back")[1] == pytest.approx(one_eval, rel=1e-5)
     # what a pipeline cannot run (layers that do not divide into stages, too few micro-batches) is
     # refused with one line: tests/core/pipeline/test_schedule.py, and under torchrun

@@ -3,7 +3,6 @@ weights from an OpenFold .pt checkpoint predict exactly what the weights they ca
 AlphaFold .npz params that do not fit the preset name what is missing."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from apps.protein.fasta import parse_fasta
 from apps.protein.model import build_model, features, openfold_config
 from core.config import load_recipe
 from core.errors import LoomError
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.commands import run_at_once
 
 
 def _atoms(pdb: Path) -> np.ndarray:
@@ -26,8 +24,10 @@ def _atoms(pdb: Path) -> np.ndarray:
 
 
 def test_the_default_folds_the_demo_on_one_and_on_two_processes(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "apps.protein.infer", f"output.dir={tmp_path}", "output.mmcif=true"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # two processes split the Evoformer (axial parallelism); rank 0 alone writes, the same atoms
+    r, two = run_at_once([[sys.executable, "-m", "apps.protein.infer", f"output.dir={tmp_path}", "output.mmcif=true"],
+                          [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "apps.protein.infer", f"output.dir={tmp_path / 'two'}"]], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "random weights" in r.stderr and "model.params=" in r.stderr
     folder = tmp_path / "ubiquitin"
@@ -41,10 +41,6 @@ def test_the_default_folds_the_demo_on_one_and_on_two_processes(tmp_path):
                             "processes"}
     assert timings["spilled_gib"] == 0                                     # nothing spills without a folder
     assert "ubiquitin" in r.stdout and "mean pLDDT" in r.stdout
-    # two processes split the Evoformer (axial parallelism); rank 0 alone writes, the same atoms
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "apps.protein.infer", f"output.dir={tmp_path / 'two'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("mean pLDDT") == 1 and two.stderr.count("random weights") == 1
     timings = json.loads((tmp_path / "two" / "ubiquitin" / "timings.json").read_text())
@@ -148,15 +144,13 @@ def test_alphafold_params_written_from_a_model_load_and_predict_identically(tmp_
 
 
 def test_axial_parallelism_needs_the_loom_engine_and_openfold_chunking_needs_openfold(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "apps.protein.infer", "model.engine=openfold", f"output.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "axial parallelism, which needs model.engine=loom" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "apps.protein.infer", "model.chunk_size=4", f"output.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "model.engine=openfold" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "apps.protein.infer", "memory.budget_gb=0.1", f"output.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    openfold, chunks, r = run_at_once([
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "apps.protein.infer", "model.engine=openfold", f"output.dir={tmp_path}"],
+        [sys.executable, "-m", "apps.protein.infer", "model.chunk_size=4", f"output.dir={tmp_path}"],
+        [sys.executable, "-m", "apps.protein.infer", "memory.budget_gb=0.1", f"output.dir={tmp_path}"]])
+    assert openfold.returncode != 0 and "axial parallelism, which needs model.engine=loom" in openfold.stderr
+    assert chunks.returncode != 0 and "model.engine=openfold" in chunks.stderr
     assert r.returncode != 0 and "memory.budget_gb=0.10 is less than the" in r.stderr
     assert r.stderr.count("error") == 1 and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())                  # nothing half-written
