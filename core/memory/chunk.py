@@ -54,15 +54,18 @@ def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = N
     one never share one. A parameter larger than `capacity` gets a chunk of its own, of its size:
     one large matrix (a text encoder's 49 K x 768 token embedding) then does not make every chunk
     as large as itself, which would leave a small device budget room for only two or three.
-    `trained`: per parameter (default: all). The first `alone` parameters get a chunk each (a
-    weight tied across pipeline stages: the same chunk, so the same shards, on both)."""
+    `trained`: per parameter (default: all). The first `alone` parameters get a chunk each, of
+    their own size (a weight tied across pipeline stages: the same chunk, so the same shards, on
+    both)."""
     capacity = _round_up(max(1, capacity), world)
     chunks: list[Planned] = []
     for i, n in enumerate(numels):
         kind = True if trained is None else trained[i]
         last = chunks[-1] if chunks else None
         if last is None or last.used + n > last.capacity or last.trained != kind or i <= alone:
-            last = Planned(0, kind, capacity if n <= capacity else _round_up(n, world), 0)
+            # a parameter packed alone, or larger than a chunk, gets a chunk of its own size: a
+            # tied weight's chunk is then the same on every stage whatever the stage's chunk size
+            last = Planned(0, kind, capacity if n <= capacity and i >= alone else _round_up(n, world), 0)
             chunks.append(last)
         chunks[-1] = last._replace(used=last.used + n, count=last.count + 1)
     return chunks

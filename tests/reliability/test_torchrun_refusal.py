@@ -1,5 +1,6 @@
 """A layout refused at start under torchrun: exactly one line from the ranks (rank 0's), status 2
-from every rank, and torchrun's report shows that line as the root cause.
+from every rank, and torchrun's report shows that line as the root cause (under whichever rank
+torchrun saw exit first: both refuse, and each writes the line to its error file).
 
 torchrun itself still prints its ChildFailedError traceback: its launcher raises that exception
 whenever a worker exits non-zero (torch/distributed/launcher/api.py) and nothing a worker can
@@ -27,5 +28,5 @@ def test_a_refused_layout_under_torchrun(app, tmp_path):
     assert rank_err[1] == "", rank_err
     assert r.stderr.count("exitcode  : 2 ") == 2, r.stderr     # both ranks: status 2, not SIGTERM's -15
     root = r.stderr.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 0 (local_rank: 0)" in root and f"traceback : {message}" in root, r.stderr
+    assert f"traceback : {message}" in root, r.stderr
     assert not (tmp_path / "run").exists()                     # nothing written before the refusal
