@@ -67,7 +67,8 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), *,
                     retries: int = 3) -> list[Any]:
     """`fn(*args)` on `world_size` gloo ranks; each rank's return value, in rank order.
 
-    `fn` must be importable by name (a module-level function), since the ranks are spawned.
+    `fn` must be importable by name (a module-level function): each rank, forked from the
+    forkserver, imports it from its module.
     """
     last: BaseException | None = None
     mp.set_forkserver_preload(PRELOAD)
