@@ -34,7 +34,8 @@ from core.distributed import Layout, ParallelMesh
 
 def accuracy(pipe, images: int, steps: int, guidance: float, seed: int, resolution: int) -> float:
     specs = shapes.eval_prompts()
-    drawn = render(pipe, [shapes.caption(*s) for s in specs], images, steps, guidance, seed, resolution)
+    drawn = render(pipe, [shapes.caption(*s) for s in specs], images, steps, guidance, seed, resolution,
+                   batch=len(specs))
     per_prompt = [s for s in specs for _ in range(images)]
     return shapes.colour_accuracy([to_array(im) for im in drawn], per_prompt)
 

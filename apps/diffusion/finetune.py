@@ -109,7 +109,7 @@ def run(cfg: DiffusionRecipe) -> dict:
                 if cfg.data.path == "shapes":   # how often the shape has the colour its prompt asked for
                     specs = shapes.eval_prompts()
                     drawn = render(pipe, [shapes.caption(*s) for s in specs], 1, v.steps, v.guidance_scale,
-                                   v.seed + 1000, cfg.data.resolution)
+                                   v.seed + 1000, cfg.data.resolution, batch=len(specs))
                     row["shapes_color_accuracy"] = shapes.colour_accuracy([to_array(im) for im in drawn], specs)
             samples.mkdir(parents=True, exist_ok=True)
             path = samples / f"step_{trainer.step:07d}.png"

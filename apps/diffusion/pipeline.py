@@ -36,19 +36,25 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
 
 @torch.no_grad()
 def render(pipe, prompts: Sequence[str], per_prompt: int, steps: int, guidance: float, seed: int,
-           resolution: int | None = None) -> list[Image.Image]:
-    """`per_prompt` images for each prompt, in prompt order, from fixed seeds."""
+           resolution: int | None = None, batch: int = 1) -> list[Image.Image]:
+    """`per_prompt` images for each prompt, in prompt order, from fixed seeds: prompt i's noise is
+    drawn from a generator seeded `seed + i`, so an image does not depend on the other prompts.
+    `batch` prompts go through the UNet together (one denoising pass for all of them: what makes
+    scoring dozens of small prompts cheap, and under chunked weights one stream of the weights per
+    step instead of one per prompt)."""
     device = pipe.unet.device
+    f = pipe.vae_scale_factor
+    size = resolution or pipe.unet.config.sample_size * f
+    shape = (per_prompt, pipe.unet.config.in_channels, size // f, size // f)
     images = []
-    for i, prompt in enumerate(prompts):
-        g = torch.Generator(device="cpu").manual_seed(seed + i)
-        latents_shape = None
-        if resolution is not None:
-            f = pipe.vae_scale_factor
-            latents_shape = (per_prompt, pipe.unet.config.in_channels, resolution // f, resolution // f)
-        latents = torch.randn(latents_shape, generator=g).to(device) if latents_shape else None
-        out = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                   height=resolution, width=resolution, latents=latents, generator=g, output_type="pil")
+    for start in range(0, len(prompts), batch):
+        group = list(prompts[start:start + batch])
+        generators = [torch.Generator(device="cpu").manual_seed(seed + start + j) for j in range(len(group))]
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+        out = pipe(group if batch > 1 else group[0], num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                   guidance_scale=guidance, height=size, width=size, latents=latents,
+                   generator=[g for g in generators for _ in range(per_prompt)] if batch > 1 else generators[0],
+                   output_type="pil")
         images.extend(out.images)
     return images
 

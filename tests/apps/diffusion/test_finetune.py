@@ -157,6 +157,29 @@ def test_dreambooth_makes_class_images_with_the_chunked_model_then_trains(cache,
         assert torch.linalg.norm(a[k] - b[k]) <= 1e-4 * torch.linalg.norm(a[k]) + 1e-8, k
 
 
+def test_prompts_rendered_together_match_prompts_rendered_one_by_one(cache, tmp_path):
+    """The colour score renders its 56 prompts in one batch: each image is the one its prompt gets
+    alone (its own seeded noise), whatever else is in the batch."""
+    from diffusers import StableDiffusionPipeline
+
+    from apps.diffusion.pipeline import render
+    from apps.diffusion.prepare import tiny_folder
+    from core.distributed import Layout, ParallelMesh
+
+    cfg = recipe(cache, tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_folder(cfg, ParallelMesh.build(Layout()).world, print))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a blue square on a white background", "a green triangle"]
+    alone = render(pipe, prompts, 2, 3, 3.0, seed=7, resolution=16)
+    together = render(pipe, prompts, 2, 3, 3.0, seed=7, resolution=16, batch=3)
+    pairs = render(pipe, prompts, 2, 3, 3.0, seed=7, resolution=16, batch=2)
+    assert len(alone) == len(together) == len(pairs) == 6
+    arrays = [[np.asarray(im, dtype=np.int16) for im in images] for images in (alone, together, pairs)]
+    for i in range(6):
+        assert np.abs(arrays[0][i] - arrays[1][i]).max() <= 1 and np.abs(arrays[0][i] - arrays[2][i]).max() <= 1, i
+    assert np.abs(arrays[0][0] - arrays[0][2]).max() > 8      # (different prompts and noise: different images)
+
+
 def _run_cli(commands, cache):
     """`python -m ...` commands, started together (each spends seconds importing diffusers)."""
     return run_at_once([[sys.executable, *args] for args in commands],
