@@ -77,6 +77,9 @@ class TrainConfig:
     eval_batches: int = opt(8, "global batches per evaluation (the same samples whatever the layout)", min=1)
     checkpoint_every: int = opt(0, "write a checkpoint every N steps (and at the end); 0 = only at the end", min=0)
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep; older ones are deleted", min=1)
+    checkpoint_format: str = opt("unsplit", "unsplit: rank 0 writes the whole model (model.safetensors); sharded: every "
+                                            "rank writes what it owns (sharded.json + shards/), any layout resumes it",
+                                 choices=("unsplit", "sharded"))
     log_every: int = opt(10, "write metrics and refresh the progress bar every N steps", min=1)
     seed: int = opt(0, "seed for weights, data order and dropout", min=0)
     resume: str = opt("", "'' starts fresh; 'latest' continues from the newest checkpoint in output.dir; or a checkpoint folder")

@@ -191,7 +191,8 @@ class Trainer:
                 self.task.add_files(tmp)
 
         self.booster.save(folder, self.model, self.optimizer, self.scheduler, state=state,
-                          rank_state=capture_rng(), add_files=add_files, meta={"step": self.step})
+                          rank_state=capture_rng(), add_files=add_files, meta={"step": self.step},
+                          format=self.tc.checkpoint_format)
         if self.mesh.is_main:
             prune_checkpoints(self.ckpt_root, self.tc.keep_checkpoints)
         return folder

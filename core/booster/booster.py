@@ -20,6 +20,8 @@ from torch import nn
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.checkpoint import load_file, save_file, write_atomically
 from core.checkpoint.files import read_meta
+from core.checkpoint.sharded import ShardReader, ShardWriter, is_sharded, merge, write_index
+from core.checkpoint.weights import merge_ties
 from core.errors import LoomError
 
 
@@ -69,7 +71,7 @@ class Booster:
 
     def load_weights(self, model: ModelWrapper, folder: Path) -> None:
         """Only the weights of a checkpoint (a fresh run started from them, any layout)."""
-        self.plugin.checkpoint_io().load_model(model.unwrap(), Path(folder))
+        self.plugin.checkpoint_io().load_model(model.unwrap(), Path(folder))   # either format
 
     def backward(self, loss: torch.Tensor, optimizer: OptimizerWrapper) -> None:
         optimizer.backward(loss)
@@ -89,20 +91,36 @@ class Booster:
 
     def save(self, folder: Path, model: ModelWrapper, optimizer: OptimizerWrapper | None = None,
              scheduler: Any = None, state: dict | None = None, rank_state: dict | None = None,
-             add_files: Callable[[Path], None] | None = None, meta: dict | None = None) -> Path:
+             add_files: Callable[[Path], None] | None = None, meta: dict | None = None,
+             format: str = "unsplit") -> Path:
         """Write a complete checkpoint folder atomically.
 
         `state` is shared (written once), `rank_state` is this rank's own (each rank writes
         one, e.g. its RNG states), `add_files(tmp_folder)` lets rank 0 add files (a config, a
-        tokenizer), `meta` goes into meta.json.
+        tokenizer), `meta` goes into meta.json. `format`: "unsplit" (rank 0 writes the whole
+        model, `core.checkpoint.io`) or "sharded" (every rank writes what it owns of the weights
+        and optimizer states, `core.checkpoint.sharded`; any layout loads it).
         """
+        if format not in ("unsplit", "sharded"):
+            raise LoomError(f"checkpoint format {format!r}: choose unsplit or sharded")
         io = self.plugin.checkpoint_io()
         world = self.mesh.world
+        optimizer_state: dict = {}
 
         def write(tmp: Path) -> None:
-            io.save_model(model.unwrap(), tmp, world.rank)
-            if optimizer is not None:
-                io.save_optimizer(optimizer.optim, tmp, world.rank)
+            if format == "sharded":
+                writer = ShardWriter()
+                optimizer_state.update(io.sharding.save_shards(model.unwrap(), optimizer.optim if optimizer else None,
+                                                               writer))
+                parts = _gather_to_all(writer.write(tmp, world.rank), world)
+                if world.rank == 0:
+                    ties = [list(g) for g in merge_ties(io.sharding.ties(model.unwrap()))]
+                    write_index(tmp, merge(parts, world_size=world.size, layout=self.mesh.layout.__dict__,
+                                           ties=ties, **(meta or {})))
+            else:
+                io.save_model(model.unwrap(), tmp, world.rank)
+                if optimizer is not None:
+                    io.save_optimizer(optimizer.optim, tmp, world.rank)
             if rank_state is not None:
                 (tmp / "rng").mkdir(exist_ok=True)
                 save_file(rank_state, tmp / "rng" / f"rank_{world.rank:05d}.pt")
@@ -110,7 +128,8 @@ class Booster:
                 scaler = optimizer.scaler if optimizer is not None else None
                 save_file({"scheduler": scheduler.state_dict() if scheduler is not None else None,
                            "scaler": scaler.state_dict() if scaler is not None else None,
-                           "state": state or {}}, tmp / self.STATE)
+                           "state": state or {}, **({"optimizer": optimizer_state} if optimizer_state else {})},
+                          tmp / self.STATE)
                 if add_files is not None:
                     add_files(tmp)
                 info = {"world_size": world.size, "layout": self.mesh.layout.__dict__,
@@ -129,10 +148,15 @@ class Booster:
         folder = Path(folder)
         meta = read_meta(folder)
         io = self.plugin.checkpoint_io()
-        io.load_model(model.unwrap(), folder)
         saved = load_file(folder / self.STATE)
+        if is_sharded(folder):
+            io.sharding.load_shards(model.unwrap(), optimizer.optim if optimizer is not None else None,
+                                    ShardReader(folder), saved.get("optimizer") if optimizer is not None else None)
+        else:
+            io.load_model(model.unwrap(), folder)
+            if optimizer is not None:
+                io.load_optimizer(optimizer.optim, folder)
         if optimizer is not None:
-            io.load_optimizer(optimizer.optim, folder)
             if optimizer.scaler is not None and saved.get("scaler"):
                 optimizer.scaler.load_state_dict(saved["scaler"])
         if scheduler is not None and saved.get("scheduler") is not None:
@@ -141,3 +165,14 @@ class Booster:
         same_world = meta.get("world_size") == self.mesh.world.size
         rank_state = load_file(rank_file) if same_world and rank_file.is_file() else None
         return saved.get("state", {}), rank_state
+
+
+def _gather_to_all(part: dict, world) -> list[dict]:
+    """Every rank's part of the sharded index (each rank gets the list)."""
+    if world.size == 1:
+        return [part]
+    import torch.distributed as dist
+
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, part, group=world.group)
+    return parts

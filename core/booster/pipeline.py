@@ -94,6 +94,10 @@ class PipelineSharding(Sharding):
         else:
             super().load_local(model, local)
 
+    def chunk_states(self):
+        inner = self.plugin.memory
+        return inner.optimizer.optim if inner is not None and inner.optimizer is not None else None
+
     def gather(self, model: nn.Module) -> dict[str, torch.Tensor]:
         import torch.distributed as dist
 

@@ -60,6 +60,9 @@ class ChunkSharding(Sharding):
     def load_local(self, model: nn.Module, local: dict[str, torch.Tensor]) -> None:
         self.plugin.optimizer.load_master(local)
 
+    def chunk_states(self):
+        return self.plugin.optimizer.optim
+
 
 class ZeroPlugin(Plugin):
     name = "zero"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.checkpoint.files import load_file, read_weights, save_file
+from core.checkpoint.sharded import ShardReader, is_sharded
 from core.checkpoint.sharding import Sharding
 from core.checkpoint.weights import fit_weights, load_buffers, merge_ties, write_weights
 from core.distributed import AXES
@@ -41,6 +42,9 @@ class CheckpointIO:
             write_weights(Path(folder) / self.MODEL, tensors, merge_ties(self.sharding.ties(model)))
 
     def load_model(self, model: nn.Module, folder: Path) -> None:
+        if is_sharded(folder):          # written by every rank: this rank reads its part
+            self.sharding.load_shards(model, None, ShardReader(Path(folder)), None)
+            return
         path = Path(folder) / self.MODEL
         weights = fit_weights(read_weights(path), model, merge_ties(self.sharding.ties(model)), path,
                               whole=self.sharding.whole)

@@ -16,8 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.checkpoint.weights import Ties, check_shape, persistent_buffers, tied_names
+from core.checkpoint.sharded import Held, ShardReader, ShardWriter
+from core.checkpoint.weights import Ties, check_shape, merge_ties, persistent_buffers, tied_names
+from core.errors import LoomError
 from core.tensor import TPLayer
+
+# what the sharded format calls the chunk optimizer's states (`core.zero.states.KINDS`)
+CHUNK_KEYS = {"master": "model", "exp_avg": "optim:exp_avg", "exp_avg_sq": "optim:exp_avg_sq"}
 
 
 def split_layer(model: nn.Module, name: str) -> tuple[TPLayer, str] | None:
@@ -119,3 +124,158 @@ class Sharding:
         """Take this rank's part of every parameter from unsplit `weights` (which hold every name
         of this rank's parameters)."""
         self.load_local(model, split(model, weights))
+
+    # ------------------------------------------------------------ the sharded format
+
+    def chunk_states(self):
+        """The chunk optimizer's states (`core.zero.states.ChunkStates`) when the weights live in
+        chunks, else None."""
+        return None
+
+    def held(self, model: nn.Module, name: str, local: torch.Tensor) -> Held:
+        """Which part of the model's tensor `name` this rank holds as `local`."""
+        split = split_layer(model, name)
+        if split is None or split[0].mode.size == 1:
+            return Held.whole(local.shape)
+        layer, pname = split
+        shape = layer.serial_shapes[pname]
+        return Held.from_index(shape, layer.mode.param_index(layer.tp_kinds[pname], shape, layer.mode.rank))
+
+    def _writes_replica(self) -> bool:
+        """Ranks that hold the same parameters (dp, sp): the first one writes them."""
+        mesh = self.mesh
+        return mesh is None or (mesh.rank("dp") == 0 and mesh.rank("sp") == 0)
+
+    def stored_names(self, model: nn.Module) -> dict[str, str]:
+        """Each name of a tied tensor -> the one name it is stored under (the first, sorted)."""
+        return {n: group[0] for group in merge_ties(self.ties(model)) for n in group}
+
+    def save_shards(self, model: nn.Module, optimizer, writer: ShardWriter) -> dict:
+        """Add the pieces this rank owns (weights, optimizer states, buffers) to `writer`; returns
+        what every rank holds alike (the optimizer's step count and hyperparameter groups)."""
+        stored = self.stored_names(model)
+        states = self.chunk_states()
+        if states is not None:
+            shared = self._save_chunks(model, states, writer, stored)
+        else:
+            shared = self._save_params(model, optimizer, writer, stored)
+        mesh = self.mesh
+        if self._writes_replica() and (mesh is None or mesh.rank("tp") == 0):
+            for name, buf in persistent_buffers(model).items():
+                writer.add(f"buffer:{stored.get(name, name)}", buf)
+        return shared
+
+    def _save_params(self, model, optimizer, writer, stored) -> dict:
+        step = 0
+        for name, p in model.named_parameters():
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            step = max(step, int(state["step"])) if "step" in state else step
+            if not self._writes_replica():
+                continue
+            key, held = stored.get(name, name), self.held(model, name, p)
+            writer.add(f"model:{key}", p, held)
+            for kind, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and kind != "step":
+                    writer.add(f"optim:{kind}:{key}", value, held)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+        return {"step": step, "groups": groups}
+
+    def _save_chunks(self, model, states, writer, stored) -> dict:
+        from core.zero.states import KINDS
+
+        m = states.manager
+        for chunk in m.chunks:
+            if not chunk.trained:      # frozen: weights alone, whole on every rank for a moment
+                whole = states.whole("master", chunk)
+                if m.rank == 0:
+                    for info in chunk.tensors:
+                        writer.add(f"model:{stored.get(info.name, info.name)}",
+                                   whole[info.offset:info.offset + info.numel].view(info.param.shape),
+                                   self.held(model, info.name, info.param))
+                continue
+            shard = chunk.shard(m.rank)
+            values = {kind: states.get(kind, chunk) for kind in KINDS}
+            for info in chunk.tensors:
+                a, b = max(info.offset, shard.start), min(info.offset + info.numel, shard.stop)
+                if a >= b:
+                    continue
+                held, key = self.held(model, info.name, info.param), stored.get(info.name, info.name)
+                for kind in (KINDS if info.param.requires_grad else ("master",)):
+                    writer.add(f"{CHUNK_KEYS[kind]}:{key}", values[kind][a - shard.start:b - shard.start], held,
+                               (a - info.offset, b - info.offset))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in states.param_groups]
+        return {"step": states.step_count, "skipped": states.skipped_steps, "scaler": states.scaler.state_dict(),
+                "groups": groups}
+
+    @torch.no_grad()
+    def load_shards(self, model: nn.Module, optimizer, reader: ShardReader, shared: dict | None) -> None:
+        """Set this rank's weights, buffers and (with `optimizer`) optimizer states from a sharded
+        checkpoint written in any layout. `shared` is what `save_shards` returned (None: weights only)."""
+        stored = self.stored_names(model)
+        states = self.chunk_states()
+        try:
+            if states is not None:
+                self._load_chunks(model, states, reader, stored, shared if optimizer is not None else None)
+            else:
+                self._load_params(model, optimizer, reader, stored, shared)
+            for name, buf in persistent_buffers(model).items():
+                buf.copy_(reader.read(reader.tied(f"buffer:{stored.get(name, name)}")))
+        except RuntimeError as e:
+            raise LoomError(f"the sharded checkpoint {reader.folder} does not fit this model: "
+                            f"{str(e).splitlines()[0]}") from None
+
+    def _load_params(self, model, optimizer, reader, stored, shared) -> None:
+        kinds = sorted({n.split(":")[1] for n in reader.names() if n.startswith("optim:")})
+        for name, p in model.named_parameters():
+            key, held = stored.get(name, name), self.held(model, name, p)
+            key = reader.tied(f"model:{key}").partition(":")[2]
+            p.copy_(reader.read(f"model:{key}", held))
+            if optimizer is None or shared is None or not p.requires_grad:
+                continue
+            state = {kind: reader.read(f"optim:{kind}:{key}", held).to(p.device)
+                     for kind in kinds if f"optim:{kind}:{key}" in reader}
+            if state:
+                state["step"] = torch.tensor(float(shared["step"]))
+                optimizer.state[p] = state
+        if optimizer is not None and shared is not None:
+            _load_groups(optimizer.param_groups, shared["groups"])
+
+    def _load_chunks(self, model, states, reader, stored, shared) -> None:
+        from core.zero.states import KINDS
+
+        m = states.manager
+        for chunk in m.chunks:
+            if not chunk.trained:
+                whole = torch.zeros(chunk.capacity, dtype=torch.float32)
+                for info in chunk.tensors:
+                    whole[info.offset:info.offset + info.numel] = reader.read(
+                        reader.tied(f"model:{stored.get(info.name, info.name)}"),
+                        self.held(model, info.name, info.param)).reshape(-1)
+                m.set_weights(chunk, whole)
+                continue
+            shard = chunk.shard(m.rank)
+            for kind in (KINDS if shared is not None else ("master",)):
+                buf = torch.zeros(chunk.shard_numel, dtype=torch.float32)
+                for info in chunk.tensors:
+                    a, b = max(info.offset, shard.start), min(info.offset + info.numel, shard.stop)
+                    name = reader.tied(f"{CHUNK_KEYS[kind]}:{stored.get(info.name, info.name)}")
+                    if a >= b or (kind != "master" and (not info.param.requires_grad or name not in reader)):
+                        continue
+                    buf[a - shard.start:b - shard.start] = reader.read(
+                        name, self.held(model, info.name, info.param), (a - info.offset, b - info.offset))
+                states.store.write(kind, chunk.index, buf)
+                if kind == "master":
+                    m.update_working(chunk, buf)
+        if shared is not None:
+            states.step_count = int(shared["step"])
+            states.skipped_steps = int(shared.get("skipped", 0))
+            if shared.get("scaler") is not None:
+                states.scaler.load_state_dict(shared["scaler"])
+            _load_groups(states.param_groups, shared["groups"])
+
+
+def _load_groups(groups: list[dict], saved: list[dict]) -> None:
+    if len(saved) != len(groups):
+        raise LoomError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this one {len(groups)}")
+    for group, values in zip(groups, saved):
+        group.update(values)
