@@ -36,8 +36,9 @@ def _enospc(text: str) -> None:
     folder, _, name = text.rpartition("/")
 
     def save(obj, f, *args, **kwargs):
-        if folder in str(f) and str(f).endswith(name):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        path = str(getattr(f, "name", f))       # a path, or the file object Loom writes through
+        if folder in path and path.endswith(name):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(obj, f, *args, **kwargs)
 
     torch.save = save
