@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from benchmarks._machine import machine
+from core.checkpoint.convert import unsplit_weights
 from core.checkpoint import find_checkpoints
 from core.checkpoint.manifest import NAME as MANIFEST
 from core.checkpoint.manifest import verify
@@ -152,7 +152,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     found = find_checkpoints(Path(out) / "checkpoints")
     if not found:
         raise AssertionError(f"no checkpoint in {out}")
-    return load_file(found[-1][1] / "model.safetensors")
+    return unsplit_weights(found[-1][1])          # (either format)
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -80,12 +80,14 @@ class TrainConfig:
     checkpoint_format: str = opt("unsplit", "unsplit: rank 0 writes the whole model (model.safetensors); sharded: every "
                                             "rank writes what it owns (sharded.json + shards/), any layout resumes it",
                                  choices=("unsplit", "sharded"))
+    checkpoint_async: bool = opt(False, "write sharded checkpoints in the background while training goes on (each rank "
+                                        "keeps a host copy of its part until its files are written)")
     log_every: int = opt(10, "write metrics and refresh the progress bar every N steps", min=1)
     seed: int = opt(0, "seed for weights, data order and dropout", min=0)
     resume: str = opt("", "'' starts fresh; 'latest' continues from the newest checkpoint in output.dir; or a checkpoint folder")
     progress: bool = opt(True, "show a progress bar on rank 0")
     init_weights: str = opt("", "a checkpoint folder whose weights (only) start a fresh run, from any layout "
-                                "(checkpoints hold unsplit weights)")
+                                "(unsplit or sharded)")
 
 
 @dataclass
@@ -178,6 +180,9 @@ class Recipe:
         """Cross-field checks; raise ConfigError. Subclasses extend it."""
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: got {list(self.optim.betas)}; allowed: two numbers in [0, 1)")
+        if self.train.checkpoint_async and self.train.checkpoint_format != "sharded":
+            raise ConfigError("train.checkpoint_async=true needs train.checkpoint_format=sharded (an unsplit "
+                              "checkpoint is gathered on rank 0, which a background save cannot overlap)")
 
 
 @dataclass

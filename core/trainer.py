@@ -98,6 +98,7 @@ class Trainer:
         boosted = self.booster.boost(task.model, optimizer, scheduler=scheduler)
         self.model, self.optimizer, self.scheduler = boosted.model, boosted.optimizer, boosted.scheduler
         self.step = 0
+        self._pending = None        # a checkpoint being written in the background (BackgroundSave)
         self.step_losses: dict[int, float] = {}   # global (dp-averaged) loss of every step run here
         self.eval_losses: dict[int, float] = {}
         self.metrics: MetricsLog | None = None
@@ -180,7 +181,14 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
 
+    def finish_save(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (every rank)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.finish()
+
     def save_checkpoint(self) -> Path:
+        self.finish_save()          # one background save at a time; its failure stops the run here
         folder = step_folder(self.ckpt_root, self.step)
         state = {"step": self.step, "skipped_steps": self.optimizer.skipped_steps,
                  "extra": {name: obj.state_dict() for name, obj in self.task.extra_state.items()}}
@@ -190,11 +198,12 @@ class Trainer:
             if self.task.add_files is not None:
                 self.task.add_files(tmp)
 
-        self.booster.save(folder, self.model, self.optimizer, self.scheduler, state=state,
-                          rank_state=capture_rng(), add_files=add_files, meta={"step": self.step},
-                          format=self.tc.checkpoint_format)
-        if self.mesh.is_main:
-            prune_checkpoints(self.ckpt_root, self.tc.keep_checkpoints)
+        saving = self.booster.save(folder, self.model, self.optimizer, self.scheduler, state=state,
+                                   rank_state=capture_rng(), add_files=add_files, meta={"step": self.step},
+                                   format=self.tc.checkpoint_format, background=self.tc.checkpoint_async,
+                                   after=lambda: prune_checkpoints(self.ckpt_root, self.tc.keep_checkpoints))
+        if self.tc.checkpoint_async:
+            self._pending = saving      # published by its thread; older ones pruned only after that
         return folder
 
     # ---------------------------------------------------------------- pipeline
@@ -336,6 +345,7 @@ class Trainer:
         finally:
             self._bar.close()
             self._bar = None
+        self.finish_save()
         if self.mesh.is_main and self.metrics is not None:
             plot_loss_curve(self.metrics.path, self.out / "loss.png",
                             title=f"{Path(self.cfg.output.dir).name}: loss")

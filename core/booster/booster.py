@@ -8,6 +8,7 @@ a scheme supports is declared once, on the plugin (`core.booster.plugin.Plugin`)
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.checkpoint import load_file, save_file, write_atomically
+from core.checkpoint.background import BackgroundSave
 from core.checkpoint.files import read_meta
 from core.checkpoint.sharded import ShardReader, ShardWriter, is_sharded, merge, write_index
 from core.checkpoint.weights import merge_ties
@@ -92,31 +94,56 @@ class Booster:
     def save(self, folder: Path, model: ModelWrapper, optimizer: OptimizerWrapper | None = None,
              scheduler: Any = None, state: dict | None = None, rank_state: dict | None = None,
              add_files: Callable[[Path], None] | None = None, meta: dict | None = None,
-             format: str = "unsplit") -> Path:
+             format: str = "unsplit", background: bool = False,
+             after: Callable[[], None] | None = None) -> Path | BackgroundSave:
         """Write a complete checkpoint folder atomically.
 
         `state` is shared (written once), `rank_state` is this rank's own (each rank writes
         one, e.g. its RNG states), `add_files(tmp_folder)` lets rank 0 add files (a config, a
         tokenizer), `meta` goes into meta.json. `format`: "unsplit" (rank 0 writes the whole
         model, `core.checkpoint.io`) or "sharded" (every rank writes what it owns of the weights
-        and optimizer states, `core.checkpoint.sharded`; any layout loads it).
+        and optimizer states, `core.checkpoint.sharded`; any layout loads it). `after` runs on
+        rank 0 once the folder is in place (pruning older checkpoints).
+
+        With `background` (sharded only) everything is captured now and the files are written by
+        a thread while training goes on: the returned `BackgroundSave`'s `finish()` (every rank)
+        waits for it and reports a failure.
         """
         if format not in ("unsplit", "sharded"):
             raise LoomError(f"checkpoint format {format!r}: choose unsplit or sharded")
+        if background and format != "sharded":
+            raise LoomError("train.checkpoint_async=true needs train.checkpoint_format=sharded (an unsplit "
+                            "checkpoint is gathered on rank 0, which a background save cannot overlap)")
         io = self.plugin.checkpoint_io()
         world = self.mesh.world
-        optimizer_state: dict = {}
+        scaler = optimizer.scaler if optimizer is not None else None
 
-        def write(tmp: Path) -> None:
+        def capture() -> dict:
+            """What the files will hold, taken now (the collectives run here, on every rank)."""
+            got: dict = {"shared": None}
             if format == "sharded":
-                writer = ShardWriter()
-                optimizer_state.update(io.sharding.save_shards(model.unwrap(), optimizer.optim if optimizer else None,
-                                                               writer))
-                parts = _gather_to_all(writer.write(tmp, world.rank), world)
+                writer = ShardWriter(copy=background)
+                got["optimizer"] = io.sharding.save_shards(model.unwrap(), optimizer.optim if optimizer else None,
+                                                           writer)
+                parts = _gather_to_all(writer.part(world.rank), world)
+                got["writer"] = writer
                 if world.rank == 0:
                     ties = [list(g) for g in merge_ties(io.sharding.ties(model.unwrap()))]
-                    write_index(tmp, merge(parts, world_size=world.size, layout=self.mesh.layout.__dict__,
-                                           ties=ties, **(meta or {})))
+                    got["index"] = merge(parts, world_size=world.size, layout=self.mesh.layout.__dict__,
+                                         ties=ties, **(meta or {}))
+            if world.rank == 0:
+                shared = {"scheduler": scheduler.state_dict() if scheduler is not None else None,
+                          "scaler": scaler.state_dict() if scaler is not None else None, "state": state or {}}
+                if got.get("optimizer"):
+                    shared["optimizer"] = got["optimizer"]
+                got["shared"] = copy.deepcopy(shared) if background else shared
+            return got
+
+        def write_files(tmp: Path, got: dict) -> None:
+            if format == "sharded":
+                got["writer"].write(tmp, world.rank)
+                if world.rank == 0:
+                    write_index(tmp, got["index"])
             else:
                 io.save_model(model.unwrap(), tmp, world.rank)
                 if optimizer is not None:
@@ -125,19 +152,21 @@ class Booster:
                 (tmp / "rng").mkdir(exist_ok=True)
                 save_file(rank_state, tmp / "rng" / f"rank_{world.rank:05d}.pt")
             if world.rank == 0:
-                scaler = optimizer.scaler if optimizer is not None else None
-                save_file({"scheduler": scheduler.state_dict() if scheduler is not None else None,
-                           "scaler": scaler.state_dict() if scaler is not None else None,
-                           "state": state or {}, **({"optimizer": optimizer_state} if optimizer_state else {})},
-                          tmp / self.STATE)
+                save_file(got["shared"], tmp / self.STATE)
                 if add_files is not None:
                     add_files(tmp)
                 info = {"world_size": world.size, "layout": self.mesh.layout.__dict__,
                         "plugin": self.plugin.name, "precision": self.plugin.precision.name,
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}
+                        "format": format, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}
                 (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
 
-        return write_atomically(Path(folder), write, world)
+        if background:
+            got = capture()
+            return BackgroundSave(Path(folder), lambda tmp: write_files(tmp, got), world, after)
+        done = write_atomically(Path(folder), lambda tmp: write_files(tmp, capture()), world)
+        if after is not None and world.rank == 0:
+            after()
+        return done
 
     def load(self, folder: Path, model: ModelWrapper, optimizer: OptimizerWrapper | None = None,
              scheduler: Any = None) -> tuple[dict, dict | None]:

@@ -166,7 +166,8 @@ def _pieces(held: Held, flat: tuple[int, int] | None):
 class ShardWriter:
     """The pieces one rank writes: `add` what it owns, then `write` (every rank its own file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = False) -> None:
+        self.copy = copy           # keep copies (the files are written later, while training goes on)
         self.tensors: dict[str, torch.Tensor] = {}
         self.entries: dict[str, dict] = {}
 
@@ -193,19 +194,26 @@ class ShardWriter:
                 box = value[pos:pos + math.prod(h_size)].view(h_size)
                 part = box[_slices(lo, size, h_off)]
             key = f"{name}@{','.join(map(str, g))}"
-            self.tensors[key] = part.contiguous().cpu()
+            self.tensors[key] = part.to("cpu", copy=True).contiguous() if self.copy else part.contiguous().cpu()
             entry["pieces"].append({"key": key, "offsets": list(g), "sizes": list(size)})
 
-    def write(self, folder: Path, rank: int) -> dict:
-        """Write this rank's file; returns its part of the index (`merge` joins the parts)."""
-        name = f"{SHARDS}/rank_{rank:05d}.safetensors"
-        path = Path(folder) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors, str(path), metadata={"format": "loom-sharded", "version": str(VERSION)})
+    @staticmethod
+    def file_of(rank: int) -> str:
+        return f"{SHARDS}/rank_{rank:05d}.safetensors"
+
+    def part(self, rank: int) -> dict:
+        """This rank's part of the index (`merge` joins the parts), before or after `write`."""
         for entry in self.entries.values():
             for piece in entry["pieces"]:
-                piece["file"] = name
+                piece["file"] = self.file_of(rank)
         return self.entries
+
+    def write(self, folder: Path, rank: int) -> dict:
+        """Write this rank's file; returns its part of the index."""
+        path = Path(folder) / self.file_of(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(path), metadata={"format": "loom-sharded", "version": str(VERSION)})
+        return self.part(rank)
 
 
 def merge(parts: Sequence[dict], **info) -> dict:

@@ -51,3 +51,22 @@ def test_resume_latest_passes_over_a_damaged_checkpoint(app, unbroken, tmp_path)
     assert resumed_from(r.stderr) == 6
     assert losses(out) == unbroken.losses
     assert same_weights(final_weights(out), unbroken.weights)
+
+
+def test_killed_during_a_background_save_then_resumed(app, unbroken, tmp_path):
+    """train.checkpoint_async=true: the process dies after its thread wrote the files of the step-4
+    save, before they were published; step 2 is what is left (intact: older checkpoints are pruned
+    only after a newer one is in place), and resuming ends bit for bit like the unbroken run."""
+    out = tmp_path / "run"
+    background = ["train.checkpoint_format=sharded", "train.checkpoint_async=true"]
+    r = app.run(out, *background, kill_at="checkpoint.async_written:2")
+    assert r.killed, r.stderr[-3000:]
+    state = checkpoints_state(out)
+    assert state == {2: None}, (state, in_flight_saves(out))
+    assert in_flight_saves(out) == [".step_0000004.partial"]
+    done = app.run(out, *background, "train.resume=latest")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert resumed_from(done.stderr) == 2
+    assert losses(out) == unbroken.losses
+    assert same_weights(final_weights(out), unbroken.weights)
+    assert (out / "checkpoints" / "step_0000008" / "sharded.json").is_file() and not in_flight_saves(out)
