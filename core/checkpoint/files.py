@@ -3,6 +3,9 @@
     <output.dir>/checkpoints/step_0000300/
         model.safetensors   weights (loadable with safetensors alone; see `core.checkpoint.io`)
         optimizer.pt        optimizer state (or one file per rank of a split: `core.checkpoint.io`)
+      or, with train.checkpoint_format=sharded (`core.checkpoint.sharded`):
+        sharded.json        every tensor's global shape and where its pieces are
+        shards/rank_N.safetensors   the weights and optimizer states rank N owned
         state.pt            step, scheduler, scaler, app state
         rng/rank_00000.pt   each rank's random-number generator states
         config.yaml         the complete recipe of the run
