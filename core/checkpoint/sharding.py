@@ -146,6 +146,12 @@ class Sharding:
         mesh = self.mesh
         return mesh is None or (mesh.rank("dp") == 0 and mesh.rank("sp") == 0)
 
+    def _tp_copy(self, held: Held) -> bool:
+        """A tensor every tp rank holds whole (a norm's scale, a row layer's bias): tp rank 0's
+        copy is written, the others' would be the same bytes again."""
+        mesh = self.mesh
+        return mesh is not None and mesh.rank("tp") > 0 and held.runs == Held.whole(held.shape).runs
+
     def stored_names(self, model: nn.Module) -> dict[str, str]:
         """Each name of a tied tensor -> the one name it is stored under (the first, sorted)."""
         return {n: group[0] for group in merge_ties(self.ties(model)) for n in group}
@@ -173,6 +179,8 @@ class Sharding:
             if not self._writes_replica():
                 continue
             key, held = stored.get(name, name), self.held(model, name, p)
+            if self._tp_copy(held):
+                continue
             writer.add(f"model:{key}", p, held)
             for kind, value in state.items():
                 if torch.is_tensor(value) and value.shape == p.shape and kind != "step":
@@ -189,9 +197,10 @@ class Sharding:
                 whole = states.whole("master", chunk)
                 if m.rank == 0:
                     for info in chunk.tensors:
-                        writer.add(f"model:{stored.get(info.name, info.name)}",
-                                   whole[info.offset:info.offset + info.numel].view(info.param.shape),
-                                   self.held(model, info.name, info.param))
+                        held = self.held(model, info.name, info.param)
+                        if not self._tp_copy(held):
+                            writer.add(f"model:{stored.get(info.name, info.name)}",
+                                       whole[info.offset:info.offset + info.numel].view(info.param.shape), held)
                 continue
             shard = chunk.shard(m.rank)
             values = {kind: states.get(kind, chunk) for kind in KINDS}
@@ -200,6 +209,8 @@ class Sharding:
                 if a >= b:
                     continue
                 held, key = self.held(model, info.name, info.param), stored.get(info.name, info.name)
+                if self._tp_copy(held):
+                    continue
                 for kind in (KINDS if info.param.requires_grad else ("master",)):
                     writer.add(f"{CHUNK_KEYS[kind]}:{key}", values[kind][a - shard.start:b - shard.start], held,
                                (a - info.offset, b - info.offset))
