@@ -1,11 +1,12 @@
-"""Sharded checkpoints reshard: the GPT app saves a sharded checkpoint at step 2 under each of seven
+"""Sharded checkpoints reshard: the GPT app saves a sharded checkpoint at step 2 under each of eight
 layouts, another layout resumes it and runs steps 3-4, and the losses and the weights it ends with
 are those of its own uninterrupted run (1e-5, fp32); a checkpoint whose optimizer states were
 dropped does not pass, so the states are carried, not reset.
 
 The suite resumes each layout's checkpoint in the next layout of the list (a cycle: every layout
-writes once and reads once, 7 of the 42 pairs); `python -m tests.apps.gpt.test_resharding` runs
-every layout against every other (the whole matrix: 100 s on 2 cores)."""
+writes once and reads once, 8 of the 56 pairs); `python -m tests.apps.gpt.test_resharding` runs
+every layout against every other (the whole matrix: 116 s on 2 cores). A change of precision is checked apart: a
+bf16 run resumes a sharded checkpoint exactly as it resumes the unsplit one of the same run."""
 
 import json
 import shutil
@@ -32,6 +33,7 @@ LAYOUTS = {
     "dp2_pp2_tp2": (8, ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"]),
     "dp2_zero3_nvme": (2, ["parallel.dp=2", "parallel.zero=3", "parallel.offload=nvme", "memory.chunk_mb=0.01",
                            "memory.device_gb=0.0001"]),
+    "sp2": (2, ["parallel.sp=2"]),
 }
 
 
@@ -125,6 +127,31 @@ def test_each_layout_resumes_another_layouts_sharded_checkpoint(tmp_path, text_f
     run_distributed(_runs, world_size=2, args=([argv("tp2", tmp_path / "reset", f"train.resume={stripped}")],), env=env)
     assert _losses(tmp_path / "reset")[3] == pytest.approx(whole["tp2"][0][3], rel=1e-5)   # the weights came back
     assert _losses(tmp_path / "reset")[4] != pytest.approx(whole["tp2"][0][4], rel=1e-3)   # the moments did not
+
+
+def test_a_bf16_run_resumes_a_sharded_checkpoint_as_it_resumes_the_unsplit_one(tmp_path, text_folder):
+    """Precision is a layout too: one fp32 run writes both formats (the same steps twice), and a bf16
+    run resumed from either goes on identically (the fp32 weights and moments it loads are the same
+    numbers, whichever format held them; unsplit optimizer states resume only in the layout that
+    wrote them, so the bf16 run is one process too)."""
+    env = {"LOOM_CACHE": str(tmp_path / "cache")}
+    common = [f"data.path={text_folder}", *COMMON]
+    fmt = {"sharded": [], "unsplit": ["train.checkpoint_format=unsplit"]}
+    run_distributed(_runs, world_size=1, args=([[*common, *more, f"output.dir={tmp_path / name}"]
+                                                for name, more in fmt.items()],), env=env)
+    bf16 = ["parallel.precision=bf16"]
+    run_distributed(_runs, world_size=1, args=([[*common, *bf16, f"output.dir={tmp_path / f'bf16-{name}'}",
+                                                 f"train.resume={tmp_path / name / 'checkpoints' / 'step_0000002'}"]
+                                                for name in fmt],), env=env)
+    assert (tmp_path / "sharded" / "checkpoints" / "step_0000002" / "sharded.json").is_file()
+    assert (tmp_path / "unsplit" / "checkpoints" / "step_0000002" / "model.safetensors").is_file()
+    a, b = _losses(tmp_path / "bf16-sharded"), _losses(tmp_path / "bf16-unsplit")
+    assert sorted(a) == [3, 4] and a == b
+    one = _losses(tmp_path / "sharded")
+    assert a[3] == pytest.approx(one[3], rel=2e-2) and a[3] != one[3]      # bf16's own numbers, near fp32's
+    x = unsplit_weights(tmp_path / "bf16-sharded" / "checkpoints" / "step_0000004")
+    y = unsplit_weights(tmp_path / "bf16-unsplit" / "checkpoints" / "step_0000004")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 if __name__ == "__main__":      # the whole matrix: every layout resumes every other's checkpoint
