@@ -53,20 +53,3 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(app, unbroken, 
     assert resumed_from(resumed.stderr) == 2
     assert losses(moved) == unbroken.losses
     assert same_weights(final_weights(moved), unbroken.weights)
-
-
-def test_a_full_disk_during_a_background_save_stops_the_run_at_the_next_checkpoint(app, unbroken, tmp_path):
-    """train.checkpoint_async=true: the step-4 save's thread meets a full disk; training goes on
-    until the next checkpoint, where every rank learns it and the run stops with the same one line;
-    the unpublished folder is gone and step 2 is intact (a resume from such a state is
-    test_kill_and_resume's last kill)."""
-    out = tmp_path / "run"
-    background = ["train.checkpoint_format=sharded", "train.checkpoint_async=true"]
-    r = app.run(out, *background, entry="tests.reliability.inject",
-                env=app.env(RELIABILITY_ENOSPC="step_0000004/state.pt"))
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    errors = r.error_lines()
-    assert len(errors) == 1 and errors[0].startswith("error: the disk is full while writing checkpoint"), r.stderr
-    assert "step_0000004" in errors[0]
-    assert checkpoints_state(out) == {2: None} and not in_flight_saves(out)

@@ -15,26 +15,21 @@ CHAIN = [
     ("checkpoint.synced", 1, 4),            # resumed at 4; 6 dies flushed but not renamed into place
     ("checkpoint.published", 1, 6),         # 6 is in place; dies before anything else happens
     ("train.step", 1, 6),                   # resumed at 6; dies right after the optimizer step 7
-    # resumed at 6 saving in the background (sharded): the step-8 save's thread has written its files
-    # and the process dies before they are published: 6 is what is left (older checkpoints are
-    # pruned only once a newer one is in place)
-    ("checkpoint.async_written", 1, 6, "train.checkpoint_format=sharded", "train.checkpoint_async=true"),
 ]
+# (a background save's kill point: test_background_save.py)
 
 
 def test_killed_at_every_point_then_resumed_ends_bit_for_bit_like_the_unbroken_run(app, unbroken, tmp_path):
     out = tmp_path / "run"
     newest = None
-    for i, (point, count, left, *flags) in enumerate(CHAIN):
-        r = app.run(out, *(["train.resume=latest"] if i else []), *flags, kill_at=f"{point}:{count}")
+    for i, (point, count, left) in enumerate(CHAIN):
+        r = app.run(out, *(["train.resume=latest"] if i else []), kill_at=f"{point}:{count}")
         assert r.killed, f"{point}:{count} did not kill the run (exit {r.returncode}):\n{r.stderr[-3000:]}"
         if i:
             assert resumed_from(r.stderr) == newest, (point, r.stderr[-3000:])
         state = checkpoints_state(out)
         assert not any(state.values()), f"after a kill at {point}: {state}"
         assert max(state) == left, (point, sorted(state), in_flight_saves(out))
-        if flags:
-            assert in_flight_saves(out) == [".step_0000008.partial"], in_flight_saves(out)
         newest = left
     done = app.run(out, "train.resume=latest")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,4 +52,3 @@ def test_resume_latest_passes_over_a_damaged_checkpoint(app, unbroken, tmp_path)
     assert resumed_from(r.stderr) == 6
     assert losses(out) == unbroken.losses
     assert same_weights(final_weights(out), unbroken.weights)
-

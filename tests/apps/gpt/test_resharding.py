@@ -5,7 +5,7 @@ dropped does not pass, so the states are carried, not reset.
 
 The suite resumes each layout's checkpoint in the next layout of the list (a cycle: every layout
 writes once and reads once, 8 of the 56 pairs); `python -m tests.apps.gpt.test_resharding` runs
-every layout against every other (the whole matrix: 116 s on 2 cores). A change of precision is checked apart: a
+every layout against every other, with four more layouts (EXTRA). A change of precision is checked apart: a
 bf16 run resumes a sharded checkpoint exactly as it resumes the unsplit one of the same run."""
 
 import json
@@ -34,6 +34,14 @@ LAYOUTS = {
     "dp2_zero3_nvme": (2, ["parallel.dp=2", "parallel.zero=3", "parallel.offload=nvme", "memory.chunk_mb=0.01",
                            "memory.device_gb=0.0001"]),
     "sp2": (2, ["parallel.sp=2"]),
+}
+# by hand only (`python -m tests.apps.gpt.test_resharding`): the other tensor-parallel modes (their
+# micro-batches split q x q or d x q ways), four stages, ZeRO-1
+EXTRA = {
+    "tp8_3d": (8, ["parallel.tp=8", "parallel.tp_mode=3d", "train.micro_batch=4"]),
+    "tp8_2.5d": (8, ["parallel.tp=8", "parallel.tp_mode=2.5d", "parallel.tp_depth=2", "train.micro_batch=4"]),
+    "pp4": (4, ["parallel.pp=4"]),
+    "dp2_zero1_cpu": (2, ["parallel.dp=2", "parallel.zero=1", "parallel.offload=cpu"]),
 }
 
 
@@ -160,6 +168,7 @@ if __name__ == "__main__":      # the whole matrix: every layout resumes every o
 
     from tests.apps.gpt.conftest import write_text_folder
 
+    LAYOUTS.update(EXTRA)
     with tempfile.TemporaryDirectory() as d:
         test_each_layout_resumes_another_layouts_sharded_checkpoint(Path(d), write_text_folder(Path(d) / "text"),
                                                                     full=True)
