@@ -84,7 +84,10 @@ def _rank(count: int, width: int, folder: str, formats: tuple[str, ...]) -> dict
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         out.copy_(torch.randn(out.shape, generator=g))
 
-    plugin = ZeroPlugin(mesh, "fp32", 3, "none", MemoryConfig(chunk_mb=width * width * 4 / 2**20),
+    # a device budget of three chunks: no rank keeps the gathered model (on a CPU machine it would
+    # share the host's memory with the states being measured)
+    chunk_mb = width * width * 4 / 2**20
+    plugin = ZeroPlugin(mesh, "fp32", 3, "none", MemoryConfig(chunk_mb=chunk_mb, device_gb=3 * chunk_mb / 1024),
                         materialize=draw)
     booster = Booster(plugin)
     wrapped, opt = plugin.configure(model, torch.optim.AdamW(model.parameters(), lr=1e-3))

@@ -173,7 +173,8 @@ def convert(src: Path, out: Path, to: str, max_shard_mb: float = 5000.0) -> list
     elif to == "sharded":
         pieces = _Renamed(source)
         (out / "shards").mkdir()
-        write_streaming(out / "shards" / "rank_00000.safetensors", pieces, list(pieces.names), {"format": "loom-sharded"})
+        write_streaming(out / "shards" / "rank_00000.safetensors", pieces, list(pieces.names),
+                        {"format": "loom-sharded"})
         tensors = {}
         for piece, name in pieces.names.items():
             shape, dtype = source.shape_dtype(name)

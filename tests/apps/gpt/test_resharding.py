@@ -4,9 +4,10 @@ are those of its own uninterrupted run (1e-5, fp32); a checkpoint whose optimize
 dropped does not pass, so the states are carried, not reset.
 
 The suite resumes each layout's checkpoint in the next layout of the list (a cycle: every layout
-writes once and reads once, 8 of the 56 pairs); `python -m tests.apps.gpt.test_resharding` runs
-every layout against every other, with four more layouts (EXTRA). A change of precision is checked apart: a
-bf16 run resumes a sharded checkpoint exactly as it resumes the unsplit one of the same run."""
+writes once and reads once, 8 of the 56 pairs). By hand, `python -m tests.apps.gpt.test_resharding`
+runs the cycle with four more layouts (EXTRA: 3D, 2.5D, four stages, ZeRO-1 with host offload), and
+with `--all` every layout against every other. A change of precision is checked apart: a bf16 run
+resumes a sharded checkpoint exactly as it resumes the unsplit one of the same run."""
 
 import json
 import shutil
@@ -36,11 +37,11 @@ LAYOUTS = {
     "sp2": (2, ["parallel.sp=2"]),
 }
 # by hand only (`python -m tests.apps.gpt.test_resharding`): the other tensor-parallel modes (their
-# micro-batches split q x q or d x q ways), four stages, ZeRO-1
+# micro-batches split q x q or d x q ways), four stages (cut by parameter count: two blocks), ZeRO-1
 EXTRA = {
     "tp8_3d": (8, ["parallel.tp=8", "parallel.tp_mode=3d", "train.micro_batch=4"]),
     "tp8_2.5d": (8, ["parallel.tp=8", "parallel.tp_mode=2.5d", "parallel.tp_depth=2", "train.micro_batch=4"]),
-    "pp4": (4, ["parallel.pp=4"]),
+    "pp4": (4, ["parallel.pp=4", "parallel.pp_partition=params"]),
     "dp2_zero1_cpu": (2, ["parallel.dp=2", "parallel.zero=1", "parallel.offload=cpu"]),
 }
 
@@ -119,8 +120,8 @@ def test_each_layout_resumes_another_layouts_sharded_checkpoint(tmp_path, text_f
     # the data position reshards: saved at dp=4, resumed at dp=2, the next samples are the ones the
     # uninterrupted dp=2 run saw (its losses, step by step)
     run_distributed(_runs, world_size=4, args=([argv("one", tmp_path / "dp4", "parallel.dp=4")],), env=env)
-    run_distributed(_runs, world_size=2, args=([argv("dp2_zero2", tmp_path / "dp4-to-dp2",
-                                                     f"train.resume={tmp_path / 'dp4' / 'checkpoints' / 'step_0000002'}")],),
+    dp4 = tmp_path / "dp4" / "checkpoints" / "step_0000002"
+    run_distributed(_runs, world_size=2, args=([argv("dp2_zero2", tmp_path / "dp4-to-dp2", f"train.resume={dp4}")],),
                     env=env)
     got = _losses(tmp_path / "dp4-to-dp2")
     assert [got[s] for s in (3, 4)] == pytest.approx([whole["dp2_zero2"][0][s] for s in (3, 4)], rel=1e-5)
@@ -162,14 +163,15 @@ def test_a_bf16_run_resumes_a_sharded_checkpoint_as_it_resumes_the_unsplit_one(t
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-if __name__ == "__main__":      # the whole matrix: every layout resumes every other's checkpoint
+if __name__ == "__main__":      # by hand: the four EXTRA layouts too; --all: every pair of layouts
     import sys
     import tempfile
 
     from tests.apps.gpt.conftest import write_text_folder
 
     LAYOUTS.update(EXTRA)
+    full = "--all" in sys.argv
     with tempfile.TemporaryDirectory() as d:
         test_each_layout_resumes_another_layouts_sharded_checkpoint(Path(d), write_text_folder(Path(d) / "text"),
-                                                                    full=True)
-    print(f"{len(_pairs(True))} pairs of layouts resumed each other's sharded checkpoints", file=sys.stderr)
+                                                                    full=full)
+    print(f"{len(_pairs(full))} pairs of layouts resumed each other's sharded checkpoints", file=sys.stderr)
