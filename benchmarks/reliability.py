@@ -90,6 +90,7 @@ class App:
     eval_every: int = 4
     extra: list[str] = field(default_factory=list)
     nproc: int = 1
+    forked: bool = False     # one process forked from the test harness's forkserver (torch imported already)
 
     def overrides(self, out: Path, *more: str) -> list[str]:
         return [*TINY, f"data.path={self.corpus}", f"data.cache_dir={self.cache}",
@@ -116,6 +117,12 @@ class App:
             env: dict[str, str] | None = None) -> Result:
         """Run to the end, or until the fault point kills it, or SIGKILL it after `kill_after_s`."""
         t0, started = time.perf_counter(), time.time()
+        if self.forked and self.nproc == 1:
+            from core.distributed.testing import run_module
+
+            done = run_module(entry, self.overrides(out, *more), env or self.env(kill_at, kill_rank),
+                              kill_after_s=kill_after_s, timeout=timeout, cwd=REPO)
+            return Result(done.returncode, done.stderr, time.perf_counter() - t0, started)
         proc = subprocess.Popen(self.command(out, *more, entry=entry), cwd=REPO, text=True,
                                 env=env or self.env(kill_at, kill_rank), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)

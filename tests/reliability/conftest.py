@@ -24,9 +24,10 @@ def _reference(app: App, out: Path) -> Reference:
 
 @pytest.fixture(scope="session")
 def app(tmp_path_factory):
-    """One process; 8 steps, a checkpoint every 2, an evaluation every 4, dropout on."""
+    """One process (forked from the harness's forkserver, which imported torch already: a kill is
+    a real SIGKILL of a real process); 8 steps, a checkpoint every 2, an evaluation every 4, dropout on."""
     root = tmp_path_factory.mktemp("reliability")
-    return App(write_corpus(root / "corpus"), root / "cache")
+    return App(write_corpus(root / "corpus"), root / "cache", forked=True)
 
 
 @pytest.fixture(scope="session")

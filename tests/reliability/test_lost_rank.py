@@ -4,8 +4,6 @@ line that names it, status 3, and a restart with train.resume=latest ends like t
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +12,7 @@ from torch.distributed import TCPStore
 
 from benchmarks.reliability import REPO, Result, final_weights, losses, resumed_from, same_weights
 from core.distributed import failure
-from core.distributed.testing import free_port
+from core.distributed.testing import Module, free_port
 
 LOST = re.compile(r"error: rank 1 of 2 stopped \(.+\); .*restart the job with train\.resume=latest$")
 
@@ -43,19 +41,18 @@ def test_a_rank_killed_mid_step_under_torchrun(app_dp2, unbroken_dp2, tmp_path):
 
 
 def _two_ranks(app_dp2, out, killed_rank):
-    """Both ranks of a dp=2 run started by hand (RANK, WORLD_SIZE, MASTER_*), no launcher."""
+    """Both ranks of a dp=2 run started by hand (RANK, WORLD_SIZE, MASTER_*), no launcher: each its own
+    process (forked from the harness's forkserver, which imported torch already)."""
     port = free_port()
     procs = []
     for rank in range(2):
         env = app_dp2.env("train.step:3", killed_rank, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "apps.gpt.pretrain", *app_dp2.overrides(out)]   # no torchrun
-        procs.append((time.perf_counter(), subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
-                                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        procs.append((time.perf_counter(), Module("apps.gpt.pretrain", app_dp2.overrides(out), env, cwd=REPO)))
     results = []
     for t0, p in procs:
-        _, err = p.communicate(timeout=180)
-        results.append(Result(p.returncode, err, time.perf_counter() - t0))
+        done = p.wait(timeout=180)
+        results.append(Result(done.returncode, done.stderr, time.perf_counter() - t0))
     return results
 
 

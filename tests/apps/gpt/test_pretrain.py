@@ -23,13 +23,14 @@ QUICK_MODEL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.s
 
 def run(args, tmp_path, check=True, timeout=300):
     env = dict(os.environ, LOOM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    r = run_at_once([args], env=env, timeout=timeout)[0]
     if check and r.returncode != 0:
         raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
 
 
 def test_help_lists_every_key():
+    # a fresh interpreter, as a user starts it (the other commands here fork from the harness's forkserver)
     r = subprocess.run([sys.executable, "-m", "apps.gpt.pretrain", "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0

@@ -1,10 +1,14 @@
-"""The test harness reports a failing rank's traceback and a hanging rank."""
+"""The test harness reports a failing rank's traceback and a hanging rank; `Module` runs a command
+as `python -m` does."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from core.distributed.testing import RankTimeout, run_distributed
+import signal
+import sys
+
+from core.distributed.testing import Module, RankTimeout, run_distributed, run_module
 
 
 def _rank_one_fails():
@@ -39,3 +43,27 @@ def test_failing_rank_fails_the_call_with_its_traceback():
 def test_hanging_rank_is_killed_and_reported():
     with pytest.raises(RankTimeout, match=r"ranks \[.*\] of 2 still running"):
         run_distributed(_rank_one_never_joins, world_size=2, timeout=6)
+
+
+PROBE = """
+import os, sys, time
+print("argv", sys.argv[1:], "env", os.environ.get("PROBE"), "cwd", os.getcwd())
+print("to stderr", file=sys.stderr)
+if sys.argv[1] == "sleep":
+    time.sleep(60)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_a_module_runs_as_python_m_runs_it(tmp_path):
+    (tmp_path / "loom_probe.py").write_text(PROBE)
+    env = {"PROBE": "seen", "PATH": "/usr/bin"}
+    done = run_module("loom_probe", ["3"], env, cwd=tmp_path)
+    assert done.returncode == 3
+    assert done.args == [sys.executable, "-m", "loom_probe", "3"]
+    assert done.stdout == f"argv ['3'] env seen cwd {tmp_path}\n"
+    assert done.stderr == "to stderr\n"
+    # two at once; one killed, as a SIGKILLed process reports it
+    sleeper, quick = Module("loom_probe", ["sleep"], env, cwd=tmp_path), Module("loom_probe", ["0"], env, cwd=tmp_path)
+    assert sleeper.wait(timeout=30, kill_after_s=1.0).returncode == -signal.SIGKILL
+    assert quick.wait(timeout=30).returncode == 0
