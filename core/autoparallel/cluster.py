@@ -1,0 +1,144 @@
+"""What the machines are: the cluster description the planner costs layouts against.
+
+A cluster is a YAML file (`recipes/clusters/*.yaml` ships a few; `python -m core.plan calibrate`
+measures this machine and writes one). Every figure is per node or per device as its name says;
+bandwidths are in GB/s (10^9 bytes a second, one direction), memory in GiB, FLOP/s in TFLOP/s
+of dense matrix products as they are reached (measured, or peak times a stated efficiency), not
+the datasheet's peak.
+
+    name: 8x A100-80GB
+    nodes: 1
+    devices_per_node: 8
+    device_memory_gb: 80
+    tflops: {fp32: 19.5, bf16: 230, fp16: 230}
+    intra_node_gbs: 300
+
+Unknown keys and impossible values are refused with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from core.config import ConfigError, recipe_dirs
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str = "cluster"
+    nodes: int = 1
+    devices_per_node: int = 1
+    device_memory_gb: float = 16.0         # what one device can hold (the planner keeps a reserve)
+    host_memory_gb: float = 64.0           # per node, for offloaded parameters and optimizer states
+    nvme_gb: float = 0.0                   # per node, free space for parallel.offload=nvme (0 = none)
+    nvme_read_gbs: float = 2.0             # per node
+    nvme_write_gbs: float = 1.0            # per node
+    host_link_gbs: float = 16.0            # per device, device <-> host memory (PCIe)
+    host_adam_gparams: float = 1.0         # parameters a node's CPUs update per second with Adam, x10^9
+    intra_node_gbs: float = 100.0          # per device, to the devices of its own node
+    intra_node_latency_us: float = 10.0    # one collective's fixed cost inside a node
+    inter_node_gbs: float = 12.5           # per node, all its network links together
+    inter_node_latency_us: float = 30.0    # one collective's fixed cost across nodes
+    tflops: dict = field(default_factory=lambda: {"fp32": 10.0, "bf16": 40.0, "fp16": 40.0})
+    layer_overhead_us: float = 100.0       # fixed cost of one layer's forward or backward on one micro-batch
+    offload_overlap: float = 1.2           # an offloaded step / max(its compute, its transfers), measured
+    #                                        by benchmarks/offload_efficiency.py (1.21 on this project's CPU runs)
+    memory_reserve: float = 0.9            # the fraction of each memory the planner may fill
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def flops(self, precision: str) -> float:
+        """Dense matrix-product FLOP/s of one device at `precision`."""
+        return float(self.tflops[precision]) * 1e12
+
+    def link(self, span: int) -> tuple[float, float]:
+        """(bytes/s per rank, seconds per call) of a collective whose group spans `span` consecutive
+        ranks: inside a node when it fits in one, else across nodes, where the node's devices
+        share its network links."""
+        if span <= self.devices_per_node:
+            return self.intra_node_gbs * 1e9, self.intra_node_latency_us * 1e-6
+        return self.inter_node_gbs * 1e9 / self.devices_per_node, self.inter_node_latency_us * 1e-6
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.nodes} x {self.devices_per_node} devices of {self.device_memory_gb:g} GiB, "
+                f"host {self.host_memory_gb:g} GiB/node, NVMe {self.nvme_gb:g} GiB/node")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+_POSITIVE = {"nodes", "devices_per_node", "device_memory_gb", "nvme_read_gbs", "nvme_write_gbs", "host_link_gbs",
+             "host_adam_gparams", "intra_node_gbs", "inter_node_gbs"}
+
+
+def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
+    """A Cluster from a mapping, every key and value checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of cluster keys, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(Cluster)]
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(names)}")
+        if key == "name":
+            values[key] = str(value)
+            continue
+        if key == "tflops":
+            if not isinstance(value, dict) or set(value) - set(PRECISIONS) or not all(
+                    isinstance(v, (int, float)) and v > 0 for v in value.values()):
+                raise ConfigError(f"{where}: tflops: got {value!r}; allowed: a mapping of {', '.join(PRECISIONS)} "
+                                  f"to positive numbers")
+            values[key] = {**Cluster().tflops, **{k: float(v) for k, v in value.items()}}
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: got {value!r}; allowed: a number")
+        if value < 0 or (key in _POSITIVE and value <= 0):
+            raise ConfigError(f"{where}: {key}: got {value!r}; allowed: a number "
+                              f"{'above' if key in _POSITIVE else 'at least'} 0")
+        if key in ("nodes", "devices_per_node"):
+            if int(value) != value:
+                raise ConfigError(f"{where}: {key}: got {value!r}; allowed: a whole number")
+            value = int(value)
+        values[key] = value
+    cluster = Cluster(**values)
+    if not 0 < cluster.memory_reserve <= 1:
+        raise ConfigError(f"{where}: memory_reserve: got {cluster.memory_reserve}; allowed: a fraction in (0, 1]")
+    if cluster.offload_overlap < 1:
+        raise ConfigError(f"{where}: offload_overlap: got {cluster.offload_overlap}; allowed: at least 1 "
+                          f"(an offloaded step never beats max(compute, transfers))")
+    return cluster
+
+
+def find_cluster(name: str) -> Path:
+    """A cluster file: a path, or a name under a recipe folder's clusters/ (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    folders = [d / "clusters" for d in recipe_dirs()]
+    for shipped in folders:
+        for candidate in (shipped / name, shipped / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in folders for p in d.glob("*.yaml")})
+    raise ConfigError(f"--cluster: no file {name!r}; give a path or one of: {', '.join(known) or '(none shipped)'} "
+                      f"(python -m core.plan calibrate writes one for this machine)")
+
+
+def load_cluster(name: str) -> Cluster:
+    path = find_cluster(name)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    return cluster_from_dict(data or {}, str(path))

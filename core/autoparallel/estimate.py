@@ -1,0 +1,372 @@
+"""The cost model: one layout of one job on one cluster -> step time and memory per device, host, disk.
+
+Compute comes from the model's profile (FLOPs per token per layer; backward twice the forward,
+a checkpointed layer's forward once more) at the cluster's matrix-product rate, plus a fixed cost
+per layer and pass (`cluster.layer_overhead_us`: kernel launches and the small ops, what makes
+many small micro-batches slower than a few large ones). Communication, per axis, with ring algorithms:
+
+- tensor parallelism: `core.tensor.cost.transformer_layer`, the collectives the modes issue op by op;
+- sequence parallelism: ring attention passes each rank's keys and values around the ring
+  (p - 1 steps forward; backward passes them again with their gradients), all-to-all attention
+  swaps q, k, v and the output forward and their gradients backward;
+- data parallelism and ZeRO: the gradients all-reduced (ZeRO-1/2: reduce-scattered, the new
+  weights all-gathered: the same bytes), ZeRO-3 gathers the weights again for each micro-batch's
+  forward and backward; all of it overlapped with the backward it follows, as DDP's buckets and the
+  chunk manager's prefetch are;
+- pipeline parallelism: the bubble of the schedule, (p - 1) / (m v) of the ideal step (GPipe and
+  1F1B v = 1; Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
+  Clusters Using Megatron-LM", section 2.2), and each boundary's activations sent forward and
+  their gradients back;
+- offload: optimizer states (and ZeRO-3's weights) moved over the host link, updated by the
+  host's CPUs, read and written on NVMe; an offloaded step is `cluster.offload_overlap` x the
+  larger of its compute and its transfers (the overlap the chunk manager reaches, measured by
+  `benchmarks/offload_efficiency.py`).
+
+Memory per device: weights, gradients and optimizer states (fp32 masters: 4 + 4 + 8 bytes a
+parameter for Adam) divided as tp, pp and ZeRO divide them, plus the activations of the
+micro-batches a stage holds at once (1 without a pipeline, m for GPipe, p for 1F1B, p + (p - 1)/v
+for the interleaved schedule), per token from the profile.
+
+Groups are placed as Loom's mesh places them: tp innermost, then sp, then dp, pp outermost
+(`core.distributed.mesh`); a group whose ranks span more than one node runs at the node's
+network bandwidth shared by its devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+
+from core.autoparallel.cluster import Cluster
+from core.autoparallel.profile import ModelProfile
+from core.tensor.cost import grid, transformer_layer
+
+GIB = 2**30
+_OPT_STATES = {"adamw": 8, "cpu_adam": 8, "lamb": 8, "sgd": 4, "lars": 4}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is trained: the profiled model, the global batch in samples, the precision and the
+    update rule, and the axes the app can spread the model over."""
+
+    profile: ModelProfile
+    global_batch: int
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    axes: tuple[str, ...] = ("dp", "pp", "tp", "sp")
+    checkpointing: bool = True        # the model can checkpoint its layers (model.gradient_checkpointing)
+    chunk_mb: float = 32.0            # memory.chunk_mb: the unit ZeRO-3 and offload move
+
+    @property
+    def seq_len(self) -> int:
+        return self.profile.seq_len
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.precision in ("bf16", "fp16") else self.profile.act_bytes
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1
+    tp: int = 1
+    tp_mode: str = "1d"
+    tp_depth: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    microbatches: int = 1          # micro-batches per step on each data-parallel rank (accumulated)
+    micro_batch: int = 1
+    sp: int = 1
+    sp_mode: str = "ring"
+    zero: int = 0
+    offload: str = "none"
+    checkpointing: bool = False
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp * self.sp
+
+    def describe(self) -> str:
+        parts = [f"dp{self.dp}"]
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}({self.tp_mode}{f' d={self.tp_depth}' if self.tp_mode == '2.5d' else ''})")
+        if self.pp > 1:
+            sched = self.pp_schedule + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "")
+            parts.append(f"pp{self.pp}({sched})")
+        if self.sp > 1:
+            parts.append(f"sp{self.sp}({self.sp_mode})")
+        if self.zero:
+            parts.append(f"zero{self.zero}")
+        if self.offload != "none":
+            parts.append(f"offload={self.offload}")
+        parts.append(f"micro_batch {self.micro_batch} x {self.microbatches}")
+        if self.checkpointing:
+            parts.append("checkpointing")
+        return " ".join(parts)
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    step_s: float
+    tokens_per_s: float
+    device_bytes: float
+    host_bytes: float                # per node
+    nvme_bytes: float                # per node
+    times: dict = field(default_factory=dict)     # seconds per step by cause
+    activation_bytes: float = 0.0    # of device_bytes, the activations (the rest: weights, gradients, states)
+    fits: bool = True
+    why: str = ""                    # what does not fit, when it does not
+
+    def line(self) -> str:
+        return (f"{self.layout.describe()}: {self.step_s:.4g} s/step, {self.tokens_per_s:,.0f} tokens/s, "
+                f"device {self.device_bytes / GIB:.2f} GiB, host {self.host_bytes / GIB:.1f} GiB/node"
+                + (f", NVMe {self.nvme_bytes / GIB:.1f} GiB/node" if self.nvme_bytes else ""))
+
+
+def stage_layers(profile: ModelProfile, parts: int) -> list[list[int]] | None:
+    """Layer indices of `parts` pipeline (virtual) stages as Loom cuts them (equal numbers of
+    repeated layers; embeddings with the first, head with the last), or None when they do not
+    divide."""
+    body = [i for i, layer in enumerate(profile.layers) if layer.body]
+    if parts == 1:
+        return [list(range(len(profile.layers)))]
+    if not body or len(body) % parts:
+        return None
+    per = len(body) // parts
+    stages = [body[k * per:(k + 1) * per] for k in range(parts)]
+    stages[0] = list(range(0, stages[0][-1] + 1))
+    stages[-1] = list(range(stages[-1][0], len(profile.layers)))
+    return stages
+
+
+@dataclass(frozen=True)
+class RankSums:
+    """What one pipeline rank's layers (all its virtual stages) add up to."""
+
+    flops: float            # forward FLOPs per token
+    bodies: int             # repeated layers (the tensor- and sequence-parallel traffic is per layer)
+    count: int              # all its layers (each pass through one pays the fixed cost of its kernels)
+    params: float
+    act_split: float        # kept activations per token, split by any tensor parallelism
+    act_whole: float        # ... whole under 1D tensor parallelism
+    kept_boundary: float    # per token, the repeated layers' inputs (all a checkpointed run keeps of them)
+    edge_split: float       # the embeddings' and head's kept activations (never checkpointed)
+    edge_whole: float
+    top_split: float        # the largest repeated layer's activations (recomputed one at a time)
+    top_whole: float
+
+
+_SUMS: dict[tuple[int, int, int], tuple[ModelProfile, list[RankSums]]] = {}
+
+
+def rank_sums(prof: ModelProfile, pp: int, virtual: int) -> list[RankSums] | None:
+    """Per pipeline rank, the sums of its layers (cached: the search asks for the same cuts often)."""
+    key = (id(prof), pp, virtual)
+    hit = _SUMS.get(key)
+    if hit is not None and hit[0] is prof:
+        return hit[1]
+    stages = stage_layers(prof, pp * virtual)
+    if stages is None:
+        return None
+    out = []
+    for r in range(pp):
+        layers = [prof.layers[i] for v in range(virtual) for i in stages[v * pp + r]]
+        body = [x for x in layers if x.body]
+        edge = [x for x in layers if not x.body]
+        top = max(body, key=lambda x: x.act_split + x.act_whole, default=None)
+        out.append(RankSums(sum(x.flops for x in layers), len(body), len(layers), sum(x.params for x in layers),
+                            sum(x.act_split for x in layers), sum(x.act_whole for x in layers),
+                            sum(x.boundary for x in body), sum(x.act_split for x in edge),
+                            sum(x.act_whole for x in edge), top.act_split if top else 0.0,
+                            top.act_whole if top else 0.0))
+    if len(_SUMS) > 4096:
+        _SUMS.clear()
+    _SUMS[key] = (prof, out)
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _tp_layer(mode: str, tp: int, batch: int, seq: int, hidden: int, e: int, depth: int):
+    return transformer_layer(mode, tp, batch, seq, hidden, e, depth)
+
+
+def _ring(k: int, payload: float, bandwidth: float, latency: float, factor: float, calls: int = 1) -> float:
+    """Seconds for collectives over k ranks moving `factor` x the payload on the wire."""
+    if k <= 1 or payload <= 0:
+        return 0.0
+    return factor * payload / bandwidth + calls * latency
+
+
+def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
+    prof, L = job.profile, layout
+    ranks = rank_sums(prof, L.pp, L.virtual_stages)
+    if ranks is None:
+        raise ValueError(f"{prof.body_count()} layers do not divide into {L.pp * L.virtual_stages} stages")
+    tp_split = 1 if L.tp_mode == "1d" else L.tp          # what divides the whole-width activations
+    e = job.act_bytes
+    tokens_mb = L.micro_batch * job.seq_len / L.sp       # tokens of one micro-batch on one rank (before tp)
+    flops = cluster.flops(job.precision)
+    passes = 4 if L.checkpointing else 3                 # forward, backward (2x), the recomputed forward
+
+    # ---- per micro-batch, per pipeline rank
+    tp_bw, tp_lat = cluster.link(L.tp)
+    sp_bw, sp_lat = cluster.link(L.tp * L.sp)
+    pp_bw, pp_lat = cluster.link(L.devices)
+    if L.tp > 1:
+        q, d = grid(L.tp_mode, L.tp, L.tp_depth)
+        layer_tp = _tp_layer(L.tp_mode, L.tp, L.micro_batch, round(job.seq_len / L.sp), prof.hidden, e,
+                                     L.tp_depth)
+        tp_layer_s = layer_tp.wire_bytes / tp_bw + layer_tp.calls * tp_lat
+        if L.checkpointing:
+            tp_layer_s *= 1.5                            # the recomputed forward's collectives again
+    else:
+        tp_layer_s = 0.0
+    width = prof.hidden / (L.tp if L.tp_mode == "1d" else L.tp)
+    if L.sp > 1:
+        block = tokens_mb * width * e                    # one rank's keys (or values) for one layer
+        if L.sp_mode == "ring":
+            sp_layer_s = _ring(L.sp, 2 * block, sp_bw, sp_lat, 3 * (L.sp - 1), calls=3 * (L.sp - 1))
+        else:
+            sp_layer_s = _ring(L.sp, block, sp_bw, sp_lat, 8 * (L.sp - 1) / L.sp, calls=8)
+    else:
+        sp_layer_s = 0.0
+    boundary = prof.max_boundary
+    p2p_s = (_ring(2, tokens_mb * boundary / tp_split * (e / prof.act_bytes), pp_bw, pp_lat, 2 * L.virtual_stages,
+                   calls=2 * L.virtual_stages) if L.pp > 1 else 0.0)
+
+    per_rank = []
+    for rank in ranks:
+        f = rank.flops * tokens_mb * passes / L.tp
+        fixed = rank.count * passes * cluster.layer_overhead_us * 1e-6
+        per_rank.append((f / flops + fixed, rank.bodies * tp_layer_s, rank.bodies * sp_layer_s))
+    compute_mb = max(c for c, _, _ in per_rank)
+    mb_s = max(c + t + s for c, t, s in per_rank) + p2p_s
+
+    m, p, v = L.microbatches, L.pp, L.virtual_stages
+    pipe_s = (m + (p - 1) / v) * mb_s if p > 1 else m * mb_s
+    bubble_s = pipe_s - m * mb_s
+
+    # ---- once per step: gradients, ZeRO, offload
+    P = max(rank.params for rank in ranks) / L.tp                                      # parameters on the busiest device
+    R = L.dp * L.sp                                       # ranks holding the same weights
+    dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
+    sync_s = _ring(R, P * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
+    if L.zero == 3:
+        sync_s += _ring(R, P * 4, dp_bw, dp_lat, 2 * m * (R - 1) / R, calls=2 * m)
+    backward_s = m * compute_mb * 2 / passes
+    exposed_sync_s = max(sync_s - backward_s, 0.0) + (dp_lat if R > 1 else 0.0)
+
+    states = _OPT_STATES.get(job.optimizer, 8)
+    shard = P / R if L.zero else P                        # parameters whose states this rank keeps
+    offload_s = 0.0
+    if L.offload != "none":
+        moved = shard * (4 + 4)                           # gradients out, new weights back
+        if L.zero == 3:
+            moved += 2 * m * P * 4 / R                    # weights fetched for each forward and backward
+        offload_s = moved / (cluster.host_link_gbs * 1e9)
+        offload_s += shard * cluster.devices_per_node / (cluster.host_adam_gparams * 1e9)
+        if L.offload == "nvme":
+            disk = shard * (4 + states) * cluster.devices_per_node
+            offload_s += disk / (cluster.nvme_read_gbs * 1e9) + disk / (cluster.nvme_write_gbs * 1e9)
+
+    compute_s = m * compute_mb
+    step_s = pipe_s + exposed_sync_s
+    if L.offload != "none":
+        step_s = max(step_s, offload_s) * cluster.offload_overlap
+    tokens = job.global_batch * job.seq_len
+
+    # ---- memory per device: fp32 weights (the masters), gradients and states; a chunked run under
+    # bf16/fp16 also keeps the 2-byte working copy its chunks compute with
+    working = 2 if (job.precision != "fp32" and (L.zero or L.offload != "none")) else 0
+    param_bytes = (4 + working) * P
+    grad_bytes = 4 * P
+    state_bytes = states * P
+    if L.zero >= 1:
+        state_bytes /= R
+    if L.zero >= 2:
+        grad_bytes /= R
+    if L.zero == 3:
+        param_bytes /= R
+    host = nvme = 0.0
+    param_dev, grad_dev, state_dev = param_bytes, grad_bytes, state_bytes
+    if L.offload != "none":
+        # states (and under ZeRO-3 the weights and gradients) live off the device; on NVMe the host
+        # keeps only the chunks in flight
+        away = state_bytes + (param_bytes + grad_bytes if L.zero == 3 else 0.0)
+        state_dev = 0.0
+        if L.zero == 3:
+            param_dev = grad_dev = 0.0
+        if L.offload == "nvme":
+            nvme = away * cluster.devices_per_node
+        else:
+            host = away * cluster.devices_per_node
+    if L.zero == 3:
+        # the chunks in use and prefetched (memory.prefetch = 2 ahead): a chunk of memory.chunk_mb, or
+        # one parameter alone when it is larger; their fp32 gradients on the way out
+        unit = max(job.chunk_mb * 2**20 / 4, prof.largest / L.tp)
+        flight = min(3 * unit, P)                          # never more than the stage's whole weights
+        param_dev += (4 + working) * flight
+        grad_dev += 4 * flight / 3
+        if L.offload == "nvme":
+            host += (4 + working) * flight * cluster.devices_per_node      # chunks on their way to the disk
+    scale = e / prof.act_bytes
+    if p == 1:
+        inflight = 1.0
+    elif L.pp_schedule == "gpipe":
+        inflight = float(m)
+    elif L.pp_schedule == "1f1b":
+        inflight = float(min(m, p))
+    else:
+        inflight = min(float(m), p + (p - 1) / v)
+    acts = []
+    for rank in ranks:
+        if L.checkpointing:
+            kept = rank.kept_boundary / tp_split + rank.edge_split / L.tp + rank.edge_whole / tp_split
+            top = rank.top_split / L.tp + rank.top_whole / tp_split
+            acts.append((kept * inflight + top) * tokens_mb * scale)
+        else:
+            acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight)
+    device = param_dev + grad_dev + state_dev + max(acts)
+
+    times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
+             "sequence": m * max(s for _, _, s in per_rank), "pipeline p2p": m * p2p_s, "bubble": bubble_s,
+             "gradient sync (exposed)": exposed_sync_s, "offload": offload_s}
+    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts))
+    return _check_fits(est, cluster)
+
+
+def _check_fits(est: Estimate, cluster: Cluster) -> Estimate:
+    r = cluster.memory_reserve
+    over = []
+    if est.device_bytes > cluster.device_memory_gb * GIB * r:
+        over.append(f"device {est.device_bytes / GIB:.2f} GiB > {cluster.device_memory_gb * r:.2f}")
+    if est.host_bytes > cluster.host_memory_gb * GIB * r:
+        over.append(f"host {est.host_bytes / GIB:.1f} GiB/node > {cluster.host_memory_gb * r:.1f}")
+    if est.nvme_bytes > cluster.nvme_gb * GIB * r:
+        over.append(f"NVMe {est.nvme_bytes / GIB:.1f} GiB/node > {cluster.nvme_gb * r:.1f}")
+    if over:
+        return replace(est, fits=False, why="does not fit: " + ", ".join(over))
+    return est
+
+
+def tp_modes(tp: int) -> list[tuple[str, int]]:
+    """(mode, depth) pairs that can run on `tp` ranks."""
+    if tp == 1:
+        return [("1d", 1)]
+    out = [("1d", 1)]
+    q = math.isqrt(tp)
+    if q * q == tp:
+        out.append(("2d", 1))
+    for depth in range(2, tp):
+        if tp % depth == 0:
+            q = math.isqrt(tp // depth)
+            if q > 1 and q * q * depth == tp:
+                out.append(("2.5d", depth))
+    c = round(tp ** (1 / 3))
+    if c > 1 and c ** 3 == tp:
+        out.append(("3d", 1))
+    return out

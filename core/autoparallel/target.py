@@ -1,0 +1,64 @@
+"""Which app a recipe belongs to, and what the planner asks of it.
+
+An app that can be planned for registers an `AppTarget` under the entry-point group `loom.apps`
+(its name is the app's recipe folder: `gpt` for `recipes/gpt/...`):
+
+    [project.entry-points."loom.apps"]
+    gpt = "apps.gpt.planning:TARGET"
+
+The target names the app's recipe schema and a `profile(recipe)` that makes the model on the meta
+device and profiles it (`core.autoparallel.profile.profile_layers`). The engine never imports an
+app; it finds them here by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Callable
+
+from core.autoparallel.estimate import Job
+from core.autoparallel.profile import ModelProfile
+from core.config import ConfigError, Recipe
+
+GROUP = "loom.apps"
+
+
+@dataclass(frozen=True)
+class AppTarget:
+    name: str                                   # the app's recipe folder
+    recipe: type                                # its Recipe subclass
+    default_recipe: str
+    profile: Callable[[Recipe], ModelProfile]   # the model on the meta device, profiled
+    axes: tuple[str, ...] = ("dp", "pp", "tp", "sp")
+    checkpointing: bool = True                  # model.gradient_checkpointing exists
+
+
+def app_targets() -> dict[str, AppTarget]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def target_for(recipe: str, app: str = "") -> AppTarget:
+    """The target of `app`, or of the app whose recipe folder `recipe` is in (gpt/tiny, or a path
+    under recipes/gpt/)."""
+    found = app_targets()
+    name = app or (recipe.split("/")[0] if "/" in recipe and not Path(recipe).is_file()
+                   else Path(recipe).resolve().parent.name)
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none: is loom-train installed (make setup)?"
+        raise ConfigError(f"--recipe {recipe}: no app called {name!r} can be planned for; apps that can: {known} "
+                          f"(name one with --app when the recipe is outside recipes/<app>/)")
+    target = found[name].load()
+    if not isinstance(target, AppTarget):
+        raise ConfigError(f"entry point {name!r} of {GROUP} is {type(target).__name__}, not an AppTarget")
+    return target
+
+
+def job_for(target: AppTarget, cfg: Recipe, devices: int) -> Job:
+    """The job a recipe asks for: its model's profile, its global batch (train.global_batch, or what
+    micro_batch x grad_accum makes on `devices` data-parallel ranks), precision and update rule."""
+    t = cfg.train
+    global_batch = t.global_batch or t.micro_batch * t.grad_accum * devices
+    return Job(target.profile(cfg), global_batch, cfg.parallel.precision, cfg.optim.name, target.axes,
+               target.checkpointing, cfg.memory.chunk_mb)

@@ -1,0 +1,168 @@
+"""The auto-parallel planner: the profile taken on the meta device is what a real model measures;
+the search finds what scoring every layout finds; a request nothing fits is refused naming the
+change that would fit; the command writes a recipe the app accepts."""
+
+import dataclasses
+import pytest
+import torch
+import yaml
+
+from apps.gpt.config import GPTRecipe
+from apps.gpt.model import GPT
+from apps.gpt.planning import profile as gpt_profile
+from core.autoparallel import Cluster, Job, Layout, PlanError, best_plan, brute_force, estimate, search
+from core.autoparallel.cluster import cluster_from_dict
+from core.autoparallel.search import all_layouts
+from core.autoparallel.profile import _Saved
+from core.config import ConfigError, load_recipe
+from core.layout import check_layout
+
+
+def _recipe(**model) -> GPTRecipe:
+    cfg = load_recipe(GPTRecipe, "gpt/tiny")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=256, **model))
+
+
+def test_the_meta_profile_is_what_the_real_model_measures():
+    cfg = _recipe(n_layer=2, d_model=64, n_head=4, seq_len=32)
+    prof = gpt_profile(cfg)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    assert prof.params == sum(p.numel() for p in model.parameters())      # the tied head counted once
+    h, s, v = 64, 32, 256
+    block = prof.layers[1]
+    # a block's forward per token: 2 x (3h^2 + h^2 + 4h^2 + 4h^2) for the linears, q.k and p.v over
+    # every key (2 x 2 x s x h), as FlopCounterMode counts attention
+    assert block.flops == 2 * 12 * h * h + 4 * s * h
+    assert prof.layers[-1].flops == 2 * h * v                              # the head
+    assert [layer.name for layer in prof.layers] == ["embed", "block0", "block1", "head"]
+    # the activations: a real forward on real tensors, through the same hook, keeps as many bytes
+    idx = torch.randint(0, v, (1, s + 1))
+    x = idx[:, :-1]
+    params = {id(p) for p in model.parameters()}
+    for layer, want in zip(model.pipeline_layers(), prof.layers):
+        saved = _Saved(params, h)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            x = layer.fn(x)
+        assert (saved.split / s, saved.whole / s) == (want.act_split, want.act_whole), layer.name
+    assert block.boundary == h * 4
+
+
+def _toy_job(layers=8, hidden=256, heads=8, seq=256, vocab=1024, batch=16, **kw) -> Job:
+    cfg = _recipe(n_layer=layers, d_model=hidden, n_head=heads, seq_len=seq)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    return Job(gpt_profile(cfg), batch, **kw)
+
+
+CLUSTERS = {
+    "4 devices, roomy": Cluster(nodes=1, devices_per_node=4, device_memory_gb=4.0, nvme_gb=0),
+    "8 devices over 2 nodes, tight, NVMe": Cluster(nodes=2, devices_per_node=4, device_memory_gb=0.06,
+                                                   host_memory_gb=4, nvme_gb=10),
+    "2 devices, tight, host only": Cluster(nodes=1, devices_per_node=2, device_memory_gb=0.08, host_memory_gb=1),
+}
+
+
+@pytest.mark.parametrize("name", list(CLUSTERS))
+def test_the_search_finds_what_scoring_every_layout_finds(name):
+    cluster = CLUSTERS[name]
+    job = _toy_job()
+    every = brute_force(job, cluster)
+    found = search(job, cluster, top=3)
+    assert every, "the case should have layouts that fit"
+    assert [(e.step_s, e.device_bytes) for e in found.ranked] == [(e.step_s, e.device_bytes) for e in every[:3]]
+
+
+def test_the_search_skips_most_layouts_on_a_larger_cluster():
+    cluster = Cluster(nodes=2, devices_per_node=8, device_memory_gb=16)
+    job = _toy_job(layers=16, batch=64)
+    found = search(job, cluster, top=1)
+    every = brute_force(job, cluster)
+    assert found.ranked and found.ranked[0].step_s == every[0].step_s
+    total = sum(1 for _ in all_layouts(job, cluster))
+    assert found.visited < total / 2, (found.visited, total)
+
+
+def test_more_memory_sharding_never_costs_memory_and_the_bubble_follows_the_schedule():
+    job = dataclasses.replace(_toy_job(), chunk_mb=0.5)       # chunks much smaller than the model
+    cluster = CLUSTERS["4 devices, roomy"]
+    base = Layout(dp=4, micro_batch=1, microbatches=4)
+    mem = [estimate(job, dataclasses.replace(base, zero=z), cluster).device_bytes for z in range(4)]
+    assert mem[0] > mem[1] > mem[2] > mem[3]
+    assert estimate(job, dataclasses.replace(base, checkpointing=True), cluster).device_bytes < mem[0]
+    pipe = Layout(dp=1, pp=4, micro_batch=1, microbatches=16)
+    one = estimate(job, pipe, cluster)
+    inter = estimate(job, dataclasses.replace(pipe, pp_schedule="interleaved", virtual_stages=2), cluster)
+    assert one.times["bubble"] == pytest.approx(3 / 16 * (one.step_s - one.times["bubble"]
+                                                            - one.times["gradient sync (exposed)"]), rel=1e-9)
+    assert inter.times["bubble"] < one.times["bubble"]
+
+
+def test_a_request_nothing_fits_names_the_smallest_change_that_would():
+    cfg = load_recipe(GPTRecipe, "gpt/gpt2-xl-nvme")
+    job = Job(gpt_profile(cfg), 8, "bf16")
+    small = Cluster(nodes=1, devices_per_node=1, device_memory_gb=8, host_memory_gb=8, nvme_gb=0)
+    with pytest.raises(PlanError) as err:
+        best_plan(job, small)
+    text = str(err.value)
+    assert text.startswith("no layout of this 1.56 B-parameter model fits"), text
+    assert "GiB of NVMe per node" in text and " nodes (" in text, text
+    # what it names is enough, and the node count the least that is (nodes are tried doubling)
+    disk = float(text.split(" GiB of NVMe")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert best_plan(job, dataclasses.replace(small, nvme_gb=disk)).best.layout.offload == "nvme"
+    nodes = int(text.split(" nodes (")[0].rsplit(" ", 1)[1])
+    assert best_plan(job, dataclasses.replace(small, nodes=nodes))
+    with pytest.raises(PlanError):
+        best_plan(job, dataclasses.replace(small, nodes=nodes // 2))
+
+
+def test_a_cluster_file_is_checked_key_by_key():
+    with pytest.raises(ConfigError, match="unknown key 'device_memory' .*did you mean device_memory_gb"):
+        cluster_from_dict({"device_memory": 8})
+    with pytest.raises(ConfigError, match="nodes: got 0; allowed: a number above 0"):
+        cluster_from_dict({"nodes": 0})
+    with pytest.raises(ConfigError, match="tflops"):
+        cluster_from_dict({"tflops": {"int8": 5}})
+    assert cluster_from_dict({"nodes": 2, "devices_per_node": 4}).devices == 8
+
+
+def test_the_command_writes_a_recipe_the_app_runs(tmp_path, capsys):
+    from core.plan import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"nodes": 1, "devices_per_node": 4, "device_memory_gb": 2}))
+    out = tmp_path / "plan.yaml"
+    assert main(["--recipe", "gpt/tiny", "--cluster", str(tmp_path / "c.yaml"), "model.n_layer=8",
+                 "--out", str(out), "--explain", "--top", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "top 3 layouts (predicted)" in err and "why the other kinds of layout lost" in err
+    plan = yaml.safe_load(out.read_text())
+    assert plan["extends"] == "gpt/tiny" and plan["model"]["n_layer"] == 8
+    cfg = load_recipe(GPTRecipe, str(out))
+    layout, batch = check_layout(cfg, 4)
+    assert layout.dp * layout.tp * layout.pp * layout.sp == 4 and cfg.model.n_layer == 8
+
+
+def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
+    from core.autoparallel.calibrate import main as calibrate
+    from core.autoparallel.cluster import load_cluster
+
+    out = tmp_path / "here.yaml"
+    assert calibrate(["--quick", "--devices", "1", "--nvme-dir", str(tmp_path), "--out", str(out)]) == 0
+    cluster = load_cluster(str(out))
+    assert cluster.devices == 1 and cluster.nvme_gb > 0 and cluster.layer_overhead_us > 0
+    assert all(v > 0 for v in cluster.tflops.values())
+    assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
+
+
+def test_parallel_auto_plans_before_the_run_and_says_so(tmp_path):
+    from apps.gpt.planning import TARGET
+    from core.autoparallel.auto import plan_recipe
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"nodes": 1, "devices_per_node": 2, "device_memory_gb": 1}))
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", ["parallel.auto=true", f"parallel.cluster={tmp_path / 'c.yaml'}"])
+    said = []
+    planned = plan_recipe(cfg, TARGET, 2, said.append)
+    assert len(said) == 1 and said[0].startswith("auto-parallel plan for 2 devices: dp")
+    layout, batch = check_layout(planned, 2)
+    assert batch.global_batch == cfg.train.micro_batch * 2          # what the recipe asked on 2 ranks
+    with pytest.raises(ConfigError, match="describes 2 devices, this run has 4 processes"):
+        plan_recipe(cfg, TARGET, 4, said.append)
