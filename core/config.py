@@ -117,6 +117,11 @@ class ParallelConfig(LaunchConfig):
     zero: int = opt(0, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters", choices=(0, 1, 2, 3))
     offload: str = opt("none", "where optimizer states and parameters may live off the device", choices=("none", "cpu", "nvme"))
     precision: str = opt("fp32", "compute precision (bf16/fp16 use fp32 master weights)", choices=("fp32", "bf16", "fp16"))
+    auto: bool = opt(False, "let the planner pick the layout (parallel.*, train.micro_batch, memory.device_gb, "
+                            "model.gradient_checkpointing) for this model on parallel.cluster; it prints the plan "
+                            "first (python -m core.plan shows it without running)")
+    cluster: str = opt("", "the cluster file parallel.auto plans for (python -m core.plan calibrate writes one); "
+                           "'' = this machine as the launcher describes it (one node)")
 
 
 @dataclass
@@ -430,6 +435,13 @@ def load_recipe(schema: type[T], recipe: str | os.PathLike | None = None,
     cfg = _merge(schema, layers)
     validate(cfg)
     return cfg
+
+
+def with_values(cfg: T, tree: dict, source: str) -> T:
+    """`cfg` with the values of a nested mapping set over it (as a recipe layer), validated."""
+    merged = _merge(type(cfg), [(dataclasses.asdict(cfg), "the recipe"), (tree, source)])
+    validate(merged)
+    return merged
 
 
 def to_yaml(cfg: Any) -> str:

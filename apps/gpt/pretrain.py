@@ -16,7 +16,10 @@ import torch
 from apps.gpt.config import GPTModelConfig, GPTRecipe
 from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
+from apps.gpt.planning import TARGET
 from core import cli
+from core.autoparallel.auto import plan_recipe
+from core.distributed import detect
 from core.session import session
 from core.trainer import TrainTask
 
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(GPTRecipe, argv, prog="python -m apps.gpt.pretrain", summary=SUMMARY,
                     default_recipe="gpt/tiny")
     if cfg is not None:
+        world = detect()
+        cfg = plan_recipe(cfg, TARGET, world.world_size, lambda line: print(line, file=sys.stderr) if world.rank == 0
+                          else None)
         train(cfg)
     return 0
 
