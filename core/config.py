@@ -325,7 +325,8 @@ def recipe_dirs() -> list[Path]:
 def known_recipes() -> list[str]:
     names: set[str] = set()
     for d in recipe_dirs():
-        names.update(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.yaml"))
+        names.update(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.yaml")
+                     if p.relative_to(d).parts[0] != "clusters")     # cluster files: core.plan's --cluster
     return sorted(names)
 
 

@@ -50,7 +50,7 @@ RECIPE_LINES = [(module, schema, default, pre, args) for module, schema, default
 
 @pytest.mark.parametrize("module, schema, default, pre, args", RECIPE_LINES,
                          ids=[f"{m} {' '.join(a)}" for m, _, _, _, a in RECIPE_LINES])
-def test_every_entry_point_line_is_a_valid_recipe(module, schema, default, pre, args):
+def test_every_entry_point_line_is_a_valid_recipe(module, schema, default, pre, args, tmp_path):
     if args == ["--help"]:
         return
     recipe = default
@@ -58,7 +58,31 @@ def test_every_entry_point_line_is_a_valid_recipe(module, schema, default, pre, 
         i = args.index("--recipe")
         recipe = args[i + 1]
         args = args[:i] + args[i + 2:]
+    if recipe == "plan.yaml":            # the plan the README's `core.plan ... --out plan.yaml` line writes
+        recipe = _plan(tmp_path)
     load_recipe(schema, recipe, pre + args)
+
+
+def _plan(tmp_path) -> str:
+    from core.plan import main as plan
+
+    line = next(words for words in _entry_lines("core.plan") if "--out" in words)
+    out = tmp_path / "plan.yaml"
+    assert plan([str(out) if w == "plan.yaml" else w for w in line if w != "--explain"]) == 0
+    return str(out)
+
+
+def test_every_planner_line_names_a_recipe_and_a_cluster_that_exist(tmp_path):
+    from core.autoparallel.cluster import find_cluster
+
+    lines = _entry_lines("core.plan")
+    assert lines
+    for words in lines:
+        if words[0] == "calibrate":
+            continue
+        find_cluster(words[words.index("--cluster") + 1])
+    assert "parallel.auto=true" in README and "core.plan calibrate" in README
+    assert load_recipe(GPTRecipe, _plan(tmp_path)).parallel.offload in ("cpu", "nvme")
 
 
 def test_every_entry_point_appears_in_the_readme():
