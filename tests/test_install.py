@@ -76,19 +76,24 @@ def test_every_console_script_ends_as_the_module_does(installed):
 
 def test_the_installed_code_finds_its_recipes_and_files(installed):
     venv, work = installed
-    shipped = sorted(str(p.relative_to(ROOT / "recipes").with_suffix("")) for p in (ROOT / "recipes").rglob("*.yaml"))
+    shipped = sorted(str(p.relative_to(ROOT / "recipes").with_suffix("")) for p in (ROOT / "recipes").rglob("*.yaml")
+                     if p.parent.name != "clusters")
     probe = ("import core, kernels.cpu_adam as k, apps.protein.config as pc; from core.config import known_recipes, "
-             "resolve_recipe; from pathlib import Path; "
+             "resolve_recipe; from pathlib import Path; from core.autoparallel.cluster import find_cluster; "
+             "from core.autoparallel.target import target_for; "
              "print(core.__file__); print(' '.join(known_recipes())); "
              "print(resolve_recipe('protein/demo')); print((k._HERE / 'cpu_adam.cpp').is_file(), "
-             "Path(pc.DEMO_FASTA).is_file())")
+             "Path(pc.DEMO_FASTA).is_file()); print(find_cluster('a100-1024')); print(target_for('gpt/tiny').name)")
     done = _run([str(venv / "bin" / "python"), "-c", probe], cwd=work)
     assert done.returncode == 0, done.stderr[-2000:]
-    where, names, demo, files = done.stdout.splitlines()
+    where, names, demo, files, cluster, planned = done.stdout.splitlines()
     assert where.startswith(str(venv)) and not where.startswith(str(ROOT))
     assert names.split() == shipped                 # every recipe of every app ships
     assert demo.startswith(str(venv / "share" / "loom-train" / "recipes"))
     assert files == "True True"
+    # the planner's cluster files ship, and the GPT app registers its planning target
+    assert cluster.startswith(str(venv / "share" / "loom-train" / "recipes" / "clusters")), cluster
+    assert planned == "gpt"
 
 
 def test_the_protein_app_runs_its_default_recipe_from_the_install(installed):

@@ -31,4 +31,9 @@ def profile(cfg: GPTRecipe) -> ModelProfile:
                           hidden=model_cfg.d_model, heads=model_cfg.n_head, vocab=model_cfg.vocab_size)
 
 
-TARGET = AppTarget("gpt", GPTRecipe, "gpt/tiny", profile)
+def axes(cfg: GPTRecipe) -> tuple[str, ...]:
+    """Split attention has no attention-probability dropout: no sequence parallelism with dropout."""
+    return ("dp", "pp", "tp") if cfg.model.dropout > 0 else ("dp", "pp", "tp", "sp")
+
+
+TARGET = AppTarget("gpt", GPTRecipe, "gpt/tiny", profile, axes_for=axes)

@@ -33,6 +33,9 @@ class AppTarget:
     profile: Callable[[Recipe], ModelProfile]   # the model on the meta device, profiled
     axes: tuple[str, ...] = ("dp", "pp", "tp", "sp")
     checkpointing: bool = True                  # model.gradient_checkpointing exists
+    # the axes this recipe's model can use, when some setting rules one out (GPT: no sequence
+    # parallelism with dropout); default: `axes`
+    axes_for: Callable[[Recipe], tuple[str, ...]] | None = None
 
 
 def app_targets() -> dict[str, AppTarget]:
@@ -60,5 +63,6 @@ def job_for(target: AppTarget, cfg: Recipe, devices: int) -> Job:
     micro_batch x grad_accum makes on `devices` data-parallel ranks), precision and update rule."""
     t = cfg.train
     global_batch = t.global_batch or t.micro_batch * t.grad_accum * devices
-    return Job(target.profile(cfg), global_batch, cfg.parallel.precision, cfg.optim.name, target.axes,
+    axes = target.axes_for(cfg) if target.axes_for else target.axes
+    return Job(target.profile(cfg), global_batch, cfg.parallel.precision, cfg.optim.name, axes,
                target.checkpointing, cfg.memory.chunk_mb)

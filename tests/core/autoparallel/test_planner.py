@@ -166,3 +166,8 @@ def test_parallel_auto_plans_before_the_run_and_says_so(tmp_path):
     assert batch.global_batch == cfg.train.micro_batch * 2          # what the recipe asked on 2 ranks
     with pytest.raises(ConfigError, match="describes 2 devices, this run has 4 processes"):
         plan_recipe(cfg, TARGET, 4, said.append)
+    # the model's own limits: split attention has no dropout, so a model with dropout gets no sp
+    from core.autoparallel.target import job_for
+
+    dropped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.1))
+    assert job_for(TARGET, dropped, 2).axes == ("dp", "pp", "tp") and "sp" in job_for(TARGET, cfg, 2).axes
