@@ -26,7 +26,8 @@ from core.autoparallel.target import job_for, target_for
 from core.cli import parse, run_main
 from core.errors import LoomError
 
-USAGE = """usage: python -m core.plan --recipe RECIPE --cluster CLUSTER [key=value ...] [--explain] [--top K] [--out FILE]
+USAGE = """usage: python -m core.plan --recipe RECIPE --cluster CLUSTER [key=value ...] [--explain] [--top K]
+                        [--out FILE]
        python -m core.plan calibrate [--out FILE] [--quick]
 
 Pick the parallel layout for a recipe on a cluster; print it as a recipe that extends RECIPE.

@@ -3,7 +3,8 @@
 What it measures, each with the real thing the planner's cost model stands for:
 
 - matrix-product FLOP/s per precision on the compute device (square products the size of a small
-  model's layers; the best of a few runs);
+  model's layers; the best of a few runs), with all `--devices` processes computing at once (on a
+  CPU-only machine they share its cores, as a run's ranks do);
 - all-reduce bandwidth and latency among `--devices` processes on this machine with the backend
   the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce;
 - the host <-> device link (on GPUs; on a CPU-only machine the device is the host: a memory copy);
@@ -110,11 +111,25 @@ def adam_gparams(numel: int) -> float:
     return numel / _best_of(opt.step) / 1e9
 
 
-def _allreduce_rank(rank: int, world: int, port: int, sizes: list[int], backend: str, out: str) -> None:
+def _device_rates(device: torch.device, n: int) -> tuple[dict, float]:
+    """Matrix-product TFLOP/s per precision and a layer's fixed cost (us) on `device`."""
+    tflops = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        size = n if dtype == torch.float32 or device.type == "cuda" else max(128, n // 4)   # slow on CPUs
+        tflops[name] = round(matmul_tflops(device, dtype, size), 4)
+    return tflops, layer_overhead_us(device)
+
+
+def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], backend: str, out: str) -> None:
+    """One of `world` processes measuring at once, as a run's processes compute at once (on a
+    CPU-only machine they share its cores): the rates, then all-reduce times per size."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group(backend, rank=rank, world_size=world)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    dist.barrier()
+    rates = _device_rates(device, n)
+    dist.barrier()
     times = []
     for numel in sizes:
         x = torch.ones(numel, device=device)
@@ -128,23 +143,24 @@ def _allreduce_rank(rank: int, world: int, port: int, sizes: list[int], backend:
 
         times.append(_best_of(run) / 5)
     if rank == 0:
-        torch.save(times, out)
+        torch.save((rates, times), out)
     dist.destroy_process_group()
 
 
-def allreduce(world: int, backend: str, big: int) -> tuple[float, float]:
-    """(bus bandwidth GB/s per rank, latency s) of all-reduce among `world` processes: the ring
-    formula's 2 (k - 1) / k x bytes over the large one's time, the tiny one's time as latency."""
+def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple[dict, float, float, float]:
+    """(TFLOP/s per precision, layer cost us, all-reduce GB/s per rank, latency s) with `world`
+    processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
+    large all-reduce's time less the tiny one's, which is the latency."""
     import torch.multiprocessing as mp
 
     from core.distributed.testing import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "times.pt")
-        mp.spawn(_allreduce_rank, args=(world, free_port(), [big, 1], backend, out), nprocs=world)
-        big_s, tiny_s = torch.load(out)
+        out = str(Path(tmp) / "measured.pt")
+        mp.spawn(_rank_measure, args=(world, free_port(), n, [big, 1], backend, out), nprocs=world)
+        (tflops, overhead), (big_s, tiny_s) = torch.load(out)
     wire = 2 * (world - 1) / world * big * 4
-    return wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s
+    return tflops, overhead, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -152,22 +168,18 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     n = 512 if quick else (4096 if gpu else 1024)
-    if not gpu:        # each of the run's processes gets its share of the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-    tflops = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        tflops[name] = round(matmul_tflops(device, dtype, n), 4)
-        say(f"matrix products ({name}, {n} x {n}): {tflops[name]:g} TFLOP/s")
-    overhead = layer_overhead_us(device)
-    say(f"a layer's fixed cost per pass: {overhead:.0f} us")
-    host = host_memory_gb()
     backend = "nccl" if gpu else "gloo"
     big = 2**20 if quick else 2**23
     if devices > 1:
-        bw, latency = allreduce(devices, backend, big)
+        tflops, overhead, bw, latency = measure_ranks(devices, backend, n, big)
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call")
     else:
+        tflops, overhead = _device_rates(device, n)
         bw, latency = 100.0, 1e-5
+    for name, rate in tflops.items():
+        say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
+    say(f"a layer's fixed cost per pass: {overhead:.0f} us")
+    host = host_memory_gb()
     write, read = disk_gbs(nvme_dir, 64 if quick else 512)
     free = _free_gb(nvme_dir)
     say(f"disk at {nvme_dir}: write {write:.3g} GB/s, read {read:.3g} GB/s, {free:,.0f} GiB free")
@@ -183,9 +195,9 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
         x = torch.empty(2**26, dtype=torch.uint8)
         y = torch.empty_like(x)
         link = x.numel() / _best_of(lambda: y.copy_(x)) / 1e9
-        name = f"{os.cpu_count()} CPU cores"
+        name = f"processes on {os.cpu_count()} CPU cores"
         memory = device_memory_gb or host / devices
-    return Cluster(name=f"this machine: {devices} x {name}", nodes=1, devices_per_node=devices,
+    return Cluster(name=f"this machine: {devices} {name}", nodes=1, devices_per_node=devices,
                    device_memory_gb=round(memory, 3), host_memory_gb=round(host, 1), nvme_gb=round(free, 1),
                    nvme_read_gbs=round(read, 3), nvme_write_gbs=round(write, 3), host_link_gbs=round(link, 3),
                    host_adam_gparams=round(adam, 4), intra_node_gbs=round(bw, 4),

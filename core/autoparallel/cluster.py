@@ -48,6 +48,8 @@ class Cluster:
     inter_node_latency_us: float = 30.0    # one collective's fixed cost across nodes
     tflops: dict = field(default_factory=lambda: {"fp32": 10.0, "bf16": 40.0, "fp16": 40.0})
     layer_overhead_us: float = 100.0       # fixed cost of one layer's forward or backward on one micro-batch
+    runtime_gb: float = 0.0                # memory a training process holds beyond its model's (runtime,
+    #                                        communication buffers, data): measured on a trivial model
     offload_overlap: float = 1.2           # an offloaded step / max(its compute, its transfers), measured
     #                                        by benchmarks/offload_efficiency.py (1.21 on this project's CPU runs)
     memory_reserve: float = 0.9            # the fraction of each memory the planner may fill

@@ -23,7 +23,8 @@ many small micro-batches slower than a few large ones). Communication, per axis,
   `benchmarks/offload_efficiency.py`).
 
 Memory per device: weights, gradients and optimizer states (fp32 masters: 4 + 4 + 8 bytes a
-parameter for Adam) divided as tp, pp and ZeRO divide them, plus the activations of the
+parameter for Adam; plain data parallelism adds DDP's buckets, another 4) divided as tp, pp and ZeRO
+divide them, the cluster's fixed runtime memory per process (`runtime_gb`), plus the activations of the
 micro-batches a stage holds at once (1 without a pipeline, m for GPipe, p for 1F1B, p + (p - 1)/v
 for the interleaved schedule), per token from the profile.
 
@@ -251,7 +252,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     bubble_s = pipe_s - m * mb_s
 
     # ---- once per step: gradients, ZeRO, offload
-    P = max(rank.params for rank in ranks) / L.tp                                      # parameters on the busiest device
+    P = max(rank.params for rank in ranks) / L.tp         # parameters on the busiest device
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
     sync_s = _ring(R, P * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
@@ -330,7 +331,9 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             acts.append((kept * inflight + top) * tokens_mb * scale)
         else:
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight)
-    device = param_dev + grad_dev + state_dev + max(acts)
+    if L.zero == 0 and L.offload == "none" and R > 1:
+        grad_dev += 4 * P                                 # DDP's buckets: a second copy of the gradients
+    device = param_dev + grad_dev + state_dev + max(acts) + cluster.runtime_gb * GIB
 
     times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
              "sequence": m * max(s for _, _, s in per_rank), "pipeline p2p": m * p2p_s, "bubble": bubble_s,

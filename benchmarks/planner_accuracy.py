@@ -1,0 +1,189 @@
+"""The planner against measured runs on this machine: does its pick run fastest, do its predictions
+order the layouts as the runs do, and does it predict their memory?
+
+    python -m benchmarks.planner_accuracy                       # 3 GPT shapes x 2 caps on 4 and 8 ranks
+    python -m benchmarks.planner_accuracy --ranks 4 --shapes a --caps loose --runs 8    # a few minutes
+
+Per number of ranks it first calibrates this machine (`core.autoparallel.calibrate`: all ranks
+computing at once, gloo all-reduce, disk, host Adam; then the memory a training process holds
+beyond its model, from a trivial one-layer model run the same way); the planner sees only that and
+the model's meta-device profile, never the runs it is judged on. Per case (a GPT shape and a per-rank memory
+cap for the weights, gradients, optimizer states and activations), it enumerates every layout the
+planner considers, keeps those predicted to fit, and runs the planner's pick and `--runs` - 1
+others spread evenly over the predicted step times (every feasible layout is thousands here: dp x
+tp modes x pp schedules x sp modes x ZeRO x offload x micro-batch x checkpointing). Each run is the
+GPT app's own `train` on forked gloo ranks for `--steps` steps (the first two not timed); its step
+time is the median of the timed steps, its memory the largest rank's resident-set high-water
+mark in the steps less that rank's resident set before the model was built.
+
+One JSON line per case:
+- `planner_pick_ratio`: the pick's measured step time / the fastest measured (target <= 1.10);
+- `planner_rank_correlation`: Spearman's rho between predicted and measured step times (>= 0.8);
+- `planner_memory_ratio`: predicted / measured memory per rank, median and range (within 15%);
+- `planner_pick_out_of_memory`: 1 when the pick's measured memory passed the cap (target 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from apps.gpt.config import GPTRecipe
+from apps.gpt.planning import TARGET
+from benchmarks._machine import machine
+from core.autoparallel import GIB, Layout, best_plan, estimate, overlay
+from core.autoparallel.calibrate import calibrate
+from core.autoparallel.search import all_layouts
+from core.autoparallel.target import job_for
+from core.config import load_recipe
+from core.distributed.testing import run_distributed
+
+SHAPES = {"a": ["model.n_layer=4", "model.d_model=256", "model.n_head=8", "model.seq_len=128"],
+          "b": ["model.n_layer=8", "model.d_model=192", "model.n_head=6", "model.seq_len=64"],
+          "c": ["model.n_layer=2", "model.d_model=384", "model.n_head=8", "model.seq_len=256"]}
+COMMON = ["data.tokenizer=bytes", "data.max_bytes=400000", "data.val_fraction=0", "train.global_batch=16",
+          "train.micro_batch=1", "sample.tokens=0", "train.progress=false", "train.log_every=1",
+          "train.eval_every=0", "train.checkpoint_every=0", "optim.name=adamw", "model.dropout=0"]
+
+
+def _flat(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
+def _rank_run(argv: list[str]) -> tuple[int, int, list[float]]:
+    """One rank: the GPT app's train on this recipe; (resident bytes before, the steps' peak, step
+    seconds from rank 0's metrics)."""
+    import contextlib
+    import io
+
+    from apps.gpt.pretrain import train
+    from core.memory.usage import process_bytes
+    from core.distributed import detect
+    import torch
+
+    before = process_bytes(torch.device("cpu"))
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train(cfg)
+    steps = []
+    if detect().rank == 0:
+        tokens = cfg.train.global_batch * cfg.model.seq_len
+        rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+        steps = [tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return before, summary["step_peak_memory_bytes"], steps
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        for pos, i in enumerate(order):
+            r[i] = pos
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1)) if n > 2 else float("nan")
+
+
+def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: int, steps: int, work: Path) -> dict:
+    cluster = dataclasses.replace(cluster, device_memory_gb=cap_gb, memory_reserve=1.0)
+    base = SHAPES[shape] + COMMON + [f"data.cache_dir={work / 'cache'}"]
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", base)
+    job = job_for(TARGET, cfg, ranks)
+    pick = best_plan(job, cluster, top=1).best
+    fits = sorted((e for e in (estimate(job, lay, cluster) for lay in all_layouts(job, cluster)) if e.fits),
+                  key=lambda e: e.step_s)
+    chosen = [pick] + [fits[round(i * (len(fits) - 1) / max(runs - 2, 1))] for i in range(runs - 1)]
+    seen, plan = set(), []
+    for est in chosen:
+        if est.layout not in seen:
+            seen.add(est.layout)
+            plan.append(est)
+    results = []
+    for i, est in enumerate(plan):
+        out = work / f"{name}-{i}"
+        argv = base + _flat(overlay(est, job, cluster)) + [f"train.steps={steps}", f"output.dir={out}",
+                                                           "output.overwrite=true"]
+        got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
+        memory = max(peak - before for before, peak, _ in got)
+        step = statistics.median(got[0][2][2:]) if len(got[0][2]) > 2 else got[0][2][-1]
+        results.append((est, step, memory))
+        print(f"  {est.layout.describe()}: predicted {est.step_s:.3f} s, {est.device_bytes / 2**20:.0f} MiB; "
+              f"measured {step:.3f} s, {memory / 2**20:.0f} MiB", flush=True)
+    best = min(step for _, step, _ in results)
+    ratios = [e.device_bytes / m for e, _, m in results if m > 0]
+    return {"case": name, "ranks": ranks, "cap_gib": cap_gb, "feasible": len(fits), "ran": len(results),
+            "pick": pick.layout.describe(), "planner_pick_ratio": round(results[0][1] / best, 3),
+            "planner_rank_correlation": round(_spearman([e.step_s for e, _, _ in results],
+                                                        [s for _, s, _ in results]), 3),
+            "planner_memory_ratio_median": round(statistics.median(ratios), 3),
+            "planner_memory_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+            "planner_pick_out_of_memory": int(results[0][2] > cap_gb * GIB)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--shapes", default="a,b,c")
+    ap.add_argument("--caps", default="loose,tight", help="loose: 1 GiB a rank; tight: the median feasible need")
+    ap.add_argument("--runs", type=int, default=10, help="layouts run per case, the planner's pick first")
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="loom-planner-") as tmp:
+        work = Path(tmp)
+        os.environ["LOOM_CACHE"] = str(work / "cache")
+        for ranks in args.ranks:
+            cluster = calibrate(ranks, 1.0, work)
+            cluster = dataclasses.replace(cluster, runtime_gb=runtime_gb(ranks, cluster, work))
+            for shape in args.shapes.split(","):
+                for cap in args.caps.split(","):
+                    cap_gb = 1.0 if cap == "loose" else _tight(shape, ranks, cluster)
+                    name = f"{shape}-{cap}-{ranks}"
+                    print(f"case {name}: cap {cap_gb:.3f} GiB a rank", flush=True)
+                    row = run_case(name, shape, cap_gb, ranks, cluster, args.runs, args.steps, work)
+                    print(json.dumps({"name": "planner_accuracy", **row, "machine": machine()}), flush=True)
+
+
+TRIVIAL = ["model.n_layer=1", "model.d_model=8", "model.n_head=1", "model.seq_len=64"]
+
+
+def runtime_gb(ranks: int, cluster, work: Path) -> float:
+    """Calibration, part two: the memory a training process of this app holds beyond its model's
+    (imports after start, the corpus, gloo and DDP), from a trivial model (one layer, 8 wide) run
+    the way the cases run; none of the cases' models."""
+    argv = TRIVIAL + COMMON + [f"data.cache_dir={work / 'cache'}", "train.steps=3", f"parallel.dp={ranks}",
+                               "train.micro_batch=4", f"output.dir={work / 'trivial'}", "output.overwrite=true"]
+    got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
+    measured = max(peak - before for before, peak, _ in got)
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", TRIVIAL + COMMON + ["train.micro_batch=4"])
+    job = job_for(TARGET, cfg, ranks)
+    model = estimate(job, Layout(dp=ranks, micro_batch=4, microbatches=job.global_batch // (4 * ranks)),
+                     cluster).device_bytes
+    print(f"runtime memory per process: {(measured - model) / 2**20:.1f} MiB (a trivial model measured "
+          f"{measured / 2**20:.1f}, its own weights and activations {model / 2**20:.2f})", flush=True)
+    return round(max(measured - model, 0) / GIB, 4)
+
+
+def _tight(shape: str, ranks: int, cluster) -> float:
+    """A cap that half the layouts fitting in 1 GiB need more than."""
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", SHAPES[shape] + COMMON)
+    job = job_for(TARGET, cfg, ranks)
+    loose = dataclasses.replace(cluster, device_memory_gb=1.0, memory_reserve=1.0)
+    need = sorted(e.device_bytes for e in (estimate(job, lay, loose) for lay in all_layouts(job, loose)) if e.fits)
+    return round(need[len(need) // 2] / GIB, 4)
+
+
+if __name__ == "__main__":
+    main()
