@@ -6,8 +6,8 @@
     plan.overlay                                      # the recipe keys it sets, as a nested dict
 
 `cluster` describes the machines, `profile` the model, `estimate` scores one layout (step time,
-memory per device, host and disk), `search` finds the fastest layouts that fit, and `explain`
-says why the alternatives lost. `python -m core.plan` is the command.
+memory per device, host and disk), `search` finds the fastest layouts that fit, and
+`alternatives` says why the other kinds of layout lost. `python -m core.plan` is the command.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def overlay(est: Estimate, job: Job, cluster: Cluster) -> dict:
         out["model"] = {"gradient_checkpointing": L.checkpointing}
     if L.offload != "none":
         # the chunks' device budget: what the device has left once the activations are counted
-        budget = cluster.device_memory_gb * cluster.memory_reserve - est.activation_bytes / GIB
+        budget = cluster.device_memory_gb * cluster.memory_reserve - est.activation_bytes / GIB - cluster.runtime_gb
         out["memory"] = {"device_gb": round(max(budget, 0.001), 3)}
     return out
 
@@ -123,6 +123,8 @@ def what_would_fit(job: Job, cluster: Cluster) -> list[str]:
     """The smallest change along each axis of the cluster that makes some layout fit."""
     changes = []
     for nodes in (cluster.nodes * 2 ** k for k in range(1, 11)):
+        if nodes * cluster.devices_per_node > 2 ** 14:
+            break
         if search(job, replace(cluster, nodes=nodes), top=1).ranked:
             changes.append(f"{nodes} nodes ({nodes * cluster.devices_per_node} devices)")
             break

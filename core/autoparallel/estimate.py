@@ -218,15 +218,14 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     sp_bw, sp_lat = cluster.link(L.tp * L.sp)
     pp_bw, pp_lat = cluster.link(L.devices)
     if L.tp > 1:
-        q, d = grid(L.tp_mode, L.tp, L.tp_depth)
-        layer_tp = _tp_layer(L.tp_mode, L.tp, L.micro_batch, round(job.seq_len / L.sp), prof.hidden, e,
-                                     L.tp_depth)
+        grid(L.tp_mode, L.tp, L.tp_depth)                # ValueError when tp does not fit the mode
+        layer_tp = _tp_layer(L.tp_mode, L.tp, L.micro_batch, round(job.seq_len / L.sp), prof.hidden, e, L.tp_depth)
         tp_layer_s = layer_tp.wire_bytes / tp_bw + layer_tp.calls * tp_lat
         if L.checkpointing:
             tp_layer_s *= 1.5                            # the recomputed forward's collectives again
     else:
         tp_layer_s = 0.0
-    width = prof.hidden / (L.tp if L.tp_mode == "1d" else L.tp)
+    width = prof.hidden / L.tp                            # of the keys and values a rank holds
     if L.sp > 1:
         block = tokens_mb * width * e                    # one rank's keys (or values) for one layer
         if L.sp_mode == "ring":

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Callable
 
 from core.autoparallel.estimate import Job
 from core.autoparallel.profile import ModelProfile
-from core.config import ConfigError, Recipe
+from core.config import ConfigError, Recipe, read_recipe_chain, resolve_recipe
 
 GROUP = "loom.apps"
 
@@ -46,8 +45,14 @@ def target_for(recipe: str, app: str = "") -> AppTarget:
     """The target of `app`, or of the app whose recipe folder `recipe` is in (gpt/tiny, or a path
     under recipes/gpt/)."""
     found = app_targets()
-    name = app or (recipe.split("/")[0] if "/" in recipe and not Path(recipe).is_file()
-                   else Path(recipe).resolve().parent.name)
+    name = app
+    if not name:
+        try:      # the folder of the recipe, or of one it extends (a plan written by core.plan extends the app's)
+            _, chain = read_recipe_chain(resolve_recipe(recipe))
+            name = next((p.resolve().parent.name for p in chain if p.resolve().parent.name in found),
+                        chain[0].resolve().parent.name)
+        except ConfigError:
+            name = recipe.split("/")[0]
     if name not in found:
         known = ", ".join(sorted(found)) or "none: is loom-train installed (make setup)?"
         raise ConfigError(f"--recipe {recipe}: no app called {name!r} can be planned for; apps that can: {known} "

@@ -139,6 +139,8 @@ def test_the_command_writes_a_recipe_the_app_runs(tmp_path, capsys):
     cfg = load_recipe(GPTRecipe, str(out))
     layout, batch = check_layout(cfg, 4)
     assert layout.dp * layout.tp * layout.pp * layout.sp == 4 and cfg.model.n_layer == 8
+    # a plan is a recipe of the GPT app: planning it again finds the app through what it extends
+    assert main(["--recipe", str(out), "--cluster", str(tmp_path / "c.yaml")]) == 0
 
 
 def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
