@@ -5,9 +5,10 @@ order the layouts as the runs do, and does it predict their memory?
     python -m benchmarks.planner_accuracy --ranks 4 --shapes a --caps loose --runs 8    # a few minutes
 
 Per number of ranks it first calibrates this machine (`core.autoparallel.calibrate`: all ranks
-computing at once, gloo all-reduce, disk, host Adam; then the memory a training process holds
-beyond its model, from a trivial one-layer model run the same way); the planner sees only that and
-the model's meta-device profile, never the runs it is judged on. Per case (a GPT shape and a per-rank memory
+computing at once, gloo all-reduce, disk, host Adam; then, from a trivial one-layer model run the
+same way, the memory a training process holds beyond its model and the fixed costs of a step, of
+a micro-batch and of the chunked engine); the planner sees only that and the model's meta-device
+profile, never the runs it is judged on. Per case (a GPT shape and a per-rank memory
 cap for the weights, gradients, optimizer states and activations), it enumerates every layout the
 planner considers, keeps those predicted to fit, and runs the planner's pick and `--runs` - 1
 others spread evenly over the predicted step times (every feasible layout is thousands here: dp x
@@ -145,8 +146,7 @@ def main() -> None:
         work = Path(tmp)
         os.environ["LOOM_CACHE"] = str(work / "cache")
         for ranks in args.ranks:
-            cluster = calibrate(ranks, 1.0, work)
-            cluster = dataclasses.replace(cluster, runtime_gb=runtime_gb(ranks, cluster, work))
+            cluster = engine_costs(ranks, calibrate(ranks, 1.0, work), work, args.steps)
             for shape in args.shapes.split(","):
                 for cap in args.caps.split(","):
                     cap_gb = 1.0 if cap == "loose" else _tight(shape, ranks, cluster)
@@ -159,21 +159,33 @@ def main() -> None:
 TRIVIAL = ["model.n_layer=1", "model.d_model=8", "model.n_head=1", "model.seq_len=64"]
 
 
-def runtime_gb(ranks: int, cluster, work: Path) -> float:
-    """Calibration, part two: the memory a training process of this app holds beyond its model's
-    (imports after start, the corpus, gloo and DDP), from a trivial model (one layer, 8 wide) run
-    the way the cases run; none of the cases' models."""
-    argv = TRIVIAL + COMMON + [f"data.cache_dir={work / 'cache'}", "train.steps=3", f"parallel.dp={ranks}",
-                               "train.micro_batch=4", f"output.dir={work / 'trivial'}", "output.overwrite=true"]
-    got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
-    measured = max(peak - before for before, peak, _ in got)
-    cfg = load_recipe(GPTRecipe, "gpt/tiny", TRIVIAL + COMMON + ["train.micro_batch=4"])
+def engine_costs(ranks: int, cluster, work: Path, steps: int):
+    """Calibration, part two, from a trivial model (one layer, 8 wide: its arithmetic is nothing)
+    run the way the cases run, none of the cases' models: the memory a training process holds
+    beyond its model (imports after start, the corpus, gloo, DDP); the fixed costs of a step and
+    of a micro-batch (4 micro-batches of 1 against 1 of 4) and what the chunked engine adds (ZeRO-2)."""
+    def run(micro: int, extra: list[str]):
+        argv = TRIVIAL + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.steps={steps}", f"parallel.dp={ranks}",
+                                   f"train.micro_batch={micro}", f"train.global_batch={4 * ranks}",
+                                   f"output.dir={work / 'trivial'}", "output.overwrite=true", *extra]
+        got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
+        return max(peak - before for before, peak, _ in got), statistics.median(got[0][2][2:])
+
+    memory, one = run(4, [])
+    _, four = run(1, [])
+    _, chunked = run(4, ["parallel.zero=2"])
+    per_micro = max(four - one, 0.0) / 3
+    cfg = load_recipe(GPTRecipe, "gpt/tiny",
+                      TRIVIAL + COMMON + ["train.micro_batch=4", f"train.global_batch={4 * ranks}"])
     job = job_for(TARGET, cfg, ranks)
-    model = estimate(job, Layout(dp=ranks, micro_batch=4, microbatches=job.global_batch // (4 * ranks)),
-                     cluster).device_bytes
-    print(f"runtime memory per process: {(measured - model) / 2**20:.1f} MiB (a trivial model measured "
-          f"{measured / 2**20:.1f}, its own weights and activations {model / 2**20:.2f})", flush=True)
-    return round(max(measured - model, 0) / GIB, 4)
+    model = estimate(job, Layout(dp=ranks, micro_batch=4, microbatches=1), dataclasses.replace(
+        cluster, step_overhead_ms=0, microbatch_overhead_ms=0))
+    costs = {"runtime_gb": round(max(memory - model.device_bytes, 0) / GIB, 4),
+             "microbatch_overhead_ms": round(per_micro * 1e3, 2),
+             "step_overhead_ms": round(max(one - per_micro - model.step_s, 0.0) * 1e3, 2),
+             "chunked_overhead_ms": round(max(chunked - one, 0.0) * 1e3, 2)}
+    print(f"engine costs from a trivial model: {costs}", flush=True)
+    return dataclasses.replace(cluster, **costs)
 
 
 def _tight(shape: str, ranks: int, cluster) -> float:

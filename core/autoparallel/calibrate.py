@@ -11,7 +11,8 @@ What it measures, each with the real thing the planner's cost model stands for:
 - NVMe (the folder `--nvme-dir`, default the system's temporary folder): a file written with
   fsync and read back, and the free space there;
 - host memory (`/proc/meminfo`), and the Adam updates per second the host's CPUs make;
-- a layer's fixed cost per pass (a tiny transformer layer's forward and backward on one token).
+- a layer's fixed cost per pass (a tiny transformer layer's forward and backward on one token), and
+  the device memory's copy bandwidth (all processes at once).
 
 On a CPU-only machine the "devices" are the processes a run starts (`--devices`, default the
 number of cores) and each one's memory is what `--device-memory-gb` allows (default: the host's
@@ -111,13 +112,27 @@ def adam_gparams(numel: int) -> float:
     return numel / _best_of(opt.step) / 1e9
 
 
-def _device_rates(device: torch.device, n: int) -> tuple[dict, float]:
-    """Matrix-product TFLOP/s per precision and a layer's fixed cost (us) on `device`."""
+def memory_gbs(device: torch.device) -> float:
+    """Copy bandwidth of the device's memory (read + write of 64 MiB)."""
+    x = torch.empty(2**26, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+
+    def run():
+        y.copy_(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    return 2 * x.numel() / _best_of(run) / 1e9
+
+
+def _device_rates(device: torch.device, n: int) -> tuple[dict, float, float]:
+    """Matrix-product TFLOP/s per precision, a layer's fixed cost (us) and memory GB/s on `device`."""
     tflops = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         size = n if dtype == torch.float32 or device.type == "cuda" else max(128, n // 4)   # slow on CPUs
         tflops[name] = round(matmul_tflops(device, dtype, size), 4)
-    return tflops, layer_overhead_us(device)
+    return tflops, layer_overhead_us(device), memory_gbs(device)
 
 
 def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], backend: str, out: str) -> None:
@@ -147,8 +162,8 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
     dist.destroy_process_group()
 
 
-def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple[dict, float, float, float]:
-    """(TFLOP/s per precision, layer cost us, all-reduce GB/s per rank, latency s) with `world`
+def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple[dict, float, float, float, float]:
+    """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, latency s) with `world`
     processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
     large all-reduce's time less the tiny one's, which is the latency."""
     import torch.multiprocessing as mp
@@ -158,9 +173,9 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple[dict, flo
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "measured.pt")
         mp.spawn(_rank_measure, args=(world, free_port(), n, [big, 1], backend, out), nprocs=world)
-        (tflops, overhead), (big_s, tiny_s) = torch.load(out)
+        (tflops, overhead, mem), (big_s, tiny_s) = torch.load(out)
     wire = 2 * (world - 1) / world * big * 4
-    return tflops, overhead, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s
+    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -171,14 +186,14 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
     backend = "nccl" if gpu else "gloo"
     big = 2**20 if quick else 2**23
     if devices > 1:
-        tflops, overhead, bw, latency = measure_ranks(devices, backend, n, big)
+        tflops, overhead, mem, bw, latency = measure_ranks(devices, backend, n, big)
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call")
     else:
-        tflops, overhead = _device_rates(device, n)
+        tflops, overhead, mem = _device_rates(device, n)
         bw, latency = 100.0, 1e-5
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
-    say(f"a layer's fixed cost per pass: {overhead:.0f} us")
+    say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")
     host = host_memory_gb()
     write, read = disk_gbs(nvme_dir, 64 if quick else 512)
     free = _free_gb(nvme_dir)
@@ -203,7 +218,7 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                    host_adam_gparams=round(adam, 4), intra_node_gbs=round(bw, 4),
                    intra_node_latency_us=round(latency * 1e6, 1), inter_node_gbs=round(bw, 4),
                    inter_node_latency_us=round(latency * 1e6, 1), tflops=tflops,
-                   layer_overhead_us=round(overhead, 1))
+                   layer_overhead_us=round(overhead, 1), memory_gbs=round(mem, 3))
 
 
 def _free_gb(folder: Path) -> float:

@@ -48,8 +48,12 @@ class Cluster:
     inter_node_latency_us: float = 30.0    # one collective's fixed cost across nodes
     tflops: dict = field(default_factory=lambda: {"fp32": 10.0, "bf16": 40.0, "fp16": 40.0})
     layer_overhead_us: float = 100.0       # fixed cost of one layer's forward or backward on one micro-batch
+    memory_gbs: float = 1000.0             # device memory bandwidth (the elementwise work streams activations)
     runtime_gb: float = 0.0                # memory a training process holds beyond its model's (runtime,
     #                                        communication buffers, data): measured on a trivial model
+    step_overhead_ms: float = 5.0          # fixed cost of one optimizer step (the loop, the update's launch)
+    microbatch_overhead_ms: float = 1.0    # fixed cost of one micro-batch's forward and backward
+    chunked_overhead_ms: float = 0.0       # what the chunked engine (ZeRO, offload) adds to a step
     offload_overlap: float = 1.2           # an offloaded step / max(its compute, its transfers), measured
     #                                        by benchmarks/offload_efficiency.py (1.21 on this project's CPU runs)
     memory_reserve: float = 0.9            # the fraction of each memory the planner may fill

@@ -1,9 +1,11 @@
 """The cost model: one layout of one job on one cluster -> step time and memory per device, host, disk.
 
 Compute comes from the model's profile (FLOPs per token per layer; backward twice the forward,
-a checkpointed layer's forward once more) at the cluster's matrix-product rate, plus a fixed cost
-per layer and pass (`cluster.layer_overhead_us`: kernel launches and the small ops, what makes
-many small micro-batches slower than a few large ones). Communication, per axis, with ring algorithms:
+a checkpointed layer's forward once more) at the cluster's matrix-product rate, plus fixed costs
+(the cluster's, measured): per layer and pass (`layer_overhead_us`: kernel launches and the small
+ops), per micro-batch, per optimizer step, and the chunked engine's per step; and the elementwise
+work, which streams the kept activations at the device's memory bandwidth. Communication, per
+axis, with ring algorithms:
 
 - tensor parallelism: `core.tensor.cost.transformer_layer`, the collectives the modes issue op by op;
 - sequence parallelism: ring attention passes each rank's keys and values around the ring
@@ -242,7 +244,11 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     for rank in ranks:
         f = rank.flops * tokens_mb * passes / L.tp
         fixed = rank.count * passes * cluster.layer_overhead_us * 1e-6
-        per_rank.append((f / flops + fixed, rank.bodies * tp_layer_s, rank.bodies * sp_layer_s))
+        # the elementwise work (norms, activations, softmax, residuals) streams what the layers keep:
+        # written forward, read back and its gradient written backward, about once more per pass
+        streamed = (rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * (e / prof.act_bytes)
+        elementwise = streamed * (passes + 1) / (cluster.memory_gbs * 1e9)
+        per_rank.append((f / flops + fixed + elementwise, rank.bodies * tp_layer_s, rank.bodies * sp_layer_s))
     compute_mb = max(c for c, _, _ in per_rank)
     mb_s = max(c + t + s for c, t, s in per_rank) + p2p_s
 
@@ -274,7 +280,9 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             offload_s += disk / (cluster.nvme_read_gbs * 1e9) + disk / (cluster.nvme_write_gbs * 1e9)
 
     compute_s = m * compute_mb
-    step_s = pipe_s + exposed_sync_s
+    fixed_s = (cluster.step_overhead_ms + m * cluster.microbatch_overhead_ms
+               + (cluster.chunked_overhead_ms if L.zero or L.offload != "none" else 0.0)) * 1e-3
+    step_s = pipe_s + exposed_sync_s + fixed_s
     if L.offload != "none":
         step_s = max(step_s, offload_s) * cluster.offload_overlap
     tokens = job.global_batch * job.seq_len
@@ -336,7 +344,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
     times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
              "sequence": m * max(s for _, _, s in per_rank), "pipeline p2p": m * p2p_s, "bubble": bubble_s,
-             "gradient sync (exposed)": exposed_sync_s, "offload": offload_s}
+             "gradient sync (exposed)": exposed_sync_s, "offload": offload_s, "fixed costs": fixed_s}
     est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts))
     return _check_fits(est, cluster)
 
