@@ -157,13 +157,32 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
                 torch.cuda.synchronize()
 
         times.append(_best_of(run) / 5)
+    # the fixed costs of what sequence parallelism calls: a ring exchange (send on, receive from
+    # behind) and an all-to-all, of one value each
+    one = torch.ones(world, device=device)
+    back = torch.empty_like(one)
+
+    def ring():
+        for _ in range(10):
+            works = [dist.isend(one[:1], (rank + 1) % world), dist.irecv(back[:1], (rank - 1) % world)]
+            for w in works:
+                w.wait()
+
+    def swap():
+        for _ in range(10):
+            dist.all_to_all([back[i:i + 1] for i in range(world)], [one[i:i + 1] for i in range(world)])
+
+    ring()
+    swap()
+    times += [_best_of(ring) / 10, _best_of(swap) / 10]
     if rank == 0:
         torch.save((rates, times), out)
     dist.destroy_process_group()
 
 
-def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple[dict, float, float, float, float]:
-    """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, latency s) with `world`
+def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
+    """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
+    exchange's and an all-to-all's latency s) with `world`
     processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
     large all-reduce's time less the tiny one's, which is the latency."""
     import torch.multiprocessing as mp
@@ -173,9 +192,9 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple[dict, flo
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "measured.pt")
         mp.spawn(_rank_measure, args=(world, free_port(), n, [big, 1], backend, out), nprocs=world)
-        (tflops, overhead, mem), (big_s, tiny_s) = torch.load(out)
+        (tflops, overhead, mem), (big_s, tiny_s, ring_s, swap_s) = torch.load(out)
     wire = 2 * (world - 1) / world * big * 4
-    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s
+    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -186,11 +205,12 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
     backend = "nccl" if gpu else "gloo"
     big = 2**20 if quick else 2**23
     if devices > 1:
-        tflops, overhead, mem, bw, latency = measure_ranks(devices, backend, n, big)
-        say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call")
+        tflops, overhead, mem, bw, latency, ring_s, swap_s = measure_ranks(devices, backend, n, big)
+        say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call; "
+            f"a ring exchange {ring_s * 1e6:.0f} us, an all-to-all {swap_s * 1e6:.0f} us")
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency = 100.0, 1e-5
+        bw, latency, ring_s, swap_s = 100.0, 1e-5, 1e-5, 1e-5
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")
@@ -218,7 +238,8 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                    host_adam_gparams=round(adam, 4), intra_node_gbs=round(bw, 4),
                    intra_node_latency_us=round(latency * 1e6, 1), inter_node_gbs=round(bw, 4),
                    inter_node_latency_us=round(latency * 1e6, 1), tflops=tflops,
-                   layer_overhead_us=round(overhead, 1), memory_gbs=round(mem, 3))
+                   layer_overhead_us=round(overhead, 1), memory_gbs=round(mem, 3),
+                   p2p_latency_us=round(ring_s * 1e6, 1), all_to_all_latency_us=round(swap_s * 1e6, 1))
 
 
 def _free_gb(folder: Path) -> float:

@@ -46,6 +46,8 @@ class Cluster:
     intra_node_latency_us: float = 10.0    # one collective's fixed cost inside a node
     inter_node_gbs: float = 12.5           # per node, all its network links together
     inter_node_latency_us: float = 30.0    # one collective's fixed cost across nodes
+    p2p_latency_us: float = 10.0           # one send-on / receive-from-behind exchange (ring attention, pipelines)
+    all_to_all_latency_us: float = 10.0    # one all-to-all (all-to-all attention)
     tflops: dict = field(default_factory=lambda: {"fp32": 10.0, "bf16": 40.0, "fp16": 40.0})
     layer_overhead_us: float = 100.0       # fixed cost of one layer's forward or backward on one micro-batch
     memory_gbs: float = 1000.0             # device memory bandwidth (the elementwise work streams activations)

@@ -217,7 +217,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
     # ---- per micro-batch, per pipeline rank
     tp_bw, tp_lat = cluster.link(L.tp)
-    sp_bw, sp_lat = cluster.link(L.tp * L.sp)
+    sp_bw, _ = cluster.link(L.tp * L.sp)
     pp_bw, pp_lat = cluster.link(L.devices)
     if L.tp > 1:
         grid(L.tp_mode, L.tp, L.tp_depth)                # ValueError when tp does not fit the mode
@@ -231,14 +231,19 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     if L.sp > 1:
         block = tokens_mb * width * e                    # one rank's keys (or values) for one layer
         if L.sp_mode == "ring":
-            sp_layer_s = _ring(L.sp, 2 * block, sp_bw, sp_lat, 3 * (L.sp - 1), calls=3 * (L.sp - 1))
+            # p - 1 exchanges forward, twice as many backward (the blocks and their gradients), and
+            # each of the p block steps of each pass costs about a small layer's kernels
+            sp_layer_s = _ring(L.sp, 2 * block, sp_bw, cluster.p2p_latency_us * 1e-6, 3 * (L.sp - 1),
+                               calls=3 * (L.sp - 1)) + L.sp * passes * cluster.layer_overhead_us * 1e-6
         else:
-            sp_layer_s = _ring(L.sp, block, sp_bw, sp_lat, 8 * (L.sp - 1) / L.sp, calls=8)
+            sp_layer_s = _ring(L.sp, block, sp_bw, cluster.all_to_all_latency_us * 1e-6, 8 * (L.sp - 1) / L.sp,
+                               calls=8)
     else:
         sp_layer_s = 0.0
     boundary = prof.max_boundary
-    p2p_s = (_ring(2, tokens_mb * boundary / tp_split * (e / prof.act_bytes), pp_bw, pp_lat, 2 * L.virtual_stages,
-                   calls=2 * L.virtual_stages) if L.pp > 1 else 0.0)
+    p2p_s = (_ring(2, tokens_mb * boundary / tp_split * (e / prof.act_bytes), pp_bw,
+                   max(pp_lat, cluster.p2p_latency_us * 1e-6), 2 * L.virtual_stages, calls=2 * L.virtual_stages)
+             if L.pp > 1 else 0.0)
 
     per_rank = []
     for rank in ranks:
