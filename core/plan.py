@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from core.autoparallel import GIB, PlanError, alternatives, best_plan, load_cluster
+from core.autoparallel import GIB, alternatives, best_plan, load_cluster
 from core.autoparallel.target import job_for, target_for
 from core.cli import parse, run_main
 from core.errors import LoomError
@@ -74,7 +74,7 @@ def _put(tree: dict, path: list[str], value) -> None:
 
 def explain(plan, top: int) -> str:
     lines = [f"cluster: {plan.cluster.describe()}",
-             f"model: {plan.job.profile.describe()}",
+             f"model: {plan.job.profile.describe()}", *(f"  note: {n}" for n in plan.job.profile.notes),
              f"job: global batch {plan.job.global_batch} x {plan.job.seq_len} tokens, {plan.job.precision}, "
              f"{plan.job.optimizer}; {plan.result.visited:,} layouts scored over {plan.result.shapes:,} shapes",
              "", f"top {min(top, len(plan.result.ranked))} layouts (predicted):"]
@@ -110,16 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     cluster = load_cluster(opts.cluster)
     t0 = time.perf_counter()
     job = job_for(target, cfg, cluster.devices)
-    try:
-        plan = best_plan(job, cluster, top=max(opts.top, 1))
-    except PlanError as err:
-        raise LoomError(str(err)) from None
+    plan = best_plan(job, cluster, top=max(opts.top, 1))     # a PlanError says what would fit
     took = time.perf_counter() - t0
     text = (f"# {plan.line()}\n# planned in {took:.2f} s; run it with --recipe THIS_FILE, override any key\n"
             + yaml.safe_dump(recipe_overlay(recipe, rest, plan.overlay), sort_keys=False))
     if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(text)
+        out = Path(opts.out)
+        if not out.parent.is_dir():
+            raise LoomError(f"--out {opts.out}: the folder {out.parent} does not exist")
+        part = out.with_name(out.name + ".part")
+        part.write_text(text)
+        part.replace(out)                                   # never a half-written plan
+
     print(text, end="")
     if opts.explain:
         print("\n" + explain(plan, opts.top), file=sys.stderr)

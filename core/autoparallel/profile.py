@@ -32,6 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.pipeline.engine import PipelineLayer
+
 
 @dataclass(frozen=True)
 class LayerProfile:
@@ -137,8 +139,6 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
     checked to be about twice the forward's. `loss_fn(output)` turns the last layer's output into
     the loss."""
     layers = model.pipeline_layers() if hasattr(model, "pipeline_layers") else None
-    from core.pipeline.engine import PipelineLayer
-
     if layers is None:
         layers = [PipelineLayer("model", ("",), model, body=False)]
     tokens = sample.numel()
