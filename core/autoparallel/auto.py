@@ -1,10 +1,10 @@
 """`parallel.auto=true`: an app plans its own layout before it starts, on every rank alike.
 
 The planner's inputs are the recipe, the app's model profiled on the meta device and a cluster
-description: `parallel.cluster` (a file, the same on every rank), or, by default, this machine as
-the launcher describes it: WORLD_SIZE / LOCAL_WORLD_SIZE processes, each with a GPU's memory (or,
-without GPUs, the host's memory shared among the local processes), and the cost model's default
-rates. Nothing is measured at launch, so every rank computes the same plan.
+description: `parallel.cluster` (a file, the same on every rank), or, on one node, this machine as
+the launcher describes it: WORLD_SIZE processes, each with a GPU's memory (or, without GPUs, its
+share of the host's memory), and the cost model's default rates. Nothing is measured at launch,
+so every rank computes the same plan.
 """
 
 from __future__ import annotations
@@ -24,18 +24,16 @@ from core.errors import LoomError
 
 
 def this_machine(world_size: int) -> Cluster:
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if world_size % local:
-        raise ConfigError(f"parallel.auto: WORLD_SIZE={world_size} is not a whole number of nodes of "
-                          f"LOCAL_WORLD_SIZE={local}; give parallel.cluster")
+    """One node of `world_size` processes, each with a GPU's memory or, without GPUs, its share of
+    the host's; the cost model's default rates (nothing measured, so every rank agrees)."""
     host = math.floor(host_memory_gb())
     if torch.cuda.is_available():
         device = math.floor(torch.cuda.get_device_properties(0).total_memory / 2**30)
         name = torch.cuda.get_device_name(0)
     else:
-        device, name = host / local, "CPU processes"
-    return Cluster(name=f"this machine: {world_size // local} x {local} {name}", nodes=world_size // local,
-                   devices_per_node=local, device_memory_gb=device, host_memory_gb=host)
+        device, name = host / world_size, "CPU processes"
+    return Cluster(name=f"this machine: {world_size} {name}", nodes=1, devices_per_node=world_size,
+                   device_memory_gb=device, host_memory_gb=host)
 
 
 def plan_recipe(cfg: Recipe, target: AppTarget, world_size: int, say: Callable[[str], None]) -> Recipe:

@@ -14,7 +14,7 @@ app; it finds them here by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Callable
 
 from core.autoparallel.estimate import Job
@@ -37,7 +37,8 @@ class AppTarget:
     axes_for: Callable[[Recipe], tuple[str, ...]] | None = None
 
 
-def app_targets() -> dict[str, AppTarget]:
+def app_targets() -> dict[str, EntryPoint]:
+    """The registered apps by name, not yet imported (`target_for` loads the one it needs)."""
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 

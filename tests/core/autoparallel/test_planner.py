@@ -155,6 +155,20 @@ def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
     assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
 
 
+def test_parallel_auto_without_a_cluster_file_plans_for_this_machine_on_one_node(monkeypatch):
+    from apps.gpt.planning import TARGET
+    from core.autoparallel.auto import plan_recipe
+
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", ["parallel.auto=true"])
+    said = []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    planned = plan_recipe(cfg, TARGET, 2, said.append)
+    assert said[0].startswith("auto-parallel plan for 2 devices") and check_layout(planned, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")            # two nodes of one process
+    with pytest.raises(ConfigError, match="on several nodes needs parallel.cluster"):
+        plan_recipe(cfg, TARGET, 2, said.append)
+
+
 def test_parallel_auto_plans_before_the_run_and_says_so(tmp_path):
     from apps.gpt.planning import TARGET
     from core.autoparallel.auto import plan_recipe
