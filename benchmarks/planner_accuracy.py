@@ -34,6 +34,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 from apps.gpt.config import GPTRecipe
 from apps.gpt.planning import TARGET
 from benchmarks._machine import machine
@@ -85,19 +87,6 @@ def _rank_run(argv: list[str]) -> tuple[int, int, list[float]]:
     return before, summary["step_peak_memory_bytes"], steps
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(x):
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        for pos, i in enumerate(order):
-            r[i] = pos
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1)) if n > 2 else float("nan")
-
-
 def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: int, steps: int, work: Path) -> dict:
     cluster = dataclasses.replace(cluster, device_memory_gb=cap_gb, memory_reserve=1.0)
     base = SHAPES[shape] + COMMON + [f"data.cache_dir={work / 'cache'}"]
@@ -127,8 +116,8 @@ def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: in
     ratios = [e.device_bytes / m for e, _, m in results if m > 0]
     return {"case": name, "ranks": ranks, "cap_gib": cap_gb, "feasible": len(fits), "ran": len(results),
             "pick": pick.layout.describe(), "planner_pick_ratio": round(results[0][1] / best, 3),
-            "planner_rank_correlation": round(_spearman([e.step_s for e, _, _ in results],
-                                                        [s for _, s, _ in results]), 3),
+            "planner_rank_correlation": round(float(spearmanr([e.step_s for e, _, _ in results],
+                                                              [s for _, s, _ in results]).statistic), 3),
             "planner_memory_ratio_median": round(statistics.median(ratios), 3),
             "planner_memory_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
             "planner_pick_out_of_memory": int(results[0][2] > cap_gb * GIB)}

@@ -86,8 +86,12 @@ def variants(job: Job, cluster: Cluster, shape: Layout) -> Iterator[Layout]:
     ckpts = [False, True] if job.checkpointing else [False]
     for (sched, v), sp_mode, zero, offload, ckpt in itertools.product(
             _schedules(job, shape), _sp_modes(job, shape), zeros, offloads, ckpts):
-        if offload != "none" and replicas == 1 and zero == 0:
-            zero = 3                                    # Loom's offload without a stage is ZeRO-3's chunks
+        if offload != "none" and zero == 0:
+            # Loom runs offload without a stage as ZeRO-3 (`core.booster.make_plugin`): scored as
+            # that, once (over several replicas zero=3 is in the list already)
+            if replicas > 1:
+                continue
+            zero = 3
         yield replace(shape, pp_schedule=sched, virtual_stages=v, sp_mode=sp_mode, zero=zero, offload=offload,
                       checkpointing=ckpt)
 
