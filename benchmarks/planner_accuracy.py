@@ -5,10 +5,11 @@ order the layouts as the runs do, and does it predict their memory?
     python -m benchmarks.planner_accuracy --ranks 4 --shapes a --caps loose --runs 8    # a few minutes
 
 Per number of ranks it first calibrates this machine (`core.autoparallel.calibrate`: all ranks
-computing at once, gloo all-reduce, disk, host Adam; then, from a trivial one-layer model run the
-same way, the memory a training process holds beyond its model and the fixed costs of a step, of
-a micro-batch and of the chunked engine); the planner sees only that and the model's meta-device
-profile, never the runs it is judged on. Per case (a GPT shape and a per-rank memory
+computing at once, gloo all-reduce by size, disk, host Adam; then, from a trivial one-layer model
+run the same way, the memory a training process holds beyond its model and the fixed costs of a
+step, of a micro-batch and of the chunked engine; and from a small calibration model of its own
+shape, the allocator's memory overhead per engine family); the planner sees only that and the
+model's meta-device profile, never the runs it is judged on. Per case (a GPT shape and a per-rank memory
 cap for the weights, gradients, optimizer states and activations), it enumerates every layout the
 planner considers, keeps those predicted to fit, and runs the planner's pick and `--runs` - 1
 others spread evenly over the predicted step times (every feasible layout is thousands here: dp x
@@ -146,35 +147,54 @@ def main() -> None:
 
 
 TRIVIAL = ["model.n_layer=1", "model.d_model=8", "model.n_head=1", "model.seq_len=64"]
+# the model the allocator's overhead is measured on: none of the cases' shapes
+CALIBRATION = ["model.n_layer=2", "model.d_model=128", "model.n_head=8", "model.seq_len=128"]
 
 
 def engine_costs(ranks: int, cluster, work: Path, steps: int):
-    """Calibration, part two, from a trivial model (one layer, 8 wide: its arithmetic is nothing)
-    run the way the cases run, none of the cases' models: the memory a training process holds
+    """Calibration, part two, none of it on the cases' models. From a trivial model (one layer, 8
+    wide: its arithmetic is nothing) run the way the cases run: the memory a training process holds
     beyond its model (imports after start, the corpus, gloo, DDP); the fixed costs of a step and
-    of a micro-batch (4 micro-batches of 1 against 1 of 4) and what the chunked engine adds (ZeRO-2)."""
-    def run(micro: int, extra: list[str]):
-        argv = TRIVIAL + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.steps={steps}", f"parallel.dp={ranks}",
-                                   f"train.micro_batch={micro}", f"train.global_batch={4 * ranks}",
-                                   f"output.dir={work / 'trivial'}", "output.overwrite=true", *extra]
+    of a micro-batch (4 micro-batches of 1 against 1 of 4) and what the chunked engine adds (ZeRO-2).
+    From a small calibration model (2 layers, 128 wide), once per engine family (DDP, ZeRO-2,
+    1D tensor parallelism over every rank): measured / modelled memory beyond the runtime's, the
+    allocator's overhead."""
+    def run(shape: list[str], micro: int, extra: list[str]):
+        argv = shape + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.steps={steps}",
+                                 f"train.micro_batch={micro}", f"train.global_batch={4 * ranks}",
+                                 f"output.dir={work / 'trivial'}", "output.overwrite=true", *extra]
         got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
         return max(peak - before for before, peak, _ in got), statistics.median(got[0][2][2:])
 
-    memory, one = run(4, [])
-    _, four = run(1, [])
-    _, chunked = run(4, ["parallel.zero=2"])
+    def job(shape: list[str], micro: int):
+        cfg = load_recipe(GPTRecipe, "gpt/tiny", shape + COMMON + [f"train.micro_batch={micro}",
+                                                                   f"train.global_batch={4 * ranks}"])
+        return job_for(TARGET, cfg, ranks)
+
+    dp = [f"parallel.dp={ranks}"]
+    memory, one = run(TRIVIAL, 4, dp)
+    _, four = run(TRIVIAL, 1, dp)
+    _, chunked = run(TRIVIAL, 4, dp + ["parallel.zero=2"])
     per_micro = max(four - one, 0.0) / 3
-    cfg = load_recipe(GPTRecipe, "gpt/tiny",
-                      TRIVIAL + COMMON + ["train.micro_batch=4", f"train.global_batch={4 * ranks}"])
-    job = job_for(TARGET, cfg, ranks)
-    model = estimate(job, Layout(dp=ranks, micro_batch=4, microbatches=1), dataclasses.replace(
+    model = estimate(job(TRIVIAL, 4), Layout(dp=ranks, micro_batch=4, microbatches=1), dataclasses.replace(
         cluster, step_overhead_ms=0, microbatch_overhead_ms=0))
     costs = {"runtime_gb": round(max(memory - model.device_bytes, 0) / GIB, 4),
              "microbatch_overhead_ms": round(per_micro * 1e3, 2),
              "step_overhead_ms": round(max(one - per_micro - model.step_s, 0.0) * 1e3, 2),
              "chunked_overhead_ms": round(max(chunked - one, 0.0) * 1e3, 2)}
-    print(f"engine costs from a trivial model: {costs}", flush=True)
-    return dataclasses.replace(cluster, **costs)
+    cluster = dataclasses.replace(cluster, **costs)
+    overhead = {}
+    for family, layout, extra in (("plain", Layout(dp=ranks, micro_batch=4), dp),
+                                  ("chunked", Layout(dp=ranks, micro_batch=4, zero=2), dp + ["parallel.zero=2"]),
+                                  ("tensor", Layout(tp=ranks, micro_batch=4, microbatches=ranks),
+                                   ["parallel.dp=1", f"parallel.tp={ranks}"])):
+        measured, _ = run(CALIBRATION, 4, extra)
+        predicted = estimate(job(CALIBRATION, 4), layout, cluster)
+        beyond = predicted.device_bytes - predicted.memory["runtime"]
+        overhead[family] = round(max((measured - predicted.memory["runtime"]) / beyond, 1.0), 3)
+    costs["memory_overhead"] = overhead
+    print(f"engine costs, from a trivial and a calibration model: {costs}", flush=True)
+    return dataclasses.replace(cluster, memory_overhead=overhead)
 
 
 def _tight(shape: str, ranks: int, cluster) -> float:

@@ -70,8 +70,9 @@ def overlay(est: Estimate, job: Job, cluster: Cluster) -> dict:
     if job.checkpointing:
         out["model"] = {"gradient_checkpointing": L.checkpointing}
     if L.offload != "none":
-        # the chunks' device budget: what the device has left once the activations are counted
-        budget = cluster.device_memory_gb * cluster.memory_reserve - est.activation_bytes / GIB - cluster.runtime_gb
+        # the chunks' device budget: what the device has left once everything but the chunks is counted
+        rest = est.device_bytes - est.memory.get("weights", 0.0)
+        budget = cluster.device_memory_gb * cluster.memory_reserve - rest / GIB
         out["memory"] = {"device_gb": round(max(budget, 0.001), 3)}
     return out
 

@@ -6,7 +6,8 @@ What it measures, each with the real thing the planner's cost model stands for:
   model's layers; the best of a few runs), with all `--devices` processes computing at once (on a
   CPU-only machine they share its cores, as a run's ranks do);
 - all-reduce bandwidth and latency among `--devices` processes on this machine with the backend
-  the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce;
+  the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce, and the time of
+  each size between (the table the cost model prices collectives inside a node with);
 - the host <-> device link (on GPUs; on a CPU-only machine the device is the host: a memory copy);
 - NVMe (the folder `--nvme-dir`, default the system's temporary folder): a file written with
   fsync and read back, and the free space there;
@@ -182,19 +183,24 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
 
 def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
     """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
-    exchange's and an all-to-all's latency s) with `world`
+    exchange's and an all-to-all's latency s, all-reduce [bytes, us] by size) with `world`
     processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
-    large all-reduce's time less the tiny one's, which is the latency."""
+    large all-reduce's time less the tiny one's, which is the latency. The table keeps the sizes
+    between: a mid-sized all-reduce costs more than the two-point line says (gloo's ring pays a
+    latency per step)."""
     import torch.multiprocessing as mp
 
     from core.distributed.testing import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "measured.pt")
-        mp.spawn(_rank_measure, args=(world, free_port(), n, [big, 1], backend, out), nprocs=world)
-        (tflops, overhead, mem), (big_s, tiny_s, ring_s, swap_s) = torch.load(out)
+        sizes = sorted({1, 2**8, 2**11, 2**14, 2**17, 2**20, big})
+        mp.spawn(_rank_measure, args=(world, free_port(), n, sizes, backend, out), nprocs=world)
+        (tflops, overhead, mem), times = torch.load(out)
+    (tiny_s, *_, big_s), ring_s, swap_s = times[:-2], times[-2], times[-1]
     wire = 2 * (world - 1) / world * big * 4
-    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s
+    table = [[numel * 4, round(t * 1e6, 1)] for numel, t in zip(sizes, times)]
+    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s, table
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -205,12 +211,13 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
     backend = "nccl" if gpu else "gloo"
     big = 2**20 if quick else 2**23
     if devices > 1:
-        tflops, overhead, mem, bw, latency, ring_s, swap_s = measure_ranks(devices, backend, n, big)
+        tflops, overhead, mem, bw, latency, ring_s, swap_s, table = measure_ranks(devices, backend, n, big)
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call; "
             f"a ring exchange {ring_s * 1e6:.0f} us, an all-to-all {swap_s * 1e6:.0f} us")
+        say("all-reduce by size: " + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in table))
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency, ring_s, swap_s = 100.0, 1e-5, 1e-5, 1e-5
+        bw, latency, ring_s, swap_s, table = 100.0, 1e-5, 1e-5, 1e-5, []
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")
@@ -239,7 +246,8 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                    intra_node_latency_us=round(latency * 1e6, 1), inter_node_gbs=round(bw, 4),
                    inter_node_latency_us=round(latency * 1e6, 1), tflops=tflops,
                    layer_overhead_us=round(overhead, 1), memory_gbs=round(mem, 3),
-                   p2p_latency_us=round(ring_s * 1e6, 1), all_to_all_latency_us=round(swap_s * 1e6, 1))
+                   p2p_latency_us=round(ring_s * 1e6, 1), all_to_all_latency_us=round(swap_s * 1e6, 1),
+                   all_reduce_us=table, device_is_host=not gpu)
 
 
 def _free_gb(folder: Path) -> float:

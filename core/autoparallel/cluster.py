@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import yaml
 from core.config import ConfigError, recipe_dirs
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINE_FAMILIES = ("plain", "chunked", "tensor")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,17 @@ class Cluster:
     offload_overlap: float = 1.2           # an offloaded step / max(its compute, its transfers), measured
     #                                        by benchmarks/offload_efficiency.py (1.21 on this project's CPU runs)
     memory_reserve: float = 0.9            # the fraction of each memory the planner may fill
+    # an all-reduce among a node's devices, measured by size: [payload bytes, microseconds] pairs
+    # (python -m core.plan calibrate); where given, it prices collectives inside a node instead of
+    # intra_node_gbs and its latency (gloo's mid-sized all-reduces pay a latency per ring step)
+    all_reduce_us: list = field(default_factory=list)
+    # measured / modelled bytes of a training process beyond its runtime memory, per engine family
+    # ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor parallelism): what
+    # the allocator keeps beyond the live tensors (freed blocks it holds, fragmentation), measured
+    # on a calibration model; 1 where absent
+    memory_overhead: dict = field(default_factory=dict)
+    device_is_host: bool = False           # the devices are the host's CPUs (a CPU-only machine): what a
+    #                                        process keeps in host memory counts against its device memory
 
     @property
     def devices(self) -> int:
@@ -75,6 +88,29 @@ class Cluster:
         if span <= self.devices_per_node:
             return self.intra_node_gbs * 1e9, self.intra_node_latency_us * 1e-6
         return self.inter_node_gbs * 1e9 / self.devices_per_node, self.inter_node_latency_us * 1e-6
+
+    def collective_s(self, k: int, payload: float, span: int = 0) -> float | None:
+        """Seconds for an all-reduce of `payload` bytes over `k` ranks spread over `span` consecutive
+        ranks (default k) of one node, from the measured
+        table (log-log interpolation; linear in the bytes past its largest size), scaled from the
+        node's devices to k by the ring's k - 1 steps; None without a table or across nodes."""
+        table = self.all_reduce_us
+        if not table or max(k, span) > self.devices_per_node:
+            return None
+        if k <= 1 or payload <= 0:
+            return 0.0
+        sizes = [float(b) for b, _ in table]
+        times = [float(t) * 1e-6 for _, t in table]
+        if payload <= sizes[0]:
+            t = times[0]
+        elif payload >= sizes[-1]:
+            t = times[-1] * payload / sizes[-1]
+        else:
+            i = next(j for j in range(1, len(sizes)) if payload <= sizes[j])
+            f = math.log(payload / sizes[i - 1]) / math.log(sizes[i] / sizes[i - 1])
+            t = times[i - 1] * (times[i] / times[i - 1]) ** f
+        n = self.devices_per_node
+        return t * (k - 1) / (n - 1) if n > 1 else t
 
     def describe(self) -> str:
         return (f"{self.name}: {self.nodes} x {self.devices_per_node} devices of {self.device_memory_gb:g} GiB, "
@@ -101,6 +137,27 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(names)}")
         if key == "name":
             values[key] = str(value)
+            continue
+        if key == "all_reduce_us":
+            if not isinstance(value, list) or not all(
+                    isinstance(pair, list) and len(pair) == 2 and all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in pair)
+                    for pair in value) or [b for b, _ in value] != sorted({b for b, _ in value}):
+                raise ConfigError(f"{where}: all_reduce_us: got {value!r}; allowed: [bytes, microseconds] pairs, "
+                                  f"positive, in increasing bytes")
+            values[key] = [[float(b), float(t)] for b, t in value]
+            continue
+        if key == "memory_overhead":
+            if not isinstance(value, dict) or set(value) - set(ENGINE_FAMILIES) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in value.values()):
+                raise ConfigError(f"{where}: memory_overhead: got {value!r}; allowed: a mapping of "
+                                  f"{', '.join(ENGINE_FAMILIES)} to numbers of at least 1")
+            values[key] = {k: float(v) for k, v in value.items()}
+            continue
+        if key == "device_is_host":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key}: got {value!r}; allowed: true or false")
+            values[key] = value
             continue
         if key == "tflops":
             if not isinstance(value, dict) or set(value) - set(PRECISIONS) or not all(

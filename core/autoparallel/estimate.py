@@ -24,9 +24,11 @@ axis, with ring algorithms:
   larger of its compute and its transfers (the overlap the chunk manager reaches, measured by
   `benchmarks/offload_efficiency.py`).
 
-Memory per device: weights, gradients and optimizer states (fp32 masters: 4 + 4 + 8 bytes a
-parameter for Adam; plain data parallelism adds DDP's buckets, another 4) divided as tp, pp and ZeRO
-divide them, the cluster's fixed runtime memory per process (`runtime_gb`), plus the activations of the
+Memory per device: weights, gradients, optimizer states and their engine's buffers as each engine
+keeps them (`_memory`: DDP and the pipeline's plain parameters, or the chunked engine's working
+copies, home copies, master shards and gradient buffers), divided as tp, pp and ZeRO divide them;
+the cluster's fixed runtime memory per process (`runtime_gb`); what the allocator keeps beyond the
+live tensors, as measured for the engine's family (`memory_overhead`); and the activations of the
 micro-batches a stage holds at once (1 without a pipeline, m for GPipe, p for 1F1B, p + (p - 1)/v
 for the interleaved schedule), per token from the profile.
 
@@ -121,6 +123,7 @@ class Estimate:
     nvme_bytes: float                # per node
     times: dict = field(default_factory=dict)     # seconds per step by cause
     activation_bytes: float = 0.0    # of device_bytes, the activations (the rest: weights, gradients, states)
+    memory: dict = field(default_factory=dict)    # device bytes by cause
     fits: bool = True
     why: str = ""                    # what does not fit, when it does not
 
@@ -222,7 +225,11 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     if L.tp > 1:
         grid(L.tp_mode, L.tp, L.tp_depth)                # ValueError when tp does not fit the mode
         layer_tp = _tp_layer(L.tp_mode, L.tp, L.micro_batch, round(job.seq_len / L.sp), prof.hidden, e, L.tp_depth)
-        tp_layer_s = layer_tp.wire_bytes / tp_bw + layer_tp.calls * tp_lat
+        measured = cluster.collective_s(L.tp, layer_tp.payload_bytes / max(layer_tp.calls, 1))
+        if measured is None:
+            tp_layer_s = layer_tp.wire_bytes / tp_bw + layer_tp.calls * tp_lat
+        else:
+            tp_layer_s = layer_tp.calls * measured
         if L.checkpointing:
             tp_layer_s *= 1.5                            # the recomputed forward's collectives again
     else:
@@ -265,9 +272,15 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     P = max(rank.params for rank in ranks) / L.tp         # parameters on the busiest device
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
-    sync_s = _ring(R, P * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
-    if L.zero == 3:
-        sync_s += _ring(R, P * 4, dp_bw, dp_lat, 2 * m * (R - 1) / R, calls=2 * m)
+    measured = cluster.collective_s(R, P * 4, span=R * L.tp)
+    if measured is None:
+        sync_s = _ring(R, P * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
+        if L.zero == 3:
+            sync_s += _ring(R, P * 4, dp_bw, dp_lat, 2 * m * (R - 1) / R, calls=2 * m)
+    else:
+        # an all-reduce's worth (reduce-scatter + all-gather), at ZeRO-3 again for each micro-batch's
+        # forward and backward gathers
+        sync_s = measured * (1 + (m if L.zero == 3 else 0))
     backward_s = m * compute_mb * 2 / passes
     exposed_sync_s = max(sync_s - backward_s, 0.0) + (dp_lat if R > 1 else 0.0)
 
@@ -292,40 +305,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         step_s = max(step_s, offload_s) * cluster.offload_overlap
     tokens = job.global_batch * job.seq_len
 
-    # ---- memory per device: fp32 weights (the masters), gradients and states; a chunked run under
-    # bf16/fp16 also keeps the 2-byte working copy its chunks compute with
-    working = 2 if (job.precision != "fp32" and (L.zero or L.offload != "none")) else 0
-    param_bytes = (4 + working) * P
-    grad_bytes = 4 * P
-    state_bytes = states * P
-    if L.zero >= 1:
-        state_bytes /= R
-    if L.zero >= 2:
-        grad_bytes /= R
-    if L.zero == 3:
-        param_bytes /= R
-    host = nvme = 0.0
-    param_dev, grad_dev, state_dev = param_bytes, grad_bytes, state_bytes
-    if L.offload != "none":
-        # states (and under ZeRO-3 the weights and gradients) live off the device; on NVMe the host
-        # keeps only the chunks in flight
-        away = state_bytes + (param_bytes + grad_bytes if L.zero == 3 else 0.0)
-        state_dev = 0.0
-        if L.zero == 3:
-            param_dev = grad_dev = 0.0
-        if L.offload == "nvme":
-            nvme = away * cluster.devices_per_node
-        else:
-            host = away * cluster.devices_per_node
-    if L.zero == 3:
-        # the chunks in use and prefetched (memory.prefetch = 2 ahead): a chunk of memory.chunk_mb, or
-        # one parameter alone when it is larger; their fp32 gradients on the way out
-        unit = max(job.chunk_mb * 2**20 / 4, prof.largest / L.tp)
-        flight = min(3 * unit, P)                          # never more than the stage's whole weights
-        param_dev += (4 + working) * flight
-        grad_dev += 4 * flight / 3
-        if L.offload == "nvme":
-            host += (4 + working) * flight * cluster.devices_per_node      # chunks on their way to the disk
+    # ---- memory: the activations a pipeline rank holds at once (micro-batches in flight), then the rest
     scale = e / prof.act_bytes
     if p == 1:
         inflight = 1.0
@@ -343,15 +323,75 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             acts.append((kept * inflight + top) * tokens_mb * scale)
         else:
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight)
-    if L.zero == 0 and L.offload == "none" and R > 1:
-        grad_dev += 4 * P                                 # DDP's buckets: a second copy of the gradients
-    device = param_dev + grad_dev + state_dev + max(acts) + cluster.runtime_gb * GIB
+    memory, host, nvme = _memory(job, L, cluster, P, R, max(acts))
+    family = "tensor" if L.tp > 1 else "chunked" if (L.zero or L.offload != "none") else "plain"
+    overhead = cluster.memory_overhead.get(family, 1.0)
+    if overhead > 1:
+        memory["allocator overhead"] = (overhead - 1) * (sum(memory.values()) - memory["runtime"])
+    device = sum(memory.values())
 
     times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
              "sequence": m * max(s for _, _, s in per_rank), "pipeline p2p": m * p2p_s, "bubble": bubble_s,
              "gradient sync (exposed)": exposed_sync_s, "offload": offload_s, "fixed costs": fixed_s}
-    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts))
+    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts), memory)
     return _check_fits(est, cluster)
+
+
+def _memory(job: Job, L: Layout, cluster: Cluster, P: float, R: int, act: float) -> tuple[dict, float, float]:
+    """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
+    busiest device, `R` ranks holding the same weights and `act` bytes of kept activations.
+
+    The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
+    a second copy of the gradients for the all-reduce (DDP's buckets, the pipeline's flat buffer),
+    the optimizer's moments. Gradients accumulate over the micro-batches: from the second one on
+    they live beside the activations.
+
+    The chunked engine (ZeRO, offload; `core.memory`, `core.zero`): the working copy in chunks
+    (whole below stage 3; at stage 3 the chunks in use and prefetched), a home copy of it in host
+    memory (its shard at stage 3; none where the fp32 master slot serves as the home copy), this
+    rank's shard of the fp32 master weights, the moments and the reduced gradient, and the fp32
+    gradient buffers of the chunks backward is filling (the first of them opened while all the
+    activations are still alive). The states and the home copy live on the device, the host
+    (offload=cpu) or NVMe (offload=nvme, the host then holding the chunks in transit).
+
+    Where the devices are the host's CPUs (`cluster.device_is_host`), host bytes are the process's
+    own memory too: offloading to the host moves nothing out of the budget."""
+    states = _OPT_STATES.get(job.optimizer, 8)
+    largest = job.profile.largest / L.tp
+    runtime = cluster.runtime_gb * GIB
+    host = nvme = 0.0
+    if not (L.zero or L.offload != "none"):
+        grads = 4 * P + (4 * P if R > 1 else 0.0)
+        m = L.microbatches
+        live = max(act + (grads if m > 1 else 0.0), grads) + 2 * 4 * largest
+        return ({"weights": 4 * P, "optimizer states": states * P, "activations and gradients": live,
+                 "runtime": runtime}, 0.0, 0.0)
+    stage = L.zero or 3
+    w = 2 if job.precision in ("bf16", "fp16") else 4
+    unit = max(min(job.chunk_mb * 2**20 / w, P), largest)        # a chunk: memory.chunk_mb, or the model when smaller
+    shard = P / R
+    alias = w == 4 and (R == 1 or stage == 3)
+    working = w * (min(3 * unit, P) if stage == 3 else P)
+    home = w * (shard if stage == 3 else P)
+    if alias and L.offload != "none":
+        home = 0.0                                                # the master slot is the home copy
+    kept = shard * (4 + states + 4)                               # master, moments, the reduced gradient
+    buffers = 4 * min(2 * unit, P)
+    memory = {"weights": working, "gradient buffers": buffers, "activations": act, "runtime": runtime}
+    per_process = 0.0
+    if L.offload == "none":
+        memory["optimizer states"] = kept
+        per_process = home
+    elif L.offload == "cpu":
+        per_process = kept + home
+    else:
+        nvme = (kept + home) * cluster.devices_per_node
+        per_process = 2 * w * unit + 4 * unit                     # chunks and states on their way to and from disk
+    if cluster.device_is_host:
+        memory["host copies"] = per_process
+    else:
+        host = per_process * cluster.devices_per_node
+    return memory, host, nvme
 
 
 def _check_fits(est: Estimate, cluster: Cluster) -> Estimate:
