@@ -162,7 +162,11 @@ def _check(results, ref, dp):
             got = saved[name]
             if name.endswith("attn.qkv.bias"):      # the key bias: zero gradient, Adam-amplified noise
                 w, got = (torch.cat([t.chunk(3)[0], t.chunk(3)[2]]) for t in (w, got))
-            assert torch.linalg.norm(got - w) <= 1e-5 * torch.linalg.norm(w), (key, name)
+            # relative to the tensor, with a floor of 1e-7 per element (root mean square: 1/20,000 of
+            # one Adam step at lr=0.002) for the tensors that start at zero and are still tiny after
+            # three steps (the biases): their relative error is the rounding noise's alone, 0.85e-5
+            # on one CPU and 1.7e-5 on another (an AMD EPYC) for blocks.0's q and v biases
+            assert torch.linalg.norm(got - w) <= 1e-5 * torch.linalg.norm(w) + 1e-7 * w.numel() ** 0.5, (key, name)
 
 
 @pytest.mark.parametrize("pp", [2, 4])
