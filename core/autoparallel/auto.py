@@ -56,4 +56,6 @@ def plan_recipe(cfg: Recipe, target: AppTarget, world_size: int, say: Callable[[
     except PlanError as err:
         raise LoomError(f"parallel.auto: {err}") from None
     say(plan.line())
-    return with_values(cfg, plan.overlay, "from parallel.auto's plan")
+    # planned: the run (and the recipe its checkpoints keep) holds the layout, not the request
+    overlay = {**plan.overlay, "parallel": {**plan.overlay["parallel"], "auto": False}}
+    return with_values(cfg, overlay, "from parallel.auto's plan")

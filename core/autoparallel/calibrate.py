@@ -7,7 +7,8 @@ What it measures, each with the real thing the planner's cost model stands for:
   CPU-only machine they share its cores, as a run's ranks do);
 - all-reduce bandwidth and latency among `--devices` processes on this machine with the backend
   the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce, and the time of
-  each size between (the table the cost model prices collectives inside a node with);
+  each size between, and a ring exchange's and an all-to-all's time by size (the tables the cost
+  model prices collectives inside a node with);
 - the host <-> device link (on GPUs; on a CPU-only machine the device is the host: a memory copy);
 - NVMe (the folder `--nvme-dir`, default the system's temporary folder): a file written with
   fsync and read back, and the free space there;
@@ -136,6 +137,9 @@ def _device_rates(device: torch.device, n: int) -> tuple[dict, float, float]:
     return tflops, layer_overhead_us(device), memory_gbs(device)
 
 
+EXCHANGE_SIZES = (1, 2**10, 2**13, 2**16, 2**19)      # values (fp32) a ring exchange or an all-to-all moves
+
+
 def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], backend: str, out: str) -> None:
     """One of `world` processes measuring at once, as a run's processes compute at once (on a
     CPU-only machine they share its cores): the rates, then all-reduce times per size."""
@@ -158,24 +162,30 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
                 torch.cuda.synchronize()
 
         times.append(_best_of(run) / 5)
-    # the fixed costs of what sequence parallelism calls: a ring exchange (send on, receive from
-    # behind) and an all-to-all, of one value each
-    one = torch.ones(world, device=device)
-    back = torch.empty_like(one)
+    # what sequence parallelism and pipelines call, by size: a ring exchange (send on, receive
+    # from behind) and an all-to-all (`numel` values handed in, an equal part to each rank)
+    exchanges, swaps = [], []
+    for numel in EXCHANGE_SIZES:
+        numel = -(-numel // world) * world
+        one = torch.ones(numel, device=device)
+        back = torch.empty_like(one)
+        part = numel // world
 
-    def ring():
-        for _ in range(10):
-            works = [dist.isend(one[:1], (rank + 1) % world), dist.irecv(back[:1], (rank - 1) % world)]
-            for w in works:
-                w.wait()
+        def ring():
+            for _ in range(5):
+                works = [dist.isend(one, (rank + 1) % world), dist.irecv(back, (rank - 1) % world)]
+                for w in works:
+                    w.wait()
 
-    def swap():
-        for _ in range(10):
-            dist.all_to_all([back[i:i + 1] for i in range(world)], [one[i:i + 1] for i in range(world)])
+        def swap():
+            for _ in range(5):
+                dist.all_to_all(list(back.split(part)), list(one.split(part)))
 
-    ring()
-    swap()
-    times += [_best_of(ring) / 10, _best_of(swap) / 10]
+        ring()
+        swap()
+        exchanges.append((numel, _best_of(ring) / 5))
+        swaps.append((numel, _best_of(swap) / 5))
+    times = (times, exchanges, swaps)
     if rank == 0:
         torch.save((rates, times), out)
     dist.destroy_process_group()
@@ -183,7 +193,8 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
 
 def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
     """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
-    exchange's and an all-to-all's latency s, all-reduce [bytes, us] by size) with `world`
+    exchange's and an all-to-all's latency s, and [bytes, us] tables by size of the all-reduce, the
+    ring exchange and the all-to-all) with `world`
     processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
     large all-reduce's time less the tiny one's, which is the latency. The table keeps the sizes
     between: a mid-sized all-reduce costs more than the two-point line says (gloo's ring pays a
@@ -196,11 +207,13 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
         out = str(Path(tmp) / "measured.pt")
         sizes = sorted({1, 2**8, 2**11, 2**14, 2**17, 2**20, big})
         mp.spawn(_rank_measure, args=(world, free_port(), n, sizes, backend, out), nprocs=world)
-        (tflops, overhead, mem), times = torch.load(out)
-    (tiny_s, *_, big_s), ring_s, swap_s = times[:-2], times[-2], times[-1]
+        (tflops, overhead, mem), (times, exchanges, swaps) = torch.load(out)
+    tiny_s, big_s = times[0], times[-1]
+    ring_s, swap_s = exchanges[0][1], swaps[0][1]
     wire = 2 * (world - 1) / world * big * 4
-    table = [[numel * 4, round(t * 1e6, 1)] for numel, t in zip(sizes, times)]
-    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s, table
+    tables = [[[numel * 4, round(t * 1e6, 1)] for numel, t in pairs]
+              for pairs in (zip(sizes, times), exchanges, swaps)]
+    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s, tables
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -211,13 +224,14 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
     backend = "nccl" if gpu else "gloo"
     big = 2**20 if quick else 2**23
     if devices > 1:
-        tflops, overhead, mem, bw, latency, ring_s, swap_s, table = measure_ranks(devices, backend, n, big)
+        tflops, overhead, mem, bw, latency, ring_s, swap_s, tables = measure_ranks(devices, backend, n, big)
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call; "
             f"a ring exchange {ring_s * 1e6:.0f} us, an all-to-all {swap_s * 1e6:.0f} us")
-        say("all-reduce by size: " + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in table))
+        for what, table in zip(("all-reduce", "ring exchange", "all-to-all"), tables):
+            say(f"{what} by size: " + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in table))
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency, ring_s, swap_s, table = 100.0, 1e-5, 1e-5, 1e-5, []
+        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [[], [], []]
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")
@@ -247,7 +261,8 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                    inter_node_latency_us=round(latency * 1e6, 1), tflops=tflops,
                    layer_overhead_us=round(overhead, 1), memory_gbs=round(mem, 3),
                    p2p_latency_us=round(ring_s * 1e6, 1), all_to_all_latency_us=round(swap_s * 1e6, 1),
-                   all_reduce_us=table, device_is_host=not gpu)
+                   all_reduce_us=tables[0], exchange_us=tables[1], all_to_all_us=tables[2],
+                   device_is_host=not gpu)
 
 
 def _free_gb(folder: Path) -> float:

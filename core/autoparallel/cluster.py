@@ -61,14 +61,17 @@ class Cluster:
     offload_overlap: float = 1.2           # an offloaded step / max(its compute, its transfers), measured
     #                                        by benchmarks/offload_efficiency.py (1.21 on this project's CPU runs)
     memory_reserve: float = 0.9            # the fraction of each memory the planner may fill
-    # an all-reduce among a node's devices, measured by size: [payload bytes, microseconds] pairs
-    # (python -m core.plan calibrate); where given, it prices collectives inside a node instead of
-    # intra_node_gbs and its latency (gloo's mid-sized all-reduces pay a latency per ring step)
+    # measured by size among a node's devices, [payload bytes, microseconds] pairs (python -m
+    # core.plan calibrate): an all-reduce, a ring exchange, an all-to-all; where given, they price
+    # the collectives inside a node instead of intra_node_gbs and the latencies (gloo's mid-sized
+    # messages cost far more than a line through a tiny and a large one says)
     all_reduce_us: list = field(default_factory=list)
+    exchange_us: list = field(default_factory=list)
+    all_to_all_us: list = field(default_factory=list)
     # measured / modelled bytes of a training process beyond its runtime memory, per engine family
-    # ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor parallelism): what
-    # the allocator keeps beyond the live tensors (freed blocks it holds, fragmentation), measured
-    # on a calibration model; 1 where absent
+    # ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor parallelism without
+    # them): what the allocator keeps beyond the live tensors (freed blocks it holds,
+    # fragmentation), measured on a calibration model; 1 where absent
     memory_overhead: dict = field(default_factory=dict)
     device_is_host: bool = False           # the devices are the host's CPUs (a CPU-only machine): what a
     #                                        process keeps in host memory counts against its device memory
@@ -91,26 +94,29 @@ class Cluster:
 
     def collective_s(self, k: int, payload: float, span: int = 0) -> float | None:
         """Seconds for an all-reduce of `payload` bytes over `k` ranks spread over `span` consecutive
-        ranks (default k) of one node, from the measured
-        table (log-log interpolation; linear in the bytes past its largest size), scaled from the
-        node's devices to k by the ring's k - 1 steps; None without a table or across nodes."""
-        table = self.all_reduce_us
-        if not table or max(k, span) > self.devices_per_node:
+        ranks (default k) of one node, from the measured table, scaled from the node's devices to
+        k by the ring's k - 1 steps; None without a table or across nodes."""
+        if not self.all_reduce_us or max(k, span) > self.devices_per_node:
             return None
         if k <= 1 or payload <= 0:
             return 0.0
-        sizes = [float(b) for b, _ in table]
-        times = [float(t) * 1e-6 for _, t in table]
-        if payload <= sizes[0]:
-            t = times[0]
-        elif payload >= sizes[-1]:
-            t = times[-1] * payload / sizes[-1]
-        else:
-            i = next(j for j in range(1, len(sizes)) if payload <= sizes[j])
-            f = math.log(payload / sizes[i - 1]) / math.log(sizes[i] / sizes[i - 1])
-            t = times[i - 1] * (times[i] / times[i - 1]) ** f
         n = self.devices_per_node
+        t = _interpolate(self.all_reduce_us, payload)
         return t * (k - 1) / (n - 1) if n > 1 else t
+
+    def exchange_s(self, payload: float, span: int) -> float | None:
+        """Seconds for one ring exchange (send `payload` bytes on, receive as many from behind)
+        among ranks `span` apart or closer inside a node, from the measured table; None without one."""
+        if not self.exchange_us or span > self.devices_per_node:
+            return None
+        return _interpolate(self.exchange_us, payload) if payload > 0 else 0.0
+
+    def all_to_all_s(self, payload: float, span: int) -> float | None:
+        """Seconds for an all-to-all of `payload` bytes a rank hands in, inside a node, from the
+        measured table; None without one."""
+        if not self.all_to_all_us or span > self.devices_per_node:
+            return None
+        return _interpolate(self.all_to_all_us, payload) if payload > 0 else 0.0
 
     def describe(self) -> str:
         return (f"{self.name}: {self.nodes} x {self.devices_per_node} devices of {self.device_memory_gb:g} GiB, "
@@ -122,6 +128,23 @@ class Cluster:
 
 _POSITIVE = {"nodes", "devices_per_node", "device_memory_gb", "nvme_read_gbs", "nvme_write_gbs", "host_link_gbs",
              "host_adam_gparams", "intra_node_gbs", "inter_node_gbs"}
+
+
+_TABLES = ("all_reduce_us", "exchange_us", "all_to_all_us")
+
+
+def _interpolate(table: list, payload: float) -> float:
+    """Seconds for `payload` bytes from a [bytes, microseconds] table: log-log between its sizes,
+    its smallest size's time below them, linear in the bytes past the largest."""
+    sizes = [float(b) for b, _ in table]
+    times = [float(t) * 1e-6 for _, t in table]
+    if payload <= sizes[0]:
+        return times[0]
+    if payload >= sizes[-1]:
+        return times[-1] * payload / sizes[-1]
+    i = next(j for j in range(1, len(sizes)) if payload <= sizes[j])
+    f = math.log(payload / sizes[i - 1]) / math.log(sizes[i] / sizes[i - 1])
+    return times[i - 1] * (times[i] / times[i - 1]) ** f
 
 
 def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
@@ -138,12 +161,12 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
         if key == "name":
             values[key] = str(value)
             continue
-        if key == "all_reduce_us":
+        if key in _TABLES:
             if not isinstance(value, list) or not all(
                     isinstance(pair, list) and len(pair) == 2 and all(
                         isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in pair)
                     for pair in value) or [b for b, _ in value] != sorted({b for b, _ in value}):
-                raise ConfigError(f"{where}: all_reduce_us: got {value!r}; allowed: [bytes, microseconds] pairs, "
+                raise ConfigError(f"{where}: {key}: got {value!r}; allowed: [bytes, microseconds] pairs, "
                                   f"positive, in increasing bytes")
             values[key] = [[float(b), float(t)] for b, t in value]
             continue

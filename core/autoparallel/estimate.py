@@ -223,9 +223,10 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     sp_bw, _ = cluster.link(L.tp * L.sp)
     pp_bw, pp_lat = cluster.link(L.devices)
     if L.tp > 1:
-        grid(L.tp_mode, L.tp, L.tp_depth)                # ValueError when tp does not fit the mode
+        q, _ = grid(L.tp_mode, L.tp, L.tp_depth)         # ValueError when tp does not fit the mode
         layer_tp = _tp_layer(L.tp_mode, L.tp, L.micro_batch, round(job.seq_len / L.sp), prof.hidden, e, L.tp_depth)
-        measured = cluster.collective_s(L.tp, layer_tp.payload_bytes / max(layer_tp.calls, 1))
+        # 1D's collectives span the tp ranks; the grid modes' rows, columns (and depth) q of them
+        measured = cluster.collective_s(q, layer_tp.payload_bytes / max(layer_tp.calls, 1), span=L.tp)
         if measured is None:
             tp_layer_s = layer_tp.wire_bytes / tp_bw + layer_tp.calls * tp_lat
         else:
@@ -237,20 +238,38 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     width = prof.hidden / L.tp                            # of the keys and values a rank holds
     if L.sp > 1:
         block = tokens_mb * width * e                    # one rank's keys (or values) for one layer
+        span = L.tp * L.sp
+        forwards = 2 if L.checkpointing else 1
         if L.sp_mode == "ring":
-            # p - 1 exchanges forward, twice as many backward (the blocks and their gradients), and
-            # each of the p block steps of each pass costs about a small layer's kernels
-            sp_layer_s = _ring(L.sp, 2 * block, sp_bw, cluster.p2p_latency_us * 1e-6, 3 * (L.sp - 1),
-                               calls=3 * (L.sp - 1)) + L.sp * passes * cluster.layer_overhead_us * 1e-6
+            # p - 1 exchanges of the keys and values forward; backward p - 1 of them with their
+            # gradients (twice the bytes) and one of the gradients alone; each of the p block steps
+            # of each pass costs about a small layer's kernels
+            kv, grads = cluster.exchange_s(2 * block, span), cluster.exchange_s(4 * block, span)
+            if kv is None or grads is None:
+                sp_layer_s = _ring(L.sp, 2 * block, sp_bw, cluster.p2p_latency_us * 1e-6, 3 * (L.sp - 1),
+                                   calls=3 * (L.sp - 1))
+            else:
+                sp_layer_s = (L.sp - 1) * (forwards * kv + grads) + kv
+            sp_layer_s += L.sp * passes * cluster.layer_overhead_us * 1e-6
         else:
-            sp_layer_s = _ring(L.sp, block, sp_bw, cluster.all_to_all_latency_us * 1e-6, 8 * (L.sp - 1) / L.sp,
-                               calls=8)
+            # q, k, v and the output swapped forward, their gradients backward
+            one = cluster.all_to_all_s(block, span)
+            if one is None:
+                sp_layer_s = _ring(L.sp, block, sp_bw, cluster.all_to_all_latency_us * 1e-6, 8 * (L.sp - 1) / L.sp,
+                                   calls=8)
+            else:
+                sp_layer_s = 4 * (forwards + 1) * one
     else:
         sp_layer_s = 0.0
-    boundary = prof.max_boundary
-    p2p_s = (_ring(2, tokens_mb * boundary / tp_split * (e / prof.act_bytes), pp_bw,
-                   max(pp_lat, cluster.p2p_latency_us * 1e-6), 2 * L.virtual_stages, calls=2 * L.virtual_stages)
-             if L.pp > 1 else 0.0)
+    boundary = tokens_mb * prof.max_boundary / tp_split * (e / prof.act_bytes)
+    p2p_s = 0.0
+    if L.pp > 1:
+        hop = cluster.exchange_s(boundary, L.devices)
+        if hop is None:
+            p2p_s = _ring(2, boundary, pp_bw, max(pp_lat, cluster.p2p_latency_us * 1e-6), 2 * L.virtual_stages,
+                          calls=2 * L.virtual_stages)
+        else:
+            p2p_s = 2 * L.virtual_stages * hop        # each boundary's activations forward, their gradients back
 
     per_rank = []
     for rank in ranks:
@@ -324,7 +343,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         else:
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight)
     memory, host, nvme = _memory(job, L, cluster, P, R, max(acts))
-    family = "tensor" if L.tp > 1 else "chunked" if (L.zero or L.offload != "none") else "plain"
+    family = "chunked" if (L.zero or L.offload != "none") else "tensor" if L.tp > 1 else "plain"
     overhead = cluster.memory_overhead.get(family, 1.0)
     if overhead > 1:
         memory["allocator overhead"] = (overhead - 1) * (sum(memory.values()) - memory["runtime"])
@@ -386,7 +405,9 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, R: int, act: float)
         per_process = kept + home
     else:
         nvme = (kept + home) * cluster.devices_per_node
-        per_process = 2 * w * unit + 4 * unit                     # chunks and states on their way to and from disk
+        # on their way to and from the disk: two chunks' working copies, and two chunks' shards of
+        # master, moments and gradient (the update reads the next chunk's while it works on one)
+        per_process = 2 * w * unit + 2 * (4 + states + 4) * unit / R
     if cluster.device_is_host:
         memory["host copies"] = per_process
     else:

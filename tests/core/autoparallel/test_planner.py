@@ -3,6 +3,7 @@ the search finds what scoring every layout finds; a request nothing fits is refu
 change that would fit; the command writes a recipe the app accepts."""
 
 import dataclasses
+import math
 import pytest
 import torch
 import yaml
@@ -132,6 +133,12 @@ def test_a_cluster_file_is_checked_key_by_key():
         cluster_from_dict({"nodes": 0})
     with pytest.raises(ConfigError, match="tflops"):
         cluster_from_dict({"tflops": {"int8": 5}})
+    with pytest.raises(ConfigError, match="all_reduce_us: .* in increasing bytes"):
+        cluster_from_dict({"all_reduce_us": [[4096, 10], [4, 5]]})
+    with pytest.raises(ConfigError, match="memory_overhead: .* at least 1"):
+        cluster_from_dict({"memory_overhead": {"plain": 0.5}})
+    with pytest.raises(ConfigError, match="device_is_host: got 'yes'; allowed: true or false"):
+        cluster_from_dict({"device_is_host": "yes"})
     assert cluster_from_dict({"nodes": 2, "devices_per_node": 4}).devices == 8
 
 
@@ -158,11 +165,32 @@ def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
     from core.autoparallel.cluster import load_cluster
 
     out = tmp_path / "here.yaml"
-    assert calibrate(["--quick", "--devices", "1", "--nvme-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert calibrate(["--quick", "--devices", "2", "--nvme-dir", str(tmp_path), "--out", str(out)]) == 0
     cluster = load_cluster(str(out))
-    assert cluster.devices == 1 and cluster.nvme_gb > 0 and cluster.layer_overhead_us > 0
+    assert cluster.devices == 2 and cluster.nvme_gb > 0 and cluster.layer_overhead_us > 0
     assert all(v > 0 for v in cluster.tflops.values())
     assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
+    assert cluster.device_is_host                                   # no GPU here: the processes share the host
+    # the collectives by size, measured among the two processes, price what the cost model asks
+    for table in (cluster.all_reduce_us, cluster.exchange_us, cluster.all_to_all_us):
+        assert len(table) >= 5 and all(b > 0 and t > 0 for b, t in table)
+    b, t = cluster.all_reduce_us[2]
+    assert cluster.collective_s(2, b) == pytest.approx(t * 1e-6)
+    assert cluster.exchange_s(cluster.exchange_us[-1][0] * 2, 2) == pytest.approx(cluster.exchange_us[-1][1] * 2e-6)
+    assert cluster.collective_s(4, b) is None                      # more ranks than the node has: no table for it
+
+
+def test_measured_tables_interpolate_between_their_sizes():
+    from core.autoparallel.cluster import Cluster
+
+    c = Cluster(devices_per_node=4, all_reduce_us=[[4, 100], [4096, 100], [40960, 1000]])
+    assert c.collective_s(4, 1) == pytest.approx(1e-4)                 # below the smallest: its time
+    assert c.collective_s(4, 2048) == pytest.approx(1e-4)
+    mid = math.sqrt(4096 * 40960)                                      # log-log: the geometric mean's time is
+    assert c.collective_s(4, mid) == pytest.approx(math.sqrt(1e-4 * 1e-3))
+    assert c.collective_s(4, 81920) == pytest.approx(2e-3)             # past the largest: linear in the bytes
+    assert c.collective_s(2, 4096) == pytest.approx(1e-4 / 3)          # 1 ring step of the node's 3
+    assert c.collective_s(1, 4096) == 0.0 and Cluster().collective_s(4, 4096) is None
 
 
 def test_parallel_auto_without_a_cluster_file_plans_for_this_machine_on_one_node(monkeypatch):
