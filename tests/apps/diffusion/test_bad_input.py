@@ -317,6 +317,10 @@ def test_layouts_the_diffusion_app_cannot_spread(capsys, places, nothing_expensi
     line = _refused(capsys, places, f"data.path={places['data']}", "train.micro_batch=2", "parallel.pp=2")
     assert line == ("error: parallel.pp=2: the diffusion app spreads its model with data parallelism (parallel.dp), "
                     "ZeRO (parallel.zero) and offload (parallel.offload) only; set parallel.pp=1")
+    # asking it to plan its own layout is refused, not ignored
+    line = _refused(capsys, places, f"data.path={places['data']}", "train.micro_batch=2", "parallel.auto=true")
+    assert line == ("error: parallel.auto=true: the diffusion app cannot plan its own layout yet (the GPT app can); "
+                    "set parallel.* yourself, or see what the planner would pick with python -m core.plan")
 
 
 def test_resolution_not_a_multiple_of_8(capsys, places, nothing_expensive):
