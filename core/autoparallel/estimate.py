@@ -1,7 +1,7 @@
 """The cost model: one layout of one job on one cluster -> step time and memory per device, host, disk.
 
-Compute comes from the model's profile (FLOPs per token per layer; backward twice the forward,
-a checkpointed layer's forward once more) at the cluster's matrix-product rate, plus fixed costs
+Compute comes from the model's profile (FLOPs per token per layer, forward and backward; a
+checkpointed layer's forward once more) at the cluster's matrix-product rate, plus fixed costs
 (the cluster's, measured): per layer and pass (`layer_overhead_us`: kernel launches and the small
 ops), per micro-batch, per optimizer step, and the chunked engine's per step; and the elementwise
 work, which streams the kept activations at the device's memory bandwidth. Communication, per
@@ -63,6 +63,7 @@ class Job:
     axes: tuple[str, ...] = ("dp", "pp", "tp", "sp")
     checkpointing: bool = True        # the model can checkpoint its layers (model.gradient_checkpointing)
     chunk_mb: float = 32.0            # memory.chunk_mb: the unit ZeRO-3 and offload move
+    max_zero: int = 3                 # the highest ZeRO stage the app can run over several ranks
 
     @property
     def seq_len(self) -> int:
@@ -154,13 +155,16 @@ class RankSums:
     """What one pipeline rank's layers (all its virtual stages) add up to."""
 
     flops: float            # forward FLOPs per token
+    backward: float         # backward FLOPs per token
+    recomputed: float       # forward FLOPs per token run again under activation checkpointing
     bodies: int             # repeated layers (the tensor- and sequence-parallel traffic is per layer)
     count: int              # all its layers (each pass through one pays the fixed cost of its kernels)
     params: float
+    trained: float          # of params, those trained (the frozen have no gradients or optimizer states)
     act_split: float        # kept activations per token, split by any tensor parallelism
     act_whole: float        # ... whole under 1D tensor parallelism
     kept_boundary: float    # per token, the repeated layers' inputs (all a checkpointed run keeps of them)
-    edge_split: float       # the embeddings' and head's kept activations (never checkpointed)
+    edge_split: float       # the other layers' kept activations (with their own checkpointing, where they have it)
     edge_whole: float
     top_split: float        # the largest repeated layer's activations (recomputed one at a time)
     top_whole: float
@@ -184,10 +188,14 @@ def rank_sums(prof: ModelProfile, pp: int, virtual: int) -> list[RankSums] | Non
         body = [x for x in layers if x.body]
         edge = [x for x in layers if not x.body]
         top = max(body, key=lambda x: x.act_split + x.act_whole, default=None)
-        out.append(RankSums(sum(x.flops for x in layers), len(body), len(layers), sum(x.params for x in layers),
+        # checkpointing recomputes the repeated layers (Loom's), or a layer's own checkpointed segments
+        again = sum(x.flops if x.body else x.recomputed for x in layers)
+        edge_split = sum(x.act_split if x.act_checkpointed is None else x.act_checkpointed for x in edge)
+        edge_whole = sum(x.act_whole for x in edge if x.act_checkpointed is None)
+        out.append(RankSums(sum(x.flops for x in layers), sum(x.backward_flops for x in layers), again, len(body),
+                            len(layers), sum(x.params for x in layers), sum(x.trained_params for x in layers),
                             sum(x.act_split for x in layers), sum(x.act_whole for x in layers),
-                            sum(x.boundary for x in body), sum(x.act_split for x in edge),
-                            sum(x.act_whole for x in edge), top.act_split if top else 0.0,
+                            sum(x.boundary for x in body), edge_split, edge_whole, top.act_split if top else 0.0,
                             top.act_whole if top else 0.0))
     if len(_SUMS) > 4096:
         _SUMS.clear()
@@ -273,7 +281,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
     per_rank = []
     for rank in ranks:
-        f = rank.flops * tokens_mb * passes / L.tp
+        f = (rank.flops + (rank.recomputed if L.checkpointing else 0.0) + rank.backward) * tokens_mb / L.tp
         fixed = rank.count * passes * cluster.layer_overhead_us * 1e-6
         # the elementwise work (norms, activations, softmax, residuals) streams what the layers keep:
         # written forward, read back and its gradient written backward, about once more per pass
@@ -289,22 +297,26 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
     # ---- once per step: gradients, ZeRO, offload
     P = max(rank.params for rank in ranks) / L.tp         # parameters on the busiest device
+    T = max(rank.trained for rank in ranks) / L.tp        # ... those trained: gradients, states, their traffic
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
-    measured = cluster.collective_s(R, P * 4, span=R * L.tp)
+    measured = cluster.collective_s(R, T * 4, span=R * L.tp)
     if measured is None:
-        sync_s = _ring(R, P * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
+        sync_s = _ring(R, T * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
         if L.zero == 3:
             sync_s += _ring(R, P * 4, dp_bw, dp_lat, 2 * m * (R - 1) / R, calls=2 * m)
     else:
         # an all-reduce's worth (reduce-scatter + all-gather), at ZeRO-3 again for each micro-batch's
         # forward and backward gathers
         sync_s = measured * (1 + (m if L.zero == 3 else 0))
-    backward_s = m * compute_mb * 2 / passes
+    busiest = max(ranks, key=lambda r: r.flops + r.backward)
+    share = busiest.backward / max(busiest.flops + (busiest.recomputed if L.checkpointing else 0.0)
+                                   + busiest.backward, 1e-30)
+    backward_s = m * compute_mb * share
     exposed_sync_s = max(sync_s - backward_s, 0.0) + (dp_lat if R > 1 else 0.0)
 
     states = _OPT_STATES.get(job.optimizer, 8)
-    shard = P / R if L.zero else P                        # parameters whose states this rank keeps
+    shard = T / R if L.zero else T                        # trained parameters whose states this rank keeps
     offload_s = 0.0
     if L.offload != "none":
         moved = shard * (4 + 4)                           # gradients out, new weights back
@@ -342,7 +354,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             acts.append((kept * inflight + top) * tokens_mb * scale)
         else:
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight)
-    memory, host, nvme = _memory(job, L, cluster, P, R, max(acts))
+    memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts))
     family = "chunked" if (L.zero or L.offload != "none") else "tensor" if L.tp > 1 else "plain"
     overhead = cluster.memory_overhead.get(family, 1.0)
     if overhead > 1:
@@ -356,9 +368,11 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     return _check_fits(est, cluster)
 
 
-def _memory(job: Job, L: Layout, cluster: Cluster, P: float, R: int, act: float) -> tuple[dict, float, float]:
+def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float
+            ) -> tuple[dict, float, float]:
     """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
-    busiest device, `R` ranks holding the same weights and `act` bytes of kept activations.
+    busiest device (`T` of them trained: only those have gradients and optimizer states), `R`
+    ranks holding the same weights and `act` bytes of kept activations.
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
     a second copy of the gradients for the all-reduce (DDP's buckets, the pipeline's flat buffer),
@@ -380,10 +394,10 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, R: int, act: float)
     runtime = cluster.runtime_gb * GIB
     host = nvme = 0.0
     if not (L.zero or L.offload != "none"):
-        grads = 4 * P + (4 * P if R > 1 else 0.0)
+        grads = 4 * T + (4 * T if R > 1 else 0.0)
         m = L.microbatches
-        live = max(act + (grads if m > 1 else 0.0), grads) + 2 * 4 * largest
-        return ({"weights": 4 * P, "optimizer states": states * P, "activations and gradients": live,
+        live = max(act + (grads if m > 1 else 0.0), grads) + (2 * 4 * largest if T else 0.0)
+        return ({"weights": 4 * P, "optimizer states": states * T, "activations and gradients": live,
                  "runtime": runtime}, 0.0, 0.0)
     stage = L.zero or 3
     w = 2 if job.precision in ("bf16", "fp16") else 4
@@ -392,10 +406,10 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, R: int, act: float)
     alias = w == 4 and (R == 1 or stage == 3)
     working = w * (min(3 * unit, P) if stage == 3 else P)
     home = w * (shard if stage == 3 else P)
-    if alias and L.offload != "none":
-        home = 0.0                                                # the master slot is the home copy
-    kept = shard * (4 + states + 4)                               # master, moments, the reduced gradient
-    buffers = 4 * min(2 * unit, P)
+    if alias and L.offload != "none":                             # the master slot is the home copy
+        home = w * (P - T) / (R if stage == 3 else 1)             # (a frozen chunk has only that slot)
+    kept = T / R * (4 + states + 4)                               # master, moments, the reduced gradient
+    buffers = 4 * min(2 * unit, T)
     memory = {"weights": working, "gradient buffers": buffers, "activations": act, "runtime": runtime}
     per_process = 0.0
     if L.offload == "none":
@@ -407,7 +421,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, R: int, act: float)
         nvme = (kept + home) * cluster.devices_per_node
         # on their way to and from the disk: two chunks' working copies, and two chunks' shards of
         # master, moments and gradient (the update reads the next chunk's while it works on one)
-        per_process = 2 * w * unit + 2 * (4 + states + 4) * unit / R
+        per_process = 2 * w * unit + (2 * (4 + states + 4) * unit / R if T else 0.0)
     if cluster.device_is_host:
         memory["host copies"] = per_process
     else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -45,6 +45,21 @@ class LayerProfile:
     boundary: float                 # bytes per token of the layer's output (a stage boundary, a checkpoint)
     body: bool = True               # a repeated layer (a transformer block), not the embeddings or the head
     largest: int = 0                # elements of its largest parameter (the least a device must hold of it at once)
+    trained: int | None = None      # of params, those trained (None: all); the frozen have no gradients or states
+    backward: float | None = None   # backward FLOPs per token (None: twice the forward's)
+    # bytes per token kept with the model's own activation checkpointing on (its checkpointed
+    # segments' inputs, the rest outside them, and the largest segment recomputed in backward);
+    # None where the layer has no segments of its own
+    act_checkpointed: float | None = None
+    recomputed: float = 0.0         # of flops, those its checkpointed segments run again in backward
+
+    @property
+    def trained_params(self) -> int:
+        return self.params if self.trained is None else self.trained
+
+    @property
+    def backward_flops(self) -> float:
+        return 2 * self.flops if self.backward is None else self.backward
 
 
 @dataclass(frozen=True)
@@ -56,11 +71,16 @@ class ModelProfile:
     vocab: int = 0
     tied: tuple[tuple[str, str], ...] = ()
     act_bytes: int = 4              # bytes per element of the activations profiled
+    unit: str = "tokens"            # what one "token" of the profile is (a diffusion model's: an image)
     notes: tuple[str, ...] = field(default=())
 
     @property
     def params(self) -> int:
         return sum(layer.params for layer in self.layers)
+
+    @property
+    def trained_params(self) -> int:
+        return sum(layer.trained_params for layer in self.layers)
 
     @property
     def flops_per_token(self) -> float:
@@ -70,8 +90,11 @@ class ModelProfile:
         return sum(layer.body for layer in self.layers)
 
     def describe(self) -> str:
-        return (f"{self.params / 1e6:,.1f} M parameters, {len(self.layers)} layers "
-                f"({self.body_count()} repeated), {self.flops_per_token * 3 / 1e9:.3g} GFLOP per token "
+        trained = self.trained_params
+        frozen = f" ({trained / 1e6:,.1f} M trained)" if trained < self.params else ""
+        step = self.flops_per_token + sum(layer.backward_flops for layer in self.layers)
+        return (f"{self.params / 1e6:,.1f} M parameters{frozen}, {len(self.layers)} layers "
+                f"({self.body_count()} repeated), {step / 1e9:.3g} GFLOP per token "
                 f"forward + backward, activations {self.activation_per_token() / 2**10:,.1f} KiB per token")
 
     @functools.cached_property
@@ -107,6 +130,60 @@ def _fused_attention(flops: list):
         F.scaled_dot_product_attention = plain
 
 
+class Segments:
+    """What a model's own activation checkpointing keeps, found while profiling it without
+    checkpointing: give `run` to the model as its checkpoint function (diffusers'
+    `enable_gradient_checkpointing(segments.run)`). Each segment runs plainly; the tensors it saves
+    are noted (and passed on to the layer's count, so the plain profile is unchanged), and so are
+    its inputs, which checkpointing keeps instead. `kept()`: what autograd holds at the end of the
+    forward with checkpointing on, plus the largest segment's saved tensors (recomputed in backward)."""
+
+    def __init__(self) -> None:
+        self.reset(None)
+
+    def reset(self, outer: "_Saved | None") -> None:
+        self.outer = outer
+        self.inside: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.largest = self.flops = 0.0
+        self.count = 0
+
+    def run(self, fn: Callable, *args, **kwargs) -> Any:
+        outer = self.outer
+        if outer is None:
+            return fn(*args, **kwargs)
+        mine = _Saved(outer.params, outer.hidden)
+
+        def pack(t):
+            mine.pack(t)
+            self.inside[id(t)] = t
+            return outer.pack(t)
+
+        for a in [*args, *kwargs.values()]:
+            if torch.is_tensor(a) and id(a) not in outer.params:
+                self.inputs[id(a)] = a
+        counter = FlopCounterMode(display=False)
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, outer.unpack):
+            out = fn(*args, **kwargs)
+        self.largest = max(self.largest, mine.split + mine.whole)
+        self.count += 1
+        self.flops += counter.get_total_flops()
+        return out
+
+    def outside(self) -> float:
+        """Bytes the layer saves outside its segments (each tensor once)."""
+        return sum(_nbytes(t) for i, t in self.outer.seen.items() if i not in self.inside)
+
+    def kept(self) -> float:
+        outside = {i for i in self.outer.seen if i not in self.inside}
+        inputs = sum(_nbytes(t) for i, t in self.inputs.items() if i not in outside)
+        return self.outside() + inputs + self.largest
+
+
+def _nbytes(t: torch.Tensor) -> float:
+    return t.numel() * t.element_size()
+
+
 class _Saved:
     """A saved-tensors hook that adds each saved activation's bytes to the current layer."""
 
@@ -133,11 +210,15 @@ class _Saved:
 
 
 def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor],
-                   hidden: int, heads: int = 1, vocab: int = 0) -> ModelProfile:
+                   hidden: int, heads: int = 1, vocab: int = 0, segments: Segments | None = None,
+                   unit: str = "tokens") -> ModelProfile:
     """Profile `model` (made on the meta device) on `sample` (one micro-batch, also on meta):
-    per layer FLOPs, kept activations and boundary sizes per token, then the backward's FLOPs
-    checked to be about twice the forward's. `loss_fn(output)` turns the last layer's output into
-    the loss."""
+    per layer FLOPs, kept activations, boundary sizes and trained parameters per token, and the
+    backward's FLOPs as counted, shared among the layers as their trained weights say (a frozen
+    layer that nothing trained precedes has no backward; a frozen one after a trained one, the
+    gradients of its activations). `loss_fn(output)` turns the last layer's output into the loss.
+    `segments`: the model's own checkpoint function while profiling (see `Segments`), for what its
+    checkpointing keeps per layer. `unit`: what the sample's elements are (tokens; images)."""
     layers = model.pipeline_layers() if hasattr(model, "pipeline_layers") else None
     if layers is None:
         layers = [PipelineLayer("model", ("",), model, body=False)]
@@ -148,8 +229,9 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
     x = sample
     dtype_bytes = 4
     fused_flops = 0
+    estimated: list[float] = []      # per layer, backward FLOPs per token as its trained weights say
     for layer in layers:
-        count = largest = 0
+        count = largest = trained = 0
         for prefix in layer.modules:
             module = model.get_submodule(prefix) if prefix else model
             for p in module.parameters():
@@ -157,26 +239,41 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
                 if id(p) not in owned:
                     owned.add(id(p))
                     count += p.numel()
+                    trained += p.numel() if p.requires_grad else 0
+        # backward: gradients of the layer's activations where anything at or before it is
+        # trained (about the forward's FLOPs), plus its trained weights' gradients (their share of it)
+        carries = (torch.is_tensor(x) and x.requires_grad) or trained > 0
         saved = _Saved(params, hidden)
+        if segments is not None:
+            segments.reset(saved)
         counter, attention = FlopCounterMode(display=False), []
         with counter, _fused_attention(attention), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             x = layer.fn(x)
-        if torch.is_floating_point(x):
+        if torch.is_tensor(x) and torch.is_floating_point(x):
             dtype_bytes = x.element_size()
         boundary = x.numel() * x.element_size() / tokens if torch.is_tensor(x) else 0.0
         flops = counter.get_total_flops() + sum(attention)
-        fused_flops += sum(attention)
+        if carries:
+            fused_flops += sum(attention)
+        estimated.append(flops / tokens * ((1.0 if carries else 0.0) + (trained / count if count else 0.0)))
+        kept = recomputed = None
+        if segments is not None and segments.count:
+            kept, recomputed = segments.kept() / tokens, segments.flops / tokens
+            segments.outer = None
         out.append(LayerProfile(layer.name, count, flops / tokens, saved.split / tokens,
-                                saved.whole / tokens, boundary, layer.body, largest))
+                                saved.whole / tokens, boundary, layer.body, largest, trained,
+                                act_checkpointed=kept, recomputed=recomputed or 0.0))
     loss = loss_fn(x)
     counter = FlopCounterMode(display=False)
     with counter:
         loss.backward()
     notes = []
-    forward = sum(layer.flops for layer in out) * tokens
     backward = counter.get_total_flops() + 2 * fused_flops       # the fused kernel's backward: not counted
-    if forward and not 1.5 <= backward / forward <= 2.5:
-        notes.append(f"backward counted {backward / forward:.2f}x the forward's FLOPs (the cost model assumes 2x)")
+    # the layers' shares as estimated, scaled to the backward's FLOPs as counted
+    scale = backward / tokens / sum(estimated) if sum(estimated) else 0.0
+    if sum(estimated) and not 0.75 <= scale <= 1.25:
+        notes.append(f"backward counted {scale:.2f}x what the trained weights predict")
+    out = [replace(layer, backward=b * scale) for layer, b in zip(out, estimated)]
     tied = tuple(model.pipeline_tied()) if hasattr(model, "pipeline_tied") else ()
     return ModelProfile(tuple(out), seq_len=int(sample.shape[-1]) if sample.ndim > 1 else 1, hidden=hidden,
-                        heads=heads, vocab=vocab, tied=tied, act_bytes=dtype_bytes, notes=tuple(notes))
+                        heads=heads, vocab=vocab, tied=tied, act_bytes=dtype_bytes, unit=unit, notes=tuple(notes))

@@ -49,6 +49,34 @@ def test_the_meta_profile_is_what_the_real_model_measures():
     assert block.boundary == h * 4
 
 
+def test_frozen_layers_have_no_backward_gradients_or_states():
+    from core.autoparallel.profile import profile_layers
+
+    cfg = _recipe(n_layer=2, d_model=64, n_head=4, seq_len=32)
+    whole = gpt_profile(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+        sample = torch.zeros(1, 33, dtype=torch.long)
+    for p in [*model.wpe.parameters(), *model.blocks[0].parameters()]:
+        p.requires_grad_(False)
+    prof = profile_layers(model, sample[:, :-1], lambda logits: model.loss(logits, sample[:, 1:]), hidden=64,
+                          heads=4, vocab=256)
+    embed, block0, block1, head = prof.layers
+    # block0 is frozen but the trained token embedding precedes it: its backward is its
+    # activations' gradients alone, about its forward; block1 adds its weights', about twice
+    assert block0.trained_params == 0 and 0.75 <= block0.backward_flops / block0.flops <= 1.25
+    assert block1.trained_params == block1.params and 1.5 <= block1.backward_flops / block1.flops <= 2.5
+    assert embed.trained_params == embed.params - 32 * 64              # wpe (32 x 64) frozen, wte trained
+    assert prof.trained_params < whole.trained_params == whole.params
+    frozen = Job(prof, 4)
+    full = Job(whole, 4)
+    lay = Layout(dp=1, micro_batch=4)
+    a, b = (estimate(job, lay, CLUSTERS["4 devices, roomy"]) for job in (frozen, full))
+    gone = whole.params - prof.trained_params
+    assert b.memory["optimizer states"] - a.memory["optimizer states"] == pytest.approx(8 * gone)
+    assert a.times["compute"] < b.times["compute"]
+
+
 def _toy_job(layers=8, hidden=256, heads=8, seq=256, vocab=1024, batch=16, **kw) -> Job:
     cfg = _recipe(n_layer=layers, d_model=hidden, n_head=heads, seq_len=seq)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
@@ -225,3 +253,13 @@ def test_parallel_auto_plans_before_the_run_and_says_so(tmp_path):
 
     dropped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.1))
     assert job_for(TARGET, dropped, 2).axes == ("dp", "pp", "tp") and "sp" in job_for(TARGET, cfg, 2).axes
+
+
+def test_a_layout_still_asking_for_parallel_auto_is_refused_not_ignored():
+    # an app plans before it checks its layout (the GPT and diffusion apps); one that cannot plan
+    # reaches the check with the request still in it
+    from core.errors import LoomError
+
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", ["parallel.auto=true"])
+    with pytest.raises(LoomError, match=r"^parallel.auto=true: the demo app cannot plan its own layout yet"):
+        check_layout(cfg, 1, what="the demo app")
