@@ -83,7 +83,8 @@ def test_the_installed_code_finds_its_recipes_and_files(installed):
              "from core.autoparallel.target import target_for; "
              "print(core.__file__); print(' '.join(known_recipes())); "
              "print(resolve_recipe('protein/demo')); print((k._HERE / 'cpu_adam.cpp').is_file(), "
-             "Path(pc.DEMO_FASTA).is_file()); print(find_cluster('a100-1024')); print(target_for('gpt/tiny').name)")
+             "Path(pc.DEMO_FASTA).is_file()); print(find_cluster('a100-1024')); "
+             "print(target_for('gpt/tiny').name, target_for('diffusion/tiny-shapes').name)")
     done = _run([str(venv / "bin" / "python"), "-c", probe], cwd=work)
     assert done.returncode == 0, done.stderr[-2000:]
     where, names, demo, files, cluster, planned = done.stdout.splitlines()
@@ -91,9 +92,9 @@ def test_the_installed_code_finds_its_recipes_and_files(installed):
     assert names.split() == shipped                 # every recipe of every app ships
     assert demo.startswith(str(venv / "share" / "loom-train" / "recipes"))
     assert files == "True True"
-    # the planner's cluster files ship, and the GPT app registers its planning target
+    # the planner's cluster files ship, and the GPT and diffusion apps register their planning targets
     assert cluster.startswith(str(venv / "share" / "loom-train" / "recipes" / "clusters")), cluster
-    assert planned == "gpt"
+    assert planned == "gpt diffusion"
 
 
 def test_the_protein_app_runs_its_default_recipe_from_the_install(installed):

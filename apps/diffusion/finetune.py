@@ -172,6 +172,14 @@ def main(argv: list[str] | None = None, defaults: tuple[str, ...] = ()) -> int:
     cfg = cli.parse(DiffusionRecipe, list(defaults) + args, prog="python -m apps.diffusion.finetune",
                     summary=SUMMARY, default_recipe="diffusion/tiny-shapes")
     if cfg is not None:
+        if cfg.parallel.auto:
+            from apps.diffusion.planning import TARGET
+            from core.autoparallel.auto import plan_recipe
+            from core.distributed import detect
+
+            world = detect()
+            cfg = plan_recipe(cfg, TARGET, world.world_size,
+                              lambda line: print(line, file=sys.stderr) if world.rank == 0 else None)
         run(cfg)
     return 0
 

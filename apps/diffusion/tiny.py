@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from apps.diffusion.shapes import WORDS
-from apps.diffusion.tokenizer import write_clip_tokenizer
+from apps.diffusion.tokenizer import BOS, EOS, clip_vocab, write_clip_tokenizer
 
 VERSION = 1
 MAX_TOKENS = 16
@@ -70,22 +70,22 @@ def warm_up_vae(vae, images: torch.Tensor, steps: int, seed: int, batch: int = 3
         return float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
 
 
-def build_tiny(folder: Path, data_folder: Path, resolution: int, width: int, vae_steps: int, seed: int,
-               log: Callable[[str], None]) -> Path:
-    """Build, warm up and save the tiny pipeline into `folder` (atomically)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_modules(resolution: int, width: int, tokenizer=None):
+    """The tiny model's text encoder, VAE and UNet, freshly initialised (on the current default
+    device: the planner makes them on the meta device). `tokenizer`: the CLIP tokenizer of WORDS
+    (its size and special tokens; without one they are computed from WORDS)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok_dir = write_clip_tokenizer(tmp / "_vocab", WORDS)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TOKENS)
-    torch.manual_seed(seed)
+    if tokenizer is None:
+        vocab, _ = clip_vocab(WORDS)
+        size, bos, eos = len(vocab), vocab[BOS], vocab[EOS]
+    else:
+        size, bos, eos = len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=bos,
+        eos_token_id=eos, pad_token_id=eos if tokenizer is None else tokenizer.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
@@ -95,6 +95,22 @@ def build_tiny(folder: Path, data_folder: Path, resolution: int, width: int, vae
         block_out_channels=(width, 2 * width), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
         norm_num_groups=8)
+    return text_encoder, vae, unet
+
+
+def build_tiny(folder: Path, data_folder: Path, resolution: int, width: int, vae_steps: int, seed: int,
+               log: Callable[[str], None]) -> Path:
+    """Build, warm up and save the tiny pipeline into `folder` (atomically)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok_dir = write_clip_tokenizer(tmp / "_vocab", WORDS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TOKENS)
+    torch.manual_seed(seed)
+    text_encoder, vae, unet = tiny_modules(resolution, width, tokenizer)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, rescale_betas_zero_snr=True, prediction_type="v_prediction",
                               timestep_spacing="trailing", clip_sample=False, steps_offset=1)

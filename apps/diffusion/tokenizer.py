@@ -30,10 +30,8 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
-def write_clip_tokenizer(folder: Path, words: Iterable[str]) -> Path:
-    """Write vocab.json and merges.txt for a CLIP tokenizer that knows `words` as single tokens."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def clip_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
+    """The vocabulary and merges of a CLIP tokenizer that knows `words` as single tokens."""
     vocab: dict[str, int] = {}
 
     def add(token: str) -> None:
@@ -58,6 +56,14 @@ def write_clip_tokenizer(folder: Path, words: Iterable[str]) -> Path:
             add(current)
     add(BOS)
     add(EOS)
+    return vocab, merges
+
+
+def write_clip_tokenizer(folder: Path, words: Iterable[str]) -> Path:
+    """Write vocab.json and merges.txt for a CLIP tokenizer that knows `words` as single tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder

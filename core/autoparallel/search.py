@@ -81,7 +81,7 @@ def _sp_modes(job: Job, shape: Layout) -> list[str]:
 def variants(job: Job, cluster: Cluster, shape: Layout) -> Iterator[Layout]:
     """Every layout of one shape: schedule, sequence-parallel attention, ZeRO, offload, checkpointing."""
     replicas = shape.dp * shape.sp
-    zeros = [0, 1, 2, 3] if replicas > 1 else [0]
+    zeros = list(range(job.max_zero + 1)) if replicas > 1 else [0]
     offloads = ["none", "cpu"] + (["nvme"] if cluster.nvme_gb > 0 else [])
     ckpts = [False, True] if job.checkpointing else [False]
     for (sched, v), sp_mode, zero, offload, ckpt in itertools.product(

@@ -35,6 +35,9 @@ class AppTarget:
     # the axes this recipe's model can use, when some setting rules one out (GPT: no sequence
     # parallelism with dropout); default: `axes`
     axes_for: Callable[[Recipe], tuple[str, ...]] | None = None
+    # the highest ZeRO stage this recipe can run over several ranks (diffusion: 2 while validation
+    # renders on rank 0 alone); default 3
+    max_zero_for: Callable[[Recipe], int] | None = None
 
 
 def app_targets() -> dict[str, EntryPoint]:
@@ -71,4 +74,4 @@ def job_for(target: AppTarget, cfg: Recipe, devices: int) -> Job:
     global_batch = t.global_batch or t.micro_batch * t.grad_accum * devices
     axes = target.axes_for(cfg) if target.axes_for else target.axes
     return Job(target.profile(cfg), global_batch, cfg.parallel.precision, cfg.optim.name, axes,
-               target.checkpointing, cfg.memory.chunk_mb)
+               target.checkpointing, cfg.memory.chunk_mb, target.max_zero_for(cfg) if target.max_zero_for else 3)

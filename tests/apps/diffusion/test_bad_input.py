@@ -317,10 +317,11 @@ def test_layouts_the_diffusion_app_cannot_spread(capsys, places, nothing_expensi
     line = _refused(capsys, places, f"data.path={places['data']}", "train.micro_batch=2", "parallel.pp=2")
     assert line == ("error: parallel.pp=2: the diffusion app spreads its model with data parallelism (parallel.dp), "
                     "ZeRO (parallel.zero) and offload (parallel.offload) only; set parallel.pp=1")
-    # asking it to plan its own layout is refused, not ignored
-    line = _refused(capsys, places, f"data.path={places['data']}", "train.micro_batch=2", "parallel.auto=true")
-    assert line == ("error: parallel.auto=true: the diffusion app cannot plan its own layout yet (the GPT app can); "
-                    "set parallel.* yourself, or see what the planner would pick with python -m core.plan")
+    # parallel.auto plans before anything is built: a cluster file that does not match the launch is refused
+    one = places["out"].parent / "one-device.yaml"
+    one.write_text("devices_per_node: 1\n")
+    line = _refused(capsys, places, f"data.path={places['data']}", "parallel.auto=true", f"parallel.cluster={one}")
+    assert line == f"error: parallel.cluster={one}: it describes 1 devices, this run has 2 processes"
 
 
 def test_resolution_not_a_multiple_of_8(capsys, places, nothing_expensive):
