@@ -75,7 +75,9 @@ def _put(tree: dict, path: list[str], value) -> None:
 def explain(plan, top: int) -> str:
     lines = [f"cluster: {plan.cluster.describe()}",
              f"model: {plan.job.profile.describe()}", *(f"  note: {n}" for n in plan.job.profile.notes),
-             f"job: global batch {plan.job.global_batch} x {plan.job.seq_len} tokens, {plan.job.precision}, "
+             f"job: global batch {plan.job.global_batch}"
+             + (f" x {plan.job.seq_len} tokens" if plan.job.profile.unit == "tokens" else f" {plan.job.profile.unit}")
+             + f", {plan.job.precision}, "
              f"{plan.job.optimizer}; {plan.result.visited:,} layouts scored over {plan.result.shapes:,} shapes",
              "", f"top {min(top, len(plan.result.ranked))} layouts (predicted):"]
     for i, est in enumerate(plan.result.ranked[:top], 1):
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.explain:
         print("\n" + explain(plan, opts.top), file=sys.stderr)
     best = plan.best
-    print(f"predicted: {best.step_s:.4g} s/step, {best.tokens_per_s:,.0f} tokens/s, "
+    print(f"predicted: {best.step_s:.4g} s/step, {best.tokens_per_s:,.0f} {best.unit}/s, "
           f"{best.device_bytes / GIB:.2f} GiB per device", file=sys.stderr)
     return 0
 

@@ -125,11 +125,12 @@ class Estimate:
     times: dict = field(default_factory=dict)     # seconds per step by cause
     activation_bytes: float = 0.0    # of device_bytes, the activations (the rest: weights, gradients, states)
     memory: dict = field(default_factory=dict)    # device bytes by cause
+    unit: str = "tokens"             # what tokens_per_s counts (the profile's unit: tokens, samples)
     fits: bool = True
     why: str = ""                    # what does not fit, when it does not
 
     def line(self) -> str:
-        return (f"{self.layout.describe()}: {self.step_s:.4g} s/step, {self.tokens_per_s:,.0f} tokens/s, "
+        return (f"{self.layout.describe()}: {self.step_s:.4g} s/step, {self.tokens_per_s:,.0f} {self.unit}/s, "
                 f"device {self.device_bytes / GIB:.2f} GiB, host {self.host_bytes / GIB:.1f} GiB/node"
                 + (f", NVMe {self.nvme_bytes / GIB:.1f} GiB/node" if self.nvme_bytes else ""))
 
@@ -364,7 +365,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
              "sequence": m * max(s for _, _, s in per_rank), "pipeline p2p": m * p2p_s, "bubble": bubble_s,
              "gradient sync (exposed)": exposed_sync_s, "offload": offload_s, "fixed costs": fixed_s}
-    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts), memory)
+    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts), memory, prof.unit)
     return _check_fits(est, cluster)
 
 

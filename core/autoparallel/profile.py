@@ -93,9 +93,10 @@ class ModelProfile:
         trained = self.trained_params
         frozen = f" ({trained / 1e6:,.1f} M trained)" if trained < self.params else ""
         step = self.flops_per_token + sum(layer.backward_flops for layer in self.layers)
+        one = self.unit[:-1] if self.unit.endswith("s") else self.unit
         return (f"{self.params / 1e6:,.1f} M parameters{frozen}, {len(self.layers)} layers "
-                f"({self.body_count()} repeated), {step / 1e9:.3g} GFLOP per token "
-                f"forward + backward, activations {self.activation_per_token() / 2**10:,.1f} KiB per token")
+                f"({self.body_count()} repeated), {step / 1e9:.3g} GFLOP per {one} "
+                f"forward + backward, activations {self.activation_per_token() / 2**10:,.1f} KiB per {one}")
 
     @functools.cached_property
     def max_boundary(self) -> float:
