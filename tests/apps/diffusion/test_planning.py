@@ -88,3 +88,23 @@ def test_a_plan_for_the_diffusion_app_runs_as_the_app_runs(tmp_path):
     assert "gradient_checkpointing" in written["model"]
     planned = load_recipe(DiffusionRecipe, str(out))
     assert planned.parallel.dp == 4 and planned.model.pretrained == "tiny"
+
+
+def test_a_pipeline_folder_is_profiled_from_its_configurations(tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from apps.diffusion.shapes import WORDS
+    from apps.diffusion.tiny import MAX_TOKENS, tiny_modules
+    from apps.diffusion.tokenizer import write_clip_tokenizer
+
+    cfg = _cfg()
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp_path / "vocab", WORDS)),
+                                              model_max_length=MAX_TOKENS)
+    text, vae, unet = tiny_modules(cfg.data.resolution, cfg.model.tiny_width, tokenizer)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDPMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    from_folder = profile(_cfg(f"model.pretrained={tmp_path / 'sd'}"))
+    from_code = profile(cfg)
+    assert from_folder.layers == from_code.layers
