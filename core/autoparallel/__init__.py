@@ -71,9 +71,11 @@ def overlay(est: Estimate, job: Job, cluster: Cluster) -> dict:
         out["model"] = {"gradient_checkpointing": L.checkpointing}
     if L.offload != "none":
         # the chunks' device budget: what the device has left once everything but the chunks is counted
-        rest = est.device_bytes - est.memory.get("weights", 0.0)
-        budget = cluster.device_memory_gb * cluster.memory_reserve - rest / GIB
-        out["memory"] = {"device_gb": round(max(budget, 0.001), 3)}
+        # (never below the chunks the estimate holds there: the engine refuses a budget smaller than
+        # its two largest chunks; rounded up to 0.1 MiB, not down past them)
+        chunks = est.memory.get("weights", 0.0) / GIB
+        budget = max(cluster.device_memory_gb * cluster.memory_reserve - (est.device_bytes / GIB - chunks), chunks)
+        out["memory"] = {"device_gb": math.ceil(max(budget, 0.001) * 10240) / 10240}
     return out
 
 

@@ -263,3 +263,18 @@ def test_a_layout_still_asking_for_parallel_auto_is_refused_not_ignored():
     cfg = load_recipe(GPTRecipe, "gpt/tiny", ["parallel.auto=true"])
     with pytest.raises(LoomError, match=r"^parallel.auto=true: the demo app cannot plan its own layout yet"):
         check_layout(cfg, 1, what="the demo app")
+
+
+def test_an_offload_plan_gives_the_chunks_at_least_what_they_hold():
+    # the engine refuses a device budget below its two largest chunks; the overlay's budget,
+    # rounded, never falls below the chunks the estimate puts on the device
+    from core.autoparallel import GIB, overlay
+
+    job = _toy_job(layers=4, hidden=256, heads=8, seq=64, vocab=1024, batch=8)       # 12.8 MiB of weights
+    for offload in ("cpu", "nvme"):
+        est = estimate(job, Layout(dp=2, micro_batch=2, microbatches=2, zero=1, offload=offload),
+                       Cluster(nodes=1, devices_per_node=2, device_memory_gb=1, nvme_gb=10))
+        tight = Cluster(nodes=1, devices_per_node=2, nvme_gb=10, memory_reserve=1.0,
+                        device_memory_gb=est.device_bytes / GIB)            # no room to spare
+        budget = overlay(est, job, tight)["memory"]["device_gb"] * GIB
+        assert est.memory["weights"] <= budget <= est.memory["weights"] + 0.1 * 2**20, (offload, budget)
