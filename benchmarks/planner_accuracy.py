@@ -42,6 +42,7 @@ from apps.gpt.planning import TARGET
 from benchmarks._machine import machine
 from core.autoparallel import GIB, Layout, best_plan, estimate, overlay
 from core.autoparallel.calibrate import calibrate
+from core.autoparallel.estimate import TRANSIENT
 from core.autoparallel.search import all_layouts
 from core.autoparallel.target import job_for
 from core.config import load_recipe
@@ -157,8 +158,8 @@ def engine_costs(ranks: int, cluster, work: Path, steps: int):
     beyond its model (imports after start, the corpus, gloo, DDP); the fixed costs of a step and
     of a micro-batch (4 micro-batches of 1 against 1 of 4) and what the chunked engine adds (ZeRO-2).
     From a small calibration model (2 layers, 128 wide), once per engine family (DDP, ZeRO-2,
-    1D tensor parallelism over every rank): measured / modelled memory beyond the runtime's, the
-    allocator's overhead."""
+    1D tensor parallelism over every rank): the allocator's overhead, what the measured memory
+    adds to the modelled as a share of the memory freed and made again every step."""
     def run(shape: list[str], micro: int, extra: list[str]):
         argv = shape + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.steps={steps}",
                                  f"train.micro_batch={micro}", f"train.global_batch={4 * ranks}",
@@ -190,8 +191,8 @@ def engine_costs(ranks: int, cluster, work: Path, steps: int):
                                    ["parallel.dp=1", f"parallel.tp={ranks}"])):
         measured, _ = run(CALIBRATION, 4, extra)
         predicted = estimate(job(CALIBRATION, 4), layout, cluster)
-        beyond = predicted.device_bytes - predicted.memory["runtime"]
-        overhead[family] = round(max((measured - predicted.memory["runtime"]) / beyond, 1.0), 3)
+        transient = sum(predicted.memory.get(k, 0.0) for k in TRANSIENT)
+        overhead[family] = round(max(1.0 + (measured - predicted.device_bytes) / transient, 1.0), 3)
     costs["memory_overhead"] = overhead
     print(f"engine costs, from a trivial and a calibration model: {costs}", flush=True)
     return dataclasses.replace(cluster, memory_overhead=overhead)

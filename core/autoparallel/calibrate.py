@@ -150,18 +150,23 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
     dist.barrier()
     rates = _device_rates(device, n)
     dist.barrier()
-    times = []
+    times, scatters, gathers = [], [], []
     for numel in sizes:
+        numel = -(-numel // world) * world
         x = torch.ones(numel, device=device)
-        dist.all_reduce(x)
+        part = torch.empty(numel // world, device=device)
+        for op, into in ((lambda: dist.all_reduce(x), times),
+                        (lambda: dist.reduce_scatter_tensor(part, x), scatters),
+                        (lambda: dist.all_gather_into_tensor(x, part), gathers)):
+            op()
 
-        def run():
-            for _ in range(5):
-                dist.all_reduce(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            def run():
+                for _ in range(5):
+                    op()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
 
-        times.append(_best_of(run) / 5)
+            into.append((numel, _best_of(run) / 5))
     # what sequence parallelism and pipelines call, by size: a ring exchange (send on, receive
     # from behind) and an all-to-all (`numel` values handed in, an equal part to each rank)
     exchanges, swaps = [], []
@@ -185,7 +190,7 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
         swap()
         exchanges.append((numel, _best_of(ring) / 5))
         swaps.append((numel, _best_of(swap) / 5))
-    times = (times, exchanges, swaps)
+    times = (times, exchanges, swaps, scatters, gathers)
     if rank == 0:
         torch.save((rates, times), out)
     dist.destroy_process_group()
@@ -207,12 +212,12 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
         out = str(Path(tmp) / "measured.pt")
         sizes = sorted({1, 2**8, 2**11, 2**14, 2**17, 2**20, big})
         mp.spawn(_rank_measure, args=(world, free_port(), n, sizes, backend, out), nprocs=world)
-        (tflops, overhead, mem), (times, exchanges, swaps) = torch.load(out)
-    tiny_s, big_s = times[0], times[-1]
-    ring_s, swap_s = exchanges[0][1], swaps[0][1]
+        (tflops, overhead, mem), measured = torch.load(out)
+    (_, tiny_s), (big, big_s) = measured[0][0], measured[0][-1]
+    ring_s, swap_s = measured[1][0][1], measured[2][0][1]
     wire = 2 * (world - 1) / world * big * 4
-    tables = [[[numel * 4, round(t * 1e6, 1)] for numel, t in pairs]
-              for pairs in (zip(sizes, times), exchanges, swaps)]
+    # all-reduce, ring exchange, all-to-all, reduce-scatter, all-gather
+    tables = [[[numel * 4, round(t * 1e6, 1)] for numel, t in pairs] for pairs in measured]
     return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s, tables
 
 
@@ -227,11 +232,11 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
         tflops, overhead, mem, bw, latency, ring_s, swap_s, tables = measure_ranks(devices, backend, n, big)
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call; "
             f"a ring exchange {ring_s * 1e6:.0f} us, an all-to-all {swap_s * 1e6:.0f} us")
-        for what, table in zip(("all-reduce", "ring exchange", "all-to-all"), tables):
+        for what, table in zip(("all-reduce", "ring exchange", "all-to-all", "reduce-scatter", "all-gather"), tables):
             say(f"{what} by size: " + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in table))
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [[], [], []]
+        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [[], [], [], [], []]
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")
@@ -262,6 +267,7 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                    layer_overhead_us=round(overhead, 1), memory_gbs=round(mem, 3),
                    p2p_latency_us=round(ring_s * 1e6, 1), all_to_all_latency_us=round(swap_s * 1e6, 1),
                    all_reduce_us=tables[0], exchange_us=tables[1], all_to_all_us=tables[2],
+                   reduce_scatter_us=tables[3], all_gather_us=tables[4],
                    device_is_host=not gpu)
 
 

@@ -66,12 +66,14 @@ class Cluster:
     # the collectives inside a node instead of intra_node_gbs and the latencies (gloo's mid-sized
     # messages cost far more than a line through a tiny and a large one says)
     all_reduce_us: list = field(default_factory=list)
+    reduce_scatter_us: list = field(default_factory=list)     # bytes: the whole input
+    all_gather_us: list = field(default_factory=list)         # bytes: the whole output
     exchange_us: list = field(default_factory=list)
     all_to_all_us: list = field(default_factory=list)
-    # measured / modelled bytes of a training process beyond its runtime memory, per engine family
-    # ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor parallelism without
-    # them): what the allocator keeps beyond the live tensors (freed blocks it holds,
-    # fragmentation), measured on a calibration model; 1 where absent
+    # per engine family ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor
+    # parallelism without them), what the allocator's high-water mark makes of the memory freed and
+    # made again every step (activations, gradients): measured / modelled, on a calibration model
+    # (freed blocks it keeps, fragmentation); 1 where absent
     memory_overhead: dict = field(default_factory=dict)
     device_is_host: bool = False           # the devices are the host's CPUs (a CPU-only machine): what a
     #                                        process keeps in host memory counts against its device memory
@@ -92,16 +94,18 @@ class Cluster:
             return self.intra_node_gbs * 1e9, self.intra_node_latency_us * 1e-6
         return self.inter_node_gbs * 1e9 / self.devices_per_node, self.inter_node_latency_us * 1e-6
 
-    def collective_s(self, k: int, payload: float, span: int = 0) -> float | None:
-        """Seconds for an all-reduce of `payload` bytes over `k` ranks spread over `span` consecutive
-        ranks (default k) of one node, from the measured table, scaled from the node's devices to
-        k by the ring's k - 1 steps; None without a table or across nodes."""
-        if not self.all_reduce_us or max(k, span) > self.devices_per_node:
+    def collective_s(self, k: int, payload: float, span: int = 0, kind: str = "all_reduce") -> float | None:
+        """Seconds for a collective (`kind`: all_reduce, reduce_scatter, all_gather) of `payload`
+        bytes over `k` ranks spread over `span` consecutive ranks (default k) of one node, from the
+        measured table, scaled from the node's devices to k by the ring's k - 1 steps; None without
+        a table or across nodes."""
+        table = getattr(self, f"{kind}_us")
+        if not table or max(k, span) > self.devices_per_node:
             return None
         if k <= 1 or payload <= 0:
             return 0.0
         n = self.devices_per_node
-        t = _interpolate(self.all_reduce_us, payload)
+        t = _interpolate(table, payload)
         return t * (k - 1) / (n - 1) if n > 1 else t
 
     def exchange_s(self, payload: float, span: int) -> float | None:
@@ -130,7 +134,7 @@ _POSITIVE = {"nodes", "devices_per_node", "device_memory_gb", "nvme_read_gbs", "
              "host_adam_gparams", "intra_node_gbs", "inter_node_gbs"}
 
 
-_TABLES = ("all_reduce_us", "exchange_us", "all_to_all_us")
+_TABLES = ("all_reduce_us", "reduce_scatter_us", "all_gather_us", "exchange_us", "all_to_all_us")
 
 
 def _interpolate(table: list, payload: float) -> float:

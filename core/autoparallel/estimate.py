@@ -11,10 +11,11 @@ axis, with ring algorithms:
 - sequence parallelism: ring attention passes each rank's keys and values around the ring
   (p - 1 steps forward; backward passes them again with their gradients), all-to-all attention
   swaps q, k, v and the output forward and their gradients backward;
-- data parallelism and ZeRO: the gradients all-reduced (ZeRO-1/2: reduce-scattered, the new
-  weights all-gathered: the same bytes), ZeRO-3 gathers the weights again for each micro-batch's
-  forward and backward; all of it overlapped with the backward it follows, as DDP's buckets and the
-  chunk manager's prefetch are;
+- data parallelism and ZeRO: the gradients all-reduced once a step (DDP), or reduced for each
+  micro-batch as its chunks complete and the new weights all-gathered once (the chunked engine;
+  ZeRO-3 gathers the weights again for each micro-batch's forward and backward); overlapped with
+  the backward it follows, as DDP's buckets and the chunk manager's prefetch are, except on a
+  CPU-only machine, where the collectives take the cores that compute;
 - pipeline parallelism: the bubble of the schedule, (p - 1) / (m v) of the ideal step (GPipe and
   1F1B v = 1; Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
   Clusters Using Megatron-LM", section 2.2), and each boundary's activations sent forward and
@@ -301,20 +302,34 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     T = max(rank.trained for rank in ranks) / L.tp        # ... those trained: gradients, states, their traffic
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
-    measured = cluster.collective_s(R, T * 4, span=R * L.tp)
-    if measured is None:
-        sync_s = _ring(R, T * 4, dp_bw, dp_lat, 2 * (R - 1) / R, calls=2)
-        if L.zero == 3:
-            sync_s += _ring(R, P * 4, dp_bw, dp_lat, 2 * m * (R - 1) / R, calls=2 * m)
+    w = 2 if job.precision in ("bf16", "fp16") else 4
+
+    def collective(kind: str, payload: float) -> float:
+        t = cluster.collective_s(R, payload, span=R * L.tp, kind=kind)
+        if t is None:                                     # the ring formula: an all-reduce sends twice
+            t = _ring(R, payload, dp_bw, dp_lat, (2 if kind == "all_reduce" else 1) * (R - 1) / R)
+        return t
+
+    if not (L.zero or L.offload != "none"):
+        sync_s = collective("all_reduce", 4 * T)          # DDP's buckets (the pipeline's flat buffer) once a step
     else:
-        # an all-reduce's worth (reduce-scatter + all-gather), at ZeRO-3 again for each micro-batch's
-        # forward and backward gathers
-        sync_s = measured * (1 + (m if L.zero == 3 else 0))
+        # the chunked engine reduces each micro-batch's gradients as its chunks complete (stage 1
+        # all-reduces, 2 and 3 reduce-scatter) and all-gathers the updated weights once a step;
+        # stage 3 gathers every chunk for each micro-batch's forward and again for its backward
+        stage = L.zero or 3
+        sync_s = m * collective("all_reduce" if stage == 1 else "reduce_scatter", 4 * T)
+        if stage == 3:
+            sync_s += 2 * m * collective("all_gather", w * P)
+        else:
+            sync_s += collective("all_gather", w * T)
     busiest = max(ranks, key=lambda r: r.flops + r.backward)
     share = busiest.backward / max(busiest.flops + (busiest.recomputed if L.checkpointing else 0.0)
                                    + busiest.backward, 1e-30)
     backward_s = m * compute_mb * share
-    exposed_sync_s = max(sync_s - backward_s, 0.0) + (dp_lat if R > 1 else 0.0)
+    # hidden behind the backward it follows (DDP's buckets, the chunks' reductions), except where
+    # the devices are the host's cores: there the collectives run on the cores that compute
+    hidden = 0.0 if cluster.device_is_host else backward_s
+    exposed_sync_s = max(sync_s - hidden, 0.0) + (dp_lat if R > 1 else 0.0)
 
     states = _OPT_STATES.get(job.optimizer, 8)
     shard = T / R if L.zero else T                        # trained parameters whose states this rank keeps
@@ -359,7 +374,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     family = "chunked" if (L.zero or L.offload != "none") else "tensor" if L.tp > 1 else "plain"
     overhead = cluster.memory_overhead.get(family, 1.0)
     if overhead > 1:
-        memory["allocator overhead"] = (overhead - 1) * (sum(memory.values()) - memory["runtime"])
+        memory["allocator overhead"] = (overhead - 1) * sum(memory.get(k, 0.0) for k in TRANSIENT)
     device = sum(memory.values())
 
     times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
@@ -367,6 +382,10 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
              "gradient sync (exposed)": exposed_sync_s, "offload": offload_s, "fixed costs": fixed_s}
     est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts), memory, prof.unit)
     return _check_fits(est, cluster)
+
+
+# what is freed and made again every step (and what the allocator's overhead is a share of)
+TRANSIENT = ("activations", "activations and gradients", "gradient buffers")
 
 
 def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float
@@ -395,11 +414,12 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     runtime = cluster.runtime_gb * GIB
     host = nvme = 0.0
     if not (L.zero or L.offload != "none"):
-        grads = 4 * T + (4 * T if R > 1 else 0.0)
-        m = L.microbatches
-        live = max(act + (grads if m > 1 else 0.0), grads) + (2 * 4 * largest if T else 0.0)
-        return ({"weights": 4 * P, "optimizer states": states * T, "activations and gradients": live,
-                 "runtime": runtime}, 0.0, 0.0)
+        # the gradients, made anew each step (set to None after it), live beside the activations
+        # from the second micro-batch on; DDP's buckets are allocated once
+        grads = 4 * T + (2 * 4 * largest if T else 0.0)
+        live = max(act + (grads if L.microbatches > 1 else 0.0), grads)
+        return ({"weights": 4 * P, "optimizer states": states * T, "gradient buckets": 4 * T if R > 1 else 0.0,
+                 "activations and gradients": live, "runtime": runtime}, 0.0, 0.0)
     stage = L.zero or 3
     w = 2 if job.precision in ("bf16", "fp16") else 4
     unit = max(min(job.chunk_mb * 2**20 / w, P), largest)        # a chunk: memory.chunk_mb, or the model when smaller

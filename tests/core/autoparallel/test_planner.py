@@ -200,8 +200,11 @@ def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
     assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
     assert cluster.device_is_host                                   # no GPU here: the processes share the host
     # the collectives by size, measured among the two processes, price what the cost model asks
-    for table in (cluster.all_reduce_us, cluster.exchange_us, cluster.all_to_all_us):
+    for table in (cluster.all_reduce_us, cluster.reduce_scatter_us, cluster.all_gather_us, cluster.exchange_us,
+                  cluster.all_to_all_us):
         assert len(table) >= 5 and all(b > 0 and t > 0 for b, t in table)
+    b, t = cluster.reduce_scatter_us[-1]
+    assert cluster.collective_s(2, b, kind="reduce_scatter") == pytest.approx(t * 1e-6)
     b, t = cluster.all_reduce_us[2]
     assert cluster.collective_s(2, b) == pytest.approx(t * 1e-6)
     assert cluster.exchange_s(cluster.exchange_us[-1][0] * 2, 2) == pytest.approx(cluster.exchange_us[-1][1] * 2e-6)
