@@ -22,7 +22,8 @@ One JSON line per case:
 - `planner_pick_ratio`: the pick's measured step time / the fastest measured (target <= 1.10);
 - `planner_rank_correlation`: Spearman's rho between predicted and measured step times (>= 0.8);
 - `planner_memory_ratio`: predicted / measured memory per rank, median and range (within 15%);
-- `planner_pick_out_of_memory`: 1 when the pick's measured memory passed the cap (target 0).
+- `planner_pick_out_of_memory`: 1 when the pick's measured memory passed the cap (target 0);
+- `refused`: planned layouts the app refused to run (each a planner error; none expected).
 """
 
 from __future__ import annotations
@@ -103,12 +104,20 @@ def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: in
         if est.layout not in seen:
             seen.add(est.layout)
             plan.append(est)
-    results = []
+    results, refused = [], []
     for i, est in enumerate(plan):
         out = work / f"{name}-{i}"
         argv = base + _flat(overlay(est, job, cluster)) + [f"train.steps={steps}", f"output.dir={out}",
                                                            "output.overwrite=true"]
-        got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
+        try:
+            got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
+        except Exception as err:          # a planned layout the app refuses is a planner error: counted, shown
+            why = str(err).strip().splitlines()[-1]
+            refused.append(f"{est.layout.describe()}: {why}")
+            print(f"  {est.layout.describe()}: REFUSED by the app: {why}", flush=True)
+            if i == 0:
+                raise
+            continue
         memory = max(peak - before for before, peak, _ in got)
         step = statistics.median(got[0][2][2:]) if len(got[0][2]) > 2 else got[0][2][-1]
         results.append((est, step, memory))
@@ -122,7 +131,7 @@ def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: in
                                                               [s for _, s, _ in results]).statistic), 3),
             "planner_memory_ratio_median": round(statistics.median(ratios), 3),
             "planner_memory_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
-            "planner_pick_out_of_memory": int(results[0][2] > cap_gb * GIB)}
+            "planner_pick_out_of_memory": int(results[0][2] > cap_gb * GIB), "refused": refused}
 
 
 def main() -> None:

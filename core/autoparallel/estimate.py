@@ -194,8 +194,11 @@ def rank_sums(prof: ModelProfile, pp: int, virtual: int) -> list[RankSums] | Non
         again = sum(x.flops if x.body else x.recomputed for x in layers)
         edge_split = sum(x.act_split if x.act_checkpointed is None else x.act_checkpointed for x in edge)
         edge_whole = sum(x.act_whole for x in edge if x.act_checkpointed is None)
+        # a weight tied to an earlier stage's (GPT's head and token embedding) is held by both
+        held = 0 if r == 0 else sum(x.shared for x in layers)
         out.append(RankSums(sum(x.flops for x in layers), sum(x.backward_flops for x in layers), again, len(body),
-                            len(layers), sum(x.params for x in layers), sum(x.trained_params for x in layers),
+                            len(layers), sum(x.params for x in layers) + held,
+                            sum(x.trained_params for x in layers) + held,
                             sum(x.act_split for x in layers), sum(x.act_whole for x in layers),
                             sum(x.boundary for x in body), edge_split, edge_whole, top.act_split if top else 0.0,
                             top.act_whole if top else 0.0))

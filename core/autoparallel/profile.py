@@ -52,6 +52,7 @@ class LayerProfile:
     # None where the layer has no segments of its own
     act_checkpointed: float | None = None
     recomputed: float = 0.0         # of flops, those its checkpointed segments run again in backward
+    shared: int = 0                 # elements of weights it uses that an earlier layer owns (a tied head)
 
     @property
     def trained_params(self) -> int:
@@ -232,7 +233,7 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
     fused_flops = 0
     estimated: list[float] = []      # per layer, backward FLOPs per token as its trained weights say
     for layer in layers:
-        count = largest = trained = 0
+        count = largest = trained = shared = 0
         for prefix in layer.modules:
             module = model.get_submodule(prefix) if prefix else model
             for p in module.parameters():
@@ -241,6 +242,8 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
                     owned.add(id(p))
                     count += p.numel()
                     trained += p.numel() if p.requires_grad else 0
+                else:
+                    shared += p.numel()
         # backward: gradients of the layer's activations where anything at or before it is
         # trained (about the forward's FLOPs), plus its trained weights' gradients (their share of it)
         carries = (torch.is_tensor(x) and x.requires_grad) or trained > 0
@@ -263,7 +266,7 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
             segments.outer = None
         out.append(LayerProfile(layer.name, count, flops / tokens, saved.split / tokens,
                                 saved.whole / tokens, boundary, layer.body, largest, trained,
-                                act_checkpointed=kept, recomputed=recomputed or 0.0))
+                                act_checkpointed=kept, recomputed=recomputed or 0.0, shared=shared))
     loss = loss_fn(x)
     counter = FlopCounterMode(display=False)
     with counter:

@@ -281,3 +281,15 @@ def test_an_offload_plan_gives_the_chunks_at_least_what_they_hold():
                         device_memory_gb=est.device_bytes / GIB)            # no room to spare
         budget = overlay(est, job, tight)["memory"]["device_gb"] * GIB
         assert est.memory["weights"] <= budget <= est.memory["weights"] + 0.1 * 2**20, (offload, budget)
+
+
+def test_a_tied_weight_is_held_by_both_pipeline_ends():
+    from core.autoparallel.estimate import rank_sums
+
+    job = _toy_job(layers=4, hidden=64, heads=4, seq=32, vocab=256)
+    prof = job.profile
+    head = prof.layers[-1]
+    assert head.shared == 256 * 64                                      # the token embedding, owned by embed
+    one, two = rank_sums(prof, 2, 1)
+    body = [x.params for x in prof.layers]
+    assert one.params == sum(body[:3]) and two.params == sum(body[3:]) + 256 * 64
