@@ -12,7 +12,7 @@ states and no gradient traffic. The UNet's own activation checkpointing
 `core.autoparallel.profile.Segments`.
 
 The models are made from their configurations alone: the tiny model from its code, a real one from
-the `config.json` files of `model.pretrained` (no weights are read).
+the `config.json` files of `model.pretrained` (its weights are only checked to be there, not read).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def _modules(cfg: DiffusionRecipe) -> tuple[nn.Module, nn.Module, nn.Module, int
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(Path(folder) / "vae")))
         text = CLIPTextConfig.from_pretrained(str(Path(folder) / "text_encoder"))
     except (OSError, ValueError) as e:
-        raise LoomError(f"model.pretrained: cannot read the configurations in {folder}: {str(e).splitlines()[0]}") from None
+        raise LoomError(f"model.pretrained: cannot read the configurations in {folder}: "
+                        f"{str(e).splitlines()[0]}") from None
     return CLIPTextModel(text), vae, unet, int(text.max_position_embeddings)
 
 

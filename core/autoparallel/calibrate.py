@@ -6,9 +6,9 @@ What it measures, each with the real thing the planner's cost model stands for:
   model's layers; the best of a few runs), with all `--devices` processes computing at once (on a
   CPU-only machine they share its cores, as a run's ranks do);
 - all-reduce bandwidth and latency among `--devices` processes on this machine with the backend
-  the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce, and the time of
-  each size between, and a ring exchange's and an all-to-all's time by size (the tables the cost
-  model prices collectives inside a node with);
+  the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce; and the time by
+  size of an all-reduce, a reduce-scatter, an all-gather, a ring exchange and an all-to-all (the
+  tables the cost model prices collectives inside a node with);
 - the host <-> device link (on GPUs; on a CPU-only machine the device is the host: a memory copy);
 - NVMe (the folder `--nvme-dir`, default the system's temporary folder): a file written with
   fsync and read back, and the free space there;
@@ -199,7 +199,7 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
 def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
     """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
     exchange's and an all-to-all's latency s, and [bytes, us] tables by size of the all-reduce, the
-    ring exchange and the all-to-all) with `world`
+    ring exchange, the all-to-all, the reduce-scatter and the all-gather) with `world`
     processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
     large all-reduce's time less the tiny one's, which is the latency. The table keeps the sizes
     between: a mid-sized all-reduce costs more than the two-point line says (gloo's ring pays a

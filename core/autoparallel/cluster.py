@@ -62,7 +62,7 @@ class Cluster:
     #                                        by benchmarks/offload_efficiency.py (1.21 on this project's CPU runs)
     memory_reserve: float = 0.9            # the fraction of each memory the planner may fill
     # measured by size among a node's devices, [payload bytes, microseconds] pairs (python -m
-    # core.plan calibrate): an all-reduce, a ring exchange, an all-to-all; where given, they price
+    # core.plan calibrate): all-reduce, reduce-scatter, all-gather, ring exchange, all-to-all; where given, they price
     # the collectives inside a node instead of intra_node_gbs and the latencies (gloo's mid-sized
     # messages cost far more than a line through a tiny and a large one says)
     all_reduce_us: list = field(default_factory=list)

@@ -14,6 +14,12 @@ activation recomputation in large transformer models", section 4.1: the 10 sbh o
 34 sbh + 5 as^2 b); the wider ones (q|k|v, scores, the MLP's 4h) are split. The 2D, 2.5D and 3D
 modes split the batch as well, so they divide both.
 
+Parameters are counted once, by the first layer that uses them, trained and frozen apart (only
+the trained get gradients and optimizer states), and a later layer that uses them again (a tied
+head) notes them as shared. The backward's FLOPs are counted and shared among the layers by what
+they train. A model that checkpoints inside a layer (a diffusers UNet) can hand its blocks to
+`Segments`, which notes what its own checkpointing would keep and recompute.
+
 On the meta device PyTorch's `scaled_dot_product_attention` would fall back to its unfused math
 (keeping the whole score matrix); the profile runs it as the fused kernel a CPU or GPU run picks
 (`_scaled_dot_product_flash_attention_for_cpu`, whose meta form keeps what the real one keeps: the
@@ -72,7 +78,7 @@ class ModelProfile:
     vocab: int = 0
     tied: tuple[tuple[str, str], ...] = ()
     act_bytes: int = 4              # bytes per element of the activations profiled
-    unit: str = "tokens"            # what one "token" of the profile is (a diffusion model's: an image)
+    unit: str = "tokens"            # what one "token" of the profile is (a diffusion model's: a training sample)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -220,7 +226,7 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
     layer that nothing trained precedes has no backward; a frozen one after a trained one, the
     gradients of its activations). `loss_fn(output)` turns the last layer's output into the loss.
     `segments`: the model's own checkpoint function while profiling (see `Segments`), for what its
-    checkpointing keeps per layer. `unit`: what the sample's elements are (tokens; images)."""
+    checkpointing keeps per layer. `unit`: what the sample's elements are (tokens; training samples)."""
     layers = model.pipeline_layers() if hasattr(model, "pipeline_layers") else None
     if layers is None:
         layers = [PipelineLayer("model", ("",), model, body=False)]
