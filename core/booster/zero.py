@@ -117,7 +117,7 @@ class ZeroPlugin(Plugin):
         chunk_numel = max(1, int(self.memory.chunk_mb * 2**20 / element))   # a larger parameter gets its own
         # never larger than what it holds: a model under memory.chunk_mb gets one chunk of its own
         # size, not 32 MiB mostly of padding to zero, send in every collective and step
-        chunk_numel = min(chunk_numel, max(1, sum(p.numel() for p in params)))
+        chunk_numel = min(chunk_numel, max(1, sum(p.numel() for n, p in named if n not in self.alone)))
         planned = plan_chunks([p.numel() for p in params], chunk_numel, [p.requires_grad for p in params], dp.size,
                               alone=sum(n in self.alone for n, _ in named))
         shard_params = self.stage == 3

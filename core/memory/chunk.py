@@ -68,6 +68,12 @@ def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = N
             last = Planned(0, kind, capacity if n <= capacity and i >= alone else _round_up(n, world), 0)
             chunks.append(last)
         chunks[-1] = last._replace(used=last.used + n, count=last.count + 1)
+    # the last chunk of a run of one kind holds what is left of it: no larger than that (a LoRA's
+    # adapters, packed after the frozen weights, must not get a chunk as large as the model, with
+    # states and gradient buffers to match)
+    for i, c in enumerate(chunks):
+        if i + 1 == len(chunks) or chunks[i + 1].trained != c.trained:
+            chunks[i] = c._replace(capacity=min(c.capacity, _round_up(max(c.used, 1), world)))
     return chunks
 
 

@@ -122,3 +122,13 @@ def test_a_meta_model_is_built_chunk_by_chunk_and_tied_weights_stay_tied():
         with torch.device("meta"):
             other = nn.Linear(8, 8)
         _manager(other)
+
+
+def test_the_last_chunk_of_each_kind_holds_no_more_than_is_left():
+    """Frozen weights then a few trained ones (a LoRA): the trained chunk is their size, not a
+    whole chunk with states and gradient buffers to match; full chunks keep the chunk size."""
+    from core.memory.chunk import plan_chunks
+
+    planned = plan_chunks([600, 600, 300, 10, 6], 1000, trained=[False, False, False, True, True], world=4)
+    assert [(c.used, c.capacity, c.trained) for c in planned] == [(600, 1000, False), (900, 900, False),
+                                                                  (16, 16, True)]
