@@ -106,8 +106,8 @@ def check_layout(cfg: Recipe, world_size: int, axes: Sequence[str] = AXES,
     `axes` are those the app's model can be spread over (data parallelism always)."""
     p = cfg.parallel
     if getattr(p, "auto", False):     # an app that plans has replaced the request by its plan before this
-        raise LoomError(f"parallel.auto=true: {what} cannot plan its own layout yet (the GPT app can); set "
-                        f"parallel.* yourself, or see what the planner would pick with python -m core.plan")
+        raise LoomError(f"parallel.auto=true: {what} cannot plan its own layout yet (the GPT and diffusion apps "
+                        f"can); set parallel.* yourself, or see what the planner would pick with python -m core.plan")
     if p.tp > 1:
         tp_grid(p.tp_mode, p.tp, p.tp_depth)
     layout = resolve_layout(p.dp, p.pp, p.tp, p.sp, world_size)
