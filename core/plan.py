@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         part = out.with_name(out.name + ".part")
         part.write_text(text)
         part.replace(out)                                   # never a half-written plan
-
     print(text, end="")
     if opts.explain:
         print("\n" + explain(plan, opts.top), file=sys.stderr)

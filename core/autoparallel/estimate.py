@@ -71,6 +71,11 @@ class Job:
         return self.profile.seq_len
 
     @property
+    def working_bytes(self) -> int:
+        """Bytes per element of the weights the chunks compute with."""
+        return 2 if self.precision in ("bf16", "fp16") else 4
+
+    @property
     def act_bytes(self) -> int:
         return 2 if self.precision in ("bf16", "fp16") else self.profile.act_bytes
 
@@ -124,7 +129,6 @@ class Estimate:
     host_bytes: float                # per node
     nvme_bytes: float                # per node
     times: dict = field(default_factory=dict)     # seconds per step by cause
-    activation_bytes: float = 0.0    # of device_bytes, the activations (the rest: weights, gradients, states)
     memory: dict = field(default_factory=dict)    # device bytes by cause
     unit: str = "tokens"             # what tokens_per_s counts (the profile's unit: tokens, samples)
     fits: bool = True
@@ -305,7 +309,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     T = max(rank.trained for rank in ranks) / L.tp        # ... those trained: gradients, states, their traffic
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
-    w = 2 if job.precision in ("bf16", "fp16") else 4
+    w = job.working_bytes
 
     def collective(kind: str, payload: float) -> float:
         t = cluster.collective_s(R, payload, span=R * L.tp, kind=kind)
@@ -383,7 +387,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     times = {"compute": compute_s, "tensor": m * max(t for _, t, _ in per_rank),
              "sequence": m * max(s for _, _, s in per_rank), "pipeline p2p": m * p2p_s, "bubble": bubble_s,
              "gradient sync (exposed)": exposed_sync_s, "offload": offload_s, "fixed costs": fixed_s}
-    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, max(acts), memory, prof.unit)
+    est = Estimate(layout, step_s, tokens / step_s, device, host, nvme, times, memory, prof.unit)
     return _check_fits(est, cluster)
 
 
@@ -424,7 +428,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         return ({"weights": 4 * P, "optimizer states": states * T, "gradient buckets": 4 * T if R > 1 else 0.0,
                  "activations and gradients": live, "runtime": runtime}, 0.0, 0.0)
     stage = L.zero or 3
-    w = 2 if job.precision in ("bf16", "fp16") else 4
+    w = job.working_bytes
     unit = max(min(job.chunk_mb * 2**20 / w, P), largest)        # a chunk: memory.chunk_mb, or the model when smaller
     shard = P / R
     alias = w == 4 and (R == 1 or stage == 3)

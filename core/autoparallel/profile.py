@@ -178,14 +178,12 @@ class Segments:
         self.flops += counter.get_total_flops()
         return out
 
-    def outside(self) -> float:
-        """Bytes the layer saves outside its segments (each tensor once)."""
-        return sum(_nbytes(t) for i, t in self.outer.seen.items() if i not in self.inside)
-
     def kept(self) -> float:
-        outside = {i for i in self.outer.seen if i not in self.inside}
+        """Bytes saved outside the segments, the segments' inputs not among them, and the largest
+        segment's saved bytes (each tensor once)."""
+        outside = {i: t for i, t in self.outer.seen.items() if i not in self.inside}
         inputs = sum(_nbytes(t) for i, t in self.inputs.items() if i not in outside)
-        return self.outside() + inputs + self.largest
+        return sum(_nbytes(t) for t in outside.values()) + inputs + self.largest
 
 
 def _nbytes(t: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import yaml
 
 from apps.diffusion.config import DiffusionRecipe
 from apps.diffusion.planning import TARGET, _modules, _Step, profile
-from core.autoparallel import Cluster, best_plan
+from core.autoparallel import Cluster, best_plan, estimate
 from core.autoparallel.profile import Segments, _Saved
 from core.autoparallel.target import job_for, target_for
 from core.config import load_recipe
@@ -77,9 +77,11 @@ def test_a_plan_for_the_diffusion_app_runs_as_the_app_runs(tmp_path):
     assert all(e.layout.devices == e.layout.dp and e.layout.zero < 3 for e in plan.result.ranked)
     quiet = dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, prompts=[]))
     assert job_for(TARGET, quiet, 4).max_zero == 3
-    # a device too small for the activations of a full micro-batch: checkpointing or smaller micro-batches
-    tight = best_plan(job, Cluster(nodes=1, devices_per_node=4, device_memory_gb=0.012, nvme_gb=0), top=1).best
-    assert tight.layout.checkpointing or tight.layout.micro_batch < 4
+    # a device too small for the loose pick's activations: the UNet's checkpointing comes on
+    small = Cluster(nodes=1, devices_per_node=4, device_memory_gb=0.012, nvme_gb=0)
+    assert not estimate(job, plan.best.layout, small).fits and not plan.best.layout.checkpointing
+    tight = best_plan(job, small, top=1).best
+    assert tight.layout.checkpointing and tight.device_bytes <= 0.012 * 2**30
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"devices_per_node": 4, "device_memory_gb": 2}))
     out = tmp_path / "plan.yaml"
     assert main(["--recipe", "diffusion/tiny-shapes", "--cluster", str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
