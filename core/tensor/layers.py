@@ -113,6 +113,19 @@ class LayerNorm(TPLayer):
         return self.mode.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(TPLayer):
+    """RMSNorm over the model width of the residual stream (no centring, no bias), wherever its
+    features live."""
+
+    def __init__(self, width: int, mode: TPMode, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.mode, self.eps = mode, eps
+        self._register("weight", torch.ones(width), FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mode.rms_norm(x, self.weight, self.eps)
+
+
 class Dropout(nn.Module):
     """Dropout that draws its own random numbers on each rank where the activation is split
     (`split=True`, or every activation of a mode that splits them all) and the same numbers on

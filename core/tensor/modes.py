@@ -210,6 +210,10 @@ class TPMode(ABC):
     def layer_norm(self, x, weight, bias, eps: float) -> torch.Tensor: ...
 
     @abstractmethod
+    def rms_norm(self, x, weight, eps: float) -> torch.Tensor:
+        """RMSNorm of the residual stream (Llama's), wherever its features live."""
+
+    @abstractmethod
     def features(self, param: torch.Tensor) -> torch.Tensor:
         """A feature parameter (kind FEATURES) as the forward should use it."""
 
@@ -256,6 +260,20 @@ def split_layer_norm(x, weight, bias, eps: float, axis: AxisGroup, width: int):
     var = all_reduce(centred.square().sum(dim=-1, keepdim=True), axis) / width
     y = centred * torch.rsqrt(var + eps) * weight
     return y if bias is None else y + bias
+
+
+def rms_norm(x, weight, eps: float, axis: AxisGroup | None = None, width: int | None = None):
+    """RMSNorm (Zhang & Sennrich 2019) over the last dimension, in fp32 and back to the input's
+    dtype before the scale (as Llama computes it); with `axis`, the features are split across it and
+    the sum of squares is all-reduced (one number per token, all-reduced again in backward)."""
+    from core.distributed.comm import all_reduce
+
+    xf = x.float()
+    squares = xf.square().sum(dim=-1, keepdim=True)
+    if axis is not None and axis.size > 1:
+        squares = all_reduce(squares, axis)
+    y = xf * torch.rsqrt(squares / (width or x.shape[-1]) + eps)
+    return weight * y.to(x.dtype)
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from core.tensor.functional import copy_to, reduce_from
 from core.tensor.modes import (COLUMN, ParamKind, TPMode, VocabParallelCrossEntropy, grouped_index,
-                               masked_lookup, split_index)
+                               masked_lookup, rms_norm, split_index)
 
 
 class OneD(TPMode):
@@ -63,6 +63,9 @@ class OneD(TPMode):
 
     def layer_norm(self, x, weight, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def rms_norm(self, x, weight, eps):
+        return rms_norm(x, weight, eps)
 
     def features(self, param):
         return param

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from core.distributed.comm import all_gather, reduce_scatter
 from core.tensor.functional import copy_to
 from core.tensor.modes import (COLUMN, ParamKind, TPMode, VocabParallelCrossEntropy, grouped_index,
-                               masked_lookup, split_index, split_layer_norm, sub_index, token_split_loss)
+                               masked_lookup, rms_norm, split_index, split_layer_norm, sub_index, token_split_loss)
 
 
 class ThreeD(TPMode):
@@ -89,6 +89,9 @@ class ThreeD(TPMode):
     def layer_norm(self, x, weight, bias, eps):
         return split_layer_norm(x, self.features(weight), None if bias is None else self.features(bias),
                                 eps, self.B, x.shape[-1] * self.q)
+
+    def rms_norm(self, x, weight, eps):
+        return rms_norm(x, self.features(weight), eps, self.B, x.shape[-1] * self.q)
 
     def features(self, param):
         return copy_to(param, self.AC)

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from core.distributed.comm import all_gather, reduce_scatter
 from core.tensor.functional import copy_to
 from core.tensor.modes import (ParamKind, TPMode, VocabParallelCrossEntropy, grouped_index, masked_lookup,
-                               split_index, split_layer_norm, token_split_loss)
+                               rms_norm, split_index, split_layer_norm,
+                               token_split_loss)
 
 
 class TwoFiveD(TPMode):
@@ -90,6 +91,9 @@ class TwoFiveD(TPMode):
         width = x.shape[-1] * self.q
         return split_layer_norm(x, self.features(weight), None if bias is None else self.features(bias),
                                 eps, self.row, width)
+
+    def rms_norm(self, x, weight, eps):
+        return rms_norm(x, self.features(weight), eps, self.row, x.shape[-1] * self.q)
 
     def features(self, param):
         return copy_to(param, self.rep)
