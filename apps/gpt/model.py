@@ -23,6 +23,7 @@ from torch import nn
 from apps.gpt.config import GPTModelConfig
 from core.errors import LoomError
 from core.memory.recompute import Recompute
+from core.sampling import sample_tokens
 from core.sequence import SequenceParallel
 from core.tensor import (COLUMN, ROW, Dropout, Embedding, LayerNorm, Linear, OneD, PositionEmbedding, TPLayer,
                          TPMode, load_serial_state_dict, serial_state_dict)
@@ -190,22 +191,10 @@ class GPT(nn.Module):
         """Weights used by two layers, by their name in each: the token embedding and the classifier."""
         return [("wte.weight", "lm_head.weight")] if self.cfg.tie_weights else []
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `idx` (batch, time) by sampling; temperature 0 is greedy."""
-        for _ in range(max_new_tokens):
-            logits = self.last_logits(idx[:, -self.cfg.seq_len:])
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        return sample_tokens(self.last_logits, idx, self.cfg.seq_len, max_new_tokens, temperature, top_k, generator)
 
     def last_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """The whole (batch, vocab) logits of the last position on every rank. Modes that split

@@ -1,0 +1,29 @@
+"""Sampling tokens from a language model, one at a time: greedy, temperature and top-k."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def sample_tokens(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, context: int,
+                  max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue `idx` (batch, time) by `max_new_tokens`: `last_logits(window)` gives the (batch, vocab)
+    logits of each window's last position, the window being the last `context` tokens. Temperature
+    0 is greedy; `top_k` keeps the k most likely tokens (0: all)."""
+    for _ in range(max_new_tokens):
+        logits = last_logits(idx[:, -context:])
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
