@@ -9,6 +9,10 @@ from core.config import ConfigError, Recipe, opt, section
 
 @dataclass
 class GPTModelConfig:
+    hf: str = opt("", "a Hugging Face causal LM to train instead of Loom's GPT: a local folder with config.json "
+                      "(GPT-2, Llama or OPT; its weights too, else random ones), or one shipped beside the recipes "
+                      "(gpt/models/llama-tiny); the config then sets the architecture and the keys below up to "
+                      "seq_len are not read")
     n_layer: int = opt(4, "transformer blocks", min=1)
     n_head: int = opt(4, "attention heads per block (must divide d_model)", min=1)
     d_model: int = opt(128, "width of the residual stream", min=8)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from apps.gpt import hf
 from apps.gpt.config import GPTModelConfig, GPTRecipe
 from apps.gpt.data import Corpus, TokenWindows, prepare_corpus
 from apps.gpt.model import GPT, next_token_loss
@@ -45,6 +46,25 @@ def sample_text(model: GPT, corpus_tokenizer, prompt: str, tokens: int, temperat
     return corpus_tokenizer.decode(out[0].tolist())
 
 
+def model_factory(cfg: GPTRecipe, tokenizer_vocab: int):
+    """What `session.build` calls with the layout's parallel pieces: Loom's GPT, or the Hugging
+    Face model of `model.hf` spread by its plan."""
+    if not cfg.model.hf:
+        return lambda par: GPT(cfg.model, par.tensor, par.sequence, par.recompute)
+    from core.hf import HFCausalLM
+    from core.hf.weights import WeightSource
+
+    folder = hf.resolve_folder(cfg.model.hf)
+    config = hf.model_config(folder, cfg.model.seq_len, tokenizer_vocab)
+    source = WeightSource(folder) or None
+
+    def build(par):
+        if par.sequence is not None and par.sequence.size > 1:
+            par.sequence.check(cfg.model.seq_len, config.num_attention_heads // par.tensor.head_parts)
+        return HFCausalLM(config, par.tensor, par.sequence, par.recompute, source, cfg.model.gradient_checkpointing)
+    return build
+
+
 def train(cfg: GPTRecipe) -> dict:
     """Run the recipe on this process (and its peers under torchrun); returns the summary."""
     with session(cfg) as s:
@@ -52,17 +72,19 @@ def train(cfg: GPTRecipe) -> dict:
         corpus: Corpus = prepare_corpus(cfg.data, mesh.world, log)
         cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, corpus.tokenizer.vocab_size))
         torch.manual_seed(cfg.train.seed)
-        model = s.build(lambda par: GPT(cfg.model, par.tensor, par.sequence, par.recompute))
+        model = s.build(model_factory(cfg, corpus.tokenizer.vocab_size))
         train_set = TokenWindows(corpus.train_tokens, cfg.model.seq_len, "training split")
         eval_set = (TokenWindows(corpus.val_tokens, cfg.model.seq_len, "validation split")
                     if cfg.data.val_fraction > 0 else None)
-        log(f"GPT: {model.num_params() / 1e6:.2f} M parameters, {cfg.model.n_layer} layers x "
-            f"{cfg.model.d_model} wide, context {cfg.model.seq_len}; corpus "
-            f"{len(corpus.tokens) / 1e6:.2f} M tokens ({corpus.tokenizer.kind}, vocab "
-            f"{corpus.tokenizer.vocab_size}), {len(train_set)} training windows")
+        what = (hf.describe(model) if cfg.model.hf else f"GPT: {model.num_params() / 1e6:.2f} M parameters, "
+                f"{cfg.model.n_layer} layers x {cfg.model.d_model} wide")
+        log(f"{what}, context {cfg.model.seq_len}; corpus {len(corpus.tokens) / 1e6:.2f} M tokens "
+            f"({corpus.tokenizer.kind}, vocab {corpus.tokenizer.vocab_size}), {len(train_set)} training windows")
 
         def add_files(folder: Path) -> None:
             corpus.tokenizer.save(folder)
+            if cfg.model.hf and mesh.is_main:
+                hf.save_config(model, folder)
 
         def loss_fn(runner, batch):   # the model's own loss: vocabulary-parallel under tp
             return next_token_loss(runner, batch, model)
