@@ -122,6 +122,9 @@ class HFCausalLM(nn.Module):
         for name, child in hf.named_children():
             self.add_module(name, child)
         self._make_buffers(hf)
+        # what each module was in transformers (GPT-2's Conv1D stores its weight transposed), kept
+        # by name: a pipeline stage converts the other stages' weights without holding their layers
+        self._hf_types = {n: getattr(m, "hf_type", type(m).__name__) for n, m in self.named_modules()}
         self.tied = plan.tied is not None and all(n in dict(self.named_parameters(remove_duplicate=False))
                                                   for n in plan.tied) and \
             self.get_parameter(plan.tied[0]) is self.get_parameter(plan.tied[1])
@@ -161,8 +164,7 @@ class HFCausalLM(nn.Module):
 
     def _role(self, name: str):
         module_name, _, pname = name.rpartition(".")
-        module = self.get_submodule(module_name)
-        return self.plan.role_of(module_name), pname, getattr(module, "hf_type", type(module).__name__)
+        return self.plan.role_of(module_name), pname, self._hf_types.get(module_name, "")
 
     @torch.no_grad()
     def init_parameter(self, name: str, out: torch.Tensor) -> None:
