@@ -2,9 +2,10 @@
 
     python -m apps.gpt.generate --checkpoint runs/gpt-tiny --prompt "def " --max-new-tokens 200
 
-`--checkpoint` takes a checkpoint folder (`.../checkpoints/step_0000400`) or a run's output
-folder (its newest checkpoint is used). The checkpoint carries its recipe and tokenizer, so
-nothing else is needed.
+`--checkpoint` takes a checkpoint folder (`.../checkpoints/step_0000400`), a run's output
+folder (its newest checkpoint is used), or a Hugging Face model folder (GPT-2, Llama or OPT:
+config.json, weights and tokenizer.json, such as `apps.gpt.export` writes). A checkpoint carries
+its recipe and tokenizer, so nothing else is needed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from apps.gpt import hf
 from apps.gpt.config import GPTRecipe
 from apps.gpt.model import GPT
 from apps.gpt.tokenizer import load_tokenizer
@@ -25,8 +27,12 @@ from core.distributed.launch import pick_device
 from core.errors import LoomError
 
 
-def find_checkpoint(path: str) -> Path:
+def find_checkpoint(path: str, hf_folder: bool = False) -> Path:
+    """The checkpoint folder `path` names (a run folder: its newest); with `hf_folder`, a Hugging
+    Face model folder (config.json and weights) is taken too."""
     p = Path(path)
+    if hf_folder and (p / "config.json").is_file() and not (p / "meta.json").is_file():
+        return p
     if (p / "checkpoints").is_dir():
         found = latest_checkpoint(p / "checkpoints")
         if found is None:
@@ -34,20 +40,33 @@ def find_checkpoint(path: str) -> Path:
         return found
     if not (p / "meta.json").is_file():
         raise LoomError(f"--checkpoint {path}: not a Loom checkpoint folder nor a run folder "
-                        f"(expected meta.json or a checkpoints/ folder)")
+                        f"(expected meta.json or a checkpoints/ folder)"
+                        + (" nor a Hugging Face model folder (config.json)" if hf_folder else ""))
     return p
 
 
 def load_model(folder: Path, device: torch.device) -> tuple[GPT, GPTRecipe]:
+    """The model of a checkpoint (Loom's GPT, or the Hugging Face model of a `model.hf` run) and
+    its recipe, on one process."""
     cfg = load_recipe(GPTRecipe, folder / "config.yaml")
-    model = GPT(cfg.model)
+    model = hf.checkpoint_model(folder) if cfg.model.hf else GPT(cfg.model)
     CheckpointIO().load_model(model, folder)
     return model.to(device).eval(), cfg
 
 
+def load_any(folder: Path, device: torch.device):
+    """A checkpoint's model, or a Hugging Face model folder's (config.json and its weights)."""
+    if (folder / "meta.json").is_file():
+        return load_model(folder, device)[0]
+    from core.hf import HFCausalLM
+
+    return HFCausalLM.from_folder(folder).to(device).eval()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m apps.gpt.generate", description=__doc__.split("\n")[1])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run output folder")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder, run output folder, or Hugging Face "
+                                                        "model folder")
     ap.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
@@ -67,9 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = find_checkpoint(args.checkpoint)
+    folder = find_checkpoint(args.checkpoint, hf_folder=True)
     device = pick_device(args.device, 0)
-    model, _ = load_model(folder, device)
+    model = load_any(folder, device)
     tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -53,13 +53,13 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tok) -> None:
+    def __init__(self, tok, eot: str = EOT) -> None:
         self._tok = tok
         self.vocab_size = tok.get_vocab_size()
-        eot = tok.token_to_id(EOT)
-        if eot is None:
-            raise LoomError(f"the BPE tokenizer has no {EOT} token; it was not made by Loom")
-        self.eot_id = eot
+        eot_id = tok.token_to_id(eot)
+        if eot_id is None:
+            raise LoomError(f"the BPE tokenizer has no {eot} token; it was not made by Loom")
+        self.eot_id = eot_id
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> "BPETokenizer":
@@ -94,7 +94,14 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     config = folder / CONFIG
     if not config.is_file():
         raise LoomError(f"no tokenizer in {folder} ({CONFIG} is missing)")
-    kind = json.loads(config.read_text()).get("kind")
+    settings = json.loads(config.read_text())
+    kind = settings.get("kind")
+    if kind is None and (folder / "tokenizer.json").is_file():     # a Hugging Face model folder's tokenizer
+        from tokenizers import Tokenizer as HFTokenizer
+
+        eos = settings.get("eos_token") or EOT
+        eos = eos.get("content", EOT) if isinstance(eos, dict) else eos
+        return BPETokenizer(HFTokenizer.from_file(str(folder / "tokenizer.json")), eos)
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "bpe":

@@ -310,12 +310,18 @@ class HFCausalLM(nn.Module):
         config.architectures = [self.plan.classes[0]]
         return config
 
-    def save_hf(self, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write a folder `from_pretrained` loads (every tensor-parallel rank takes part; rank 0's
-        call writes it)."""
+    def hf_state(self, state: dict[str, torch.Tensor] | None = None):
+        """(name, tensor) pairs of the unsplit weights in transformers' layout, and the names to
+        leave out of a saved folder (a tied head, which transformers does not store)."""
         state = self.serial_state_dict() if state is None else state
         skip = [self.plan.tied[1]] if self.tied else []
-        return save_folder(out, self.hf_config(), ((n, self.hf_tensor(n, v)) for n, v in state.items()), skip)
+        return ((n, self.hf_tensor(n, v)) for n, v in state.items()), skip
+
+    def save_hf(self, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write a folder `from_pretrained` loads, atomically (every tensor-parallel rank gathers;
+        call it on one process)."""
+        pairs, skip = self.hf_state(state)
+        return save_folder(out, self.hf_config(), pairs, skip)
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

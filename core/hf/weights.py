@@ -77,21 +77,26 @@ class WeightSource:
         return self._open[path].get_tensor(name)
 
 
-def save_folder(out: str | Path, config, state: Iterable[tuple[str, torch.Tensor]], skip: Iterable[str] = ()) -> Path:
+def write_folder(folder: str | Path, config, state: Iterable[tuple[str, torch.Tensor]],
+                 skip: Iterable[str] = ()) -> None:
     """Write `config` (a transformers config) and the tensors of `state` (Hugging Face names and
-    layout; `skip`: names left out, such as a tied head) as a model folder at `out`, atomically: the
-    folder appears whole or not at all."""
+    layout; `skip`: names left out, such as a tied head) into `folder`, as save_pretrained would."""
     from safetensors.torch import save_file
 
+    skip = set(skip)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state if name not in skip}
+    save_file(tensors, str(Path(folder) / SAFETENSORS), metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+
+
+def save_folder(out: str | Path, config, state: Iterable[tuple[str, torch.Tensor]], skip: Iterable[str] = ()) -> Path:
+    """`write_folder` into `out`, atomically: the folder appears whole or not at all."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        skip = set(skip)
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in state if name not in skip}
-        save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
+        write_folder(tmp, config, state, skip)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
