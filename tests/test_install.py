@@ -84,10 +84,11 @@ def test_the_installed_code_finds_its_recipes_and_files(installed):
              "print(core.__file__); print(' '.join(known_recipes())); "
              "print(resolve_recipe('protein/demo')); print((k._HERE / 'cpu_adam.cpp').is_file(), "
              "Path(pc.DEMO_FASTA).is_file()); print(find_cluster('a100-1024')); "
-             "print(target_for('gpt/tiny').name, target_for('diffusion/tiny-shapes').name)")
+             "print(target_for('gpt/tiny').name, target_for('diffusion/tiny-shapes').name); "
+             "from apps.gpt.hf import resolve_folder; print(resolve_folder('gpt/models/llama-tiny') / 'config.json')")
     done = _run([str(venv / "bin" / "python"), "-c", probe], cwd=work)
     assert done.returncode == 0, done.stderr[-2000:]
-    where, names, demo, files, cluster, planned = done.stdout.splitlines()
+    where, names, demo, files, cluster, planned, llama = done.stdout.splitlines()
     assert where.startswith(str(venv)) and not where.startswith(str(ROOT))
     assert names.split() == shipped                 # every recipe of every app ships
     assert demo.startswith(str(venv / "share" / "loom-train" / "recipes"))
@@ -95,6 +96,8 @@ def test_the_installed_code_finds_its_recipes_and_files(installed):
     # the planner's cluster files ship, and the GPT and diffusion apps register their planning targets
     assert cluster.startswith(str(venv / "share" / "loom-train" / "recipes" / "clusters")), cluster
     assert planned == "gpt diffusion"
+    # the Llama recipe's model folder ships beside the recipes
+    assert llama.startswith(str(venv / "share" / "loom-train" / "recipes")) and Path(llama).is_file(), llama
 
 
 def test_the_protein_app_runs_its_default_recipe_from_the_install(installed):

@@ -35,7 +35,7 @@ def test_help_lists_every_key():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     for text in ("usage: python -m apps.gpt.pretrain", "train.steps (int [1..]", "model.n_layer",
-                 "parallel.dp", "output.dir", "Known recipes: gpt/gpt2-124m, gpt/gpt2-medium-3axis, gpt/gpt2-xl-nvme, gpt/gpt3-175b, gpt/large-batch-lamb, gpt/tiny", "torchrun"):
+                 "parallel.dp", "output.dir", "Known recipes: gpt/gpt2-124m, gpt/gpt2-medium-3axis, gpt/gpt2-xl-nvme, gpt/gpt3-175b, gpt/large-batch-lamb, gpt/llama-tiny-code, gpt/tiny", "torchrun"):
         assert text in r.stdout, text
 
 
