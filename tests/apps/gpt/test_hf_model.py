@@ -4,7 +4,7 @@ from gpt/tiny only in its model folder and output; a run exports to a folder tra
 weights from a folder train under ZeRO-3 with host offload and activation checkpointing on 2
 ranks, and under tp=2, as one process trains them (weights after 3 steps, 1e-5); a stopped run
 resumes exactly; bad folders and layouts are
-refused in one line."""
+refused in one line; the planner profiles such a model on the meta device."""
 
 import pytest
 import torch
@@ -166,3 +166,16 @@ def test_splits_the_model_cannot_take_are_refused_before_anything_is_made():
     ring = SequenceParallel(AxisGroup("sp", 2, 0, (0, 1)))
     with pytest.raises(LoomError, match="attention_dropout=0.1: under sequence parallelism the model's own dropout"):
         HFCausalLM(config, seq=ring)
+
+
+def test_the_planner_profiles_a_hugging_face_model_on_the_meta_device():
+    from apps.gpt.hf import resolve_folder
+    from apps.gpt.planning import axes, profile
+    from core.hf import HFCausalLM, load_config
+
+    cfg = load_recipe(GPTRecipe, resolve_recipe("gpt/llama-tiny-code"))
+    got = profile(cfg)
+    assert [layer.name for layer in got.layers] == ["embed", "block0", "block1", "block2", "block3", "head"]
+    assert got.params == HFCausalLM(load_config(resolve_folder(cfg.model.hf))).num_params()
+    assert (got.hidden, got.heads, got.vocab) == (128, 4, 4096)
+    assert axes(cfg) == ("dp", "pp", "tp", "sp")
