@@ -46,14 +46,16 @@ from core.trainer import Trainer, TrainTask
 class StepClock:
     """Time stamps taken as each step's forward starts; the loss function is the hook point in
     both loops, so the interval between two stamps is one whole step: data, forward, backward,
-    clipping, optimizer, schedule, logging, progress bar."""
+    clipping, optimizer, schedule, logging, progress bar. `loss_fn(model, batch)`: the loss it stamps
+    (next-token cross-entropy on the model's logits by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loss_fn=next_token_loss) -> None:
         self.stamps: list[float] = []
+        self.loss_fn = loss_fn
 
     def loss(self, model, batch):
         self.stamps.append(time.perf_counter())
-        return next_token_loss(model, batch)
+        return self.loss_fn(model, batch)
 
     def seconds_per_step(self, skip: int) -> float:
         s = self.stamps[skip:]
@@ -71,10 +73,11 @@ def loom_run(cfg: GPTRecipe, data: TokenWindows, steps: int, out: str) -> StepCl
     return clock
 
 
-def plain_run(cfg: GPTRecipe, data: TokenWindows, steps: int) -> StepClock:
+def plain_run(cfg: GPTRecipe, data: TokenWindows, steps: int, make_model=None, loss_fn=next_token_loss) -> StepClock:
+    """The hand-written loop: `make_model()` (Loom's GPT by default) trained with `loss_fn(model, batch)`."""
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    clock = StepClock()
+    model = make_model() if make_model is not None else GPT(cfg.model)
+    clock = StepClock(loss_fn)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     shape = LRShape(total=steps, warmup=cfg.train.warmup_steps, kind=cfg.train.lr_schedule,

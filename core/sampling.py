@@ -1,4 +1,5 @@
-"""Sampling tokens from a language model, one at a time: greedy, temperature and top-k."""
+"""Sampling tokens from a language model, one at a time: greedy, temperature and top-k; and the
+last position's logits of a model spread by a tensor-parallel mode, whole on every rank."""
 
 from __future__ import annotations
 
@@ -27,3 +28,18 @@ def sample_tokens(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torc
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
         idx = torch.cat([idx, nxt], dim=1)
     return idx
+
+
+@torch.no_grad()
+def last_position_logits(forward: Callable[[torch.Tensor], torch.Tensor], mode, idx: torch.Tensor) -> torch.Tensor:
+    """The whole (batch, vocab) logits of the last position of `idx` on every rank, from `forward`
+    (ids -> this rank's logits: its part of the vocabulary, and of the batch in the modes that split
+    it, which get the batch padded to a multiple of their parts)."""
+    from core.tensor import COLUMN
+
+    rows = idx.shape[0]
+    pad = -rows % mode.batch_parts
+    if pad:
+        idx = torch.cat([idx, idx[:1].expand(pad, -1)])
+    logits = mode.gather_activation(forward(idx)[:, -1:, :].float(), COLUMN)
+    return logits[:rows, -1, :]

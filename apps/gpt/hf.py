@@ -45,11 +45,16 @@ def model_config(folder: Path, seq_len: int, tokenizer_vocab: int):
 
 
 def describe(model) -> str:
+    """One line on the model for the run's log (and a note where transformers is not the version the
+    plans were checked with)."""
     from core.hf.causal_lm import architecture
+    from core.hf.families import version_note
 
     c = model.config
+    note = version_note()
     return (f"{architecture(c)}: {model.num_params() / 1e6:.2f} M parameters, {c.num_hidden_layers} layers x "
-            f"{c.hidden_size} wide, {'weights from ' + str(model.source.folder) if model.source else 'random weights'}")
+            f"{c.hidden_size} wide, {'weights from ' + str(model.source.folder) if model.source else 'random weights'}"
+            + (f" ({note})" if note else ""))
 
 
 def save_config(model, folder: Path) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from apps.gpt.config import GPTModelConfig
 from core.errors import LoomError
 from core.memory.recompute import Recompute
-from core.sampling import sample_tokens
+from core.sampling import last_position_logits, sample_tokens
 from core.sequence import SequenceParallel
 from core.tensor import (COLUMN, ROW, Dropout, Embedding, LayerNorm, Linear, OneD, PositionEmbedding, TPLayer,
                          TPMode, load_serial_state_dict, serial_state_dict)
@@ -202,12 +202,7 @@ class GPT(nn.Module):
         if self.seq is not None:
             raise LoomError("a sequence-parallel model does not sample; load its checkpoint in one process "
                             "(python -m apps.gpt.generate --checkpoint ...)")
-        rows = idx.shape[0]
-        pad = -rows % self.mode.batch_parts
-        if pad:
-            idx = torch.cat([idx, idx[:1].expand(pad, -1)])
-        logits = self.mode.gather_activation(self(idx)[:, -1:, :].float(), COLUMN)
-        return logits[:rows, -1, :]
+        return last_position_logits(self, self.mode, idx)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of (this rank's part of) the logits against the target tokens (the

@@ -35,7 +35,7 @@ from core.hf.families import plan_for
 from core.hf.plan import ParallelPlan, apply_plan
 from core.hf.weights import WeightSource, save_folder
 from core.memory.recompute import Recompute
-from core.sampling import sample_tokens
+from core.sampling import last_position_logits, sample_tokens
 from core.sequence import SequenceParallel
 from core.tensor import OneD, TPMode, load_serial_state_dict, serial_state_dict
 from core.tensor.layers import TPLayer
@@ -255,14 +255,7 @@ class HFCausalLM(nn.Module):
         """The whole (batch, vocab) logits of the last position on every rank."""
         if self.seq is not None:
             raise LoomError("a sequence-parallel model does not sample; load its checkpoint in one process")
-        rows = idx.shape[0]
-        pad = -rows % self.mode.batch_parts
-        if pad:
-            idx = torch.cat([idx, idx[:1].expand(pad, -1)])
-        from core.tensor import COLUMN
-
-        logits = self.mode.gather_activation(self(idx)[:, -1:, :].float(), COLUMN)
-        return logits[:rows, -1, :]
+        return last_position_logits(self, self.mode, idx)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:

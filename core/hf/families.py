@@ -170,6 +170,18 @@ OPT = ParallelPlan(
 PLANS = {plan.classes[0]: plan for plan in (GPT2, LLAMA, OPT)}
 
 
+def version_note() -> str:
+    """Nothing where the installed transformers is the one the plans were checked with, else a sentence
+    saying which is installed (the plans refuse a model whose modules moved; one that computes
+    differently under the same names would not be caught)."""
+    import transformers
+
+    installed = ".".join(transformers.__version__.split(".")[:2])
+    if installed == CHECKED_WITH.split()[-1]:
+        return ""
+    return f"the plans were checked with {CHECKED_WITH}; transformers {transformers.__version__} is installed"
+
+
 def plan_for(architecture: str) -> ParallelPlan:
     """The plan of a model class (a config's `architectures[0]`), or one refusal naming those there are."""
     plan = PLANS.get(architecture)

@@ -2,9 +2,9 @@
 from gpt/tiny only in its model folder and output; a run exports to a folder transformers loads
 (logits equal to Loom's) and generates from it; a run starts from a GPT-2 folder's weights; Llama
 weights from a folder train under ZeRO-3 with host offload and activation checkpointing on 2
-ranks, and under tp=2, as one process trains them (weights after 3 steps, 1e-5); a stopped run
-resumes exactly; bad folders and layouts are
-refused in one line; the planner profiles such a model on the meta device."""
+ranks, under tp=2, and with NVMe offload under an evicting budget, as one process trains them (weights after 3 steps, 1e-5); a stopped run
+resumes exactly; bad folders and layouts are refused in one line; the planner profiles such a
+model on the meta device."""
 
 import pytest
 import torch
@@ -89,9 +89,12 @@ def test_weights_train_alike_under_zero3_offload_checkpointing_and_tensor_parall
     ranks(2, tmp_path, *common, "parallel.dp=2", "train.micro_batch=2", "parallel.zero=3", "parallel.offload=cpu",
           "model.gradient_checkpointing=true", f"output.dir={tmp_path / 'zero3'}")
     ranks(2, tmp_path, *common, "parallel.tp=2", f"output.dir={tmp_path / 'tp'}")
+    # NVMe offload under a budget of 2/3 of the weights: chunks leave and come back every step
+    ranks(1, tmp_path, *common, "parallel.offload=nvme", "memory.chunk_mb=0.02", "memory.device_gb=0.0001",
+          f"output.dir={tmp_path / 'nvme'}")
     one = _weights(tmp_path / "one", 3)
-    _close(_weights(tmp_path / "zero3", 3), one)
-    _close(_weights(tmp_path / "tp", 3), one)
+    for layout in ("zero3", "tp", "nvme"):
+        _close(_weights(tmp_path / layout, 3), one)
 
 
 def test_a_run_starts_from_the_folders_weights(tmp_path, text_folder):

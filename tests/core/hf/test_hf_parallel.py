@@ -1,8 +1,8 @@
 """Each Hugging Face plan (GPT-2, Llama with grouped-query attention, OPT) against the unmodified
 transformers model, trained in a plain loop on the same tokens from the same folder: tp=2 (1D),
-tp=4 (1D and 2D), sp=2 (ring and all-to-all) and pp=2 (1F1B, two micro-batches): the logits and
-loss of the first step, every gradient (in transformers' layout, GPT-2's Conv1D transposed back)
-and the weights after 3 steps, fp32, 1e-5.
+tp=4 (1D and 2D), tp=8 (2.5D and 3D), sp=2 (ring and all-to-all) and pp=2 (1F1B, two
+micro-batches): the logits and loss of the first step, every gradient (in transformers' layout,
+GPT-2's Conv1D transposed back) and the weights after 3 steps, fp32, 1e-5.
 
 The optimizer is SGD with momentum and weight decay: Adam divides each element by its own
 gradient's scale, so an element whose gradient is rounding noise around zero (the attention's key
@@ -127,9 +127,9 @@ def _train(model: HFCausalLM, gather_logits, after_backward=lambda m: None) -> d
 
 def _tensor_parallel(folders: dict, layouts: list) -> dict:
     out = {}
-    for name, tp in layouts:
+    for name, tp, *depth in layouts:
         mesh = ParallelMesh.build(Layout(tp=tp))
-        mode = make_mode(name, mesh)
+        mode = make_mode(name, mesh, *depth)
         for family, folder in folders.items():
             model = HFCausalLM.from_folder(folder, mode)
             out[(name, tp, family)] = _train(model, lambda x: mode.gather_activation(x, COLUMN))
@@ -216,6 +216,17 @@ def test_tensor_parallel_plans_match_transformers(folders):
             _check(got, refs[family], f"{family} {mode} tp={tp}")
             checked += 1
     assert checked == 2 * 3 + 4 * 3 * 2
+
+
+def test_the_plans_split_in_the_cubic_modes_too(folders):
+    """2.5D (2 x 2 x 2) and 3D (2 x 2 x 2) on 8 ranks: the plans name what layers are, and each mode
+    decides how it splits them (its RMSNorm and LayerNorm all-reduce over the split features)."""
+    refs = {f: _reference(d) for f, d in folders.items()}
+    results = run_distributed(_tensor_parallel, world_size=8, args=(folders, [("2.5d", 8, 2), ("3d", 8)]))
+    for per_rank in results:
+        assert len(per_rank) == 6
+        for (mode, tp, family), got in per_rank.items():
+            _check(got, refs[family], f"{family} {mode} tp={tp}")
 
 
 def test_sequence_parallel_plans_match_transformers(folders):
