@@ -103,7 +103,11 @@ def test_recipes_named_in_the_readme_exist(tmp_path):
     for name in names:
         load_recipe(GPTRecipe if name.startswith("gpt/") else DiffusionRecipe, name)
     # the `extends` example is a working recipe
-    example = next(b for b in BLOCKS if b.startswith("extends:"))
+    example = next(b for b in BLOCKS if b.startswith("extends:") and "n_layer: 6" in b)
     (tmp_path / "mine.yaml").write_text(example)
     cfg = load_recipe(GPTRecipe, tmp_path / "mine.yaml")
     assert cfg.model.n_layer == 6 and cfg.train.steps == 2000
+    # and the worked example of a new domain is the shipped Llama recipe, key for key
+    llama = next(b for b in BLOCKS if b.startswith("extends:") and "gpt/models/llama-tiny" in b)
+    (tmp_path / "llama.yaml").write_text(llama)
+    assert load_recipe(GPTRecipe, tmp_path / "llama.yaml") == load_recipe(GPTRecipe, "gpt/llama-tiny-code")

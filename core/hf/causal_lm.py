@@ -96,6 +96,11 @@ def check_split(config, plan: ParallelPlan, mode: TPMode, seq: SequenceParallel 
 
 
 class HFCausalLM(nn.Module):
+    """A transformers causal LM made from `config`, spread over `mode`'s tensor-parallel ranks and
+    `seq`'s sequence split by its family's plan; `source`: the weights it starts from (else drawn);
+    `recompute`: the session's activation checkpointing, used per block when
+    `gradient_checkpointing`."""
+
     def __init__(self, config, mode: TPMode | None = None, seq: SequenceParallel | None = None,
                  recompute: Recompute | None = None, source: WeightSource | None = None,
                  gradient_checkpointing: bool = False) -> None:
@@ -125,9 +130,9 @@ class HFCausalLM(nn.Module):
         # what each module was in transformers (GPT-2's Conv1D stores its weight transposed), kept
         # by name: a pipeline stage converts the other stages' weights without holding their layers
         self._hf_types = {n: getattr(m, "hf_type", type(m).__name__) for n, m in self.named_modules()}
-        self.tied = plan.tied is not None and all(n in dict(self.named_parameters(remove_duplicate=False))
-                                                  for n in plan.tied) and \
-            self.get_parameter(plan.tied[0]) is self.get_parameter(plan.tied[1])
+        params = dict(self.named_parameters(remove_duplicate=False))
+        self.tied = (plan.tied is not None and plan.tied[0] in params
+                     and params[plan.tied[0]] is params.get(plan.tied[1]))
         if not building_on_meta:
             self._make_parameters()
 

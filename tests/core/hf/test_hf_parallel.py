@@ -1,8 +1,9 @@
 """Each Hugging Face plan (GPT-2, Llama with grouped-query attention, OPT) against the unmodified
 transformers model, trained in a plain loop on the same tokens from the same folder: tp=2 (1D),
 tp=4 (1D and 2D), tp=8 (2.5D and 3D), sp=2 (ring and all-to-all) and pp=2 (1F1B, two
-micro-batches): the logits and loss of the first step, every gradient (in transformers' layout,
-GPT-2's Conv1D transposed back) and the weights after 3 steps, fp32, 1e-5.
+micro-batches; there, the losses, each stage's gradients and the weights): the logits and loss of
+the first step, every gradient (in transformers' layout, GPT-2's Conv1D transposed back) and the
+weights after 3 steps, fp32, 1e-5.
 
 The optimizer is SGD with momentum and weight decay: Adam divides each element by its own
 gradient's scale, so an element whose gradient is rounding noise around zero (the attention's key
@@ -167,16 +168,18 @@ def _pipelined(folders: dict) -> dict:
         model = HFCausalLM.from_folder(folder)
         plugin = PipelinePlugin(mesh, "fp32", "1f1b", 2, 1, "layers")
         wrapped, opt = plugin.configure(model, _optimizer(model.parameters()))
-        losses = []
+        losses, grads = [], {}
         for step in range(STEPS):
             loss = plugin.execute_pipeline(list(_batch(step).chunk(2)), wrapped, lambda b: b[:, :-1],
                                            lambda logits, b: model.loss(logits, b[:, 1:]), opt)
             losses.append(float(loss))
+            if step == 0:     # this stage's gradients (a tied weight's: summed with the other end's)
+                grads = {n: model.hf_tensor(n, p.grad.clone()) for n, p in model.named_parameters()}
             opt.step()
             opt.zero_grad()
         # every stage's weights, gathered onto each rank as the checkpoint gathers them
         weights = {n: model.hf_tensor(n, t) for n, t in plugin.checkpoint_io().sharding.gather(model).items()}
-        out[family] = {"losses": losses, "weights": weights,
+        out[family] = {"losses": losses, "weights": weights, "grads": grads,
                        "stage": sorted({n.split(".")[0] for n, _ in model.named_parameters()})}
         plugin.close()
     return out
@@ -247,3 +250,8 @@ def test_pipelined_plans_match_transformers(folders):
             for g, r in zip(got["losses"], ref["losses"]):
                 assert abs(g - r) <= 1e-5 * r, (family, got["losses"], ref["losses"])
         _close(first["weights"], ref["weights"], family)
+        # each stage's gradients, which together are the model's
+        assert (first["grads"].keys() | last["grads"].keys()) >= ref["grads"].keys(), family
+        for got in (first, last):
+            mine = {n: g for n, g in ref["grads"].items() if n in got["grads"]}
+            _close(got["grads"], mine, family)
