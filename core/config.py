@@ -424,15 +424,16 @@ def _merge(schema: type[T], layers: list[tuple[dict, str]]) -> T:
 
 
 def load_recipe(schema: type[T], recipe: str | os.PathLike | None = None,
-                overrides: Sequence[str] = ()) -> T:
-    """Defaults of `schema`, then the recipe file, then the overrides; validated."""
+                overrides: Sequence[str] = (), source: str = "on the command line") -> T:
+    """Defaults of `schema`, then the recipe file, then the overrides (`source`: where they came
+    from, for the errors); validated."""
     layers: list[tuple[dict, str]] = []
     if recipe is not None:
         path = resolve_recipe(recipe)
         data, _ = read_recipe_chain(path)
         layers.append((data, f"in {path}"))
     if overrides:
-        layers.append((parse_overrides(overrides), "on the command line"))
+        layers.append((parse_overrides(overrides), source))
     cfg = _merge(schema, layers)
     validate(cfg)
     return cfg

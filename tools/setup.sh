@@ -40,7 +40,7 @@ if [ -n "$TORCH" ]; then
 else
     echo "==> keeping the torch already in $VENV ($("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo 'none found'))"
 fi
-step "install loom-train (editable) with its test extras" "$PY" -m pip install -q -e ".[test]"
+step "install loom-train (editable) with its test and lightning extras" "$PY" -m pip install -q -e ".[test,lightning]"
 # OpenFold (PyPI 0.0.1 = v1.0.1) needs torch at build time and a `scripts.utils` module its sdist
 # lacks: the shim folder goes on PYTHONPATH as an absolute path, since pip runs OpenFold's
 # setup.py from a temporary folder of its own.

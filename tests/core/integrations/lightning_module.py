@@ -1,0 +1,41 @@
+"""A LightningModule for the strategy tests (importable, so spawned and forked ranks find it): a small
+MLP classifier on generated data, which records each micro-batch's loss and writes them from rank 0
+at the end of training."""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, losses_to: str = "", lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        g = torch.Generator().manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 32),
+                                       torch.nn.GELU(), torch.nn.Linear(32, 4))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x).float(), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
+
+    def on_train_end(self) -> None:
+        if self.hparams.losses_to:
+            Path(f"{self.hparams.losses_to}.rank{self.global_rank}").write_text(" ".join(map(repr, self.losses)))
+
+
+def loader(samples: int = 64, batch: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(samples, 16, generator=g), torch.randint(0, 4, (samples,), generator=g))
+    return DataLoader(data, batch_size=batch)
