@@ -146,8 +146,16 @@ class LoomStrategy(DDPStrategy):
         """Nothing here: `setup` makes the optimizer and hands it to the plugin."""
 
     def setup(self, trainer) -> None:
+        from pytorch_lightning.trainer.states import TrainerFn
+
         self.accelerator.setup(trainer)
         module = self.lightning_module
+        if trainer.state.fn != TrainerFn.FITTING:      # validate / test / predict: the module as it is
+            self.model = module.to(self.root_device)
+            return
+        if self._layer_sync is not None:
+            raise LoomError("Trainer(sync_batchnorm=True) is not supported by strategy=loom; leave it off, or use "
+                            "Lightning's ddp strategy")
         cfg = self._recipe(trainer)
         layout = resolve_layout(cfg.parallel.dp, 1, 1, 1, self.world_size)
         check_combination(cfg, layout)

@@ -139,6 +139,7 @@ def test_what_loom_cannot_do_is_refused_at_setup(tmp_path):
     cases = [
         (Manual(), {}, "Manual sets automatic_optimization=False: strategy=loom steps the optimizer itself"),
         (Classifier(), {"gradient_clip_algorithm": "value"}, "gradient_clip_algorithm='value': strategy=loom clips"),
+        (Classifier(), {"sync_batchnorm": True}, "Trainer\\(sync_batchnorm=True\\) is not supported"),
     ]
     for module, trainer, says in cases:
         t = pl.Trainer(accelerator="cpu", devices=1, strategy="loom", max_steps=1, logger=False,
@@ -154,6 +155,27 @@ def test_what_loom_cannot_do_is_refused_at_setup(tmp_path):
         LoomStrategy(zero=4)
     with pytest.raises(LoomError, match="LoomStrategy\\(precision='bf16'\\) and Trainer\\(precision='32-true'\\)"):
         fit(tmp_path, LoomStrategy(precision="bf16"), "clash")
+
+
+def test_validation_runs_the_module_as_it_is(tmp_path):
+    module = Classifier()
+    before = [p.detach().clone() for p in module.parameters()]
+    t = pl.Trainer(accelerator="cpu", devices=1, strategy="loom", logger=False, enable_progress_bar=False,
+                   default_root_dir=tmp_path)
+
+    class Scored(Classifier):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    scored = Scored()
+    scored.load_state_dict(module.state_dict())
+    (result,) = t.validate(scored, loader())
+    x, y = loader().dataset.tensors
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(module.net(x), y).item()
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(scored.parameters(), before))
 
 
 def test_nothing_else_in_loom_imports_lightning():
