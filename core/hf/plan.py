@@ -107,11 +107,7 @@ class VocabEmbedding(Role):
     """The token embedding: its rows (the vocabulary) split."""
 
     def make(self, module, mode, seq):
-        new = Embedding(module.num_embeddings, module.embedding_dim, mode)
-        new.hf_type = type(module).__name__
-        if not module.weight.is_meta:
-            new.load_serial(weight=module.weight.detach())
-        return new
+        return _table(Embedding, module, mode)
 
 
 @dataclass(frozen=True)
@@ -120,11 +116,16 @@ class PositionTable(Role):
     like the residual stream. The model's plan passes position ids (with any offset the table has)."""
 
     def make(self, module, mode, seq):
-        new = PositionEmbedding(module.num_embeddings, module.embedding_dim, mode)
-        new.hf_type = type(module).__name__
-        if not module.weight.is_meta:
-            new.load_serial(weight=module.weight.detach())
-        return new
+        return _table(PositionEmbedding, module, mode)
+
+
+def _table(layer, module: nn.Module, mode: TPMode) -> nn.Module:
+    """An nn.Embedding as `layer` (core.tensor's vocabulary or position table), its values moved over."""
+    new = layer(module.num_embeddings, module.embedding_dim, mode)
+    new.hf_type = type(module).__name__
+    if not module.weight.is_meta:
+        new.load_serial(weight=module.weight.detach())
+    return new
 
 
 @dataclass(frozen=True)

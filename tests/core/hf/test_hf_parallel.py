@@ -255,3 +255,26 @@ def test_pipelined_plans_match_transformers(folders):
         for got in (first, last):
             mine = {n: g for n, g in ref["grads"].items() if n in got["grads"]}
             _close(got["grads"], mine, family)
+
+
+def test_a_model_with_weights_is_converted_as_it_is_spread(folders):
+    """`apply_plan` on a transformers model that holds weights (not made on meta): each swapped
+    layer takes the module's values (GPT-2's Conv1D transposed), and the plan's layer sequence gives
+    the unmodified model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from core.hf import apply_plan, plan_for
+    from core.tensor import OneD
+
+    for family, folder in folders.items():
+        ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+        spread = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+        plan = plan_for(type(spread).__name__)
+        apply_plan(spread, plan, OneD.serial())
+        ids = _batch(0)[:, :-1]
+        positions = torch.arange(ids.shape[1])
+        with torch.no_grad():
+            x = plan.embed(spread, ids, positions)
+            for layer in spread.get_submodule(plan.blocks):
+                x = plan.block(spread, layer, x, positions)
+            assert torch.allclose(plan.head(spread, x), ref(ids).logits, atol=1e-5, rtol=0), family
