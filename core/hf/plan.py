@@ -221,11 +221,13 @@ class ParallelPlan:
         return None
 
 
-def apply_plan(model: nn.Module, plan: ParallelPlan, mode: TPMode, seq: SequenceParallel | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: ParallelPlan, mode: TPMode, seq: SequenceParallel | None = None,
+               only: tuple[type, ...] | None = None) -> nn.Module:
     """Swap `model`'s modules for `core.tensor`'s as `plan` says (in place; returns `model`). Works on
     a model made on the meta device (nothing to convert) and on one with weights (converted and
     split as they move). Every pattern of the plan must match a module: a model whose structure
-    moved on (another transformers version) is refused rather than half spread."""
+    moved on (another transformers version) is refused rather than half spread. `only`: the role
+    types to apply (the others' modules stay as they are: what 1D leaves replicated)."""
     matched = {pattern: 0 for pattern in plan.layers}
     tied = None
     if plan.tied is not None:
@@ -241,7 +243,7 @@ def apply_plan(model: nn.Module, plan: ParallelPlan, mode: TPMode, seq: Sequence
                 matched[pattern] += 1
                 role = r
                 break
-        if role is None:
+        if role is None or (only is not None and not isinstance(role, only)):
             continue
         new = role.make(module, mode, seq)
         if new is not module:

@@ -23,9 +23,13 @@ scaler, and Lightning's own state (loops, callbacks, schedulers: `lightning.pt`)
 puts the weights into a plain LightningModule, and `to_lightning_checkpoint` writes the single file
 `LightningModule.load_from_checkpoint` reads.
 
+`LoomStrategy(tp=2)` splits the transformers causal LMs inside the module (Llama, OPT) with 1D
+tensor parallelism by their `core.hf` plans, under their own forward (`core.hf.inplace`): the
+data then splits over the data-parallel ranks only.
+
 What Lightning allows and Loom does not do is refused at setup: manual optimization, several
-optimizers, clipping by value, and parallel axes other than data parallelism (tensor, pipeline
-and sequence parallelism need a model written for them: `core.hf` plans, Loom's GPT).
+optimizers, clipping by value, sync_batchnorm, and pipeline or sequence parallelism (they need a
+model written for them: Loom's GPT, or apps.gpt's `model.hf`).
 """
 
 from __future__ import annotations
@@ -106,14 +110,18 @@ class LoomStrategy(DDPStrategy):
         super().__init__(start_method=start_method)
         self.settings = settings(recipe, parallel, memory, **keys)
         p = self.settings.parallel
-        split = [f"parallel.{a}={getattr(p, a)}" for a in ("tp", "pp", "sp") if getattr(p, a) > 1]
+        split = [f"parallel.{a}={getattr(p, a)}" for a in ("pp", "sp") if getattr(p, a) > 1]
         if split or p.auto:
             what = ", ".join(split) or "parallel.auto=true"
-            raise LoomError(f"{what}: the Lightning strategy spreads a LightningModule with data parallelism, ZeRO "
-                            f"and offload; tensor, pipeline and sequence parallelism need a model written for them "
-                            f"(Loom's GPT, or a Hugging Face model through core.hf's plans in apps.gpt)")
+            raise LoomError(f"{what}: the Lightning strategy spreads a LightningModule with data parallelism, ZeRO, "
+                            f"offload and 1D tensor parallelism of the transformers models inside it; pipeline and "
+                            f"sequence parallelism need a model written for them (Loom's GPT, or apps.gpt's model.hf)")
+        if p.tp > 1 and p.tp_mode != "1d":
+            raise LoomError(f"parallel.tp_mode={p.tp_mode}: the Lightning strategy splits the transformers models "
+                            f"inside a LightningModule with 1D tensor parallelism only; set parallel.tp_mode=1d")
         self._plugin = None
         self._optimizer = None                 # Loom's optimizer wrapper (the plugin's)
+        self._mesh = None
 
     # ------------------------------------------------------------------ what Lightning asks of it
 
@@ -157,9 +165,17 @@ class LoomStrategy(DDPStrategy):
             raise LoomError("Trainer(sync_batchnorm=True) is not supported by strategy=loom; leave it off, or use "
                             "Lightning's ddp strategy")
         cfg = self._recipe(trainer)
-        layout = resolve_layout(cfg.parallel.dp, 1, 1, 1, self.world_size)
+        layout = resolve_layout(cfg.parallel.dp, 1, cfg.parallel.tp, 1, self.world_size)
         check_combination(cfg, layout)
-        mesh = ParallelMesh.build(layout, self.root_device)
+        mesh = self._mesh = ParallelMesh.build(layout, self.root_device)
+        if layout.tp > 1:              # the transformers models inside the module, split by their plans
+            from core.hf.inplace import spread_inplace
+            from core.tensor import make_mode
+
+            spread = spread_inplace(module, make_mode("1d", mesh))
+            if self.global_rank == 0:
+                print(f"strategy=loom: tensor parallelism (1d over {layout.tp} ranks) in {', '.join(spread)}",
+                      file=sys.stderr)
         optimizers, self.lr_scheduler_configs = _init_optimizers_and_lr_schedulers(module)
         if len(optimizers) != 1:
             raise LoomError(f"{type(module).__name__}.configure_optimizers returns {len(optimizers)} optimizers; "
@@ -186,6 +202,14 @@ class LoomStrategy(DDPStrategy):
         return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision=wanted),
                                    memory=dataclasses.replace(cfg.memory, nvme_dir=nvme),
                                    output=dataclasses.replace(cfg.output, dir=str(trainer.default_root_dir)))
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        """The ranks of a tensor-parallel group see the same samples: the data splits over dp only."""
+        if self._mesh is None:
+            return super().distributed_sampler_kwargs
+        dp = self._mesh.axis("dp")
+        return {"num_replicas": dp.size, "rank": dp.rank}
 
     def model_to_device(self) -> None:
         """Nothing: the plugin places the weights (on the device, the host or disk)."""
@@ -282,7 +306,7 @@ class LoomStrategy(DDPStrategy):
                     print(report, file=sys.stderr)           # what the chunked engine moved
                 self._plugin.unchunk(self.lightning_module)  # ordinary parameters again, from the master weights
             self._plugin.close()
-            self._plugin = self._optimizer = None
+            self._plugin = self._optimizer = self._mesh = None
         self.model = self.lightning_module
         super().teardown()
 

@@ -10,6 +10,9 @@ tensor for different parts of the work, each holds only its share. Hence (Shoeyb
                                                                that use it on different tokens)
     reduce_from  forward: all-reduce   backward: identity     (partial results summed into a
                                                                replicated tensor used alike by all)
+    gather_from  forward: all-gather   backward: this rank's  (a split output made whole for work
+                 of the last dim        part of the gradient   every rank does alike: logits for a
+                                                               loss the model's own code computes)
 
 `core.distributed.all_reduce` differs from `reduce_from`: its backward all-reduces too, which is
 right when the ranks go on to use the sum for different work (split LayerNorm statistics).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from core.distributed.comm import AxisGroup, all_reduce_
+from core.distributed.comm import AxisGroup, _all_gather, all_reduce_
 
 
 class _CopyTo(torch.autograd.Function):
@@ -49,3 +52,18 @@ def copy_to(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
 
 def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
     return x if axis.size == 1 else _ReduceFrom.apply(x, axis)
+
+
+class _GatherFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, axis):
+        ctx.axis = axis
+        return _all_gather(x.contiguous(), axis, x.dim() - 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(ctx.axis.size, dim=-1)[ctx.axis.rank].contiguous(), None
+
+
+def gather_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
+    return x if axis.size == 1 else _GatherFrom.apply(x, axis)

@@ -278,3 +278,21 @@ def test_a_model_with_weights_is_converted_as_it_is_spread(folders):
             for layer in spread.get_submodule(plan.blocks):
                 x = plan.block(spread, layer, x, positions)
             assert torch.allclose(plan.head(spread, x), ref(ids).logits, atol=1e-5, rtol=0), family
+
+
+def test_spreading_in_place_refuses_what_it_cannot_split():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from core.distributed.comm import AxisGroup
+    from core.errors import LoomError
+    from core.hf.inplace import spread_inplace
+    from core.tensor import OneD
+
+    two = OneD(AxisGroup("tp", 2, 0, (0, 1)))
+    holder = torch.nn.Module()
+    holder.mlp = torch.nn.Linear(4, 4)
+    with pytest.raises(LoomError, match="parallel.tp=2: Module holds no transformers model Loom has a plan for"):
+        spread_inplace(holder, two)
+    holder.lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
+    with pytest.raises(LoomError, match="lm is a GPT2LMHeadModel: its Conv1D weights are kept transposed"):
+        spread_inplace(holder, two)

@@ -102,6 +102,40 @@ def test_two_processes_train_as_lightnings_ddp(tmp_path):
         assert all(torch.equal(got[0][1][k], got[1][1][k]) for k in got[0][1])     # and the same weights
 
 
+def _lm(tmp_path, family: str, name: str, tp: int) -> tuple[list[float], dict]:
+    """Train the transformers model of `family` inside a LightningModule for 3 steps: Lightning's ddp
+    on one process (tp=1), or strategy=loom with tp ranks; the losses and the unsplit weights."""
+    from core.tensor import serial_state_dict
+    from tests.core.integrations.lightning_module import CausalLM, token_loader
+
+    module = CausalLM(family, losses_to=str(tmp_path / name))
+    t = pl.Trainer(accelerator="cpu", devices=tp, strategy="ddp" if tp == 1 else LoomStrategy(tp=tp), max_steps=3,
+                   accumulate_grad_batches=2, gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   default_root_dir=tmp_path / name)
+    t.fit(module, token_loader())
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    losses = [float(x) for x in (tmp_path / f"{name}.rank{rank}").read_text().split()]
+    held = tuple(module.model.lm_head.weight.shape)          # this rank's part of the head
+    return losses, {k: v.detach().clone() for k, v in serial_state_dict(module.model).items()}, held
+
+
+def test_tensor_parallelism_splits_the_transformers_model_inside_a_module(tmp_path):
+    """tp=2 on 2 ranks (one data-parallel rank: both see the same batches) trains the model under its
+    own forward and loss as one process under Lightning's ddp trains it."""
+    from core.distributed.testing import run_distributed
+
+    for family in ("llama", "opt"):
+        ref_losses, ref, _ = _lm(tmp_path, family, f"{family}-ref", 1)
+        torch.distributed.destroy_process_group()
+        for losses, weights, held in run_distributed(_lm, world_size=2, args=(tmp_path, family, f"{family}-tp", 2)):
+            assert held == (32, 32)                                 # half the vocabulary's rows on each rank
+            assert len(losses) == 6 and losses == pytest.approx(ref_losses, rel=1e-5), family
+            assert weights.keys() == ref.keys()
+            for k, w in ref.items():
+                assert torch.linalg.norm(weights[k] - w) <= 1e-5 * torch.linalg.norm(w) + 1e-7, (family, k)
+
+
 def test_save_and_resume_continue_exactly_and_load_into_a_plain_module(tmp_path):
     # 24 samples = 3 steps of 2 x 4: the checkpoint falls between epochs, where Lightning resumes exactly
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -147,8 +181,10 @@ def test_what_loom_cannot_do_is_refused_at_setup(tmp_path):
                        **({"gradient_clip_val": 0.5} | trainer))
         with pytest.raises(LoomError, match=says):
             t.fit(module, loader())
-    with pytest.raises(LoomError, match="parallel.tp=2: the Lightning strategy spreads a LightningModule with data"):
-        LoomStrategy(tp=2)
+    with pytest.raises(LoomError, match="parallel.pp=2: the Lightning strategy spreads a LightningModule with data"):
+        LoomStrategy(pp=2)
+    with pytest.raises(LoomError, match="parallel.tp_mode=2d: the Lightning strategy splits the transformers models"):
+        LoomStrategy(tp=4, tp_mode="2d")
     with pytest.raises(ConfigError, match="LoomStrategy\\(zeros=...\\): not a key of a recipe's parallel or memory"):
         LoomStrategy(zeros=3)
     with pytest.raises(ConfigError, match="parallel.zero: got 4; allowed: 0, 1, 2, 3"):
