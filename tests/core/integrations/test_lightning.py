@@ -80,10 +80,16 @@ def _rank(tmp_path, name: str, loom: dict | None) -> tuple[list[float], dict]:
     """One of two ranks started as torchrun starts them (Lightning launches nothing): Lightning's ddp,
     or strategy=loom with `loom`'s keys; this rank's losses and final weights."""
     strategy = "ddp" if loom is None else LoomStrategy(**loom)
-    module, _, _ = fit(tmp_path, strategy, name, devices=2)
+    module, _, trainer = fit(tmp_path, strategy, name, devices=2)
     rank = torch.distributed.get_rank()
     losses = [float(x) for x in (tmp_path / f"{name}.rank{rank}").read_text().split()]
-    return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
+    # the collectives Lightning code calls on a strategy
+    s = trainer.strategy
+    s.barrier("check")
+    mine = torch.tensor([float(rank + 1)])
+    collectives = (s.broadcast(f"from rank {rank}", src=0), float(s.reduce(mine.clone(), reduce_op="sum")),
+                   float(s.reduce(mine.clone(), reduce_op="mean")), s.all_gather(mine).flatten().tolist())
+    return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}, collectives
 
 
 def test_two_processes_train_as_lightnings_ddp(tmp_path):
@@ -94,7 +100,8 @@ def test_two_processes_train_as_lightnings_ddp(tmp_path):
                        ("zero3-nvme", {"zero": 3, "offload": "nvme",
                                        "memory": {"chunk_mb": 0.002, "device_gb": 6.2e-6}})):
         got = run_distributed(_rank, world_size=2, args=(tmp_path, name, keys))
-        for (losses, weights), (ref_losses, ref_weights) in zip(got, ref):
+        for (losses, weights, collectives), (ref_losses, ref_weights, _) in zip(got, ref):
+            assert collectives == ("from rank 0", 3.0, 1.5, [1.0, 2.0]), name
             assert len(losses) == 10 and losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
             for k, w in ref_weights.items():
                 assert torch.linalg.norm(weights[k] - w) <= 1e-5 * torch.linalg.norm(w), (name, k)
