@@ -1,15 +1,17 @@
-"""A LightningModule for the strategy tests (importable, so spawned and forked ranks find it): a small
-MLP classifier on generated data, which records each micro-batch's loss and writes them from rank 0
-at the end of training."""
+"""LightningModules for the strategy tests (importable, so spawned and forked ranks find them): a small
+MLP classifier on generated data, which records each micro-batch's loss and writes them from each
+rank at the end of training, on pytorch_lightning and on the unified lightning package; and a
+transformers causal LM trained with its own loss."""
 
 from pathlib import Path
 
+import lightning.pytorch as unified
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
-class Classifier(pl.LightningModule):
+class _ClassifierBody:
     def __init__(self, losses_to: str = "", lr: float = 0.01) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -33,6 +35,14 @@ class Classifier(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.losses_to:
             Path(f"{self.hparams.losses_to}.rank{self.global_rank}").write_text(" ".join(map(repr, self.losses)))
+
+
+class Classifier(_ClassifierBody, pl.LightningModule):
+    pass
+
+
+class UnifiedClassifier(_ClassifierBody, unified.LightningModule):
+    """The same module on the unified `lightning` package's classes."""
 
 
 def loader(samples: int = 64, batch: int = 4) -> DataLoader:

@@ -221,6 +221,29 @@ def test_validation_runs_the_module_as_it_is(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(scored.parameters(), before))
 
 
+def test_the_unified_lightning_package_takes_the_strategy_too(tmp_path):
+    """`import lightning as L` users: L.Trainer(strategy="loom") and the strategy made on its classes."""
+    import lightning.pytorch as unified
+
+    from core.integrations.lightning import LightningLoomStrategy
+    from tests.core.integrations.lightning_module import UnifiedClassifier
+
+    def run(strategy, name):
+        module = UnifiedClassifier(losses_to=str(tmp_path / name))
+        t = unified.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=5, accumulate_grad_batches=2,
+                            gradient_clip_val=0.5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / name)
+        t.fit(module, loader())
+        return module, [float(x) for x in (tmp_path / f"{name}.rank0").read_text().split()], t
+
+    ref, ref_losses, _ = run("ddp", "ref")
+    for name, strategy in (("by-name", "loom"), ("zero2", LightningLoomStrategy(zero=2))):
+        got, losses, trainer = run(strategy, name)
+        assert isinstance(trainer.strategy, LightningLoomStrategy)
+        assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
+        close(got, ref, 1e-5)
+
+
 def test_nothing_else_in_loom_imports_lightning():
     import subprocess
     import sys
