@@ -12,10 +12,15 @@ import torch.nn.functional as F
 @torch.no_grad()
 def sample_tokens(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, context: int,
                   max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue `idx` (batch, time) by `max_new_tokens`: `last_logits(window)` gives the (batch, vocab)
-    logits of each window's last position, the window being the last `context` tokens. Temperature
-    0 is greedy; `top_k` keeps the k most likely tokens (0: all)."""
+                  generator: torch.Generator | None = None, top_p: float = 1.0,
+                  stop: int | None = None) -> torch.Tensor:
+    """Continue `idx` (batch, time) by up to `max_new_tokens`: `last_logits(window)` gives the
+    (batch, vocab) logits of each window's last position, the window being the last `context`
+    tokens. Temperature 0 is greedy; `top_k` keeps the k most likely tokens (0: all); `top_p` keeps
+    the fewest most likely tokens whose probabilities reach p (nucleus sampling, Holtzman et al.
+    2019; 1: all). `stop`: a token that ends a row (the row is padded with it after); generation
+    ends once every row has stopped."""
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         logits = last_logits(idx[:, -context:])
         if temperature == 0:
@@ -25,9 +30,25 @@ def sample_tokens(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torc
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p < 1.0:
+                logits = _nucleus(logits, top_p)
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        if stop is not None:
+            nxt = nxt.masked_fill(done.unsqueeze(1), stop)
+            done |= nxt.squeeze(1) == stop
         idx = torch.cat([idx, nxt], dim=1)
+        if stop is not None and bool(done.all()):
+            break
     return idx
+
+
+def _nucleus(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """`logits` with every token outside the smallest most-likely set of probability >= p masked out."""
+    order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(order.values, dim=-1)
+    before = probs.cumsum(dim=-1) - probs          # probability of the tokens ranked above each one
+    drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order.indices, before >= p)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 @torch.no_grad()

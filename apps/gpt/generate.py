@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-k", type=int, default=40, help="0 = no cut-off (default: %(default)s)")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="keep the fewest most likely tokens whose probabilities reach this (nucleus sampling); "
+                         "1 = all (default: %(default)s)")
+    ap.add_argument("--stop-at-eot", action="store_true",
+                    help="end a sample at the tokenizer's end-of-text token")
     ap.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      else "--num-samples must be at least 1")
     if args.temperature < 0:
         ap.error("--temperature must not be negative")
+    if not 0.0 < args.top_p <= 1.0:
+        ap.error("--top-p must be in (0, 1]")
     return args
 
 
@@ -93,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
+        stop = tokenizer.eot_id if args.stop_at_eot else None
         out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
-                             args.temperature, args.top_k, gen)
+                             args.temperature, args.top_k, gen, args.top_p, stop)[0].tolist()
+        if stop is not None:            # the prompt, and what came before the end-of-text token
+            new = out[len(ids):]
+            out = ids + new[:new.index(stop)] if stop in new else out
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(tokenizer.decode(out[0].tolist()))
+        print(tokenizer.decode(out))
     sys.stdout.flush()
     return 0
 

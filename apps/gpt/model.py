@@ -192,9 +192,11 @@ class GPT(nn.Module):
         return [("wte.weight", "lm_head.weight")] if self.cfg.tie_weights else []
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue `idx` (batch, time) by sampling; temperature 0 is greedy."""
-        return sample_tokens(self.last_logits, idx, self.cfg.seq_len, max_new_tokens, temperature, top_k, generator)
+                 top_k: int = 0, generator: torch.Generator | None = None, top_p: float = 1.0,
+                 stop: int | None = None) -> torch.Tensor:
+        """Continue `idx` (batch, time) by sampling (`core.sampling.sample_tokens`); temperature 0 is greedy."""
+        return sample_tokens(self.last_logits, idx, self.cfg.seq_len, max_new_tokens, temperature, top_k, generator,
+                             top_p, stop)
 
     def last_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """The whole (batch, vocab) logits of the last position on every rank. Modes that split

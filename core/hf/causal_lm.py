@@ -263,9 +263,9 @@ class HFCausalLM(nn.Module):
         return last_position_logits(self, self.mode, idx)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, top_p: float = 1.0, stop: int | None = None) -> torch.Tensor:
         return sample_tokens(self.last_logits, idx, context_length(self.config), max_new_tokens, temperature,
-                             top_k, generator)
+                             top_k, generator, top_p, stop)
 
     # ------------------------------------------------------------------------ the pipeline's view
 
