@@ -321,16 +321,15 @@ def export_hf(checkpoint_folder: str | Path, out: str | Path, force: bool = Fals
 # --------------------------------------------------------------------------------------------
 
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of a model folder (`core.hf.weights.WeightSource`: one file, a sharded index, or
+    pytorch_model.bin)."""
+    from core.hf.weights import WeightSource
 
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
-    raise LoomError(f"{folder} has neither model.safetensors nor model.safetensors.index.json; give a folder "
-                    f"that GPT2LMHeadModel.save_pretrained wrote")
+    source = WeightSource(folder)
+    if not source:
+        raise LoomError(f"{folder} has neither model.safetensors nor model.safetensors.index.json; give a folder "
+                        f"that GPT2LMHeadModel.save_pretrained wrote")
+    return {name: source.get(name) for name in source.names}
 
 
 def _check_hf_config(config, where: Path) -> None:

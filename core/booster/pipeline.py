@@ -36,7 +36,7 @@ from torch import nn
 
 from core.booster.plugin import ModelWrapper, OptimizerWrapper, Plugin
 from core.checkpoint import CheckpointIO, Sharding
-from core.checkpoint.sharding import SplitDraw
+from core.checkpoint.sharding import SplitDraw, make_meta_parameters
 from core.distributed.comm import all_reduce_, broadcast_
 from core.errors import LoomError
 from core.pipeline.engine import StageRunner, StepRecord, partition, prune
@@ -211,17 +211,10 @@ class PipelinePlugin(Plugin):
         """Make the stage's own parameters, where the model was built on the meta device: each
         drawn by `materialize` (a tied weight's copy by its first name), in place (the optimizer
         and every module that shares it keep the same parameter object)."""
-        for name, param in model.named_parameters():
-            if not param.is_meta:
-                continue
-            if self.materialize is None:
-                raise LoomError(f"{name} is on the meta device and nothing was given to initialise it")
-            values = torch.empty(param.shape, dtype=param.dtype, device=self.mesh.device)
-            with torch.no_grad():
-                self._draw(name, values)
-            made = nn.Parameter(values, requires_grad=param.requires_grad)
-            made.__dict__.update(param.__dict__)    # what the layers noted on it (tp_replicas); swapped too
-            torch.utils.swap_tensors(param, made)
+        unmade = [name for name, param in model.named_parameters() if param.is_meta]
+        if unmade and self.materialize is None:
+            raise LoomError(f"{unmade[0]} is on the meta device and nothing was given to initialise it")
+        make_meta_parameters(model, self._draw, self.mesh.device)
         meta = [n for n, b in model.named_buffers() if b.is_meta]
         if meta:
             raise LoomError(f"{type(model).__name__} was made on the meta device but its buffers ({', '.join(meta[:3])}) "

@@ -72,6 +72,21 @@ class SplitDraw:
         out.copy_(layer.shard(pname, whole))
 
 
+def make_meta_parameters(model: nn.Module, draw, device: torch.device | str = "cpu") -> None:
+    """Give each of `model`'s parameters that is on the meta device values of its own on `device`,
+    from `draw(name, tensor)`, in place: the parameter object stays (the optimizer and every module
+    that shares it, a tied weight, keep it), with what the layers noted on it (tp_replicas)."""
+    for name, param in model.named_parameters():
+        if not param.is_meta:
+            continue
+        values = torch.empty(param.shape, dtype=param.dtype, device=device)
+        with torch.no_grad():
+            draw(name, values)
+        made = nn.Parameter(values, requires_grad=param.requires_grad)
+        made.__dict__.update(param.__dict__)
+        torch.utils.swap_tensors(param, made)
+
+
 def split(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's part of each of its parameters (by its first name) from unsplit `weights`."""
     out = {}

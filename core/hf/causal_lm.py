@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.checkpoint.sharding import SplitDraw
+from core.checkpoint.sharding import SplitDraw, make_meta_parameters
 from core.errors import LoomError
 from core.hf import attention
 from core.hf.families import plan_for
@@ -133,8 +133,8 @@ class HFCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         self.tied = (plan.tied is not None and plan.tied[0] in params
                      and params[plan.tied[0]] is params.get(plan.tied[1]))
-        if not building_on_meta:
-            self._make_parameters()
+        if not building_on_meta:             # made here, each parameter split as its layer splits it
+            make_meta_parameters(self, SplitDraw(self, self.init_parameter))
 
     @classmethod
     def from_folder(cls, folder: str | Path, mode: TPMode | None = None, seq: SequenceParallel | None = None,
@@ -157,15 +157,6 @@ class HFCausalLM(nn.Module):
                 module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
             with torch.no_grad(), torch.device("cpu"):       # out of the session's meta build, if any
                 hf._init_weights(module)
-
-    def _make_parameters(self) -> None:
-        draw = SplitDraw(self, self.init_parameter)
-        for name, param in self.named_parameters():
-            values = torch.empty(param.shape, dtype=param.dtype)
-            draw(name, values)
-            made = nn.Parameter(values, requires_grad=param.requires_grad)
-            made.__dict__.update(param.__dict__)        # tp_replicas, noted by the layers
-            torch.utils.swap_tensors(param, made)
 
     def _role(self, name: str):
         module_name, _, pname = name.rpartition(".")

@@ -64,8 +64,9 @@ def settings(recipe: str | Path | None = None, parallel: dict | None = None, mem
     """The recipe a strategy runs: the recipe file's sections (if any), then `parallel` and `memory`,
     then `keys` (each a key of either section), checked as the apps' recipes are checked."""
     parallel, memory = dict(parallel or {}), dict(memory or {})
-    names = {"parallel": {f.name for f in dataclasses.fields(Recipe().parallel)},
-             "memory": {f.name for f in dataclasses.fields(Recipe().memory)}}
+    defaults = Recipe()
+    names = {"parallel": {f.name for f in dataclasses.fields(defaults.parallel)},
+             "memory": {f.name for f in dataclasses.fields(defaults.memory)}}
     for key, value in keys.items():
         section = next((s for s, known in names.items() if key in known), None)
         if section is None:
