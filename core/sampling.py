@@ -22,17 +22,7 @@ def sample_tokens(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torc
     ends once every row has stopped."""
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = last_logits(idx[:, -context:])
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p < 1.0:
-                logits = _nucleus(logits, top_p)
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        nxt = choose_tokens(last_logits(idx[:, -context:]), temperature, top_k, top_p, generator)
         if stop is not None:
             nxt = nxt.masked_fill(done.unsqueeze(1), stop)
             done |= nxt.squeeze(1) == stop
@@ -40,6 +30,21 @@ def sample_tokens(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torc
         if stop is not None and bool(done.all()):
             break
     return idx
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row, (batch, 1), from (batch, vocab) logits: greedy at temperature 0,
+    else sampled after the top-k and top-p cuts."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        logits = _nucleus(logits, top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def _nucleus(logits: torch.Tensor, p: float) -> torch.Tensor:

@@ -39,14 +39,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = Linear(cfg.d_model, cfg.d_model, mode, bias=cfg.bias, role=ROW)
         self.dropout = cfg.dropout
         self.resid_drop = Dropout(cfg.dropout, mode)
+        self.layer_idx = 0                            # its block's number (the KV cache's slot)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`cache` (`core.inference.KVCache`) and `mask`: generation's cached keys and values and
+        which of them each query sees (left-padded prompts); without them, causal attention."""
         b, t, _ = x.shape
         local = self.n_head * self.head_dim
         q, k, v = self.qkv(x).split(local, dim=2)
         q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        if self.seq is not None:                      # this rank's part of the sequence
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.seq is not None:                      # this rank's part of the sequence
             y = self.seq.attention(q, k, v, causal=True)
         else:
             with self.mode.split_rng() if dropout else contextlib.nullcontext():   # this rank's heads
@@ -73,8 +79,8 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.mlp = MLP(cfg, mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -108,6 +114,8 @@ class GPT(nn.Module):
         self.wpe = PositionEmbedding(cfg.seq_len, cfg.d_model, mode)
         self.drop = Dropout(cfg.dropout, mode)
         self.blocks = nn.ModuleList(Block(cfg, mode, seq) for _ in range(cfg.n_layer))
+        for i, block in enumerate(self.blocks):
+            block.attn.layer_idx = i
         self.ln_f = LayerNorm(cfg.d_model, mode, bias=cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, mode, bias=False, role=COLUMN)
         if cfg.tie_weights:
@@ -181,6 +189,24 @@ class GPT(nn.Module):
                 + [PipelineLayer(f"block{i}", (f"blocks.{i}",), functools.partial(self._block, block))
                    for i, block in enumerate(self.blocks)]
                 + [PipelineLayer("head", ("ln_f", "lm_head"), self._head, body=False)])
+
+    def inference_layers(self) -> list:
+        """The model as generation runs it a layer at a time (`core.inference`): the embeddings at
+        each row's positions, each block with the KV cache, and the head on the last position."""
+        from core.inference import InferenceLayer
+
+        if self.seq is not None:
+            raise LoomError("a sequence-parallel model does not generate; load its checkpoint without parallel.sp")
+        return ([InferenceLayer("embed", ("wte", "wpe"), lambda ids, step: self.wte(ids) + self.wpe(step.positions))]
+                + [InferenceLayer(f"block{i}", (f"blocks.{i}",),
+                                  functools.partial(lambda block, x, step: block(x, step.cache, step.mask), block))
+                   for i, block in enumerate(self.blocks)]
+                + [InferenceLayer("head", ("ln_f", "lm_head"), lambda x, step: self._head(x[:, -1:]))])
+
+    def inference_shape(self) -> dict:
+        """What the placement of a generation needs to know (`core.inference.placement`)."""
+        return {"layers": self.cfg.n_layer, "width": self.cfg.d_model, "kv_width": self.cfg.d_model,
+                "vocab": self.cfg.vocab_size, "context": self.cfg.seq_len}
 
     def pipeline_sample(self) -> torch.Tensor:
         """An input for the first pipeline layer (to time each layer): one context of random tokens

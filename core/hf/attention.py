@@ -8,7 +8,8 @@ split), or, where sequences are split, `core.sequence`'s ring or all-to-all atte
 rank's keys and values. Grouped-query attention (fewer key/value heads) is handled by SDPA itself,
 and by repeating the key/value heads before a sequence-split attention. The causal mask is the
 attention's own: planned models are language models trained on unpadded windows, and the plan's
-runner passes no mask.
+runner passes no mask. Generation (`core.inference`) passes one: its keys include the cached
+ones, and its rows are left-padded.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def loom_attention(module, query, key, value, attention_mask, scaling=None, drop
         # core.sequence's attention scales by 1/sqrt(head size); the model's own scale goes on q
         query = query * (scale * math.sqrt(query.shape[-1]))
         out = seq.attention(query, key, value, causal=True)
+    elif attention_mask is not None:     # generation (core.inference): cached keys, left-padded rows
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
+                                             enable_gqa=groups > 1)
     else:
         split = mode is not None and mode.size > 1 and dropout > 0
         with mode.split_rng() if split else contextlib.nullcontext():

@@ -258,6 +258,41 @@ class HFCausalLM(nn.Module):
         return sample_tokens(self.last_logits, idx, context_length(self.config), max_new_tokens, temperature,
                              top_k, generator, top_p, stop)
 
+    # ------------------------------------------------------------------------ generation's view
+
+    def inference_layers(self) -> list:
+        """The model as generation runs it a layer at a time (`core.inference`): the embeddings at
+        each row's positions, each decoder block with the KV cache and mask, the head on the last
+        position."""
+        from core.inference import InferenceLayer
+
+        if self.seq is not None:
+            raise LoomError("a sequence-parallel model does not generate; load its checkpoint without parallel.sp")
+        limit = context_length(self.config)
+
+        def embed(ids, step):
+            if int(step.positions.max()) >= limit:
+                raise LoomError(f"generation reaches position {int(step.positions.max())}, past the model's "
+                                f"context ({limit})")
+            return self.plan.embed(self, ids, step.positions)
+
+        def block(layer, x, step):
+            return self.plan.block(self, layer, x, step.positions, cache=step.cache, mask=step.mask)
+
+        return ([InferenceLayer("embed", self._present(self.plan.embed_modules), embed)]
+                + [InferenceLayer(f"block{i}", (f"{self.plan.blocks}.{i}",), functools.partial(block, layer))
+                   for i, layer in enumerate(self.blocks)]
+                + [InferenceLayer("head", self._present(self.plan.head_modules), lambda x, step: self._head(x[:, -1:]))])
+
+    def inference_shape(self) -> dict:
+        """What the placement of a generation needs to know (`core.inference.placement`)."""
+        c = self.config
+        heads = getattr(c, self.plan.heads_key)
+        kv = getattr(c, self.plan.kv_heads_key, None) if self.plan.kv_heads_key else None
+        return {"layers": len(self.blocks), "width": c.hidden_size,
+                "kv_width": c.hidden_size * (kv or heads) // heads, "vocab": c.vocab_size,
+                "context": context_length(c)}
+
     # ------------------------------------------------------------------------ the pipeline's view
 
     def _present(self, names) -> tuple[str, ...]:

@@ -3,7 +3,7 @@
 Each is written against the model's module structure (names and types), checked with
 transformers 5.24; the runners call the family's own decoder blocks, passing what each block
 takes (positions, rotary embeddings) and no attention mask (the attention is causal by itself,
-`core.hf.attention`).
+`core.hf.attention`), except in generation, which passes its KV cache and mask (`core.inference`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ def _gpt2_embed(m, ids, positions):
     return t.drop(t.wte(ids) + t.wpe(positions))
 
 
-def _gpt2_block(m, layer, x, positions):
-    return layer(x, position_ids=positions.unsqueeze(0))
+def _rows(positions):
+    """Positions as (batch, time): one row shared by the batch in training, one per row in generation."""
+    return positions if positions.ndim == 2 else positions.unsqueeze(0)
+
+
+def _gpt2_block(m, layer, x, positions, cache=None, mask=None):
+    return layer(x, position_ids=_rows(positions), cache=cache, attention_mask=mask)
 
 
 def _gpt2_head(m, x):
@@ -68,9 +73,10 @@ def _llama_embed(m, ids, positions):
     return m.model.embed_tokens(ids)
 
 
-def _llama_block(m, layer, x, positions):
-    pos = positions.unsqueeze(0)
-    return layer(x, position_ids=pos, position_embeddings=m.model.rotary_emb(x, position_ids=pos))
+def _llama_block(m, layer, x, positions, cache=None, mask=None):
+    pos = _rows(positions)
+    return layer(x, position_ids=pos, position_embeddings=m.model.rotary_emb(x, position_ids=pos), cache=cache,
+                 attention_mask=mask)
 
 
 def _llama_head(m, x):
@@ -118,8 +124,8 @@ def _opt_embed(m, ids, positions):
     return x + d.embed_positions(positions + _OPT_POSITION_OFFSET)
 
 
-def _opt_block(m, layer, x, positions):
-    return layer(x, position_ids=positions.unsqueeze(0))
+def _opt_block(m, layer, x, positions, cache=None, mask=None):
+    return layer(x, position_ids=_rows(positions), cache=cache, attention_mask=mask)
 
 
 def _opt_head(m, x):

@@ -63,6 +63,21 @@ class Tracer:
         i = bisect.bisect_left(positions, len(self.current))
         return positions[i] if i < len(positions) else float("inf")
 
+    def expect(self, sequence: list[int], cyclic: bool = True) -> None:
+        """Predict from a known order of use instead of a traced step (generation: every token
+        step runs the layers in order). `cyclic`: the order repeats, so near its end the next
+        pass's first chunks are the ones coming."""
+        self.previous = list(sequence) * (2 if cyclic else 1)
+        positions: dict[int, list[int]] = defaultdict(list)
+        for pos, index in enumerate(self.previous):
+            positions[index].append(pos)
+        self._positions = dict(positions)
+        self.current = []
+
+    def restart(self) -> None:
+        """A new pass of the expected order begins."""
+        self.current = []
+
     def upcoming(self, count: int) -> list[int]:
         if self.previous is None:
             return []

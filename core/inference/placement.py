@@ -1,0 +1,216 @@
+"""Where a generation keeps its weights and KV cache, and how many micro-batches share a weight pass.
+
+A small cost model in the spirit of FlexGen's (Sheng et al. 2023), over the choices Loom has:
+
+- weights on the device (they fit), streamed from host memory, or streamed from NVMe;
+- the KV cache on the device, or on the host (a GPU's memory then holds more weights);
+- N micro-batches of `batch` rows through each layer while its weights are resident.
+
+A pass (one token step of every row of a group) reads the weights the device budget cannot keep
+(with the chunk manager's cyclic eviction, what fits beyond two layers' worth stays put) and
+computes `2 x parameters` FLOPs per row and token, reads the resident weights from the device's
+memory, and pays a fixed cost per layer and micro-batch; reading overlaps computing, so a pass takes
+the longer of the two (plus reading the KV cache across the host link where it lives on the host).
+The first pass of a group reads the prompts whole. Tokens/s = rows x new tokens / time, and N is
+the one that predicts most, or the smallest within 2% of it (less memory, same speed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import LoomError
+from core.memory.manager import human
+
+
+@dataclass
+class ModelSize:
+    weight_bytes: int            # every weight once, in the generation's dtype, as packed in chunks
+    min_budget: int              # the largest layer's chunks (core.inference.stream.smallest_budget)
+    params: int
+    layers: int
+    width: int
+    kv_width: int
+    vocab: int
+    element: int                 # bytes per value
+
+
+@dataclass
+class Machine:
+    device_bytes: int            # what the generation may use on the compute device
+    host_bytes: int              # host memory it may use (for weights streamed from the host)
+    flops: float                 # FLOP/s at the generation's dtype
+    memory_bw: float             # bytes/s the device reads its own memory at
+    disk_read: float             # bytes/s, sequential reads of the NVMe folder
+    host_link: float             # bytes/s host -> device (inf when the device is the host)
+    cpu_only: bool
+    layer_seconds: float = 0.0   # the fixed cost of running one layer once (kernel launches, Python)
+
+    def describe(self) -> str:
+        link = "" if self.cpu_only else f", host link {self.host_link / 1e9:.3g} GB/s"
+        return (f"device budget {human(self.device_bytes)}, {self.flops / 1e9:.3g} GFLOP/s, memory "
+                f"{self.memory_bw / 1e9:.3g} GB/s, disk {self.disk_read / 1e9:.3g} GB/s{link}")
+
+
+@dataclass
+class Placement:
+    weights: str                 # "device", "host" or "nvme"
+    kv: str                      # "device" or "host"
+    micro_batches: int
+    weight_budget: int           # bytes of weights the device holds at once
+    tokens_per_second: float     # predicted
+    read_per_pass: int           # bytes of weights read per pass
+    pass_seconds: float          # predicted, a decode pass
+    kv_bytes: int
+    activation_bytes: int
+    lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        weights = ("weights on the device" if self.weights == "device" else
+                   f"weights streamed from {self.weights} through {human(self.weight_budget)} on the device "
+                   f"({human(self.read_per_pass)} read per token step)")
+        return (f"{weights}; KV cache on the {self.kv} ({human(self.kv_bytes)}); micro_batches={self.micro_batches}; "
+                f"predicted {self.tokens_per_second:.3g} tokens/s")
+
+
+def activation_bytes(size: ModelSize, batch: int, prompt: int) -> int:
+    """A micro-batch's largest temporaries, in its prefill: the block's activations (about 16 x width
+    values per token, the MLP's four-wide hidden layer included), the attention scores (heads of
+    64) and the last position's fp32 logits."""
+    heads = max(1, size.width // 64)
+    return int(batch * prompt * 16 * size.width * size.element + 2 * batch * heads * prompt * prompt * 4
+               + batch * size.vocab * 4)
+
+
+def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens: int, rows: int,
+         offload: str = "auto", micro_batches: int = 0, setting: str = "memory.device_gb") -> Placement:
+    """The placement predicted fastest; `offload` ("auto", "none", "cpu", "nvme") and a positive
+    `micro_batches` fix those choices. Refuses, naming the smallest device budget that would run,
+    when not even one micro-batch fits."""
+    if offload not in ("auto", "none", "cpu", "nvme"):
+        raise LoomError(f"parallel.offload: got {offload!r}; allowed: auto, none, cpu, nvme")
+    kv_row = 2 * size.layers * size.kv_width * size.element * (prompt + new_tokens)
+    act = activation_bytes(size, batch, prompt)
+    most = max(1, math.ceil(rows / batch))
+    counts = [micro_batches] if micro_batches > 0 else list(range(1, most + 1))
+    options: list[Placement] = []
+    lost: list[str] = []
+    wheres = {"none": ["device"], "cpu": ["host"], "nvme": ["nvme"]}.get(offload)
+    if wheres is None:
+        wheres = ["device"] + ([] if machine.cpu_only else ["host"]) + ["nvme"]
+    for where in wheres:
+        if where == "host" and size.weight_bytes > machine.host_bytes:
+            lost.append(f"weights from host memory: {human(size.weight_bytes)} exceed the host's "
+                        f"{human(machine.host_bytes)}")
+            continue
+        for n in counts:
+            kv = min(rows, n * batch) * kv_row
+            for kv_at in ("device", "host") if not machine.cpu_only else ("device",):
+                on_device = act + (kv if kv_at == "device" else 0)
+                room = machine.device_bytes - on_device
+                if where == "device":
+                    if room < size.weight_bytes:
+                        lost.append(f"weights on the device, N={n}, KV on the {kv_at}: {human(size.weight_bytes)} "
+                                    f"of weights and {human(on_device)} of cache and activations exceed "
+                                    f"{human(machine.device_bytes)}")
+                        continue
+                    budget, read, link = size.weight_bytes, 0, math.inf
+                else:
+                    if room < size.min_budget:
+                        lost.append(f"weights from {where}, N={n}, KV on the {kv_at}: {human(max(room, 0))} left "
+                                    f"for weights, one layer needs {human(size.min_budget)}")
+                        continue
+                    budget = min(room, size.weight_bytes)
+                    kept = max(0, budget - 2 * size.min_budget) if budget < size.weight_bytes else size.weight_bytes
+                    read = size.weight_bytes - kept
+                    link = machine.disk_read if where == "nvme" else machine.host_link
+                tokens = min(rows, n * batch)
+
+                def pass_time(per_row: int) -> float:
+                    compute = (2 * size.params * tokens * per_row / machine.flops + size.weight_bytes / machine.memory_bw
+                               + (size.layers + 2) * n * machine.layer_seconds)
+                    kv_move = kv / machine.host_link if kv_at == "host" else 0.0
+                    return max(compute, read / link) + kv_move
+
+                total = pass_time(prompt) + (new_tokens - 1) * pass_time(1)
+                options.append(Placement(where, kv_at, n, budget, tokens * new_tokens / total, read, pass_time(1),
+                                         kv, act))
+    if not options:
+        need = size.min_budget + act + batch * kv_row
+        if offload == "none":
+            need = size.weight_bytes + act + batch * kv_row
+        raise LoomError(f"{setting} allows {human(machine.device_bytes)}, but "
+                        + ("the weights do not fit it with parallel.offload=none" if offload == "none" else
+                           f"even one layer's weights ({human(size.min_budget)}) with one micro-batch's cache "
+                           f"and activations ({human(act + batch * kv_row)}) do not")
+                        + f": the smallest budget that runs is {setting}={_gib_up(need)}"
+                        + ("" if offload == "none" else " (weights streamed from host or NVMe)"))
+    best = max(o.tokens_per_second for o in options)
+    chosen = min((o for o in options if o.tokens_per_second >= 0.98 * best),
+                 key=lambda o: (["device", "host", "nvme"].index(o.weights), o.micro_batches, o.kv != "device"))
+    chosen.lines = [f"machine: {machine.describe()}",
+                    f"model: {human(size.weight_bytes)} of weights, one layer {human(size.min_budget)}, KV cache "
+                    f"{human(kv_row)} per row ({prompt} + {new_tokens} positions)",
+                    f"chosen: {chosen.summary()}"]
+    ranked = sorted(options, key=lambda o: -o.tokens_per_second)
+    for o in ranked[:8]:
+        if o is chosen:
+            continue
+        why = ("slower" if o.tokens_per_second < chosen.tokens_per_second else "as fast, but uses more memory or "
+               "reads more")
+        chosen.lines.append(f"  {o.weights:>6} weights, KV on {o.kv:<6}, N={o.micro_batches:<3} "
+                            f"{o.tokens_per_second:8.3g} tokens/s ({why})")
+    for reason in lost[:6]:
+        chosen.lines.append(f"  does not fit: {reason}")
+    return chosen
+
+
+def _gib_up(nbytes: int) -> str:
+    from core.inference.stream import gib_up
+
+    return gib_up(nbytes)
+
+
+def available_host_bytes() -> int:
+    """Memory this process may still take: the smaller of the kernel's MemAvailable and what the
+    cgroup's limit leaves (v1 or v2)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    limit = None
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) != 3:
+                continue
+            if "memory" in parts[1].split(","):
+                base = Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
+                lim, use = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+            elif parts[1] == "":
+                base = Path("/sys/fs/cgroup") / parts[2].lstrip("/")
+                lim, use = base / "memory.max", base / "memory.current"
+            else:
+                continue
+            if lim.is_file():
+                text = lim.read_text().strip()
+                if text != "max" and int(text) < 2**60:
+                    rss = _rss()
+                    limit = int(text) - rss if rss else int(text) - int(use.read_text())
+    except (OSError, ValueError):
+        pass
+    found = [x for x in (avail, limit) if x is not None]
+    return min(found) if found else 8 * 2**30
+
+
+def _rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0

@@ -1,0 +1,109 @@
+"""From a model on the meta device to a generation engine: measure the machine, place the weights
+and the KV cache (`core.inference.placement`), then build the weights in memory or as a stream.
+
+    engine, placement = build_engine(meta_model, materialize, in_memory, device, dtype, settings, ...)
+
+`materialize(name, out)` writes parameter `name` (unsplit) into `out` (for streamed weights, chunk
+by chunk); `in_memory()` makes the whole model when the weights fit on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from core.errors import LoomError
+from core.inference.engine import Engine
+from core.inference.placement import Machine, ModelSize, Placement, available_host_bytes, plan
+from core.inference.stream import WeightStream, plan_layers, smallest_budget
+
+
+@dataclass
+class Settings:
+    """The recipe keys a generation reads (`memory.*`, `parallel.offload`, `generate.*`)."""
+
+    device_gb: float = 0.0            # 0: what the device (on a CPU: the host) has free
+    offload: str = "auto"             # auto | none | cpu | nvme
+    nvme_dir: str = ""
+    chunk_mb: float = 32.0
+    io_threads: int = 4
+    micro_batches: int = 0            # 0: the placement picks
+    kv: str = "auto"                  # auto | device | host
+
+
+def measure_machine(device: torch.device, dtype: torch.dtype, settings: Settings, disk: bool) -> Machine:
+    """This machine's rates, measured in about a second (matmul FLOP/s, memory and disk read speed)."""
+    from core.autoparallel.calibrate import disk_gbs, layer_overhead_us, matmul_tflops, memory_gbs
+
+    cpu = device.type == "cpu"
+    if settings.device_gb > 0:
+        device_bytes = int(settings.device_gb * 2**30)
+    elif cpu:
+        device_bytes = int(available_host_bytes() * 0.85)
+    else:
+        free, _ = torch.cuda.mem_get_info(device)
+        device_bytes = int(free * 0.9)
+    flops = matmul_tflops(device, dtype, 512) * 1e12
+    bandwidth = memory_gbs(device) * 1e9 / 2              # copy moves each byte twice
+    read = math.inf
+    if disk:
+        folder = Path(settings.nvme_dir or tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        read = disk_gbs(folder, 64)[1] * 1e9
+    link = math.inf
+    if not cpu:
+        host = torch.empty(2**26, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty_like(host, device=device)
+        dev.copy_(host)
+        torch.cuda.synchronize(device)
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(4):
+            dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        link = 4 * host.numel() / (time.perf_counter() - t0)
+    return Machine(device_bytes=device_bytes, host_bytes=int(available_host_bytes() * 0.85), flops=flops,
+                   memory_bw=bandwidth, disk_read=read, host_link=link, cpu_only=cpu,
+                   layer_seconds=layer_overhead_us(device) * 1e-6)
+
+
+def model_size(model: nn.Module, layers, dtype: torch.dtype, chunk_mb: float) -> ModelSize:
+    chunk_numel = max(1, int(chunk_mb * 2**20 / dtype.itemsize))
+    sizes, per_layer, _ = plan_layers(model, layers, chunk_numel, dtype)
+    shape = model.inference_shape()
+    params = sum(p.numel() for p in model.parameters())
+    return ModelSize(weight_bytes=sum(sizes), min_budget=smallest_budget(sizes, per_layer),
+                     params=params, layers=shape["layers"], width=shape["width"], kv_width=shape["kv_width"],
+                     vocab=shape["vocab"], element=dtype.itemsize)
+
+
+def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor], None],
+                 in_memory: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype, settings: Settings,
+                 batch: int, prompt: int, new_tokens: int, rows: int,
+                 machine: Machine | None = None) -> tuple[Engine, Placement]:
+    layers = meta_model.inference_layers()
+    size = model_size(meta_model, layers, dtype, settings.chunk_mb)
+    if settings.kv not in ("auto", "device", "host"):
+        raise LoomError(f"generate.kv: got {settings.kv!r}; allowed: auto, device, host")
+    if machine is None:
+        machine = measure_machine(device, dtype, settings, disk=settings.offload in ("auto", "nvme"))
+    placement = plan(size, machine, batch, prompt, new_tokens, rows, settings.offload, settings.micro_batches)
+    if settings.kv != "auto" and device.type != "cpu":
+        placement.kv = settings.kv
+    kv_device = device if placement.kv == "device" else torch.device("cpu")
+    if placement.weights == "device":
+        model = in_memory().to(device=device, dtype=dtype)
+        return Engine(model, device, kv_device=kv_device), placement
+    base = Path(settings.nvme_dir or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    nvme_dir = tempfile.mkdtemp(prefix="loom-generate-", dir=base)      # scratch; deleted on close
+    stream = WeightStream(meta_model, layers, placement.weights, placement.weight_budget, dtype, device,
+                          settings.chunk_mb, nvme_dir, settings.io_threads, materialize)
+    return Engine(meta_model, device, stream=stream, kv_device=kv_device, layers=layers), placement

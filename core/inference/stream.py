@@ -1,0 +1,161 @@
+"""Weights that stream through the compute device a layer at a time, for generation.
+
+The model is built on the meta device; the chunk manager (`core.memory.manager`) makes its
+parameters chunk by chunk (`materialize` reads each tensor from the checkpoint), writes them home
+(host memory, or a pre-allocated file on NVMe read with direct IO) and keeps at most `budget`
+bytes of them on the device. Generation runs the layers in the same order at every token step,
+so that order is given to the manager up front (`Tracer.expect`, cyclic): from the first step on,
+while a layer computes, the chunks of the layers after it are read in the background as far as
+the budget allows, and when room is needed the chunk whose next use is furthest away leaves (in
+a cyclic order, the one just used: what a budget can keep of the model then stays put, and
+only the rest is read again at each step).
+
+    stream = WeightStream(model, layers, "nvme", budget, torch.bfloat16, device, materialize=...)
+    with stream.resident(i):        # layer i's weights on the device, pinned there
+        h = layers[i].run(h, step)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from core.errors import LoomError
+from core.inference.steps import InferenceLayer
+from core.memory.chunk import packing_order, plan_chunks
+from core.memory.manager import AutoPolicy, ChunkManager, MemoryStats, human
+from core.memory.state import TensorState
+from core.memory.store import MemoryStore, NVMeStore
+
+S = TensorState
+
+
+def layer_params(model: nn.Module, layer: InferenceLayer) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for name in layer.modules:
+        for p in model.get_submodule(name).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def plan_layers(model: nn.Module, layers: list[InferenceLayer], chunk_numel: int, dtype: torch.dtype):
+    """(chunk bytes, each layer's chunk indices in order of use) as the manager will pack them."""
+    named = packing_order(list(model.named_parameters()))
+    planned = plan_chunks([p.numel() for _, p in named], chunk_numel, [p.requires_grad for _, p in named])
+    chunk_of: dict[int, int] = {}
+    it = iter(named)
+    for index, c in enumerate(planned):
+        for _ in range(c.count):
+            chunk_of[id(next(it)[1])] = index
+    sizes = [c.capacity * dtype.itemsize for c in planned]
+    per_layer = []
+    for layer in layers:
+        order: list[int] = []
+        for p in layer_params(model, layer):
+            if chunk_of[id(p)] not in order:
+                order.append(chunk_of[id(p)])
+        per_layer.append(order)
+    return sizes, per_layer, planned
+
+
+def smallest_budget(sizes: list[int], per_layer: list[list[int]]) -> int:
+    """The fewest bytes of weights on the device that run: the largest layer's chunks at once (and
+    never less than the two largest chunks, the manager's own floor)."""
+    layer = max((sum(sizes[i] for i in chunks) for chunks in per_layer), default=0)
+    return max(layer, sum(sorted(sizes, reverse=True)[:2]))
+
+
+def gib_up(nbytes: int) -> str:
+    """`nbytes` in GiB, rounded up to 4 significant digits (a budget that names it is enough)."""
+    x = nbytes / 2**30
+    if x <= 0:
+        return "0"
+    unit = 10.0 ** (math.floor(math.log10(x)) - 3)
+    return f"{math.ceil(x / unit) * unit:.4g}"
+
+
+class WeightStream:
+    """`where`: "host" (the home copy in host memory) or "nvme" (in a file under `nvme_dir`)."""
+
+    def __init__(self, model: nn.Module, layers: list[InferenceLayer], where: str, budget: int,
+                 dtype: torch.dtype, device: torch.device, chunk_mb: float = 32.0, nvme_dir: str | Path = "",
+                 io_threads: int = 4, materialize: Callable[[str, torch.Tensor], None] | None = None,
+                 setting: str = "memory.device_gb") -> None:
+        if where not in ("host", "nvme"):
+            raise ValueError(f"weights stream from host or nvme, not {where!r}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model, self.layers, self.where = model, layers, where
+        chunk_numel = max(1, int(chunk_mb * 2**20 / dtype.itemsize))
+        sizes, self.per_layer, planned = plan_layers(model, layers, chunk_numel, dtype)
+        self.total_bytes = sum(sizes)
+        self.min_budget = smallest_budget(sizes, self.per_layer)
+        if budget < self.min_budget:
+            largest = max(range(len(layers)), key=lambda i: sum(sizes[c] for c in self.per_layer[i]))
+            raise LoomError(f"{setting} allows {human(budget)} of weights on the device, but layer "
+                            f"{layers[largest].name!r} alone needs {human(self.min_budget)}: the smallest budget "
+                            f"that runs is {setting}={gib_up(self.min_budget)} (about twice that lets reading "
+                            f"overlap computing)")
+        if where == "nvme":
+            used = [c.used * dtype.itemsize for c in planned]
+            slot = max(c.capacity for c in planned) * dtype.itemsize
+            home = NVMeStore(Path(nvme_dir or "nvme"), {"param": (len(planned), slot)}, threads=io_threads,
+                             used={"param": used}, setting="memory.nvme_dir")
+        else:
+            home = MemoryStore(pin=torch.device(device).type == "cuda", threads=io_threads)
+        self.home = home
+        self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, AutoPolicy(),
+                                    prefetch=len(planned), materialize=materialize)
+        order: list[int] = []
+        for chunks in self.per_layer:
+            for c in chunks:
+                if not order or order[-1] != c:
+                    order.append(c)
+        if len(order) > 1 and order[0] == order[-1]:    # a tied head and embedding: one use across the wrap
+            order.pop()
+        self.manager.tracer.expect(order)
+        self.manager.stats = MemoryStats()               # count what generation moves, not the build
+
+    def start_pass(self) -> None:
+        """A token step begins: the layers run from the first again."""
+        self.manager.tracer.restart()
+
+    @contextmanager
+    def resident(self, index: int) -> Iterator[None]:
+        """Layer `index`'s chunks on the device and pinned while the layer runs."""
+        pinned = []
+        for c in self.per_layer[index]:
+            chunk = self.manager.chunks[c]
+            self.manager.access(chunk)
+            for info in chunk.tensors:
+                if info.state is not S.COMPUTE:
+                    chunk.set_state(info, S.COMPUTE)
+                    pinned.append((chunk, info))
+        try:
+            yield
+        finally:
+            for chunk, info in pinned:
+                chunk.set_state(info, S.HOLD_AFTER_FWD)
+            for c in self.per_layer[index]:
+                self.manager.release(self.manager.chunks[c])
+
+    @property
+    def bytes_read(self) -> int:
+        return self.manager.stats.bytes_in
+
+    def settle(self) -> None:
+        """Wait for the reads in flight (those that began for a next pass that will not come)."""
+        self.manager.settle_all()
+        for index in list(self.manager._pending):
+            self.manager.wait(self.manager.chunks[index])
+
+    def close(self) -> None:
+        self.settle()
+        self.home.close()

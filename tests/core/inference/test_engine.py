@@ -1,0 +1,201 @@
+"""Generation through `core.inference`: batched, left-padded prompts with a KV cache, micro-batches,
+and weights streamed from host memory or NVMe under a budget, against the model's own generation
+(the whole window recomputed at every step, one prompt at a time)."""
+
+import pytest
+import torch
+
+from apps.gpt.config import GPTModelConfig
+from apps.gpt.model import GPT
+from core.errors import LoomError
+from core.inference.engine import Engine
+from core.inference.placement import Machine, ModelSize, plan
+from core.inference.steps import KVCache, make_step
+from core.inference.stream import WeightStream, plan_layers, smallest_budget
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3], [20, 21, 22]]
+
+
+def reference(model, prompts, new):
+    return [model.generate(torch.tensor([p]), new, temperature=0)[0, len(p):].tolist() for p in prompts]
+
+
+def gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTModelConfig(vocab_size=97, seq_len=64, n_layer=3, n_head=4, d_model=32)).eval()
+
+
+def hf_model(kind, folder):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    from core.hf import HFCausalLM
+
+    config = {"opt": OPTConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                               max_position_embeddings=64, word_embed_proj_dim=32),
+              "llama": LlamaConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+              "gpt2": GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)}[kind]
+    config.bos_token_id = config.eos_token_id = 0
+    config.save_pretrained(folder)
+    torch.manual_seed(0)
+    return HFCausalLM.from_folder(folder).eval(), lambda: HFCausalLM.from_folder(folder)
+
+
+def streamed(make_meta, weights, where, layers_held, tmp_path, chunk_mb=0.004):
+    """An engine whose weights stream from `where` through a budget of `layers_held` times the
+    largest layer (a number above 1000: that many bytes)."""
+    with torch.device("meta"):
+        meta = make_meta()
+    layers = meta.inference_layers()
+    sizes, per_layer, _ = plan_layers(meta, layers, int(chunk_mb * 2**20 / 4), torch.float32)
+    budget = int(layers_held * smallest_budget(sizes, per_layer)) if layers_held < 1000 else int(layers_held)
+    stream = WeightStream(meta, layers, where, budget, torch.float32, torch.device("cpu"), chunk_mb=chunk_mb,
+                          nvme_dir=tmp_path / "nvme", materialize=lambda name, out: out.copy_(weights[name]))
+    return Engine(meta, "cpu", stream=stream, layers=layers), stream
+
+
+def test_mask_and_positions_of_left_padded_rows():
+    cache = KVCache(1, 8)
+    step = make_step(torch.tensor([0, 2]), 3, cache)
+    assert step.positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+    # row 1: two pads; its padding queries see themselves, its real query sees itself alone
+    assert step.mask[1, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert step.mask[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    cache.advance(3)
+    step = make_step(torch.tensor([0, 2]), 1, cache)
+    assert step.positions.tolist() == [[3], [1]]
+    assert step.mask[:, 0, 0].int().tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("batch, micro", [(5, 1), (2, 2), (1, 5)])
+def test_batched_generation_equals_one_prompt_at_a_time(batch, micro):
+    model = gpt()
+    result = Engine(model, "cpu").generate(PROMPTS, 9, batch_size=batch, micro_batches=micro)
+    assert result.tokens == reference(model, PROMPTS, 9)
+    assert result.token_steps == 9 * len(PROMPTS)
+    assert result.kv_bytes > 0
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
+def test_hugging_face_families_generate_with_the_cache(kind, tmp_path):
+    model, make = hf_model(kind, tmp_path)
+    ref = reference(model, PROMPTS, 8)
+    assert Engine(model, "cpu").generate(PROMPTS, 8, batch_size=3, micro_batches=2).tokens == ref
+    # streamed from NVMe under a budget of two layers: every step reads most of the model again
+    weights = dict(model.named_parameters())
+    engine, stream = streamed(make, weights, "nvme", 2, tmp_path)
+    try:
+        result = engine.generate(PROMPTS, 8, batch_size=2, micro_batches=2)
+    finally:
+        stream.close()
+    assert result.tokens == ref
+    assert result.bytes_read > 4 * stream.total_bytes
+    assert not (tmp_path / "nvme").exists() or not any((tmp_path / "nvme").iterdir())   # scratch removed
+
+
+@pytest.mark.parametrize("where", ["host", "nvme"])
+def test_streamed_weights_equal_in_memory_and_stay_within_the_budget(where, tmp_path):
+    model = gpt()
+    ref = reference(model, PROMPTS, 10)
+    weights = dict(model.named_parameters())
+    seed = model.init_seed
+
+    def make():
+        m = GPT(model.cfg)
+        m.init_seed = seed
+        return m
+
+    for held, micro in ((2, 1), (2.5, 3), (10**8, 1)):
+        engine, stream = streamed(make, weights, where, held, tmp_path)
+        budget = stream.manager.budget
+        try:
+            result = engine.generate(PROMPTS, 10, batch_size=2, micro_batches=micro)
+            stats = stream.manager.stats
+        finally:
+            stream.close()
+        assert result.tokens == ref, (budget, micro)
+        assert stats.peak_resident <= budget
+        passes = 10 * -(-len(PROMPTS) // (2 * micro))
+        if budget < stream.total_bytes:
+            # everything the budget cannot keep is read again at each pass, ahead of its use
+            assert result.bytes_read >= passes * (stream.total_bytes - budget)
+            assert stats.prefetch_hits > stats.fetches // 2
+        else:
+            assert result.bytes_read == 0
+
+
+def test_micro_batches_share_one_weight_pass(tmp_path):
+    """N micro-batches through each layer while it is resident: the weights are read once per pass
+    of all of them, not once per micro-batch."""
+    model = gpt()
+    weights = dict(model.named_parameters())
+    seed = model.init_seed
+
+    def make():
+        m = GPT(model.cfg)
+        m.init_seed = seed
+        return m
+
+    reads = {}
+    for micro in (1, 4):
+        engine, stream = streamed(make, weights, "nvme", 2, tmp_path)
+        try:
+            prompts = PROMPTS[:4] * 2
+            reads[micro] = engine.generate(prompts, 6, batch_size=2, micro_batches=micro).bytes_read
+        finally:
+            stream.close()
+    assert reads[4] * 3 < reads[1]
+
+
+def test_stop_token_and_sampling():
+    model = gpt()
+    first = Engine(model, "cpu").generate(PROMPTS, 6).tokens
+    stop = first[0][2]                       # the third greedy token of the first prompt
+    result = Engine(model, "cpu").generate(PROMPTS, 6, stop=stop).tokens
+    assert result[0] == first[0][:2]
+    for full, cut in zip(first, result):
+        assert cut == (full[:full.index(stop)] if stop in full else full)
+    g = torch.Generator().manual_seed(3)
+    sampled = Engine(model, "cpu").generate(PROMPTS, 6, temperature=1.0, top_k=10, top_p=0.9, generator=g).tokens
+    g = torch.Generator().manual_seed(3)
+    again = Engine(model, "cpu").generate(PROMPTS, 6, temperature=1.0, top_k=10, top_p=0.9, generator=g).tokens
+    assert sampled == again and sampled != first
+
+
+def test_a_budget_below_one_layer_is_refused_naming_the_smallest(tmp_path):
+    model = gpt()
+    weights = dict(model.named_parameters())
+    with pytest.raises(LoomError, match=r"smallest budget that runs is memory\.device_gb=") as e:
+        streamed(lambda: GPT(model.cfg), weights, "nvme", 0.5, tmp_path)
+    gib = float(str(e.value).split("memory.device_gb=")[1].split()[0])
+    engine, stream = streamed(lambda: GPT(model.cfg), weights, "nvme", int(gib * 2**30) + 1, tmp_path)
+    stream.close()
+
+
+SIZE = ModelSize(weight_bytes=13 * 2**30, min_budget=420 * 2**20, params=6_700_000_000, layers=32, width=4096,
+                 kv_width=4096, vocab=50272, element=2)
+CPU = Machine(device_bytes=3 * 2**30, host_bytes=3 * 2**30, flops=2e11, memory_bw=2e10, disk_read=1.3e9,
+              host_link=float("inf"), cpu_only=True, layer_seconds=1e-4)
+
+
+def test_placement_streams_from_disk_and_prefers_more_micro_batches_when_disk_bound():
+    p = plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=64)
+    assert p.weights == "nvme" and p.micro_batches > 1
+    one = plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=64, micro_batches=1)
+    assert p.tokens_per_second > 2 * one.tokens_per_second
+    # fits: stays on the device and reads nothing
+    small = ModelSize(**{**SIZE.__dict__, "weight_bytes": 2**30, "params": 500_000_000})
+    fit = plan(small, CPU, batch=8, prompt=64, new_tokens=32, rows=8)
+    assert fit.weights == "device" and fit.read_per_pass == 0
+    assert any("chosen" in line for line in p.lines)
+
+
+def test_placement_refuses_a_budget_below_one_layer_naming_the_smallest():
+    tight = Machine(**{**CPU.__dict__, "device_bytes": 300 * 2**20})
+    with pytest.raises(LoomError, match=r"the smallest budget that runs is memory\.device_gb=") as e:
+        plan(SIZE, tight, batch=8, prompt=64, new_tokens=32, rows=8)
+    gib = float(str(e.value).split("memory.device_gb=")[1].split()[0])
+    enough = Machine(**{**CPU.__dict__, "device_bytes": int(gib * 2**30) + 1})
+    assert plan(SIZE, enough, batch=8, prompt=64, new_tokens=32, rows=8).weights == "nvme"
+    with pytest.raises(LoomError, match="parallel.offload=none"):
+        plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=8, offload="none")
