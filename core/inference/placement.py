@@ -40,7 +40,7 @@ class ModelSize:
 
 @dataclass
 class Machine:
-    device_bytes: int            # what the generation may use on the compute device
+    device_bytes: int            # memory free on the compute device (on a CPU-only machine: the host's)
     host_bytes: int              # host memory it may use (for weights streamed from the host)
     flops: float                 # FLOP/s at the generation's dtype
     memory_bw: float             # bytes/s the device reads its own memory at
@@ -51,7 +51,7 @@ class Machine:
 
     def describe(self) -> str:
         link = "" if self.cpu_only else f", host link {self.host_link / 1e9:.3g} GB/s"
-        return (f"device budget {human(self.device_bytes)}, {self.flops / 1e9:.3g} GFLOP/s, memory "
+        return (f"device {human(self.device_bytes)} free, {self.flops / 1e9:.3g} GFLOP/s, memory "
                 f"{self.memory_bw / 1e9:.3g} GB/s, disk {self.disk_read / 1e9:.3g} GB/s{link}")
 
 
@@ -86,12 +86,19 @@ def activation_bytes(size: ModelSize, batch: int, prompt: int) -> int:
 
 
 def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens: int, rows: int,
-         offload: str = "auto", micro_batches: int = 0, setting: str = "memory.device_gb") -> Placement:
-    """The placement predicted fastest; `offload` ("auto", "none", "cpu", "nvme") and a positive
-    `micro_batches` fix those choices. Refuses, naming the smallest device budget that would run,
-    when not even one micro-batch fits."""
+         offload: str = "auto", micro_batches: int = 0, weight_budget: int | None = None,
+         setting: str = "memory.device_gb") -> Placement:
+    """The placement predicted fastest. `weight_budget` (memory.device_gb): bytes of weights the
+    device may hold (default: what its free memory leaves beside the cache and activations);
+    `offload` ("auto", "none", "cpu", "nvme") and a positive `micro_batches` fix those choices.
+    Refuses, naming the smallest budget that would run, when not even one micro-batch fits."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise LoomError(f"parallel.offload: got {offload!r}; allowed: auto, none, cpu, nvme")
+    if weight_budget is not None and weight_budget < size.min_budget and offload != "none":
+        raise LoomError(f"{setting}={weight_budget / 2**30:g} cannot hold even one layer's weights "
+                        f"({human(size.min_budget)}): the smallest budget that runs is {setting}="
+                        f"{_gib_up(size.min_budget)} (weights streamed from host or NVMe; about twice that lets "
+                        f"reading overlap computing)")
     kv_row = 2 * size.layers * size.kv_width * size.element * (prompt + new_tokens)
     act = activation_bytes(size, batch, prompt)
     most = max(1, math.ceil(rows / batch))
@@ -101,6 +108,7 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
     wheres = {"none": ["device"], "cpu": ["host"], "nvme": ["nvme"]}.get(offload)
     if wheres is None:
         wheres = ["device"] + ([] if machine.cpu_only else ["host"]) + ["nvme"]
+    free = machine.device_bytes
     for where in wheres:
         if where == "host" and size.weight_bytes > machine.host_bytes:
             lost.append(f"weights from host memory: {human(size.weight_bytes)} exceed the host's "
@@ -110,20 +118,24 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
             kv = min(rows, n * batch) * kv_row
             for kv_at in ("device", "host") if not machine.cpu_only else ("device",):
                 on_device = act + (kv if kv_at == "device" else 0)
-                room = machine.device_bytes - on_device
+                what = f"weights {'on the device' if where == 'device' else 'from ' + where}, N={n}, KV on the {kv_at}"
+                budget = free - on_device if weight_budget is None else min(weight_budget, size.weight_bytes)
                 if where == "device":
-                    if room < size.weight_bytes:
-                        lost.append(f"weights on the device, N={n}, KV on the {kv_at}: {human(size.weight_bytes)} "
-                                    f"of weights and {human(on_device)} of cache and activations exceed "
-                                    f"{human(machine.device_bytes)}")
-                        continue
-                    budget, read, link = size.weight_bytes, 0, math.inf
+                    budget = size.weight_bytes
+                elif budget < size.min_budget:
+                    lost.append(f"{what}: {human(max(budget, 0))} left for weights, one layer needs "
+                                f"{human(size.min_budget)}")
+                    continue
+                if on_device + min(budget, size.weight_bytes) > free or (
+                        where == "device" and weight_budget is not None and weight_budget < size.weight_bytes):
+                    lost.append(f"{what}: {human(min(budget, size.weight_bytes))} of weights and {human(on_device)} "
+                                f"of cache and activations exceed the device's {human(free)}"
+                                + (f" or {setting}" if weight_budget is not None else ""))
+                    continue
+                if where == "device":
+                    read, link = 0, math.inf
                 else:
-                    if room < size.min_budget:
-                        lost.append(f"weights from {where}, N={n}, KV on the {kv_at}: {human(max(room, 0))} left "
-                                    f"for weights, one layer needs {human(size.min_budget)}")
-                        continue
-                    budget = min(room, size.weight_bytes)
+                    budget = min(budget, size.weight_bytes)
                     kept = max(0, budget - 2 * size.min_budget) if budget < size.weight_bytes else size.weight_bytes
                     read = size.weight_bytes - kept
                     link = machine.disk_read if where == "nvme" else machine.host_link
@@ -139,15 +151,14 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
                 options.append(Placement(where, kv_at, n, budget, tokens * new_tokens / total, read, pass_time(1),
                                          kv, act))
     if not options:
-        need = size.min_budget + act + batch * kv_row
+        one = act + batch * kv_row
         if offload == "none":
-            need = size.weight_bytes + act + batch * kv_row
-        raise LoomError(f"{setting} allows {human(machine.device_bytes)}, but "
-                        + ("the weights do not fit it with parallel.offload=none" if offload == "none" else
-                           f"even one layer's weights ({human(size.min_budget)}) with one micro-batch's cache "
-                           f"and activations ({human(act + batch * kv_row)}) do not")
-                        + f": the smallest budget that runs is {setting}={_gib_up(need)}"
-                        + ("" if offload == "none" else " (weights streamed from host or NVMe)"))
+            raise LoomError(f"the weights ({human(size.weight_bytes)}) and one micro-batch's cache and activations "
+                            f"({human(one)}) do not fit the device's {human(free)} free with parallel.offload=none; "
+                            f"stream them (parallel.offload=nvme or cpu) or lower --batch-size")
+        raise LoomError(f"the device has {human(free)} free, but one layer's weights ({human(size.min_budget)}) and "
+                        f"one micro-batch's cache and activations ({human(one)}) need {human(size.min_budget + one)}; "
+                        f"lower --batch-size or the prompt and new-token lengths")
     best = max(o.tokens_per_second for o in options)
     chosen = min((o for o in options if o.tokens_per_second >= 0.98 * best),
                  key=lambda o: (["device", "host", "nvme"].index(o.weights), o.micro_batches, o.kv != "device"))

@@ -28,7 +28,7 @@ from core.inference.stream import WeightStream, plan_layers, smallest_budget
 class Settings:
     """The recipe keys a generation reads (`memory.*`, `parallel.offload`, `generate.*`)."""
 
-    device_gb: float = 0.0            # 0: what the device (on a CPU: the host) has free
+    device_gb: float = 0.0            # weights held on the device; 0: what its free memory leaves
     offload: str = "auto"             # auto | none | cpu | nvme
     nvme_dir: str = ""
     chunk_mb: float = 32.0
@@ -42,9 +42,7 @@ def measure_machine(device: torch.device, dtype: torch.dtype, settings: Settings
     from core.autoparallel.calibrate import disk_gbs, layer_overhead_us, matmul_tflops, memory_gbs
 
     cpu = device.type == "cpu"
-    if settings.device_gb > 0:
-        device_bytes = int(settings.device_gb * 2**30)
-    elif cpu:
+    if cpu:
         device_bytes = int(available_host_bytes() * 0.85)
     else:
         free, _ = torch.cuda.mem_get_info(device)
@@ -94,7 +92,8 @@ def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor
         raise LoomError(f"generate.kv: got {settings.kv!r}; allowed: auto, device, host")
     if machine is None:
         machine = measure_machine(device, dtype, settings, disk=settings.offload in ("auto", "nvme"))
-    placement = plan(size, machine, batch, prompt, new_tokens, rows, settings.offload, settings.micro_batches)
+    budget = int(settings.device_gb * 2**30) if settings.device_gb > 0 else None
+    placement = plan(size, machine, batch, prompt, new_tokens, rows, settings.offload, settings.micro_batches, budget)
     if settings.kv != "auto" and device.type != "cpu":
         placement.kv = settings.kv
     kv_device = device if placement.kv == "device" else torch.device("cpu")

@@ -167,21 +167,21 @@ def test_a_budget_below_one_layer_is_refused_naming_the_smallest(tmp_path):
     weights = dict(model.named_parameters())
     with pytest.raises(LoomError, match=r"smallest budget that runs is memory\.device_gb=") as e:
         streamed(lambda: GPT(model.cfg), weights, "nvme", 0.5, tmp_path)
-    gib = float(str(e.value).split("memory.device_gb=")[1].split()[0])
+    gib = float(str(e.value).split("memory.device_gb=")[-1].split()[0])
     engine, stream = streamed(lambda: GPT(model.cfg), weights, "nvme", int(gib * 2**30) + 1, tmp_path)
     stream.close()
 
 
 SIZE = ModelSize(weight_bytes=13 * 2**30, min_budget=420 * 2**20, params=6_700_000_000, layers=32, width=4096,
                  kv_width=4096, vocab=50272, element=2)
-CPU = Machine(device_bytes=3 * 2**30, host_bytes=3 * 2**30, flops=2e11, memory_bw=2e10, disk_read=1.3e9,
+CPU = Machine(device_bytes=8 * 2**30, host_bytes=8 * 2**30, flops=2e11, memory_bw=2e10, disk_read=1.3e9,
               host_link=float("inf"), cpu_only=True, layer_seconds=1e-4)
 
 
 def test_placement_streams_from_disk_and_prefers_more_micro_batches_when_disk_bound():
-    p = plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=64)
-    assert p.weights == "nvme" and p.micro_batches > 1
-    one = plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=64, micro_batches=1)
+    p = plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=64, weight_budget=2**31)
+    assert p.weights == "nvme" and p.micro_batches > 1 and p.weight_budget == 2**31
+    one = plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=64, micro_batches=1, weight_budget=2**31)
     assert p.tokens_per_second > 2 * one.tokens_per_second
     # fits: stays on the device and reads nothing
     small = ModelSize(**{**SIZE.__dict__, "weight_bytes": 2**30, "params": 500_000_000})
@@ -191,11 +191,14 @@ def test_placement_streams_from_disk_and_prefers_more_micro_batches_when_disk_bo
 
 
 def test_placement_refuses_a_budget_below_one_layer_naming_the_smallest():
-    tight = Machine(**{**CPU.__dict__, "device_bytes": 300 * 2**20})
     with pytest.raises(LoomError, match=r"the smallest budget that runs is memory\.device_gb=") as e:
-        plan(SIZE, tight, batch=8, prompt=64, new_tokens=32, rows=8)
-    gib = float(str(e.value).split("memory.device_gb=")[1].split()[0])
-    enough = Machine(**{**CPU.__dict__, "device_bytes": int(gib * 2**30) + 1})
-    assert plan(SIZE, enough, batch=8, prompt=64, new_tokens=32, rows=8).weights == "nvme"
+        plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=8, weight_budget=300 * 2**20)
+    gib = float(str(e.value).split("memory.device_gb=")[-1].split()[0])
+    assert plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=8,
+                weight_budget=int(gib * 2**30) + 1).weights == "nvme"
     with pytest.raises(LoomError, match="parallel.offload=none"):
         plan(SIZE, CPU, batch=8, prompt=64, new_tokens=32, rows=8, offload="none")
+    # a device too small for one layer and one micro-batch's cache: said, with what to lower
+    tight = Machine(**{**CPU.__dict__, "device_bytes": 300 * 2**20})
+    with pytest.raises(LoomError, match="lower --batch-size"):
+        plan(SIZE, tight, batch=8, prompt=64, new_tokens=32, rows=8)

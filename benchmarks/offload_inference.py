@@ -1,0 +1,284 @@
+"""Generation from a model larger than the memory it may use: Loom's streamed weights against
+Hugging Face accelerate's big-model inference, in the same run, under the same cgroup memory cap.
+
+    python -m benchmarks.offload_inference --quick     # OPT-125M shape, 1 GiB cap, 160 MiB for weights
+    python -m benchmarks.offload_inference             # OPT-6.7B shape (13 GB bf16), 4 GiB cap: long
+
+An OPT-architecture model with random bf16 weights is built on the meta device and written tensor by
+tensor as a Hugging Face folder (config.json + model.safetensors; never whole in memory). Each side
+runs in a child process inside a cgroup whose limit is the cap, generating `--new` tokens greedily
+after `--prompt`-token prompts (random ids, one seed), with the same budget for weights in memory:
+
+- loom: the path `python -m apps.gpt.generate` takes (`apps.gpt.generate.meta_model`,
+  `core.inference.runner.build_engine`, `Engine.generate`) with `memory.device_gb=BUDGET
+  parallel.offload=nvme`: weights in a pre-allocated file read with direct IO, read ahead while
+  the layer before computes. Once at batch 8 (`loom_n1`), once in the throughput mode with the
+  number of micro-batches the placement picks (`loom_best`: N micro-batches of 8 rows through each
+  layer per weight pass).
+- accelerate: `load_checkpoint_and_dispatch(device_map="auto", max_memory={"cpu": BUDGET},
+  offload_folder=...)` and transformers' `generate` at batch 8 (accelerate is the benchmark's
+  optional extra: `pip install -e ".[bench]"`; without it that side is skipped and said so).
+- in memory (no cap): Loom's engine with every weight in memory, at batch 8: its token ids must
+  equal the streamed run's.
+
+Prints JSON lines: tokens/s of each side, `offload_inference_speedup_vs_accelerate` (loom_n1 ÷
+accelerate, target ≥ 2) and `..._throughput_mode` (loom_best ÷ accelerate, target ≥ 5), and
+`offload_inference_disk_bound_fraction`: Loom's tokens/s ÷ the bound the disk sets (the rows of a
+pass ÷ (bytes of weights read per pass ÷ the disk's measured sequential read speed); target ≥ 0.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._machine import machine
+
+SHAPES = {   # hidden, layers, heads, ffn (OPT's published sizes; vocabulary 50272, 2048 positions)
+    "opt-125m": (768, 12, 12, 3072),
+    "opt-1.3b": (2048, 24, 32, 8192),
+    "opt-2.7b": (2560, 32, 32, 10240),
+    "opt-6.7b": (4096, 32, 32, 16384),
+    "opt-13b": (5120, 40, 40, 20480),
+}
+
+
+def opt_config(shape: str):
+    from transformers import OPTConfig
+
+    hidden, layers, heads, ffn = SHAPES[shape]
+    return OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     ffn_dim=ffn, max_position_embeddings=2048, word_embed_proj_dim=hidden, do_layer_norm_before=True,
+                     torch_dtype="bfloat16", architectures=["OPTForCausalLM"])
+
+
+def write_model(shape: str, folder: Path) -> Path:
+    """A Hugging Face OPT folder with random bf16 weights, one tensor in memory at a time."""
+    from transformers import OPTForCausalLM
+
+    from core.checkpoint.stream import SafetensorsWriter
+
+    done = folder / "model.safetensors"
+    if done.is_file() and (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = opt_config(shape)
+    with torch.device("meta"):
+        model = OPTForCausalLM(config)
+    specs = {n: (torch.bfloat16, p.shape) for n, p in model.state_dict().items() if n != "lm_head.weight"}
+    g = torch.Generator().manual_seed(0)
+    with SafetensorsWriter(folder / "partial.safetensors", specs, metadata={"format": "pt"}) as w:
+        for name, (dtype, shape_) in specs.items():
+            if name.endswith("bias"):
+                value = torch.zeros(shape_)
+            elif "layer_norm" in name:
+                value = torch.ones(shape_)
+            else:
+                value = torch.empty(shape_).normal_(0.0, 0.02, generator=g)
+            w.put(name, value.to(dtype))
+    os.replace(folder / "partial.safetensors", done)
+    config.save_pretrained(folder)
+    return folder
+
+
+def prompts(count: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(4, 50000, (count, length), generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+def child_loom(spec: dict) -> dict:
+    from apps.gpt.generate import meta_model
+    from core.inference.runner import Settings, build_engine
+
+    folder = Path(spec["folder"])
+    rows = prompts(spec["rows"], spec["prompt"])
+    t0 = time.perf_counter()
+    model, materialize, whole, _, _ = meta_model(folder)
+    settings = Settings(device_gb=spec["budget_gb"], offload=spec["offload"], nvme_dir=spec["nvme_dir"],
+                        micro_batches=spec["micro_batches"])
+    engine, placement = build_engine(model, materialize, whole, torch.device("cpu"), torch.bfloat16, settings,
+                                     spec["batch"], spec["prompt"], spec["new"], len(rows))
+    built = time.perf_counter() - t0
+    try:
+        result = engine.generate(rows, spec["new"], spec["batch"], placement.micro_batches, temperature=0.0)
+    finally:
+        if engine.stream is not None:
+            engine.stream.close()
+    return {"tokens_per_s": result.tokens_per_second, "seconds": result.seconds, "build_s": built,
+            "prefill_s": result.prefill_seconds, "passes": result.passes, "rows": len(rows),
+            "rows_per_pass": spec["batch"] * placement.micro_batches, "bytes_read": result.bytes_read,
+            "wait_s": result.wait_seconds, "micro_batches": placement.micro_batches,
+            "placement": placement.summary(), "predicted_tokens_per_s": placement.tokens_per_second,
+            "tokens": result.tokens[:spec["batch"]], "peak_rss_gib": _peak_rss()}
+
+
+def child_accelerate(spec: dict) -> dict:
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(spec["folder"])
+    rows = prompts(spec["rows"], spec["prompt"])
+    t0 = time.perf_counter()
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model.tie_weights()
+    budget = int(spec["budget_gb"] * 2**30)
+    model = load_checkpoint_and_dispatch(model, str(folder), device_map="auto", max_memory={"cpu": budget},
+                                         offload_folder=spec["offload_folder"], dtype=torch.bfloat16,
+                                         no_split_module_classes=["OPTDecoderLayer"])
+    model.eval()
+    built = time.perf_counter() - t0
+    ids = torch.tensor(rows)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new"],
+                             min_new_tokens=spec["new"], do_sample=False, pad_token_id=1)
+    seconds = time.perf_counter() - t0
+    places = sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()})
+    return {"tokens_per_s": len(rows) * spec["new"] / seconds, "seconds": seconds, "build_s": built,
+            "rows": len(rows), "device_map_places": places, "tokens": out[:, ids.shape[1]:].tolist(),
+            "peak_rss_gib": _peak_rss()}
+
+
+def _peak_rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def child(which: str, spec: dict) -> int:
+    torch.manual_seed(0)
+    out = child_loom(spec) if which == "loom" else child_accelerate(spec)
+    print("RESULT " + json.dumps(out))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+def run_child(which: str, spec: dict, cap, timeout: float) -> dict | None:
+    argv = [sys.executable, "-m", "benchmarks.offload_inference", "--child", which, "--spec", json.dumps(spec)]
+    t0 = time.perf_counter()
+    if cap is None:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    else:
+        cap.reset_peak()
+        r = cap.run(argv, timeout)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        why = "killed at the memory cap" if r.returncode in (137, -9) else f"exit {r.returncode}"
+        tail = (r.stderr or "").strip().splitlines()[-3:]
+        print(f"{which}: failed ({why}): {' | '.join(tail)}", file=sys.stderr)
+        return None
+    result = json.loads(line[len("RESULT "):])
+    result["wall_s"] = time.perf_counter() - t0
+    if cap is not None and cap.peak() is not None:
+        result["cgroup_peak_gib"] = cap.peak() / 2**30       # includes the page cache
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="OPT-125M shape, 1 GiB cap, 160 MiB of weights in memory")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--cap-gb", type=float, default=None, help="cgroup memory cap of each child")
+    ap.add_argument("--budget-gb", type=float, default=None, help="weights held in memory (both sides)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--max-micro-batches", type=int, default=8, help="prompts = batch x this; the placement picks N")
+    ap.add_argument("--folder", default="", help="where the model folder is written (kept for reuse)")
+    ap.add_argument("--nvme-dir", default="", help="the disk both sides offload to (default: the system's temp)")
+    ap.add_argument("--no-peer", action="store_true", help="skip accelerate")
+    ap.add_argument("--child", choices=("loom", "accelerate"), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child, json.loads(args.spec))
+    shape = args.shape or ("opt-125m" if args.quick else "opt-6.7b")
+    cap_gb = args.cap_gb or (1.0 if args.quick else 4.0)
+    budget_gb = args.budget_gb or (0.15625 if args.quick else 2.0)
+    from benchmarks.memory_capacity import MemoryCap
+    from core.autoparallel.calibrate import disk_gbs
+
+    scratch = Path(args.nvme_dir or tempfile.gettempdir())
+    folder = Path(args.folder) if args.folder else scratch / f"loom-bench-{shape}"
+    t0 = time.perf_counter()
+    write_model(shape, folder)
+    weights = (folder / "model.safetensors").stat().st_size
+    print(f"model: {shape}, {weights / 2**30:.2f} GiB of bf16 weights in {folder} ({time.perf_counter() - t0:.0f} s); "
+          f"cap {cap_gb} GiB, {budget_gb} GiB for weights", file=sys.stderr)
+    read_gbs = disk_gbs(scratch, 512 if not args.quick else 256)[1]
+    print(f"disk: sequential read {read_gbs:.2f} GB/s", file=sys.stderr)
+    base = {"folder": str(folder), "budget_gb": budget_gb, "prompt": args.prompt, "new": args.new,
+            "batch": args.batch, "nvme_dir": str(scratch), "offload": "nvme"}
+    info = machine()
+    results: dict[str, dict | None] = {}
+    cap = MemoryCap(int(cap_gb * 2**30))
+    timeout = 600 if args.quick else 7200
+    try:
+        results["loom_n1"] = run_child("loom", {**base, "rows": args.batch, "micro_batches": 1}, cap, timeout)
+        results["loom_best"] = run_child("loom", {**base, "rows": args.batch * args.max_micro_batches,
+                                                  "micro_batches": 0}, cap, timeout)
+        if not args.no_peer:
+            try:
+                import accelerate  # noqa: F401
+            except ImportError:
+                print("accelerate is not installed (pip install -e '.[bench]'): that side is skipped", file=sys.stderr)
+            else:
+                offload = Path(tempfile.mkdtemp(prefix="loom-bench-accelerate-", dir=scratch))
+                try:
+                    results["accelerate"] = run_child("accelerate", {**base, "rows": args.batch,
+                                                                     "offload_folder": str(offload)}, cap, timeout)
+                finally:
+                    shutil.rmtree(offload, ignore_errors=True)
+    finally:
+        cap.close()
+    results["in_memory"] = run_child("loom", {**base, "rows": args.batch, "micro_batches": 1, "offload": "none",
+                                              "budget_gb": 0.0}, None, timeout)
+    for name, r in results.items():
+        if r is not None:
+            shown = {k: v for k, v in r.items() if k != "tokens"}
+            print(json.dumps({"name": f"offload_inference_{name}", **shown, "machine": info}))
+    n1, best, peer, ref = (results.get(k) for k in ("loom_n1", "loom_best", "accelerate", "in_memory"))
+    if n1 and ref:
+        same = n1["tokens"] == ref["tokens"]
+        best_same = best is not None and best["tokens"] == ref["tokens"]
+        print(json.dumps({"name": "offload_inference_tokens_equal_in_memory", "value": same and best_same,
+                          "loom_n1": same, "loom_best_first_micro_batch": best_same}))
+    if peer and n1:
+        agree = sum(a == b for x, y in zip(n1["tokens"], peer["tokens"]) for a, b in zip(x, y))
+        total = sum(len(x) for x in n1["tokens"])
+        common = {"unit": "x", "shape": shape, "cap_gb": cap_gb, "budget_gb": budget_gb, "batch": args.batch,
+                  "baseline": "accelerate load_checkpoint_and_dispatch(device_map='auto', offload_folder) + "
+                              "transformers generate, same cap, budget and prompts", "machine": info,
+                  "greedy_tokens_agreeing_with_accelerate": f"{agree}/{total}"}
+        print(json.dumps({"name": "offload_inference_speedup_vs_accelerate",
+                          "value": n1["tokens_per_s"] / peer["tokens_per_s"], "target": 2.0, **common}))
+        if best:
+            print(json.dumps({"name": "offload_inference_speedup_vs_accelerate_throughput_mode",
+                              "value": best["tokens_per_s"] / peer["tokens_per_s"], "target": 5.0,
+                              "micro_batches": best["micro_batches"], **common}))
+    for name, r in (("n1", n1), ("best", best)):
+        if r and r["bytes_read"]:
+            per_pass = r["bytes_read"] / r["passes"]
+            bound = r["rows_per_pass"] / (per_pass / (read_gbs * 1e9))
+            print(json.dumps({"name": f"offload_inference_disk_bound_fraction_{name}",
+                              "value": r["tokens_per_s"] / bound, "target": 0.7, "unit": "x",
+                              "bytes_read_per_pass": per_pass, "disk_read_gbs": read_gbs,
+                              "bound_tokens_per_s": bound}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
