@@ -30,6 +30,7 @@ pass ÷ (bytes of weights read per pass ÷ the disk's measured sequential read s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -105,10 +106,11 @@ def child_loom(spec: dict) -> dict:
     folder = Path(spec["folder"])
     rows = prompts(spec["rows"], spec["prompt"])
     t0 = time.perf_counter()
-    model, materialize, whole, _, _ = meta_model(folder)
+    model, materialize, _, _ = meta_model(folder)
     settings = Settings(device_gb=spec["budget_gb"], offload=spec["offload"], nvme_dir=spec["nvme_dir"],
-                        micro_batches=spec["micro_batches"])
-    engine, placement = build_engine(model, materialize, whole, torch.device("cpu"), torch.bfloat16, settings,
+                        micro_batches=spec["micro_batches"], direct_io=spec.get("direct_io", True),
+                        io_threads=spec.get("io_threads", 4))
+    engine, placement = build_engine(model, materialize, torch.device("cpu"), torch.bfloat16, settings,
                                      spec["batch"], spec["prompt"], spec["new"], len(rows))
     built = time.perf_counter() - t0
     try:
@@ -200,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", default="", help="where the model folder is written (kept for reuse)")
     ap.add_argument("--nvme-dir", default="", help="the disk both sides offload to (default: the system's temp)")
     ap.add_argument("--no-peer", action="store_true", help="skip accelerate")
+    ap.add_argument("--buffered-io", action="store_true", help="Loom reads NVMe through the page cache "
+                    "(dropping what it read) instead of with direct IO")
+    ap.add_argument("--io-threads", type=int, default=4, help="Loom's reading threads")
+    ap.add_argument("--only", choices=("loom_n1", "loom_best", "accelerate", "in_memory"), nargs="*",
+                    help="run only these sides")
     ap.add_argument("--child", choices=("loom", "accelerate"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -221,19 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     read_gbs = disk_gbs(scratch, 512 if not args.quick else 256)[1]
     print(f"disk: sequential read {read_gbs:.2f} GB/s", file=sys.stderr)
     base = {"folder": str(folder), "budget_gb": budget_gb, "prompt": args.prompt, "new": args.new,
-            "batch": args.batch, "nvme_dir": str(scratch), "offload": "nvme"}
+            "batch": args.batch, "nvme_dir": str(scratch), "offload": "nvme", "direct_io": not args.buffered_io,
+            "io_threads": args.io_threads}
+    wanted = set(args.only or ("loom_n1", "loom_best", "accelerate", "in_memory"))
     info = machine()
     results: dict[str, dict | None] = {}
     cap = MemoryCap(int(cap_gb * 2**30))
     timeout = 600 if args.quick else 7200
     try:
-        results["loom_n1"] = run_child("loom", {**base, "rows": args.batch, "micro_batches": 1}, cap, timeout)
-        results["loom_best"] = run_child("loom", {**base, "rows": args.batch * args.max_micro_batches,
-                                                  "micro_batches": 0}, cap, timeout)
-        if not args.no_peer:
-            try:
-                import accelerate  # noqa: F401
-            except ImportError:
+        if "loom_n1" in wanted:
+            results["loom_n1"] = run_child("loom", {**base, "rows": args.batch, "micro_batches": 1}, cap, timeout)
+        if "loom_best" in wanted:
+            results["loom_best"] = run_child("loom", {**base, "rows": args.batch * args.max_micro_batches,
+                                                      "micro_batches": 0}, cap, timeout)
+        if not args.no_peer and "accelerate" in wanted:
+            if importlib.util.find_spec("accelerate") is None:
                 print("accelerate is not installed (pip install -e '.[bench]'): that side is skipped", file=sys.stderr)
             else:
                 offload = Path(tempfile.mkdtemp(prefix="loom-bench-accelerate-", dir=scratch))
@@ -244,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(offload, ignore_errors=True)
     finally:
         cap.close()
-    results["in_memory"] = run_child("loom", {**base, "rows": args.batch, "micro_batches": 1, "offload": "none",
-                                              "budget_gb": 0.0}, None, timeout)
+    if "in_memory" in wanted:
+        results["in_memory"] = run_child("loom", {**base, "rows": args.batch, "micro_batches": 1, "offload": "none",
+                                                  "budget_gb": 0.0}, None, timeout)
     for name, r in results.items():
         if r is not None:
             shown = {k: v for k, v in r.items() if k != "tokens"}

@@ -62,13 +62,20 @@ def save_config(model, folder: Path) -> None:
     model.hf_config().save_pretrained(str(Path(folder) / CONFIG_FOLDER))
 
 
-def checkpoint_model(folder: Path):
-    """The model a `model.hf` checkpoint was trained as, on one process, unfilled (the checkpoint's
-    weights are loaded into it)."""
-    from core.hf import HFCausalLM, load_config
+def checkpoint_config(folder: Path):
+    """The transformers config a `model.hf` checkpoint was trained with."""
+    from core.hf import load_config
 
     where = Path(folder) / CONFIG_FOLDER
     if not (where / "config.json").is_file():
         raise LoomError(f"{folder}: a model.hf checkpoint without {CONFIG_FOLDER}/config.json; it was not written "
                         f"by this version of Loom")
-    return HFCausalLM(load_config(where))
+    return load_config(where)
+
+
+def checkpoint_model(folder: Path):
+    """The model a `model.hf` checkpoint was trained as, on one process, unfilled (the checkpoint's
+    weights are loaded into it)."""
+    from core.hf import HFCausalLM
+
+    return HFCausalLM(checkpoint_config(folder))

@@ -282,7 +282,8 @@ class HFCausalLM(nn.Module):
         return ([InferenceLayer("embed", self._present(self.plan.embed_modules), embed)]
                 + [InferenceLayer(f"block{i}", (f"{self.plan.blocks}.{i}",), functools.partial(block, layer))
                    for i, layer in enumerate(self.blocks)]
-                + [InferenceLayer("head", self._present(self.plan.head_modules), lambda x, step: self._head(x[:, -1:]))])
+                + [InferenceLayer("head", self._present(self.plan.head_modules),
+                                  lambda x, step: self._head(x[:, -1:]))])
 
     def inference_shape(self) -> dict:
         """What the placement of a generation needs to know (`core.inference.placement`)."""

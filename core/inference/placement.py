@@ -142,8 +142,8 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
                 tokens = min(rows, n * batch)
 
                 def pass_time(per_row: int) -> float:
-                    compute = (2 * size.params * tokens * per_row / machine.flops + size.weight_bytes / machine.memory_bw
-                               + (size.layers + 2) * n * machine.layer_seconds)
+                    compute = (2 * size.params * tokens * per_row / machine.flops
+                               + size.weight_bytes / machine.memory_bw + (size.layers + 2) * n * machine.layer_seconds)
                     kv_move = kv / machine.host_link if kv_at == "host" else 0.0
                     return max(compute, read / link) + kv_move
 

@@ -1,10 +1,11 @@
 """From a model on the meta device to a generation engine: measure the machine, place the weights
-and the KV cache (`core.inference.placement`), then build the weights in memory or as a stream.
+and the KV cache (`core.inference.placement`), then make the weights in memory or as a stream.
 
-    engine, placement = build_engine(meta_model, materialize, in_memory, device, dtype, settings, ...)
+    engine, placement = build_engine(meta_model, materialize, device, dtype, settings, ...)
 
-`materialize(name, out)` writes parameter `name` (unsplit) into `out` (for streamed weights, chunk
-by chunk); `in_memory()` makes the whole model when the weights fit on the device.
+`materialize(name, out)` writes parameter `name` into `out` (this rank's part of it under tensor
+parallelism: `core.checkpoint.sharding.SplitDraw`): every parameter in place when the weights fit
+on the device, chunk by chunk as they go to their home in host memory or on NVMe otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from core.checkpoint.sharding import make_meta_parameters
 from core.errors import LoomError
 from core.inference.engine import Engine
 from core.inference.placement import Machine, ModelSize, Placement, available_host_bytes, plan
@@ -35,6 +37,7 @@ class Settings:
     io_threads: int = 4
     micro_batches: int = 0            # 0: the placement picks
     kv: str = "auto"                  # auto | device | host
+    direct_io: bool = True            # NVMe reads bypass the page cache (False: buffered, pages dropped after)
 
 
 def measure_machine(device: torch.device, dtype: torch.dtype, settings: Settings, disk: bool) -> Machine:
@@ -76,14 +79,15 @@ def model_size(model: nn.Module, layers, dtype: torch.dtype, chunk_mb: float) ->
     chunk_numel = max(1, int(chunk_mb * 2**20 / dtype.itemsize))
     sizes, per_layer, _ = plan_layers(model, layers, chunk_numel, dtype)
     shape = model.inference_shape()
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())                  # this rank's
+    parts = getattr(getattr(model, "mode", None), "size", 1)
     return ModelSize(weight_bytes=sum(sizes), min_budget=smallest_budget(sizes, per_layer),
-                     params=params, layers=shape["layers"], width=shape["width"], kv_width=shape["kv_width"],
+                     params=params, layers=shape["layers"], width=shape["width"], kv_width=shape["kv_width"] // parts,
                      vocab=shape["vocab"], element=dtype.itemsize)
 
 
 def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor], None],
-                 in_memory: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype, settings: Settings,
+                 device: torch.device, dtype: torch.dtype, settings: Settings,
                  batch: int, prompt: int, new_tokens: int, rows: int,
                  machine: Machine | None = None) -> tuple[Engine, Placement]:
     layers = meta_model.inference_layers()
@@ -98,11 +102,14 @@ def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor
         placement.kv = settings.kv
     kv_device = device if placement.kv == "device" else torch.device("cpu")
     if placement.weights == "device":
-        model = in_memory().to(device=device, dtype=dtype)
-        return Engine(model, device, kv_device=kv_device), placement
+        make_meta_parameters(meta_model, materialize)
+        for p in meta_model.parameters():
+            p.requires_grad_(False)
+        model = meta_model.to(device=device, dtype=dtype)
+        return Engine(model, device, kv_device=kv_device, layers=layers), placement
     base = Path(settings.nvme_dir or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     nvme_dir = tempfile.mkdtemp(prefix="loom-generate-", dir=base)      # scratch; deleted on close
     stream = WeightStream(meta_model, layers, placement.weights, placement.weight_budget, dtype, device,
-                          settings.chunk_mb, nvme_dir, settings.io_threads, materialize)
+                          settings.chunk_mb, nvme_dir, settings.io_threads, materialize, direct=settings.direct_io)
     return Engine(meta_model, device, stream=stream, kv_device=kv_device, layers=layers), placement

@@ -45,10 +45,28 @@ def layer_params(model: nn.Module, layer: InferenceLayer) -> list[nn.Parameter]:
     return out
 
 
+def layer_breaks(model: nn.Module, layers: list[InferenceLayer]) -> frozenset[str]:
+    """The parameters (in packing order) at which another layer's parameters begin: each layer's
+    weights then fill chunks of their own, and reading a layer reads nothing of its neighbours."""
+    owner: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer_params(model, layer):
+            owner.setdefault(id(p), i)
+    breaks, previous = set(), None
+    for name, p in packing_order(list(model.named_parameters())):
+        if owner.get(id(p)) != previous:
+            breaks.add(name)
+            previous = owner.get(id(p))
+    return frozenset(breaks)
+
+
 def plan_layers(model: nn.Module, layers: list[InferenceLayer], chunk_numel: int, dtype: torch.dtype):
-    """(chunk bytes, each layer's chunk indices in order of use) as the manager will pack them."""
+    """(chunk bytes, each layer's chunk indices in order of use) as the manager will pack them:
+    chunks of at most `chunk_numel` elements that never span two layers and carry no padding."""
     named = packing_order(list(model.named_parameters()))
-    planned = plan_chunks([p.numel() for _, p in named], chunk_numel, [p.requires_grad for _, p in named])
+    breaks = layer_breaks(model, layers)
+    planned = plan_chunks([p.numel() for _, p in named], chunk_numel, [p.requires_grad for _, p in named],
+                          breaks=[n in breaks for n, _ in named], trim=True)
     chunk_of: dict[int, int] = {}
     it = iter(named)
     for index, c in enumerate(planned):
@@ -87,7 +105,7 @@ class WeightStream:
     def __init__(self, model: nn.Module, layers: list[InferenceLayer], where: str, budget: int,
                  dtype: torch.dtype, device: torch.device, chunk_mb: float = 32.0, nvme_dir: str | Path = "",
                  io_threads: int = 4, materialize: Callable[[str, torch.Tensor], None] | None = None,
-                 setting: str = "memory.device_gb") -> None:
+                 setting: str = "memory.device_gb", direct: bool = True) -> None:
         if where not in ("host", "nvme"):
             raise ValueError(f"weights stream from host or nvme, not {where!r}")
         for p in model.parameters():
@@ -107,12 +125,14 @@ class WeightStream:
             used = [c.used * dtype.itemsize for c in planned]
             slot = max(c.capacity for c in planned) * dtype.itemsize
             home = NVMeStore(Path(nvme_dir or "nvme"), {"param": (len(planned), slot)}, threads=io_threads,
-                             used={"param": used}, setting="memory.nvme_dir")
+                             used={"param": used}, setting="memory.nvme_dir", direct=direct)
+            home.drop_cache = True
         else:
             home = MemoryStore(pin=torch.device(device).type == "cuda", threads=io_threads)
         self.home = home
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, AutoPolicy(),
-                                    prefetch=len(planned), materialize=materialize)
+                                    prefetch=len(planned), materialize=materialize,
+                                    breaks=layer_breaks(model, layers), trim=True)
         order: list[int] = []
         for chunks in self.per_layer:
             for c in chunks:
@@ -120,8 +140,38 @@ class WeightStream:
                     order.append(c)
         if len(order) > 1 and order[0] == order[-1]:    # a tied head and embedding: one use across the wrap
             order.pop()
-        self.manager.tracer.expect(order)
+        self.kept = self._keep(budget)
+        self._kept_set = kept = set(self.kept)
+        self.manager.tracer.expect([c for c in order if c not in kept] or order)
         self.manager.stats = MemoryStats()               # count what generation moves, not the build
+
+    def _keep(self, budget: int) -> list[int]:
+        """Chunks that stay on the device for good. Streaming a cyclic order through a budget
+        smaller than the model re-reads everything whatever is evicted (each chunk leaves before
+        its turn comes round again), so the budget is split: a window of two of the largest
+        layers streams (one computing, the next being read), and the rest holds chunks that are
+        then never read again, the most used first (a tied embedding serves two layers)."""
+        room = budget - min(budget, 2 * self.min_budget)
+        if budget >= self.total_bytes:
+            room = budget
+        uses: dict[int, int] = {}
+        for chunks in self.per_layer:
+            for c in chunks:
+                uses[c] = uses.get(c, 0) + 1
+        kept = []
+        for c in sorted(uses, key=lambda c: (-uses[c], c)):
+            chunk = self.manager.chunks[c]
+            if chunk.nbytes <= room:
+                room -= chunk.nbytes
+                kept.append(c)
+        self.manager.evict_all()
+        for c in kept:
+            chunk = self.manager.chunks[c]
+            self.manager.access(chunk)
+            for info in chunk.tensors:
+                chunk.set_state(info, S.COMPUTE)       # never evictable
+        self.manager.stats = MemoryStats()
+        return kept
 
     def start_pass(self) -> None:
         """A token step begins: the layers run from the first again."""
@@ -131,7 +181,8 @@ class WeightStream:
     def resident(self, index: int) -> Iterator[None]:
         """Layer `index`'s chunks on the device and pinned while the layer runs."""
         pinned = []
-        for c in self.per_layer[index]:
+        streamed = [c for c in self.per_layer[index] if c not in self._kept_set]
+        for c in streamed:
             chunk = self.manager.chunks[c]
             self.manager.access(chunk)
             for info in chunk.tensors:
@@ -143,12 +194,13 @@ class WeightStream:
         finally:
             for chunk, info in pinned:
                 chunk.set_state(info, S.HOLD_AFTER_FWD)
-            for c in self.per_layer[index]:
+            for c in streamed:
                 self.manager.release(self.manager.chunks[c])
 
     @property
     def bytes_read(self) -> int:
-        return self.manager.stats.bytes_in
+        """Bytes of weights moved to the device (what the store read, for NVMe)."""
+        return getattr(self.home, "bytes_read", None) or self.manager.stats.bytes_in
 
     def settle(self) -> None:
         """Wait for the reads in flight (those that began for a next pass that will not come)."""

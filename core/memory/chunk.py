@@ -48,7 +48,8 @@ class Planned(NamedTuple):
 
 
 def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = None,
-                world: int = 1, alone: int = 0) -> list[Planned]:
+                world: int = 1, alone: int = 0, breaks: list[bool] | None = None,
+                trim: bool = False) -> list[Planned]:
     """How parameters of these sizes pack, in order, into chunks of `capacity` elements (rounded
     up to a multiple of `world`): a parameter never spans two chunks, and a trained and a frozen
     one never share one. A parameter larger than `capacity` gets a chunk of its own, of its size:
@@ -56,13 +57,16 @@ def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = N
     as large as itself, which would leave a small device budget room for only two or three.
     `trained`: per parameter (default: all). The first `alone` parameters get a chunk each, of
     their own size (a weight tied across pipeline stages: the same chunk, so the same shards, on
-    both)."""
+    both). `breaks`: per parameter, whether a new chunk starts at it (generation keeps each layer
+    in chunks of its own); `trim`: every chunk only as large as what it holds (no padding to move
+    or to hold)."""
     capacity = _round_up(max(1, capacity), world)
     chunks: list[Planned] = []
     for i, n in enumerate(numels):
         kind = True if trained is None else trained[i]
         last = chunks[-1] if chunks else None
-        if last is None or last.used + n > last.capacity or last.trained != kind or i <= alone:
+        if (last is None or last.used + n > last.capacity or last.trained != kind or i <= alone
+                or (breaks is not None and breaks[i] and last.used > 0)):
             # a parameter packed alone, or larger than a chunk, gets a chunk of its own size: a
             # tied weight's chunk is then the same on every stage whatever the stage's chunk size
             last = Planned(0, kind, capacity if n <= capacity and i >= alone else _round_up(n, world), 0)
@@ -72,7 +76,7 @@ def plan_chunks(numels: list[int], capacity: int, trained: list[bool] | None = N
     # adapters, packed after the frozen weights, must not get a chunk as large as the model, with
     # states and gradient buffers to match)
     for i, c in enumerate(chunks):
-        if i + 1 == len(chunks) or chunks[i + 1].trained != c.trained:
+        if trim or i + 1 == len(chunks) or chunks[i + 1].trained != c.trained:
             chunks[i] = c._replace(capacity=min(c.capacity, _round_up(max(c.used, 1), world)))
     return chunks
 

@@ -162,7 +162,8 @@ class ChunkManager:
     parameters that were created on the meta device (a model too large to build in memory is
     built on `meta` and its weights made chunk by chunk). `on_master(chunk, fp32_shard)` receives
     the full-precision initial values of this rank's shard of each chunk as it is built.
-    The parameters named in `alone` come first, each in a chunk of its own.
+    The parameters named in `alone` come first, each in a chunk of its own; a new chunk starts at
+    each parameter named in `breaks`, and with `trim` no chunk is larger than what it holds.
     """
 
     def __init__(self, model: nn.Module, chunk_numel: int, dtype: torch.dtype, device: torch.device,
@@ -170,7 +171,7 @@ class ChunkManager:
                  axis: AxisGroup | None = None, shard_params: bool = False,
                  materialize: Callable[[str, torch.Tensor], None] | None = None,
                  on_master: Callable[[Chunk, torch.Tensor], None] | None = None,
-                 alone: tuple[str, ...] = ()) -> None:
+                 alone: tuple[str, ...] = (), breaks: frozenset[str] = frozenset(), trim: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.home = home
@@ -194,7 +195,8 @@ class ChunkManager:
         params = packing_order(list(model.named_parameters()), alone)     # tied parameters come once
         self.plan = plan_chunks([p.numel() for _, p in params], chunk_numel,
                                 [p.requires_grad for _, p in params], self.world,
-                                alone=sum(n in alone for n, _ in params))
+                                alone=sum(n in alone for n, _ in params),
+                                breaks=[n in breaks for n, _ in params] if breaks else None, trim=trim)
         element = torch.tensor([], dtype=dtype).element_size()
         self.chunk_numel = _round_up(max(1, chunk_numel), self.world)   # a parameter larger has its own
         self.chunk_bytes = self.chunk_numel * element

@@ -252,6 +252,7 @@ class NVMeStore(Store):
             raise LoomError(f"{self.setting} {self.folder} has {free / 2**30:.1f} GiB free but the offloaded "
                             f"state needs {need / 2**30:.1f} GiB; free space or point {self.setting} elsewhere")
         self.direct = direct and hasattr(os, "O_DIRECT")
+        self.drop_cache = False      # buffered reads: drop the pages read from the page cache afterwards
         self._fds: dict[str, int] = {}
         self.nbytes = need
         for kind in slots:
@@ -308,8 +309,8 @@ class NVMeStore(Store):
         # thread's aligned buffer.
         pos = 0
         try:
-            if flat.data_ptr() % ALIGN == 0:
-                direct_end = nbytes // ALIGN * ALIGN
+            if not self.direct or flat.data_ptr() % ALIGN == 0:
+                direct_end = nbytes if not self.direct else nbytes // ALIGN * ALIGN
                 while pos < direct_end:
                     n = min(PIECE, direct_end - pos)
                     # raw memory, not .numpy(): a tensor once seen by numpy can never be resized
@@ -338,6 +339,8 @@ class NVMeStore(Store):
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LoomError(f"{self.setting} {self.folder}: the disk is full") from None
             raise
+        if self.drop_cache and not self.direct and not write and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, base, nbytes, os.POSIX_FADV_DONTNEED)     # read once per pass: keep no copy
         with self._count:
             if write:
                 self.bytes_written += nbytes
