@@ -114,6 +114,7 @@ def child_loom(spec: dict) -> dict:
                         io_threads=spec.get("io_threads", 4))
     engine, placement = build_engine(model, materialize, torch.device("cpu"), torch.bfloat16, settings,
                                      spec["batch"], spec["prompt"], spec["new"], len(rows))
+    del materialize
     built = time.perf_counter() - t0
     try:
         result = engine.generate(rows, spec["new"], spec["batch"], placement.micro_batches, temperature=0.0)

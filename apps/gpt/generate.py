@@ -216,6 +216,7 @@ def generate(args, settings, folder: Path, tokenizer, prompts: list[list[int]], 
                         f"of {context} positions; shorten the prompt or --max-new-tokens")
     engine, placement = build_engine(model, materialize, device, dtype, settings, batch, longest,
                                      args.max_new_tokens, len(prompts))
+    del materialize                             # the checkpoint's files: every weight is made
     split = f" (each of {rt.world_size} ranks holds 1/{rt.world_size}: parallel.tp_mode=1d)" if mode else ""
     if main_rank:
         print(f"placement: {placement.summary()}{split}", file=sys.stderr)

@@ -193,6 +193,11 @@ class HFCausalLM(nn.Module):
         g = torch.Generator().manual_seed(self.init_seed * 1_000_003 + zlib.crc32(name.encode()))
         out.copy_(torch.empty(out.shape).normal_(0.0, std, generator=g))
 
+    def release_source(self) -> None:
+        """Let go of the folder's weights once every parameter is made (their memory-mapped files
+        would otherwise stay mapped, and count in the resident set, for as long as the model lives)."""
+        self.source = None
+
     # ------------------------------------------------------------------------ running it
 
     def _positions(self, local_length: int, device) -> torch.Tensor:

@@ -101,8 +101,11 @@ def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor
     if settings.kv != "auto" and device.type != "cpu":
         placement.kv = settings.kv
     kv_device = device if placement.kv == "device" else torch.device("cpu")
+    release = getattr(meta_model, "release_source", lambda: None)
     if placement.weights == "device":
+        meta_model.to(dtype=dtype)             # on meta: free; each weight is then made in its final dtype
         make_meta_parameters(meta_model, materialize)
+        release()
         for p in meta_model.parameters():
             p.requires_grad_(False)
         model = meta_model.to(device=device, dtype=dtype)
@@ -112,4 +115,5 @@ def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor
     nvme_dir = tempfile.mkdtemp(prefix="loom-generate-", dir=base)      # scratch; deleted on close
     stream = WeightStream(meta_model, layers, placement.weights, placement.weight_budget, dtype, device,
                           settings.chunk_mb, nvme_dir, settings.io_threads, materialize, direct=settings.direct_io)
+    release()
     return Engine(meta_model, device, stream=stream, kv_device=kv_device, layers=layers), placement

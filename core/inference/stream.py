@@ -3,12 +3,12 @@
 The model is built on the meta device; the chunk manager (`core.memory.manager`) makes its
 parameters chunk by chunk (`materialize` reads each tensor from the checkpoint), writes them home
 (host memory, or a pre-allocated file on NVMe read with direct IO) and keeps at most `budget`
-bytes of them on the device. Generation runs the layers in the same order at every token step,
-so that order is given to the manager up front (`Tracer.expect`, cyclic): from the first step on,
-while a layer computes, the chunks of the layers after it are read in the background as far as
-the budget allows, and when room is needed the chunk whose next use is furthest away leaves (in
-a cyclic order, the one just used: what a budget can keep of the model then stays put, and
-only the rest is read again at each step).
+bytes of them on the device. Each layer's parameters fill chunks of their own, with no padding:
+reading a layer reads nothing else. Part of the budget holds chunks for good; the rest is a window
+of two of the largest layers through which the others stream. Generation runs the layers in the
+same order at every token step, so that order is given to the manager up front (`Tracer.expect`,
+cyclic): while a layer computes, the chunks of the layers after it are read in the background as
+far as the window allows, wrapping round to the next step's first layers.
 
     stream = WeightStream(model, layers, "nvme", budget, torch.bfloat16, device, materialize=...)
     with stream.resident(i):        # layer i's weights on the device, pinned there

@@ -125,3 +125,30 @@ def test_bad_settings_and_budgets_are_refused_in_one_line(run, tmp_path):
         generate.main(base + ["--prompt-file", str(tmp_path / "empty.txt")])
     with pytest.raises(LoomError, match="parallel.offload: got 'disk'"):
         generate.main(base + ["parallel.offload=disk"])
+
+
+def test_a_model_hf_checkpoint_streams_like_it_loads(tmp_path):
+    """A run of a Hugging Face Llama (`model.hf`): its checkpoint generates the same from memory
+    and streamed, and what the model loaded whole generates one prompt at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, vocab_size=320,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path / "llama")
+    corpus = write_text_folder(tmp_path / "corpus")
+    pretrain.train(load_recipe(GPTRecipe, "gpt/tiny", [f"model.hf={tmp_path / 'llama'}", f"data.path={corpus}",
+                                                       "data.tokenizer=bytes", f"data.cache_dir={tmp_path / 'c'}",
+                                                       f"output.dir={tmp_path / 'run'}", "model.seq_len=32",
+                                                       "train.steps=2", "train.micro_batch=4", "train.progress=false",
+                                                       "sample.tokens=0"]))
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    common = ["--checkpoint", tmp_path / "run", "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", 8,
+              "--temperature", 0, "--batch-size", 3]
+    memory, _ = main(*common)
+    streamed, said = main(*common, "memory.device_gb=0.0002", "parallel.offload=nvme", f"memory.nvme_dir={tmp_path}/n",
+                          "memory.chunk_mb=0.01")
+    assert "streamed from nvme" in said
+    assert samples(streamed) == samples(memory)
+    prompts = [p for p in PROMPTS.splitlines() if p.strip()]
+    assert [s.split("\n", 1)[1] for s in samples(memory)] == one_at_a_time(tmp_path / "run", prompts, 8)
