@@ -10,7 +10,7 @@ A pass (one token step of every row of a group) reads the weights the device bud
 (with the chunk manager's cyclic eviction, what fits beyond two layers' worth stays put) and
 computes `2 x parameters` FLOPs per row and token, reads the resident weights from the device's
 memory, and pays a fixed cost per layer and micro-batch; reading overlaps computing, so a pass takes
-the longer of the two (plus reading the KV cache across the host link where it lives on the host).
+the longer of the two (their sum when the budget cannot hold two layers: nothing is read ahead) (plus reading the KV cache across the host link where it lives on the host).
 The first pass of a group reads the prompts whole. Tokens/s = rows x new tokens / time, and N is
 the one that predicts most, or the smallest within 2% of it (less memory, same speed).
 """
@@ -145,6 +145,8 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
                     compute = (2 * size.params * tokens * per_row / machine.flops
                                + size.weight_bytes / machine.memory_bw + (size.layers + 2) * n * machine.layer_seconds)
                     kv_move = kv / machine.host_link if kv_at == "host" else 0.0
+                    if read and budget < 2 * size.min_budget:    # no room to read the next layer meanwhile
+                        return compute + read / link + kv_move
                     return max(compute, read / link) + kv_move
 
                 total = pass_time(prompt) + (new_tokens - 1) * pass_time(1)
