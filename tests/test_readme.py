@@ -90,11 +90,15 @@ def test_every_entry_point_appears_in_the_readme():
 
 
 def test_every_generate_and_sample_line_parses():
+    from apps.gpt.generate import parse_settings
+
     for module, parse in (("apps.gpt.generate", generate_args), ("apps.diffusion.sample", sample_args)):
         lines = _entry_lines(module)
         assert lines, module
         for args in lines:
-            parse(args)
+            parsed = parse(args)
+            if module == "apps.gpt.generate":
+                parse_settings(parsed.settings)           # its key=value settings are known keys
 
 
 def test_recipes_named_in_the_readme_exist(tmp_path):

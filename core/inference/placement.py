@@ -139,9 +139,8 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
                     kept = max(0, budget - 2 * size.min_budget) if budget < size.weight_bytes else size.weight_bytes
                     read = size.weight_bytes - kept
                     link = machine.disk_read if where == "nvme" else machine.host_link
-                tokens = min(rows, n * batch)
 
-                def pass_time(per_row: int) -> float:
+                def pass_time(per_row: int, tokens: int) -> float:
                     compute = (2 * size.params * tokens * per_row / machine.flops
                                + size.weight_bytes / machine.memory_bw + (size.layers + 2) * n * machine.layer_seconds)
                     kv_move = kv / machine.host_link if kv_at == "host" else 0.0
@@ -149,9 +148,12 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
                         return compute + read / link + kv_move
                     return max(compute, read / link) + kv_move
 
-                total = pass_time(prompt) + (new_tokens - 1) * pass_time(1)
-                options.append(Placement(where, kv_at, n, budget, tokens * new_tokens / total, read, pass_time(1),
-                                         kv, act))
+                # the prompts go in groups of N micro-batches; the last group may be smaller, and
+                # costs nearly as much when the weights' reading sets the pace
+                groups = [n * batch] * (rows // (n * batch)) + ([rows % (n * batch)] if rows % (n * batch) else [])
+                total = sum(pass_time(prompt, g) + (new_tokens - 1) * pass_time(1, g) for g in groups)
+                options.append(Placement(where, kv_at, n, budget, rows * new_tokens / total, read,
+                                         pass_time(1, groups[0]), kv, act))
     if not options:
         one = act + batch * kv_row
         if offload == "none":
