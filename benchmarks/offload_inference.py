@@ -11,8 +11,8 @@ after `--prompt`-token prompts (random ids, one seed), with the same budget for 
 
 - loom: the path `python -m apps.gpt.generate` takes (`apps.gpt.generate.meta_model`,
   `core.inference.runner.build_engine`, `Engine.generate`) with `memory.device_gb=BUDGET
-  parallel.offload=nvme`: weights in a pre-allocated file read with direct IO, read ahead while
-  the layer before computes. Once at batch 8 with the same budget (`loom_n1`), once in the
+  parallel.offload=nvme`: weights in a pre-allocated file (read through the page cache and dropped
+  from it, or with `--direct-io`), read ahead while the layer before computes. Once at batch 8 with the same budget (`loom_n1`), once in the
   throughput mode with the number of micro-batches and the weight budget the placement picks from
   the memory the cap leaves (`loom_best`: N micro-batches of 8 rows through each layer per weight
   pass, their KV caches competing with the weights for that memory).
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", default="", help="where the model folder is written (kept for reuse)")
     ap.add_argument("--nvme-dir", default="", help="the disk both sides offload to (default: the system's temp)")
     ap.add_argument("--no-peer", action="store_true", help="skip accelerate")
-    ap.add_argument("--buffered-io", action="store_true", help="Loom reads NVMe through the page cache "
-                    "(dropping what it read) instead of with direct IO")
+    ap.add_argument("--direct-io", action="store_true", help="Loom reads NVMe with direct IO instead of through "
+                    "the page cache (dropping what it read), its default")
     ap.add_argument("--io-threads", type=int, default=4, help="Loom's reading threads")
     ap.add_argument("--only", choices=("loom_n1", "loom_best", "accelerate", "in_memory"), nargs="*",
                     help="run only these sides")
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"disk: sequential read {first['buffered_gbs']:.2f} GB/s through the page cache, {first['direct_gbs']:.2f} "
           f"GB/s with direct IO", file=sys.stderr)
     base = {"folder": str(folder), "budget_gb": budget_gb, "prompt": args.prompt, "new": args.new,
-            "batch": args.batch, "nvme_dir": str(scratch), "offload": "nvme", "direct_io": not args.buffered_io,
+            "batch": args.batch, "nvme_dir": str(scratch), "offload": "nvme", "direct_io": args.direct_io,
             "io_threads": args.io_threads}
     wanted = set(args.only or ("loom_n1", "loom_best", "accelerate", "in_memory"))
     info = machine()
