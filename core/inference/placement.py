@@ -18,9 +18,7 @@ the one that predicts most, or the smallest within 2% of it (less memory, same s
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from core.errors import LoomError
 from core.memory.manager import human
@@ -187,45 +185,3 @@ def _gib_up(nbytes: int) -> str:
     from core.inference.stream import gib_up
 
     return gib_up(nbytes)
-
-
-def available_host_bytes() -> int:
-    """Memory this process may still take: the smaller of the kernel's MemAvailable and what the
-    cgroup's limit leaves (v1 or v2)."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    limit = None
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            parts = line.split(":", 2)
-            if len(parts) != 3:
-                continue
-            if "memory" in parts[1].split(","):
-                base = Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
-                lim, use = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
-            elif parts[1] == "":
-                base = Path("/sys/fs/cgroup") / parts[2].lstrip("/")
-                lim, use = base / "memory.max", base / "memory.current"
-            else:
-                continue
-            if lim.is_file():
-                text = lim.read_text().strip()
-                if text != "max" and int(text) < 2**60:
-                    rss = _rss()
-                    limit = int(text) - rss if rss else int(text) - int(use.read_text())
-    except (OSError, ValueError):
-        pass
-    found = [x for x in (avail, limit) if x is not None]
-    return min(found) if found else 8 * 2**30
-
-
-def _rss() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0

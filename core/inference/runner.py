@@ -22,8 +22,9 @@ from torch import nn
 from core.checkpoint.sharding import make_meta_parameters
 from core.errors import LoomError
 from core.inference.engine import Engine
-from core.inference.placement import Machine, ModelSize, Placement, available_host_bytes, plan
+from core.inference.placement import Machine, ModelSize, Placement, plan
 from core.inference.stream import WeightStream, plan_layers, smallest_budget
+from core.memory.usage import host_room
 
 
 @dataclass
@@ -48,7 +49,7 @@ def measure_machine(device: torch.device, dtype: torch.dtype, settings: Settings
 
     cpu = device.type == "cpu"
     if cpu:
-        device_bytes = int(available_host_bytes() * 0.85)
+        device_bytes = int(host_room() * 0.85)
     else:
         free, _ = torch.cuda.mem_get_info(device)
         device_bytes = int(free * 0.9)
@@ -72,7 +73,7 @@ def measure_machine(device: torch.device, dtype: torch.dtype, settings: Settings
             dev.copy_(host, non_blocking=True)
         torch.cuda.synchronize(device)
         link = 4 * host.numel() / (time.perf_counter() - t0)
-    return Machine(device_bytes=device_bytes, host_bytes=int(available_host_bytes() * 0.85), flops=flops,
+    return Machine(device_bytes=device_bytes, host_bytes=int(host_room() * 0.85), flops=flops,
                    memory_bw=bandwidth, disk_read=read, host_link=link, cpu_only=cpu,
                    layer_seconds=layer_overhead_us(device) * 1e-6)
 

@@ -71,11 +71,6 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
-    @staticmethod
-    def bytes_per_token(layers: int, kv_width: int, dtype: torch.dtype) -> int:
-        """Bytes one position of one row takes (keys and values of every layer)."""
-        return 2 * layers * kv_width * dtype.itemsize
-
 
 @dataclass
 class Step:

@@ -15,8 +15,8 @@ def _status(key: str) -> int:
     return 0
 
 
-def _cgroup_limit() -> int | None:
-    """This process's cgroup memory limit and current usage (v1 or v2), if there is a limit."""
+def _cgroup_files() -> tuple[Path, Path] | None:
+    """This process's cgroup memory limit and usage files (v1 or v2)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -27,20 +27,41 @@ def _cgroup_limit() -> int | None:
             continue
         if "memory" in parts[1].split(","):
             base = Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
-            limit, usage = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
-        elif parts[1] == "":
+            return base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+        if parts[1] == "":
             base = Path("/sys/fs/cgroup") / parts[2].lstrip("/")
-            limit, usage = base / "memory.max", base / "memory.current"
-        else:
-            continue
-        try:
-            text = limit.read_text().strip()
-            if text == "max" or int(text) >= 1 << 60:
-                return None
-            return int(text) - int(usage.read_text())
-        except (OSError, ValueError):
-            return None
+            return base / "memory.max", base / "memory.current"
     return None
+
+
+def _cgroup_bytes() -> tuple[int, int] | None:
+    """(limit, usage) of this process's cgroup, if it has a limit."""
+    files = _cgroup_files()
+    if files is None:
+        return None
+    try:
+        text = files[0].read_text().strip()
+        if text == "max" or int(text) >= 1 << 60:
+            return None
+        return int(text), int(files[1].read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_limit() -> int | None:
+    """What the cgroup's limit leaves beyond its current usage, if there is a limit."""
+    found = _cgroup_bytes()
+    return None if found is None else found[0] - found[1]
+
+
+def host_room() -> int:
+    """Host memory this process may still take for itself: the smaller of MemAvailable and what
+    the cgroup's limit leaves beyond this process's resident set. Unlike `free_bytes` it does not
+    count the cgroup's page cache as used (the kernel reclaims it under the limit): a file just
+    written or read, or a previous process of the same cgroup, leaves it full."""
+    available = _status_meminfo("MemAvailable")
+    found = _cgroup_bytes()
+    return available if found is None else min(available, found[0] - _status("VmRSS"))
 
 
 def process_bytes(device: torch.device) -> int:

@@ -97,13 +97,7 @@ def test_hugging_face_families_generate_with_the_cache(kind, tmp_path):
 def test_streamed_weights_equal_in_memory_and_stay_within_the_budget(where, tmp_path):
     model = gpt()
     ref = reference(model, PROMPTS, 10)
-    weights = dict(model.named_parameters())
-    seed = model.init_seed
-
-    def make():
-        m = GPT(model.cfg)
-        m.init_seed = seed
-        return m
+    weights, make = dict(model.named_parameters()), lambda: GPT(model.cfg)
 
     for held, micro in ((2, 1), (2.5, 3), (10**8, 1)):
         engine, stream = streamed(make, weights, where, held, tmp_path)
@@ -128,13 +122,7 @@ def test_micro_batches_share_one_weight_pass(tmp_path):
     """N micro-batches through each layer while it is resident: the weights are read once per pass
     of all of them, not once per micro-batch."""
     model = gpt()
-    weights = dict(model.named_parameters())
-    seed = model.init_seed
-
-    def make():
-        m = GPT(model.cfg)
-        m.init_seed = seed
-        return m
+    weights, make = dict(model.named_parameters()), lambda: GPT(model.cfg)
 
     reads = {}
     for micro in (1, 4):
