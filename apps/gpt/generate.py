@@ -36,6 +36,7 @@ from core.checkpoint import CheckpointIO, latest_checkpoint
 from core.config import load_recipe
 from core.distributed.launch import launch
 from core.errors import LoomError
+from core.inference.engine import check_context
 from core.inference.runner import Settings, build_engine
 
 
@@ -151,11 +152,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def meta_model(folder: Path, mode=None):
     """The model of a checkpoint or Hugging Face folder on the meta device (split by `mode`, a 1D
     tensor-parallel mode, when given), how to fill in each of its parameters (this rank's part),
-    the dtype its weights are stored in, and its context length."""
+    and the dtype its weights are stored in."""
     from core.checkpoint.convert import Source
     from core.checkpoint.sharding import SplitDraw
     from core.hf import HFCausalLM
-    from core.hf.causal_lm import context_length
 
     if (folder / "meta.json").is_file():
         cfg = load_recipe(GPTRecipe, folder / "config.yaml")
@@ -173,15 +173,13 @@ def meta_model(folder: Path, mode=None):
                 raise LoomError(f"{folder}: the checkpoint has no tensor {name}")
             out.copy_(source.read(key))
 
-        stored = source.shape_dtype(next(iter(source.names)))[1]
-        context = context_length(model.config) if cfg.model.hf else cfg.model.seq_len
-        return model, SplitDraw(model, read), stored, context
+        return model, SplitDraw(model, read), source.shape_dtype(next(iter(source.names)))[1]
     with torch.device("meta"):
         model = HFCausalLM.from_folder(folder, mode)
     stored = torch.float32
     if model.source is not None:
         stored = model.source.get(model.source.names[0]).dtype
-    return model, SplitDraw(model, model.init_parameter), stored, context_length(model.config)
+    return model, SplitDraw(model, model.init_parameter), stored
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,15 +203,13 @@ def generate(args, settings, folder: Path, tokenizer, prompts: list[list[int]], 
         from core.tensor import make_mode
 
         mode = make_mode("1d", ParallelMesh.build(Layout(tp=rt.world_size), device))
-    model, materialize, stored, context = meta_model(folder, mode)
+    model, materialize, stored = meta_model(folder, mode)
     dtype = stored if args.dtype == "auto" else DTYPES[args.dtype]
     if not dtype.is_floating_point:
         dtype = torch.float32
     batch = args.batch_size or len(prompts)
     longest = max(len(p) for p in prompts)
-    if longest + args.max_new_tokens > context:
-        raise LoomError(f"a prompt of {longest} tokens and {args.max_new_tokens} new ones exceed the model's context "
-                        f"of {context} positions; shorten the prompt or --max-new-tokens")
+    check_context(model.inference_shape()["context"], longest, args.max_new_tokens)     # before the build
     engine, placement = build_engine(model, materialize, device, dtype, settings, batch, longest,
                                      args.max_new_tokens, len(prompts))
     del materialize                             # the checkpoint's files: every weight is made
@@ -230,12 +226,11 @@ def generate(args, settings, folder: Path, tokenizer, prompts: list[list[int]], 
                mininterval=1.0, disable=not sys.stderr.isatty() or not main_rank)
     try:
         result = engine.generate(prompts, args.max_new_tokens, batch, placement.micro_batches, args.temperature,
-                                 args.top_k, args.top_p, stop, gen, pad=tokenizer.eot_id, context=context,
+                                 args.top_k, args.top_p, stop, gen, pad=tokenizer.eot_id,
                                  progress=lambda done, total: bar.update(1))
     finally:
         bar.close()
-        if engine.stream is not None:
-            engine.stream.close()
+        engine.close()
     if not main_rank:
         return 0
     for i, (ids, new) in enumerate(zip(prompts, result.tokens)):

@@ -197,13 +197,7 @@ class GPT(nn.Module):
 
         if self.seq is not None:
             raise LoomError("a sequence-parallel model does not generate; load its checkpoint without parallel.sp")
-        def embed(ids, step):
-            if int(step.positions.max()) >= self.cfg.seq_len:
-                raise LoomError(f"generation reaches position {int(step.positions.max())}, past model.seq_len="
-                                f"{self.cfg.seq_len}")
-            return self.wte(ids) + self.wpe(step.positions)
-
-        return ([InferenceLayer("embed", ("wte", "wpe"), embed)]
+        return ([InferenceLayer("embed", ("wte", "wpe"), lambda ids, step: self.wte(ids) + self.wpe(step.positions))]
                 + [InferenceLayer(f"block{i}", (f"blocks.{i}",),
                                   functools.partial(lambda block, x, step: block(x, step.cache, step.mask), block))
                    for i, block in enumerate(self.blocks)]

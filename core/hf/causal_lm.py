@@ -273,12 +273,7 @@ class HFCausalLM(nn.Module):
 
         if self.seq is not None:
             raise LoomError("a sequence-parallel model does not generate; load its checkpoint without parallel.sp")
-        limit = context_length(self.config)
-
         def embed(ids, step):
-            if int(step.positions.max()) >= limit:
-                raise LoomError(f"generation reaches position {int(step.positions.max())}, past the model's "
-                                f"context ({limit})")
             return self.plan.embed(self, ids, step.positions)
 
         def block(layer, x, step):

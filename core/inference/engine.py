@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +31,13 @@ from core.errors import LoomError
 from core.inference.steps import KVCache, make_step
 from core.inference.stream import WeightStream
 from core.sampling import choose_tokens
+
+
+def check_context(context: int, longest: int, new_tokens: int) -> None:
+    """Refuse, before anything runs, a generation that would go past the model's positions."""
+    if longest + new_tokens > context:
+        raise LoomError(f"a prompt of {longest} tokens and {new_tokens} new ones exceed the model's context of "
+                        f"{context} positions; shorten the prompt or --max-new-tokens")
 
 
 @dataclass
@@ -43,7 +50,6 @@ class GenerationResult:
     bytes_read: int = 0                           # weights moved to the device
     wait_seconds: float = 0.0                     # compute waiting for weights
     kv_bytes: int = 0                             # the KV caches of one group
-    notes: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,6 +68,7 @@ class Engine:
         self.kv_device = torch.device(kv_device) if kv_device is not None else self.device
         self.layers = layers if layers is not None else model.inference_layers()
         self.blocks = len(self.layers) - 2
+        self.context = model.inference_shape()["context"]
         self.mode = getattr(model, "mode", None)
         if self.mode is not None and self.mode.size > 1 and self.mode.batch_parts > 1:
             raise LoomError(f"generation splits models by parallel.tp_mode=1d only (got {self.mode.name}); "
@@ -89,8 +96,7 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 0, micro_batches: int = 1,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: int | None = None,
-                 generator: torch.Generator | None = None, pad: int = 0, context: int | None = None,
-                 progress=None) -> GenerationResult:
+                 generator: torch.Generator | None = None, pad: int = 0, progress=None) -> GenerationResult:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LoomError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -105,9 +111,7 @@ class Engine:
         for g0 in range(0, len(prompts), group_rows):
             rows = list(range(g0, min(g0 + group_rows, len(prompts))))
             longest = max(len(prompts[r]) for r in rows)
-            if context is not None and longest + max_new_tokens > context:
-                raise LoomError(f"a prompt of {longest} tokens and {max_new_tokens} new ones exceed the model's "
-                                f"context of {context} positions; shorten the prompt or --max-new-tokens")
+            check_context(self.context, longest, max_new_tokens)
             mbs = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
             ids, pads, caches = [], [], []
             for mb in mbs:
@@ -151,3 +155,8 @@ class Engine:
             result.bytes_read = self.stream.bytes_read - read0
             result.wait_seconds = self.stream.manager.stats.wait_seconds - wait0
         return result
+
+    def close(self) -> None:
+        """Remove a stream's scratch files (weights in memory need nothing)."""
+        if self.stream is not None:
+            self.stream.close()

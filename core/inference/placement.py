@@ -10,7 +10,8 @@ A pass (one token step of every row of a group) reads the weights the device bud
 (with the chunk manager's cyclic eviction, what fits beyond two layers' worth stays put) and
 computes `2 x parameters` FLOPs per row and token, reads the resident weights from the device's
 memory, and pays a fixed cost per layer and micro-batch; reading overlaps computing, so a pass takes
-the longer of the two (their sum when the budget cannot hold two layers: nothing is read ahead) (plus reading the KV cache across the host link where it lives on the host).
+the longer of the two (their sum when the budget cannot hold two layers: nothing is read ahead),
+plus reading the KV cache across the host link where it lives on the host.
 The first pass of a group reads the prompts whole. Tokens/s = rows x new tokens / time, and N is
 the one that predicts most, or the smallest within 2% of it (less memory, same speed).
 """
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from core.errors import LoomError
+from core.inference.stream import gib_up
 from core.memory.manager import human
 
 
@@ -95,7 +97,7 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
     if weight_budget is not None and weight_budget < size.min_budget and offload != "none":
         raise LoomError(f"{setting}={weight_budget / 2**30:g} cannot hold even one layer's weights "
                         f"({human(size.min_budget)}): the smallest budget that runs is {setting}="
-                        f"{_gib_up(size.min_budget)} (weights streamed from host or NVMe; about twice that lets "
+                        f"{gib_up(size.min_budget)} (weights streamed from host or NVMe; about twice that lets "
                         f"reading overlap computing)")
     kv_row = 2 * size.layers * size.kv_width * size.element * (prompt + new_tokens)
     act = activation_bytes(size, batch, prompt)
@@ -180,8 +182,3 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
         chosen.lines.append(f"  does not fit: {reason}")
     return chosen
 
-
-def _gib_up(nbytes: int) -> str:
-    from core.inference.stream import gib_up
-
-    return gib_up(nbytes)

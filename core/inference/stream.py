@@ -61,8 +61,9 @@ def layer_breaks(model: nn.Module, layers: list[InferenceLayer]) -> frozenset[st
 
 
 def plan_layers(model: nn.Module, layers: list[InferenceLayer], chunk_numel: int, dtype: torch.dtype):
-    """(chunk bytes, each layer's chunk indices in order of use) as the manager will pack them:
-    chunks of at most `chunk_numel` elements that never span two layers and carry no padding."""
+    """(chunk bytes, each layer's chunk indices in order of use, the planned chunks, the parameters
+    where a layer's chunks begin) as the manager will pack them: chunks of at most `chunk_numel`
+    elements that never span two layers and carry no padding."""
     named = packing_order(list(model.named_parameters()))
     breaks = layer_breaks(model, layers)
     planned = plan_chunks([p.numel() for _, p in named], chunk_numel, [p.requires_grad for _, p in named],
@@ -80,7 +81,7 @@ def plan_layers(model: nn.Module, layers: list[InferenceLayer], chunk_numel: int
             if chunk_of[id(p)] not in order:
                 order.append(chunk_of[id(p)])
         per_layer.append(order)
-    return sizes, per_layer, planned
+    return sizes, per_layer, planned, breaks
 
 
 def smallest_budget(sizes: list[int], per_layer: list[list[int]]) -> int:
@@ -112,7 +113,7 @@ class WeightStream:
             p.requires_grad_(False)
         self.model, self.layers, self.where = model, layers, where
         chunk_numel = max(1, int(chunk_mb * 2**20 / dtype.itemsize))
-        sizes, self.per_layer, planned = plan_layers(model, layers, chunk_numel, dtype)
+        sizes, self.per_layer, planned, breaks = plan_layers(model, layers, chunk_numel, dtype)
         self.total_bytes = sum(sizes)
         self.min_budget = smallest_budget(sizes, self.per_layer)
         if budget < self.min_budget:
@@ -137,7 +138,7 @@ class WeightStream:
         return_freed_buffers_to_the_os(1 << 20, keep_top=2 << 20)
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, AutoPolicy(),
                                     prefetch=len(planned), materialize=materialize,
-                                    breaks=layer_breaks(model, layers), trim=True)
+                                    breaks=breaks, trim=True)
         return_freed_buffers_to_the_os(1 << 20, keep_top=2 << 20)       # the manager sets its own
         order: list[int] = []
         for chunks in self.per_layer:
@@ -176,7 +177,6 @@ class WeightStream:
             self.manager.access(chunk)
             for info in chunk.tensors:
                 chunk.set_state(info, S.COMPUTE)       # never evictable
-        self.manager.stats = MemoryStats()
         return kept
 
     def start_pass(self) -> None:
@@ -210,9 +210,7 @@ class WeightStream:
 
     def settle(self) -> None:
         """Wait for the reads in flight (those that began for a next pass that will not come)."""
-        self.manager.settle_all()
-        for index in list(self.manager._pending):
-            self.manager.wait(self.manager.chunks[index])
+        self.manager.drain()
 
     def close(self) -> None:
         self.settle()

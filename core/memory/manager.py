@@ -474,8 +474,12 @@ class ChunkManager:
                 handle.remove()
             self.tracer = saved
 
-    def end_step(self) -> None:
+    def drain(self) -> None:
+        """Wait for every update and every transfer in flight."""
         self.settle_all()
         for index in list(self._pending):
             self._wait(self.chunks[index])
+
+    def end_step(self) -> None:
+        self.drain()
         self.tracer.end_step()

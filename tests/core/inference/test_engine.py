@@ -47,7 +47,7 @@ def streamed(make_meta, weights, where, layers_held, tmp_path, chunk_mb=0.004):
     with torch.device("meta"):
         meta = make_meta()
     layers = meta.inference_layers()
-    sizes, per_layer, _ = plan_layers(meta, layers, int(chunk_mb * 2**20 / 4), torch.float32)
+    sizes, per_layer, _, _ = plan_layers(meta, layers, int(chunk_mb * 2**20 / 4), torch.float32)
     budget = int(layers_held * smallest_budget(sizes, per_layer)) if layers_held < 1000 else int(layers_held)
     stream = WeightStream(meta, layers, where, budget, torch.float32, torch.device("cpu"), chunk_mb=chunk_mb,
                           nvme_dir=tmp_path / "nvme", materialize=lambda name, out: out.copy_(weights[name]))
