@@ -68,3 +68,52 @@ def transpose_square_(z: torch.Tensor, block: int) -> torch.Tensor:
             z[i0:i1, j0:j1] = z[j0:j1, i0:i1].transpose(0, 1)
             z[j0:j1, i0:i1] = upper.transpose(0, 1)
     return z
+
+
+class PairRows:
+    """The pair representation z [N, N, C] as this rank holds it for the whole model: its block of
+    rows, `local` [P / p, P, C] where P is N padded to a multiple of the group size p. Rank r
+    holds rows r * P / p onwards; the padding (rows and columns from N on) is masked out wherever
+    it is read. With one rank, `local` is z itself. `whole()` gathers z (every rank must call it)."""
+
+    def __init__(self, local: torch.Tensor, ax: Axial, n: int) -> None:
+        self.local, self.ax, self.n = local, ax, n
+        self.start = ax.rank * local.shape[0]
+        self.stop = min(self.start + local.shape[0], n)          # real rows: [start, stop)
+        self.shape = torch.Size((n, n, local.shape[-1]))
+        self.dtype, self.device = local.dtype, local.device
+
+    @classmethod
+    def zeros(cls, ax: Axial, n: int, channels: int, like: torch.Tensor) -> "PairRows":
+        padded = ax.padded(n)
+        return cls(like.new_zeros(padded // ax.size, padded, channels), ax, n)
+
+    @classmethod
+    def of(cls, z: torch.Tensor, ax: Axial) -> "PairRows":
+        """This rank's rows of a whole z (a copy, padded; z itself with one rank)."""
+        n = z.shape[0]
+        if ax.size == 1:
+            return cls(z, ax, n)
+        out = cls.zeros(ax, n, z.shape[-1], z)
+        part = z[out.start:out.stop]
+        out.local[:part.shape[0], :n] = part
+        return out
+
+    def dim(self) -> int:
+        return 3
+
+    def real(self) -> torch.Tensor:
+        """The real rows and columns this rank holds: [stop - start, N, C] (a view)."""
+        return self.local[:max(self.stop - self.start, 0), :self.n]
+
+    def clear_padding_(self) -> None:
+        """Zero the padded rows and columns (operations leave values there that nothing reads)."""
+        self.local[:, self.n:] = 0
+        self.local[max(self.stop - self.start, 0):] = 0
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's [P / p, ...] per-row result (rows beyond N included), as [N, ...]."""
+        return self.ax.gather(rows, dim=0)[:self.n]
+
+    def whole(self) -> torch.Tensor:
+        return self.gather_rows(self.local)[:, :self.n]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apps.protein.axial import Axial
+from apps.protein.axial import Axial, PairRows
 from apps.protein.plan import GIB, Plan, Shapes, blocks, choose, longest, strip_spans, what_fits
 from apps.protein.spill import HeldUpdates, WaitingUpdates
 from core.errors import LoomError
@@ -31,6 +31,7 @@ from core.memory.usage import free_bytes, process_bytes
 # Where the budget leaves a choice, blocks whose temporaries stay under these run fastest (measured
 # on the CPU: beyond a few tens of MiB each block's fresh pages cost more than the extra steps).
 PREFER_CPU_CHUNK = 64 << 20
+MIN_CPU_CHUNK = 4 << 20
 PREFER_GPU_CHUNK = 2 << 30
 # What the plan leaves free beyond its estimates (and at least 10% of what is free): the
 # allocator's slack, torch's own temporaries inside an operation, and the row blocks OpenFold's
@@ -379,7 +380,12 @@ class _State:
         self.msa_mask = F.pad(msa_mask, (0, np_ - n, 0, sp - s))    # whole (padded); small
         self.pair_mask = F.pad(pair_mask, (0, np_ - n, 0, np_ - n))
         self.m, self.m_layout = _local_rows(m, ax, sp, np_), "S"
-        self.z, self.z_layout = _local_rows(z, ax, np_, np_), "R"
+        if isinstance(z, PairRows):            # already this rank's rows, padded
+            z.clear_padding_()
+            self.z = z.local
+        else:
+            self.z = _local_rows(z, ax, np_, np_)
+        self.z_layout = "R"
 
     def settle(self) -> None:
         """Between operations on the host: the heap's freed holes go back to the OS, so that one
@@ -429,16 +435,21 @@ class _State:
         del parts
         return bias.permute(*order).contiguous()
 
-    def finish(self, m_out: torch.Tensor, z_out: torch.Tensor) -> None:
-        """Write the whole m and z (layout S and R) into the caller's tensors."""
+    def finish(self, m_out: torch.Tensor, z_out) -> PairRows | None:
+        """Write the whole m (layout S) into the caller's tensor, and z (layout R): into the
+        caller's whole z, or, given `PairRows`, as this rank's rows (returned)."""
         self.msa_layout("S")
         self.pair_layout("R")
+        rows = PairRows(self.z, self.ax, z_out.n) if isinstance(z_out, PairRows) else None
         if self.ax.size == 1:
-            return                                                   # updated in place all along
+            return rows                                              # updated in place all along
         m_full = self.ax.gather(self.m, dim=0)
-        z_full = self.ax.gather(self.z, dim=0)
         m_out.copy_(m_full[: m_out.shape[0], : m_out.shape[1]])
-        z_out.copy_(z_full[: z_out.shape[0], : z_out.shape[1]])
+        del m_full
+        if rows is None:
+            z_full = self.ax.gather(self.z, dim=0)
+            z_out.copy_(z_full[: z_out.shape[0], : z_out.shape[1]])
+        return rows
 
 
 class Stack(nn.Module):
@@ -463,21 +474,24 @@ class Stack(nn.Module):
         self.ax, self.budget, self.plan, self.spill_dir = ax, budget, plan, spill_dir or None
         return self
 
-    def shapes(self, s: int, n: int, bytes_per: int) -> Shapes:
+    def shapes(self, s: int, n: int, bytes_per: int, pair_split: bool = True) -> Shapes:
         d = self.dims
         return Shapes(s=s, n=n, c_m=d["c_m"], c_z=d["c_z"], heads_msa=d["no_heads_msa"], c_att=d["c_hidden_msa_att"],
                       c_opm=d["c_hidden_opm"], c_mul=d["c_hidden_mul"], heads_pair=d["no_heads_pair"],
                       c_pair_att=d["c_hidden_pair_att"], transition_n=d["transition_n"], extra=self.extra,
-                      ranks=self.ax.size, bytes_per=bytes_per)
+                      ranks=self.ax.size, bytes_per=bytes_per, pair_split=pair_split)
 
-    def _plan(self, m: torch.Tensor, z: torch.Tensor) -> Plan:
+    def _plan(self, m: torch.Tensor, z) -> Plan:
         if self.plan is not None:
             return self.plan
         free = free_bytes(z.device)
         used, free = process_bytes(z.device), free - max(int(0.1 * free), UNMODELLED)
-        mz = (m.numel() + z.numel()) * m.element_size()        # the plan counts m and z itself
+        split = isinstance(z, PairRows)
+        z_bytes = (z.local if split else z).numel() * m.element_size()
+        mz = m.numel() * m.element_size() + z_bytes             # the plan counts m and z itself
         outside = max(used - mz, 0)                            # weights, inputs, the runtime
-        sh, spill = self.shapes(m.shape[0], m.shape[1], m.element_size()), self.spill_dir is not None
+        sh = self.shapes(m.shape[0], m.shape[1], m.element_size(), pair_split=split)
+        spill = self.spill_dir is not None
         if self.budget is not None and self.budget <= used:
             # What fits is what the budget leaves besides `outside` (which a shorter sequence
             # shrinks a little too: an estimate on the safe side).
@@ -487,7 +501,10 @@ class Stack(nn.Module):
                             f"{what_fits(sh, self.budget - outside, spill, outside)}. Raise memory.budget_gb"
                             + (" or fold a shorter sequence" if longest(sh, self.budget - outside, spill) else ""))
         room = free if self.budget is None else min(self.budget - used, free)    # free: within a cgroup's limit too
-        prefer = PREFER_GPU_CHUNK if z.device.type == "cuda" else PREFER_CPU_CHUNK
+        # On the host, blocks' temporaries are also kept to half this rank's pair rows, so that
+        # with more processes (each holding fewer rows) the whole peak shrinks, not only z.
+        prefer = (PREFER_GPU_CHUNK if z.device.type == "cuda"
+                  else min(PREFER_CPU_CHUNK, max(MIN_CPU_CHUNK, z_bytes // 2)))
         return choose(sh, room + mz, prefer, spill=spill, outside=outside)
 
     def forward(self, m, z, msa_mask, pair_mask, chunk_size=None, use_lma=False, use_flash=False,
@@ -498,7 +515,7 @@ class Stack(nn.Module):
         lead = m.shape[:-3]
         if math.prod(lead) != 1:
             raise LoomError(f"Loom's Evoformer folds one target at a time; got a batch of shape {tuple(lead)}")
-        m3, z3 = m.reshape(m.shape[-3:]), z.reshape(z.shape[-3:])
+        m3, z3 = m.reshape(m.shape[-3:]), z if isinstance(z, PairRows) else z.reshape(z.shape[-3:])
         msa_mask, pair_mask = msa_mask.reshape(msa_mask.shape[-2:]), pair_mask.reshape(pair_mask.shape[-2:])
         plan = self._plan(m3, z3)
         self.last_plan = plan
@@ -513,11 +530,14 @@ class Stack(nn.Module):
             st = _State(m3, z3, msa_mask, pair_mask, self.ax, plan, self.inf, self.eps, _mask_trans, spill)
             for block in self.blocks:
                 block.update_(st)
-            st.finish(m3, z3)
+            rows = st.finish(m3, z3)
+            del st
         finally:
             if spill is not None:
                 self.spilled_bytes += spill.bytes_written
                 spill.close()
+        if rows is not None:                   # z came and goes as this rank's rows
+            z = rows
         if self.extra:
             return z
         return m, z, self.linear(m[..., 0, :, :])

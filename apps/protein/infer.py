@@ -30,7 +30,6 @@ from apps.protein.evoformer import Stack
 from apps.protein.fasta import read_fasta
 from apps.protein.model import build_model, features, openfold_config, read_alignments
 from apps.protein.plan import GIB
-from apps.protein.row_blocks import DeferredDistogram
 from core import cli
 from core.distributed import ParallelMesh, failure, launch
 from core.errors import LoomError
@@ -204,8 +203,9 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
         staging = _staging(root, target.name)
         staging.mkdir(parents=True)
         feats = {k: v[..., -1].numpy() for k, v in batch.items()}      # the last recycling iteration's
-        # Outputs the engine left uncomputed (the loom engine's distogram logits) are not written.
-        out = {k: v for k, v in out.items() if not isinstance(v, DeferredDistogram)}
+        # Outputs the engine left uncomputed (the loom engine's distogram and TM logits) and the
+        # pair representation, which it holds split over the processes, are not written.
+        out = {k: v for k, v in out.items() if isinstance(v, (torch.Tensor, dict))}
         result = tensor_tree_map(lambda x: x.float().cpu().numpy(), out)
         plddt = result["plddt"]
         prot = protein.from_prediction(feats, result, b_factors=np.repeat(plddt[:, None], 37, axis=1),

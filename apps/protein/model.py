@@ -52,7 +52,8 @@ def openfold_config(cfg: ProteinRecipe):
 
 def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn.Module:
     """OpenFold's AlphaFold with the recipe's weights; with model.engine=loom its Evoformer and
-    extra-MSA stacks are Loom's (same weights), in blocks sized to memory.budget_gb and split over `ax`."""
+    extra-MSA stacks are Loom's (same weights), in blocks sized to memory.budget_gb, and the pair
+    representation is split by rows over `ax`'s processes from the embedders to the heads."""
     load_openfold()
     from openfold.model.model import AlphaFold
 
@@ -68,7 +69,7 @@ def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn
     if cfg.model.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     if cfg.model.engine == "loom":
-        use_row_blocks(model)
+        use_row_blocks(model, ax)
         budget = int(cfg.memory.budget_gb * GIB) if cfg.memory.budget_gb else None
         spill = cfg.memory.spill_dir or None
         model.evoformer = from_openfold(model.evoformer, extra=False).configure(ax or Axial(), budget, spill_dir=spill)

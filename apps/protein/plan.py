@@ -51,6 +51,7 @@ class Shapes:
     extra: bool            # global column attention (extra-MSA stack)
     ranks: int = 1
     bytes_per: int = 4
+    pair_split: bool = False   # the caller holds only this rank's rows of z (apps.protein.axial.PairRows)
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -65,7 +66,9 @@ def held_bytes(sh: Shapes) -> int:
     """What stays allocated during the whole stack (per rank)."""
     p = sh.ranks
     n_loc, s_loc = -(-sh.n // p), -(-sh.s // p)
-    whole = sh.s * sh.n * sh.c_m + sh.n * sh.n * sh.c_z                 # the caller's m and z
+    whole = sh.s * sh.n * sh.c_m                                         # the caller's m
+    if p == 1 or not sh.pair_split:
+        whole += sh.n * sh.n * sh.c_z                                    # ... and z
     masks = sh.s * sh.n + sh.n * sh.n
     local = 0 if p == 1 else s_loc * sh.n * sh.c_m + n_loc * sh.n * sh.c_z
     return (whole + masks + local) * sh.bytes_per
@@ -206,12 +209,18 @@ def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = Fal
 
 
 def what_fits(sh: Shapes, budget: int, spill: bool = False, outside: int = 0) -> str:
-    """For a refusal: the longest sequence whose stack fits `budget` bytes, or, where not even one
-    residue does, the floor: what the smallest run needs, `outside` (what the process holds besides
-    the stack: weights, inputs, the runtime) included."""
+    """For a refusal: the longest sequence whose stack fits `budget` bytes per process on this
+    many processes and on twice as many (axial parallelism: each holds its rows of z), or, where
+    not even one residue does, the floor: what the smallest run needs, `outside` (what the process
+    holds besides the stack: weights, inputs, the runtime) included."""
+    def procs(p: int) -> str:
+        return "1 process" if p == 1 else f"{p} processes"
+
     n = longest(sh, budget, spill)
+    more = longest(replace(sh, ranks=2 * sh.ranks, pair_split=True), budget)
     if n:
-        return f"the longest sequence that fits is about {n} residues"
+        return (f"the longest sequence that fits is about {n} residues on {procs(sh.ranks)} (about {more} on "
+                f"{procs(2 * sh.ranks)}, each with this budget)")
     one = replace(sh, n=1)
     floor = outside + peak_bytes(one, smallest(one, spill))
     return f"no sequence fits: even a 1-residue one needs about {floor / GIB:.2f} GiB"

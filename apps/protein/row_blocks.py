@@ -37,14 +37,30 @@ import math
 import torch
 import torch.nn.functional as F
 
+from apps.protein.axial import Axial, PairRows
 from apps.protein.compat import load_openfold
 from apps.protein.plan import blocks
 
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 64 << 20          # the most one block's temporaries take
+MIN_BLOCK_BYTES = 2 << 20       # ... and the least, however few pair rows a process holds
 
 
-def _rows(n: int, width: int, element: int = 4) -> int:
-    return max(1, BLOCK_BYTES // max(1, n * width * element))
+def block_limit(pair_bytes: int | None) -> int:
+    """What one block's temporaries may take beside a process's `pair_bytes` of pair rows: an
+    eighth of them (so that with p processes, each holding 1/p of z, the blocks shrink with
+    them), between MIN_BLOCK_BYTES and BLOCK_BYTES; BLOCK_BYTES when unknown."""
+    if pair_bytes is None:
+        return BLOCK_BYTES
+    return min(BLOCK_BYTES, max(MIN_BLOCK_BYTES, pair_bytes // 8))
+
+
+def _rows(n: int, width: int, element: int = 4, pair_bytes: int | None = None) -> int:
+    return max(1, block_limit(pair_bytes) // max(1, n * width * element))
+
+
+def _pair_bytes(z) -> int:
+    local = z.local if isinstance(z, PairRows) else z
+    return local.numel() * local.element_size()
 
 
 class DeferredPair:
@@ -76,41 +92,63 @@ class DeferredPair:
 
 
 class NormedRows:
-    """layer_norm(z), a block of rows at a time: `z_normed[r0:r1]`."""
+    """layer_norm(z), a block of rows at a time: `z_normed[r0:r1]` for rows this process holds
+    (global row numbers; z may be a `PairRows`, whose rows [start, stop) these must be)."""
 
-    def __init__(self, norm: torch.nn.Module, z: torch.Tensor) -> None:
-        self.norm, self.z, self.shape = norm, z, z.shape
+    def __init__(self, norm: torch.nn.Module, z) -> None:
+        self.norm = norm
+        self.pair = z if isinstance(z, PairRows) else PairRows(z, Axial(), z.shape[0])
+        self.shape = self.pair.shape
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.norm.normalise(self.z[rows])
+        start = self.pair.start
+        return self.norm.normalise(self.pair.local[rows.start - start:rows.stop - start, :self.pair.n])
 
     def whole(self) -> torch.Tensor:
-        return self.norm.normalise(self.z)
+        """The whole normalised z (a collective where z is split: every rank calls it)."""
+        return self.norm.normalise(self.pair.whole())
 
 
 class DeferredDistogram:
     """The distogram head's logits for pair representation `z`, not yet computed: `.whole()`
-    computes them (the same as OpenFold's head gives). The app leaves them out of what it writes."""
+    computes them (the same as OpenFold's head gives; where z is split, every rank must call it).
+    The app leaves them out of what it writes."""
 
-    def __init__(self, head: torch.nn.Module, z: torch.Tensor) -> None:
+    def __init__(self, head: torch.nn.Module, z) -> None:
         self.head, self.z = head, z
         self.shape = torch.Size((*z.shape[:-1], head.no_bins))
 
     def whole(self) -> torch.Tensor:
-        return self.head.logits(self.z)
+        return self.head.logits(self.z.whole() if isinstance(self.z, PairRows) else self.z)
+
+
+class DeferredLogits:
+    """A head's per-pair logits `linear(z)` [N, N, bins], not yet computed: `.whole()` computes
+    them (every rank, where z is split)."""
+
+    def __init__(self, linear: torch.nn.Module, z: PairRows) -> None:
+        self.linear, self.z = linear, z
+        self.shape = torch.Size((z.n, z.n, linear.out_features))
+
+    def whole(self) -> torch.Tensor:
+        return self.linear(self.z.whole())
 
 
 def _whole(z):
-    return z.whole() if isinstance(z, (DeferredPair, NormedRows)) else z
+    return z.whole() if isinstance(z, (DeferredPair, NormedRows, PairRows)) else z
 
 
 @functools.lru_cache(maxsize=None)
 def _classes():
     load_openfold()
     from openfold.model.embedders import InputEmbedder, RecyclingEmbedder
-    from openfold.model.heads import DistogramHead
+    from openfold.model.heads import AuxiliaryHeads, DistogramHead
+    from openfold.model.model import AlphaFold
     from openfold.model.primitives import LayerNorm
     from openfold.model.structure_module import InvariantPointAttention
+    from openfold.np import residue_constants
+    from openfold.utils.feats import atom14_to_atom37, build_extra_msa_feat, pseudo_beta_fn
+    from openfold.utils.loss import _calculate_bin_centers, compute_plddt
 
     class RowBlockInputEmbedder(InputEmbedder):
         def forward(self, tf, ri, msa, inplace_safe=False):
@@ -139,17 +177,26 @@ def _classes():
             if not inplace_safe or z.dim() != 3:
                 return super().forward(m, z, x, inplace_safe=inplace_safe)
             m.copy_(self.layer_norm_m(m))
+            self.update_rows_(PairRows(z, Axial(), z.shape[0]), x)
+            return m, z
+
+        def update_rows_(self, z: PairRows, x: torch.Tensor, pair: DeferredPair | None = None) -> None:
+            """The recycling update of z's rows, written into them (OpenFold's layer_norm_z(z) plus
+            the projected distance bins of the previous atoms x), then, given the input embedder's
+            `pair`, pair + that: the whole new z of those rows."""
             bins = torch.linspace(self.min_bin, self.max_bin, self.no_bins, dtype=x.dtype, device=x.device)
             squared = bins ** 2
             upper = torch.cat([squared[1:], squared.new_tensor([self.inf])], dim=-1)
-            n = z.shape[0]
-            step = _rows(n, z.shape[-1], z.element_size())
-            for r0 in range(0, n, step):
-                block = z[r0:r0 + step]
+            n, width = z.n, z.shape[-1] + (8 * 65 if pair is not None else 0)    # and the pair's distances
+            step = _rows(n, width, z.local.element_size(), _pair_bytes(z))
+            for r0 in range(z.start, z.stop, step):
+                r1 = min(r0 + step, z.stop)
+                block = z.local[r0 - z.start:r1 - z.start, :n]
                 block.copy_(self.layer_norm_z(block))
-                d = torch.sum((x[r0:r0 + step, None, :] - x[None, :, :]) ** 2, dim=-1, keepdim=True)
+                d = torch.sum((x[r0:r1, None, :] - x[None, :, :]) ** 2, dim=-1, keepdim=True)
                 block += self.linear(((d > squared) * (d < upper)).type(x.dtype))
-            return m, z
+                if pair is not None:
+                    block.copy_(pair.rows(r0, r1) + block)        # OpenFold: z = pair; z += z_prev_emb
 
     class RowBlockInvariantPointAttention(InvariantPointAttention):
         def forward(self, s, z, r, mask, inplace_safe=False, _offload_inference=False, _z_reference_list=None):
@@ -168,10 +215,13 @@ def _classes():
             keys = k.permute(1, 2, 0)                                   # [H, C, N]
             values = v.transpose(-2, -3)                                # [H, N, C]
             value_pts = torch.unbind(v_pts.permute(1, 3, 0, 2), dim=-3)  # 3 x [H, N, P_v]
-            out = s.new_empty(n, self.linear_out.out_features)
-            step = _rows(n, h * self.no_qk_points * 3)                 # the point differences
-            for r0 in range(0, n, step):
-                r1 = min(r0 + step, n)
+            # The query rows this process holds (all of them unless z is split over processes):
+            # each row's output reads only that row of z; the outputs are gathered.
+            pair = z.pair if isinstance(z, NormedRows) else PairRows(z, Axial(), n)
+            out = s.new_zeros(pair.local.shape[0], self.linear_out.out_features)
+            step = _rows(n, h * self.no_qk_points * 3, s.element_size(), _pair_bytes(pair))   # point differences
+            for r0 in range(pair.start, pair.stop, step):
+                r1 = min(r0 + step, pair.stop)
                 a = torch.matmul(q[r0:r1].permute(1, 0, 2), keys)      # [H, rows, N]
                 a *= math.sqrt(1.0 / (3 * self.c_hidden))
                 z_rows = z[r0:r1]                                       # NormedRows: normalised here
@@ -191,8 +241,9 @@ def _classes():
                 o_pt_norm = torch.sqrt(torch.sum(o_pt ** 2, dim=-1) + self.eps).reshape(r1 - r0, -1)
                 o_pt = o_pt.reshape(r1 - r0, -1, 3)
                 o_pair = torch.matmul(a.transpose(-2, -3), z_rows).reshape(r1 - r0, -1)
-                out[r0:r1] = self.linear_out(torch.cat((o, *torch.unbind(o_pt, dim=-1), o_pt_norm, o_pair), dim=-1))
-            return out
+                out[r0 - pair.start:r1 - pair.start] = self.linear_out(
+                    torch.cat((o, *torch.unbind(o_pt, dim=-1), o_pt_norm, o_pair), dim=-1))
+            return pair.gather_rows(out)
 
         @staticmethod
         def _points(x, r):
@@ -235,16 +286,120 @@ def _classes():
                     lower.copy_(both.transpose(0, 1))
             return logits
 
-    return (RowBlockInputEmbedder, RowBlockRecyclingEmbedder, RowBlockInvariantPointAttention, RowBlockLayerNorm,
-            RowBlockDistogramHead)
+    class RowBlockAuxiliaryHeads(AuxiliaryHeads):
+        """OpenFold's heads at inference on an unbatched pair representation: the distogram and
+        TM-score logits deferred ([N, N, bins] each: training outputs), the predicted aligned error
+        and TM score computed a block of this process's rows at a time and gathered ([N, N] and a
+        number)."""
+
+        def forward(self, outputs):
+            pair = outputs["pair"]
+            if torch.is_grad_enabled() or pair.dim() != 3:
+                return super().forward(outputs)
+            lddt_logits = self.plddt(outputs["sm"]["single"])
+            aux = {"lddt_logits": lddt_logits, "plddt": compute_plddt(lddt_logits),
+                   "distogram_logits": self.distogram(pair),
+                   "masked_msa_logits": self.masked_msa(outputs["msa"]),
+                   "experimentally_resolved_logits": self.experimentally_resolved(outputs["single"])}
+            if self.config.tm.enabled:
+                aux.update(self._aligned_error(pair if isinstance(pair, PairRows) else PairRows(pair, Axial(),
+                                                                                                  pair.shape[0])))
+            return aux
+
+        def _aligned_error(self, z: PairRows) -> dict:
+            """OpenFold's compute_predicted_aligned_error and compute_tm (all residues weighted
+            alike, as its heads call it), row by row: each row's error and TM term read only that
+            row's logits."""
+            cfg, n = self.config.tm, z.n
+            max_bin, no_bins, eps = cfg.get("max_bin", 31), cfg.no_bins, cfg.get("eps", 1e-8)   # OpenFold's defaults
+            centers = _calculate_bin_centers(torch.linspace(0, max_bin, steps=no_bins - 1, device=z.device))
+            d0 = 1.24 * (max(n, 19) - 15) ** (1.0 / 3) - 1.8
+            tm_per_bin = 1.0 / (1 + (centers ** 2) / (d0 ** 2))
+            weights = z.local.new_ones(n)
+            normed = weights / (eps + weights.sum())
+            error = z.local.new_zeros(z.local.shape[0], n)
+            per_alignment = z.local.new_zeros(z.local.shape[0])
+            step = _rows(n, z.shape[-1] + 3 * no_bins, z.local.element_size(), _pair_bytes(z))
+            for r0 in range(z.start, z.stop, step):
+                r1 = min(r0 + step, z.stop)
+                probs = torch.softmax(self.tm(z.local[r0 - z.start:r1 - z.start, :n]), dim=-1)
+                error[r0 - z.start:r1 - z.start] = torch.sum(probs * centers, dim=-1)
+                term = torch.sum(probs * tm_per_bin, dim=-1)
+                per_alignment[r0 - z.start:r1 - z.start] = torch.sum(term * normed, dim=-1)
+            per_alignment = z.gather_rows(per_alignment)
+            weighted = per_alignment * weights
+            best = (weighted == torch.max(weighted)).nonzero()[0]
+            return {"tm_logits": DeferredLogits(self.tm.linear, z), "predicted_tm_score": per_alignment[tuple(best)],
+                    "predicted_aligned_error": z.gather_rows(error), "max_predicted_aligned_error": centers[-1]}
+
+    class RowBlockAlphaFold(AlphaFold):
+        """OpenFold's AlphaFold whose recycling iteration, at inference on one unbatched target
+        without templates, keeps the pair representation as `PairRows` from the embedders to the
+        heads: with axial parallelism each process holds its rows of z and no process ever holds
+        the whole z. The steps, modules and arithmetic are OpenFold's `iteration`'s; `axial` is
+        the process group (one process: z whole, in place)."""
+
+        axial: Axial
+
+        def iteration(self, feats, prevs, _recycle=True):
+            if (torch.is_grad_enabled() or feats["target_feat"].dim() != 2 or self.config.template.enabled
+                    or self.globals.offload_inference):
+                return super().iteration(feats, prevs, _recycle)
+            ax = getattr(self, "axial", None) or Axial()
+            dtype = next(self.parameters()).dtype
+            for k in feats:
+                if feats[k].dtype == torch.float32:
+                    feats[k] = feats[k].to(dtype=dtype)
+            n, n_seq = feats["target_feat"].shape[-2], feats["msa_feat"].shape[-3]
+            seq_mask, msa_mask = feats["seq_mask"], feats["msa_mask"]
+            pair_mask = seq_mask[..., None] * seq_mask[..., None, :]
+            m, pair = self.input_embedder(feats["target_feat"], feats["residue_index"], feats["msa_feat"],
+                                          inplace_safe=True)
+            m_1_prev, z, x_prev = reversed([prevs.pop() for _ in range(3)])
+            if z is None:
+                m_1_prev = m.new_zeros((n, self.config.input_embedder.c_m))
+                z = PairRows.zeros(ax, n, self.config.input_embedder.c_z, m)
+                x_prev = m.new_zeros((n, residue_constants.atom_type_num, 3))
+            x_prev = pseudo_beta_fn(feats["aatype"], x_prev, None).to(dtype=m.dtype)
+            m[..., 0, :, :] += self.recycling_embedder.layer_norm_m(m_1_prev)
+            self.recycling_embedder.update_rows_(z, x_prev, pair)       # z: this cycle's pair embedding
+            del m_1_prev, x_prev, pair
+            g = self.globals
+            if self.config.extra_msa.enabled:
+                a = self.extra_msa_embedder(build_extra_msa_feat(feats))
+                z = self.extra_msa_stack(a, z, msa_mask=feats["extra_msa_mask"].to(dtype=m.dtype),
+                                         chunk_size=g.chunk_size, use_lma=g.use_lma,
+                                         pair_mask=pair_mask.to(dtype=m.dtype), inplace_safe=True,
+                                         _mask_trans=self.config._mask_trans)
+                del a
+            m, z, s = self.evoformer(m, z, msa_mask=msa_mask.to(dtype=m.dtype), pair_mask=pair_mask.to(dtype=m.dtype),
+                                     chunk_size=g.chunk_size, use_lma=g.use_lma, use_flash=g.use_flash,
+                                     inplace_safe=True, _mask_trans=self.config._mask_trans)
+            outputs = {"msa": m[..., :n_seq, :, :], "pair": z, "single": s}
+            outputs["sm"] = self.structure_module(outputs, feats["aatype"], mask=feats["seq_mask"].to(dtype=s.dtype),
+                                                  inplace_safe=True, _offload_inference=False)
+            outputs["final_atom_positions"] = atom14_to_atom37(outputs["sm"]["positions"][-1], feats)
+            outputs["final_atom_mask"] = feats["atom37_atom_exists"]
+            outputs["final_affine_tensor"] = outputs["sm"]["frames"][-1]
+            return outputs, m[..., 0, :, :], z, outputs["final_atom_positions"]
+
+    return {InputEmbedder: RowBlockInputEmbedder, RecyclingEmbedder: RowBlockRecyclingEmbedder,
+            InvariantPointAttention: RowBlockInvariantPointAttention, LayerNorm: RowBlockLayerNorm,
+            DistogramHead: RowBlockDistogramHead, AuxiliaryHeads: RowBlockAuxiliaryHeads,
+            AlphaFold: RowBlockAlphaFold}
 
 
-def use_row_blocks(model: torch.nn.Module) -> None:
-    """Switch `model`'s embedders, structure module pair input, invariant point attention and
-    distogram head to the row-block versions."""
-    input_cls, recycling_cls, ipa_cls, norm_cls, distogram_cls = _classes()
-    model.input_embedder.__class__ = input_cls
-    model.recycling_embedder.__class__ = recycling_cls
-    model.structure_module.ipa.__class__ = ipa_cls
-    model.structure_module.layer_norm_z.__class__ = norm_cls
-    model.aux_heads.distogram.__class__ = distogram_cls
+def use_row_blocks(model: torch.nn.Module, ax: Axial | None = None) -> None:
+    """Switch `model` (OpenFold's AlphaFold) to the row-block versions of its embedders, structure
+    module pair input, invariant point attention and heads, and its recycling iteration to the one
+    that keeps z as rows split over `ax`'s processes (one process: z whole)."""
+    swap = _classes()
+    for module in (model, model.input_embedder, model.recycling_embedder, model.structure_module.ipa,
+                   model.structure_module.layer_norm_z, model.aux_heads, model.aux_heads.distogram):
+        module.__class__ = swap[_base(type(module), swap)]
+    model.axial = ax or Axial()
+
+
+def _base(cls: type, swap: dict) -> type:
+    """The OpenFold class of `cls` (itself, or the one a row-block class was made from)."""
+    return next(c for c in cls.__mro__ if c in swap)

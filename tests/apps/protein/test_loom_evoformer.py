@@ -8,6 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from apps.protein.compat import load_openfold
 from apps.protein.config import ProteinRecipe
@@ -274,41 +276,91 @@ def test_the_waiting_updates_refuse_a_folder_in_memory(tmp_path, monkeypatch):
         spill.WaitingUpdates(tmp_path, 4, 3, 8, torch.float32)
 
 
-def _dap_worker(batch, plan):
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any operation's output shaped like rows of z: three or more
+    dimensions, the last of `channels` (the pair representation's width; every op, collectives'
+    buffers included). Weights are left out, and so are other block temporaries (the outer
+    product's c_opm^2 channels), which follow the plan's blocks, not z."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels, self.most = channels, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_flatten(out)[0]
+                 if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[-1] == self.channels]
+        self.most = max([self.most, *sizes])
+        return out
+
+
+def _dap_worker(batch, plan, preset):
     from apps.protein.axial import Axial
     from core.distributed import ParallelMesh
 
     mesh = ParallelMesh.one_axis("axial", "cpu")
     cfg = _recipe("loom")
+    cfg.model.preset = preset
     config = _config(cfg)
     model = _model(cfg, config, Axial(mesh.axis("axial")), plan)
     mesh.stats.reset()
-    positions = _positions(model, batch)
-    # the all-gathers one forward makes: per block the row attention's pair bias, the outer
-    # product's gathered side, each triangle multiplication's other side per channel step and each
-    # triangle attention's bias; per stack, m and z at the end
+    largest = _LargestTensor(config.globals.c_z)
+    with torch.no_grad(), largest:
+        out = model(batch)
+    # the all-gathers one cycle makes: per block the row attention's pair bias, the outer product's
+    # gathered side, each triangle multiplication's other side per channel step and each triangle
+    # attention's bias; per stack, m at the end (z stays split); per structure-module iteration,
+    # the invariant point attention's output rows
     gathers = 0
     for stack in (model.evoformer, model.extra_msa_stack):
         channel_steps = -(-stack.dims["c_hidden_mul"] // stack.last_plan.channels)
-        gathers += len(stack.blocks) * (1 + 1 + 2 * channel_steps + 2) + 2
-    return positions, mesh.stats.as_dict(), gathers
+        gathers += len(stack.blocks) * (1 + 1 + 2 * channel_steps + 2) + 1
+    gathers += cfg.model.structure_blocks
+    confidence = {k: out[k] for k in ("predicted_aligned_error", "predicted_tm_score") if k in out}
+    return out["final_atom_positions"], mesh.stats.as_dict(), gathers, largest.most, confidence
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_axial_parallelism_predicts_the_same_atoms(tmp_path, ranks):
+@pytest.mark.parametrize("ranks, preset", [(2, "model_1_ptm"), (4, "model_1")])
+def test_axial_parallelism_predicts_the_same_atoms(tmp_path, ranks, preset):
+    """The atoms (and, with a _ptm preset, the predicted aligned error and TM score) of 2 and 4
+    processes equal OpenFold's, and no process ever makes a tensor as large as the whole pair
+    representation (c_z channels): each holds only its rows of z from the embedders to the heads."""
     alignments = _alignments(tmp_path / "msa")
     cfg = _recipe("openfold")
+    cfg.model.preset = preset
     config = _config(cfg)
     batch = _batch(config, alignments)       # OpenFold samples MSA clusters afresh each call: every rank gets these
-    expected = _positions(_model(cfg, config), batch)
+    with torch.no_grad():
+        reference = _model(cfg, config)(batch)
+    expected = reference["final_atom_positions"]
     plan = Plan(rows=4, msa_rows=1, queries=8, channels=8) if ranks == 4 else None
-    results = run_distributed(_dap_worker, world_size=ranks, args=(batch, plan), timeout=300)
-    for positions, _, _ in results:
+    results = run_distributed(_dap_worker, world_size=ranks, args=(batch, plan, preset), timeout=300)
+    whole_z = len(SEQUENCE) ** 2 * config.globals.c_z
+    for positions, _, _, largest, confidence in results:
         assert (positions - expected).abs().max() <= ATOL_ANGSTROM, (positions - expected).abs().max()
-    _, stats, gathers = results[0]
+        assert largest < whole_z, (largest, whole_z)
+        for key, got in confidence.items():
+            assert torch.allclose(got, reference[key], atol=1e-4, rtol=1e-4), (key, got - reference[key])
+    confident = ["predicted_aligned_error", "predicted_tm_score"]
+    assert sorted(results[0][4]) == (confident if preset.endswith("ptm") else [])
+    _, stats, gathers, _, _ = results[0]
     cycles = cfg.model.recycles + 1
     blocks = (cfg.model.evoformer_blocks + cfg.model.extra_msa_blocks) * cycles
     # per block: the MSA switches between sequence and residue splits twice, z between rows and
     # columns four times (three in a stack's first block, one more to end on rows)
     assert stats["axial"]["all_to_all"]["calls"] == 6 * blocks
-    assert stats["axial"]["all_gather"]["calls"] == gathers * cycles
+    heads = 2 if preset.endswith("ptm") else 0         # the TM terms and the aligned error, once at the end
+    assert stats["axial"]["all_gather"]["calls"] == gathers * cycles + heads
+
+
+def test_one_process_holds_the_whole_pair_representation():
+    """The check above can fail: on one process the same count sees tensors of z's size."""
+    cfg = _recipe("loom")
+    config = _config(cfg)
+    target = parse_fasta(f">t\n{SEQUENCE}\n")[0]
+    batch = features(target, config)
+    model = _model(cfg, config)
+    largest = _LargestTensor(config.globals.c_z)
+    with torch.no_grad(), largest:
+        model(batch)
+    assert largest.most >= len(SEQUENCE) ** 2 * config.globals.c_z
