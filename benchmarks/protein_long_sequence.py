@@ -25,11 +25,19 @@ cgroup whose memory limit is the cap (every byte the child touches counts; no sw
   sets `memory.budget_gb` instead; `--no-spill` leaves the spill folder out.
 
 Search: galloping from --start then bisection, in steps of --step residues. Then both engines
-fold L=256 without a cap (time ratio), and Loom folds L=256 on 1, 2 and 4 processes with axial
-parallelism (rank 0's peak memory; --dap-budget-gib sets every rank's chunk budget alike).
+fold L=256 without a cap (time ratio), and Loom folds --dap-length residues (384) on 1, 2 and 4
+processes with axial parallelism (`--dap`: only these rows; --dap-budget-gib sets every rank's
+chunk budget alike). Of each, rank 0's peak: the whole process's (`peak_gib`, the most resident
+memory during the fold) and the fold's own (`fold_peak_gib`: that peak less what the process held
+when the fold began: the interpreter, torch, OpenFold's code and the weights, about 0.33 GiB here,
+which no number of processes divides).
 Prints JSON lines: every trial, then `protein_max_len_ratio` (loom / openfold), the two
 lengths, `protein_time_ratio_L256` (openfold seconds / loom seconds: above 1 means Loom is
-faster) and `protein_dap_peak_gib` per process count.
+faster), `protein_dap_peak_gib` per process count and `protein_dap_peak_ratio_p2` / `_p4` (the
+fold's peak on 2 / 4 processes over one process's; targets 0.6 / 0.35; `whole_process_ratio`
+beside it).
+
+    python -m benchmarks.protein_long_sequence --dap            # about 10 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -71,6 +79,8 @@ def _result(r: subprocess.CompletedProcess, row: dict, out_dir: Path | None) -> 
     if r.returncode == 0 and out_dir is not None:
         timings = json.loads(next(out_dir.glob("*/timings.json")).read_text())
         row.update(inference_s=round(timings["inference_s"], 1), peak_gib=round(timings["peak_memory_gib"], 3))
+        if "held_before_gib" in timings:                       # what the fold itself added at its peak
+            row["fold_peak_gib"] = round(timings["peak_memory_gib"] - timings["held_before_gib"], 3)
         if timings.get("spilled_gib"):
             row["spilled_gib"] = round(timings["spilled_gib"], 2)
     elif r.returncode != 0:
@@ -115,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", type=int, default=0, help="first length tried (default: a guess from the cap)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds before a trial is given up")
     ap.add_argument("--skip-search", action="store_true", help="only the L=256 timing and the DAP rows")
+    ap.add_argument("--dap", action="store_true", help="only the axial-parallelism (DAP) rows")
+    ap.add_argument("--dap-length", type=int, default=384, help="the sequence length of the DAP rows")
+    ap.add_argument("--dap-processes", default="1,2,4", help="the process counts of the DAP rows")
     ap.add_argument("--dap-budget-gib", type=float, default=64.0, help="each rank's chunk budget in the DAP rows")
     ap.add_argument("--loom-budget-gib", type=float, default=0.0,
                     help="memory.budget_gb of the loom trials (0: the app's default, what is free less a reserve)")
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     print(json.dumps({"name": "machine", **machine(), "cap_gib": args.cap_gib}), flush=True)
     work = Path(tempfile.mkdtemp(prefix="loom-protein-"))
-    if not args.skip_search:
+    if not args.skip_search and not args.dap:
         cap = MemoryCap(int(args.cap_gib * 2**30))
         try:
             start = args.start or int(480 * (args.cap_gib / 1.5) ** 0.5)
@@ -148,17 +161,28 @@ def main(argv: list[str] | None = None) -> int:
                                   "cap_gib": args.cap_gib, "step": args.step, "target": 2.0}), flush=True)
         finally:
             cap.close()
-    runs = {e: uncapped(e, 256, work, [], args.timeout) for e in ENGINES}
-    if all(r["ok"] for r in runs.values()):
-        print(json.dumps({"name": "protein_time_ratio_L256", "value": round(runs["openfold"]["inference_s"] /
-                                                                            runs["loom"]["inference_s"], 3),
-                          "unit": "x (openfold s / loom s)", "openfold_s": runs["openfold"]["inference_s"],
-                          "loom_s": runs["loom"]["inference_s"], "target": 1.0}), flush=True)
-    for procs in (1, 2, 4):
-        row = uncapped("loom", 256, work, [f"memory.budget_gb={args.dap_budget_gib}"], args.timeout, procs)
+    if not args.dap:
+        runs = {e: uncapped(e, 256, work, [], args.timeout) for e in ENGINES}
+        if all(r["ok"] for r in runs.values()):
+            print(json.dumps({"name": "protein_time_ratio_L256", "value": round(runs["openfold"]["inference_s"] /
+                                                                                runs["loom"]["inference_s"], 3),
+                              "unit": "x (openfold s / loom s)", "openfold_s": runs["openfold"]["inference_s"],
+                              "loom_s": runs["loom"]["inference_s"], "target": 1.0}), flush=True)
+    dap = {}
+    for procs in [int(p) for p in args.dap_processes.split(",")]:
+        row = uncapped("loom", args.dap_length, work, [f"memory.budget_gb={args.dap_budget_gib}"], args.timeout, procs)
         if row["ok"]:
+            dap[procs] = row
             print(json.dumps({"name": "protein_dap_peak_gib", "processes": procs, "value": row["peak_gib"],
-                              "unit": "GiB (rank 0)", "inference_s": row["inference_s"], "length": 256}), flush=True)
+                              "fold_peak_gib": row.get("fold_peak_gib"), "unit": "GiB (rank 0)",
+                              "inference_s": row["inference_s"], "length": args.dap_length}), flush=True)
+    for procs, target in ((2, 0.6), (4, 0.35)):
+        if 1 in dap and procs in dap and dap[1].get("fold_peak_gib"):
+            print(json.dumps({"name": f"protein_dap_peak_ratio_p{procs}",
+                              "value": round(dap[procs]["fold_peak_gib"] / dap[1]["fold_peak_gib"], 3),
+                              "unit": "x (rank 0's fold peak on p processes / one process's)",
+                              "whole_process_ratio": round(dap[procs]["peak_gib"] / dap[1]["peak_gib"], 3),
+                              "length": args.dap_length, "target": target}), flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from core.distributed.comm import AxisGroup, all_gather, all_to_all
+from core.distributed.comm import AxisGroup, all_gather, all_to_all, irecv, isend
 
 
 class Axial:
@@ -46,12 +46,29 @@ class Axial:
         return x if self.size == 1 else all_to_all(x, self.axis, split, join)
 
     def transpose_rows(self, z: torch.Tensor, block: int) -> torch.Tensor:
-        """Rows of z -> rows of z^T (or back). One rank: in place, `block` x `block` tiles at a time,
-        so no second copy of z is made."""
+        """Rows of z -> rows of z^T (or back), in place: this rank's rows [P/p, P, C] become its rows
+        of z^T. One rank: `block` x `block` tiles at a time. Several: the [P/p, P/p] tile of z at
+        rank q's columns goes to q, and q's tile at this rank's columns comes back, transposed, into
+        the same place, one peer after another (round k pairs rank r with rank (k - r) mod p, so
+        each pair swaps its tiles in one round, and the round where r meets itself transposes
+        its own tile). Two tiles' buffers are all it takes beside z, where an all-to-all of the
+        whole part would hold z's part three times over."""
         if self.size == 1:
             return transpose_square_(z, block)
-        cols = self.swap(z, split=1, join=0)          # [N, N/p, C]: every row, this rank's columns
-        return cols.transpose(0, 1).contiguous()
+        per = z.shape[0]
+        send, recv = z.new_empty(per, per, *z.shape[2:]), z.new_empty(per, per, *z.shape[2:])
+        for k in range(self.size):
+            peer = (k - self.rank) % self.size
+            tile = z[:, peer * per:(peer + 1) * per]
+            if peer == self.rank:
+                transpose_square_(tile, block)
+                continue
+            send.copy_(tile)
+            works = [isend(send, self.axis, peer), irecv(recv, self.axis, peer)]
+            for work in works:
+                work.wait()
+            tile.copy_(recv.transpose(0, 1))
+        return z
 
 
 def transpose_square_(z: torch.Tensor, block: int) -> torch.Tensor:

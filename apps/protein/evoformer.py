@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apps.protein.axial import Axial, PairRows
+from apps.protein.axial import Axial, PairRows, transpose_square_
 from apps.protein.plan import GIB, Plan, Shapes, blocks, choose, longest, strip_spans, what_fits
 from apps.protein.spill import HeldUpdates, WaitingUpdates
+from core.distributed.comm import all_gather_into
 from core.errors import LoomError
 from core.memory.store import trim_heap
 from core.memory.usage import free_bytes, process_bytes
@@ -430,10 +431,17 @@ class _State:
                     bias[:, :, r0:r1] = part
                 del part
             return bias
-        parts = [linear(norm(self.z[r0:r1])) for r0, r1 in blocks(rows, self.plan.rows)]
-        bias = self.ax.gather(torch.cat(parts, dim=0), dim=0)
-        del parts
-        return bias.permute(*order).contiguous()
+        # Several ranks: each head's [N, N] plane is gathered straight into its place, so the
+        # whole bias is held once (a gather of all heads, then the permute, would hold it twice).
+        local = self.z.new_empty(linear.out_features, rows, n)
+        for r0, r1 in blocks(rows, self.plan.rows):
+            local[:, r0:r1] = linear(norm(self.z[r0:r1])).permute(2, 0, 1)
+        bias = self.z.new_empty(linear.out_features, rows * self.ax.size, n)
+        for head in range(linear.out_features):
+            all_gather_into(bias[head].view(-1), local[head].view(-1), self.ax.axis)
+            if order == (2, 1, 0):
+                transpose_square_(bias[head], self.plan.rows)
+        return bias
 
     def finish(self, m_out: torch.Tensor, z_out) -> PairRows | None:
         """Write the whole m (layout S) into the caller's tensor, and z (layout R): into the

@@ -35,7 +35,7 @@ from core.distributed import ParallelMesh, failure, launch
 from core.errors import LoomError
 from core.run_folder import refuse_earlier_run
 from core.memory.store import return_freed_buffers_to_the_os
-from core.memory.usage import peak_bytes, reset_peak
+from core.memory.usage import peak_bytes, process_bytes, reset_peak
 
 SUMMARY = "Protein structure prediction on OpenFold's AlphaFold: every FASTA record is a target."
 RANDOM_WEIGHTS = ("note: model.params is empty, so the model has random weights and its structures are not "
@@ -190,6 +190,7 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
         t1 = time.perf_counter()
         spilled = _spilled(model)
         reset_peak(device)
+        held = process_bytes(device) / GIB          # weights, inputs and the runtime, before the fold
         with torch.no_grad():
             out = model(inputs)
         t2 = time.perf_counter()
@@ -217,7 +218,8 @@ def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) ->
             _write_mmcif(pdb_path, staging / f"{target.name}.cif")
         _plot(staging / "plddt.png", target.name, plddt, result.get("predicted_aligned_error"))
         timings = {"build_model_s": build_s, "features_s": t1 - t0, "inference_s": t2 - t1,
-                   "peak_memory_gib": peak, "spilled_gib": spilled / GIB, "engine": cfg.model.engine,
+                   "peak_memory_gib": peak, "held_before_gib": held, "spilled_gib": spilled / GIB,
+                   "engine": cfg.model.engine,
                    "processes": ax.size}
         (staging / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         _publish(staging, folder)

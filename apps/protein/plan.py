@@ -89,7 +89,7 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
     def pair_bias(h: int) -> int:
         if p == 1:                     # written in place, a block of rows at a time
             return h * n * n + r * n * (sh.c_z + 2 * h)
-        return 2 * h * n * n + n_loc * n * h                              # gathered, permuted, parts
+        return h * n * n + n_loc * n * h + r * n * (sh.c_z + h)           # gathered, this rank's part, a block
 
     rows_temp = r * n * (sh.c_z + 3 * cb) + r * n * (2 * sh.c_z + sh.c_mul)
     if p == 1 and plan.strips > 1:
@@ -104,7 +104,7 @@ def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:
         "triangle_multiplication": tri_mul,
         "triangle_attention": attention(r, n, sh.c_z, hp, dp, pair_bias(hp)),
         "pair_transition": r * n * sh.c_z * (1 + 2 * sh.transition_n),
-        "transpose": 2 * r * r * sh.c_z if p == 1 else 3 * n_loc * n * sh.c_z,
+        "transpose": 2 * r * r * sh.c_z + (2 * n_loc * n_loc * sh.c_z if p > 1 else 0),   # tiles sent, received
     }
     if sh.extra:
         out["msa_column_attention"] = r * s * (sh.c_m + 2 * sh.c_att + 2 * hm * sh.c_att)

@@ -4,6 +4,8 @@ and without chunking, and split over 2 and 4 gloo ranks by axial parallelism (wi
 counted)."""
 
 import random
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -244,9 +246,28 @@ def test_the_budget_sets_the_chunks_and_an_impossible_one_names_the_longest_leng
         stack.plan = choose(sh, smallest_peak + (smallest_peak - held_bytes(sh) - HEAP_SLACK))  # 2x the temporaries
         assert stack.plan.rows < len(SEQUENCE)
     assert (_positions(model, batch) - roomy).abs().max() <= ATOL_ANGSTROM
-    with pytest.raises(LoomError, match=r"longest sequence that fits is about \d+ residues"):
+    with pytest.raises(LoomError, match=r"longest sequence that fits is about \d+ residues") as refused:
         choose(sh, smallest_peak - 1)
     assert 0 < longest(sh, smallest_peak - 1) < len(SEQUENCE) <= longest(sh, smallest_peak)
+    # ... on this one process, and on two, where each holds half of z's rows (at these tiny channel
+    # counts the gathered operands outweigh the rows saved; AlphaFold's: the test below)
+    one, two = map(int, re.search(r"about (\d+) residues on 1 process \(about (\d+) on 2 processes",
+                                  str(refused.value)).groups())
+    assert one == longest(sh, smallest_peak - 1)
+    assert two == longest(replace(sh, ranks=2, pair_split=True), smallest_peak - 1)
+
+
+def test_the_plan_counts_only_this_ranks_rows_of_a_split_pair_representation():
+    """Per rank, a z split over p processes is counted as its 1/p rows; the longest sequence a
+    per-process budget fits grows with the processes."""
+    sh = Shapes(s=1, n=384, c_m=256, c_z=128, heads_msa=8, c_att=32, c_opm=32, c_mul=128, heads_pair=4,
+                c_pair_att=32, transition_n=4, extra=False)
+    z = 384 * 384 * 128 * 4
+    four = replace(sh, ranks=4)
+    assert held_bytes(four) - held_bytes(replace(four, pair_split=True)) == z
+    budget = peak_bytes(sh, smallest(sh))
+    lengths = [longest(replace(sh, ranks=p, pair_split=True), budget) for p in (1, 2, 4)]
+    assert lengths[0] >= 384 and lengths[0] < lengths[1] < lengths[2]
 
 
 def test_past_what_fits_in_memory_the_plan_spills_the_waiting_updates_when_allowed():
@@ -307,14 +328,15 @@ def _dap_worker(batch, plan, preset):
     largest = _LargestTensor(config.globals.c_z)
     with torch.no_grad(), largest:
         out = model(batch)
-    # the all-gathers one cycle makes: per block the row attention's pair bias, the outer product's
-    # gathered side, each triangle multiplication's other side per channel step and each triangle
-    # attention's bias; per stack, m at the end (z stays split); per structure-module iteration,
-    # the invariant point attention's output rows
+    # the all-gathers one cycle makes: per block the row attention's pair bias (one per head), the
+    # outer product's gathered side, each triangle multiplication's other side per channel step
+    # and each triangle attention's bias (per head); per stack, m at the end (z stays split); per
+    # structure-module iteration, the invariant point attention's output rows
     gathers = 0
     for stack in (model.evoformer, model.extra_msa_stack):
         channel_steps = -(-stack.dims["c_hidden_mul"] // stack.last_plan.channels)
-        gathers += len(stack.blocks) * (1 + 1 + 2 * channel_steps + 2) + 1
+        heads = stack.dims["no_heads_msa"] + 2 * stack.dims["no_heads_pair"]
+        gathers += len(stack.blocks) * (heads + 1 + 2 * channel_steps) + 1
     gathers += cfg.model.structure_blocks
     confidence = {k: out[k] for k in ("predicted_aligned_error", "predicted_tm_score") if k in out}
     return out["final_atom_positions"], mesh.stats.as_dict(), gathers, largest.most, confidence
@@ -346,9 +368,11 @@ def test_axial_parallelism_predicts_the_same_atoms(tmp_path, ranks, preset):
     _, stats, gathers, _, _ = results[0]
     cycles = cfg.model.recycles + 1
     blocks = (cfg.model.evoformer_blocks + cfg.model.extra_msa_blocks) * cycles
-    # per block: the MSA switches between sequence and residue splits twice, z between rows and
-    # columns four times (three in a stack's first block, one more to end on rows)
-    assert stats["axial"]["all_to_all"]["calls"] == 6 * blocks
+    # per block: the MSA switches between sequence and residue splits twice (all-to-all), z between
+    # rows and columns four times (three in a stack's first block, one more to end on rows), each
+    # time swapping a tile with every other rank
+    assert stats["axial"]["all_to_all"]["calls"] == 2 * blocks
+    assert stats["axial"]["send"]["calls"] == stats["axial"]["recv"]["calls"] == 4 * blocks * (ranks - 1)
     heads = 2 if preset.endswith("ptm") else 0         # the TM terms and the aligned error, once at the end
     assert stats["axial"]["all_gather"]["calls"] == gathers * cycles + heads
 
