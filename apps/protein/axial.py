@@ -101,9 +101,10 @@ class PairRows:
         self.dtype, self.device = local.dtype, local.device
 
     @classmethod
-    def zeros(cls, ax: Axial, n: int, channels: int, like: torch.Tensor) -> "PairRows":
+    def zeros(cls, ax: Axial, n: int, channels: int, like: torch.Tensor,
+              dtype: torch.dtype | None = None) -> "PairRows":
         padded = ax.padded(n)
-        return cls(like.new_zeros(padded // ax.size, padded, channels), ax, n)
+        return cls(like.new_zeros(padded // ax.size, padded, channels, dtype=dtype or like.dtype), ax, n)
 
     @classmethod
     def of(cls, z: torch.Tensor, ax: Axial) -> "PairRows":

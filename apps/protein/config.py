@@ -26,6 +26,9 @@ class ProteinModelConfig:
                               "axial parallelism under torchrun) or openfold (its own stacks)",
                       choices=("loom", "openfold"))
     dtype: str = opt("float32", "the model's weights and activations", choices=("float32", "bfloat16"))
+    pair_dtype: str = opt("same", "engine=loom: the pair representation's dtype; bfloat16 halves it (the largest "
+                                  "tensor of a long sequence) while the weights and all arithmetic stay in "
+                                  "model.dtype; same = model.dtype", choices=("same", "float32", "bfloat16"))
     chunk_size: int = opt(0, "engine=openfold: OpenFold's chunk size; 0 = no chunking", min=0)
     use_lma: bool = opt(False, "engine=openfold: OpenFold's low-memory attention (Staats & Rabe)")
 
@@ -78,6 +81,9 @@ class ProteinRecipe(InferenceRecipe):
                               f"subfolder of .a3m / .sto files per target, or '' for single-sequence mode")
         if Path(self.output.dir).exists() and not Path(self.output.dir).is_dir():
             raise ConfigError(f"output.dir: {self.output.dir} is a file; give a folder (it is made if missing)")
+        if self.model.engine != "loom" and self.model.pair_dtype != "same":
+            raise ConfigError("model.pair_dtype holds the pair representation apart from the model's dtype in Loom's "
+                              "engine only; with model.engine=openfold use model.dtype")
         if self.model.engine == "loom" and (self.model.chunk_size or self.model.use_lma):
             raise ConfigError("model.chunk_size and model.use_lma set OpenFold's own chunking (model.engine=openfold); "
                               "with model.engine=loom the blocks follow memory.budget_gb")

@@ -40,6 +40,15 @@ PREFER_GPU_CHUNK = 2 << 30
 UNMODELLED = 128 << 20
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that reads its input in its weights' dtype: a pair representation held in
+    bfloat16 (model.pair_dtype) is normalised, and everything after it computed, in the model's
+    dtype. Every read of z in a block goes through one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 def _linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
     return nn.Linear(c_in, c_out, bias=bias)
 
@@ -115,7 +124,7 @@ class Transition(nn.Module):
 
     def __init__(self, c: int, n: int) -> None:
         super().__init__()
-        self.layer_norm = nn.LayerNorm(c)
+        self.layer_norm = LayerNorm(c)
         self.linear_1 = _linear(c, n * c)
         self.linear_2 = _linear(n * c, c)
 
@@ -132,7 +141,7 @@ class OuterProductMean(nn.Module):
     def __init__(self, c_m: int, c_z: int, c_hidden: int, eps: float = 1e-3) -> None:
         super().__init__()
         self.eps = eps
-        self.layer_norm = nn.LayerNorm(c_m)
+        self.layer_norm = LayerNorm(c_m)
         self.linear_1 = _linear(c_m, c_hidden)
         self.linear_2 = _linear(c_m, c_hidden)
         self.linear_out = _linear(c_hidden * c_hidden, c_z)
@@ -171,8 +180,8 @@ class TriangleMultiplication(nn.Module):
         self.linear_b_g = _linear(c_z, c_hidden)
         self.linear_g = _linear(c_z, c_z)
         self.linear_z = _linear(c_hidden, c_z)
-        self.layer_norm_in = nn.LayerNorm(c_z)
-        self.layer_norm_out = nn.LayerNorm(c_hidden)
+        self.layer_norm_in = LayerNorm(c_z)
+        self.layer_norm_out = LayerNorm(c_hidden)
 
     def _projection(self, side: str, zl: torch.Tensor, mask: torch.Tensor, c: slice) -> torch.Tensor:
         p, g = getattr(self, f"linear_{side}_p"), getattr(self, f"linear_{side}_g")
@@ -264,7 +273,7 @@ class TriangleAttention(nn.Module):
     def __init__(self, c_z: int, c_hidden: int, heads: int, starting: bool) -> None:
         super().__init__()
         self.starting = starting
-        self.layer_norm = nn.LayerNorm(c_z)
+        self.layer_norm = LayerNorm(c_z)
         self.linear = _linear(c_z, heads, bias=False)
         self.mha = Attention(c_z, c_hidden, heads)
 
@@ -281,8 +290,8 @@ class MSARowAttention(nn.Module):
 
     def __init__(self, c_m: int, c_z: int, c_hidden: int, heads: int) -> None:
         super().__init__()
-        self.layer_norm_m = nn.LayerNorm(c_m)
-        self.layer_norm_z = nn.LayerNorm(c_z)
+        self.layer_norm_m = LayerNorm(c_m)
+        self.layer_norm_z = LayerNorm(c_z)
         self.linear_z = _linear(c_z, heads, bias=False)
         self.mha = Attention(c_m, c_hidden, heads)
 
@@ -296,7 +305,7 @@ class MSARowAttention(nn.Module):
 class _MSAColumnCore(nn.Module):
     def __init__(self, c_m: int, c_hidden: int, heads: int) -> None:
         super().__init__()
-        self.layer_norm_m = nn.LayerNorm(c_m)
+        self.layer_norm_m = LayerNorm(c_m)
         self.mha = Attention(c_m, c_hidden, heads)
 
 
@@ -315,7 +324,7 @@ class MSAColumnAttention(nn.Module):
 class MSAColumnGlobalAttention(nn.Module):
     def __init__(self, c_m: int, c_hidden: int, heads: int) -> None:
         super().__init__()
-        self.layer_norm_m = nn.LayerNorm(c_m)
+        self.layer_norm_m = LayerNorm(c_m)
         self.global_attention = GlobalAttention(c_m, c_hidden, heads)
 
     def update_(self, st: "_State") -> None:
@@ -482,12 +491,12 @@ class Stack(nn.Module):
         self.ax, self.budget, self.plan, self.spill_dir = ax, budget, plan, spill_dir or None
         return self
 
-    def shapes(self, s: int, n: int, bytes_per: int, pair_split: bool = True) -> Shapes:
+    def shapes(self, s: int, n: int, bytes_per: int, pair_split: bool = True, pair_bytes_per: int = 0) -> Shapes:
         d = self.dims
         return Shapes(s=s, n=n, c_m=d["c_m"], c_z=d["c_z"], heads_msa=d["no_heads_msa"], c_att=d["c_hidden_msa_att"],
                       c_opm=d["c_hidden_opm"], c_mul=d["c_hidden_mul"], heads_pair=d["no_heads_pair"],
                       c_pair_att=d["c_hidden_pair_att"], transition_n=d["transition_n"], extra=self.extra,
-                      ranks=self.ax.size, bytes_per=bytes_per, pair_split=pair_split)
+                      ranks=self.ax.size, bytes_per=bytes_per, pair_split=pair_split, pair_bytes_per=pair_bytes_per)
 
     def _plan(self, m: torch.Tensor, z) -> Plan:
         if self.plan is not None:
@@ -495,10 +504,12 @@ class Stack(nn.Module):
         free = free_bytes(z.device)
         used, free = process_bytes(z.device), free - max(int(0.1 * free), UNMODELLED)
         split = isinstance(z, PairRows)
-        z_bytes = (z.local if split else z).numel() * m.element_size()
+        pair = z.local if split else z
+        z_bytes = pair.numel() * pair.element_size()
         mz = m.numel() * m.element_size() + z_bytes             # the plan counts m and z itself
         outside = max(used - mz, 0)                            # weights, inputs, the runtime
-        sh = self.shapes(m.shape[0], m.shape[1], m.element_size(), pair_split=split)
+        sh = self.shapes(m.shape[0], m.shape[1], m.element_size(), pair_split=split,
+                         pair_bytes_per=pair.element_size())
         spill = self.spill_dir is not None
         if self.budget is not None and self.budget <= used:
             # What fits is what the budget leaves besides `outside` (which a shorter sequence

@@ -70,6 +70,8 @@ def build_model(cfg: ProteinRecipe, config, ax: Axial | None = None) -> torch.nn
         model = model.to(torch.bfloat16)
     if cfg.model.engine == "loom":
         use_row_blocks(model, ax)
+        if cfg.model.pair_dtype != "same":
+            model.pair_dtype = getattr(torch, cfg.model.pair_dtype)
         budget = int(cfg.memory.budget_gb * GIB) if cfg.memory.budget_gb else None
         spill = cfg.memory.spill_dir or None
         model.evoformer = from_openfold(model.evoformer, extra=False).configure(ax or Axial(), budget, spill_dir=spill)

@@ -52,6 +52,7 @@ class Shapes:
     ranks: int = 1
     bytes_per: int = 4
     pair_split: bool = False   # the caller holds only this rank's rows of z (apps.protein.axial.PairRows)
+    pair_bytes_per: int = 0    # z's element size where it differs (model.pair_dtype); 0: bytes_per
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -66,12 +67,11 @@ def held_bytes(sh: Shapes) -> int:
     """What stays allocated during the whole stack (per rank)."""
     p = sh.ranks
     n_loc, s_loc = -(-sh.n // p), -(-sh.s // p)
-    whole = sh.s * sh.n * sh.c_m                                         # the caller's m
-    if p == 1 or not sh.pair_split:
-        whole += sh.n * sh.n * sh.c_z                                    # ... and z
-    masks = sh.s * sh.n + sh.n * sh.n
-    local = 0 if p == 1 else s_loc * sh.n * sh.c_m + n_loc * sh.n * sh.c_z
-    return (whole + masks + local) * sh.bytes_per
+    whole = sh.s * sh.n * sh.c_m + sh.s * sh.n + sh.n * sh.n            # the caller's m, the masks
+    pair = sh.n * sh.n * sh.c_z if p == 1 or not sh.pair_split else 0   # ... and its z
+    local = 0 if p == 1 else s_loc * sh.n * sh.c_m
+    local_pair = 0 if p == 1 else n_loc * sh.n * sh.c_z
+    return (whole + local) * sh.bytes_per + (pair + local_pair) * (sh.pair_bytes_per or sh.bytes_per)
 
 
 def op_bytes(sh: Shapes, plan: Plan) -> dict[str, int]:

@@ -102,11 +102,12 @@ class NormedRows:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         start = self.pair.start
-        return self.norm.normalise(self.pair.local[rows.start - start:rows.stop - start, :self.pair.n])
+        rows = self.pair.local[rows.start - start:rows.stop - start, :self.pair.n]
+        return self.norm.normalise(rows.to(self.norm.weight.dtype))
 
     def whole(self) -> torch.Tensor:
         """The whole normalised z (a collective where z is split: every rank calls it)."""
-        return self.norm.normalise(self.pair.whole())
+        return self.norm.normalise(self.pair.whole().to(self.norm.weight.dtype))
 
 
 class DeferredDistogram:
@@ -131,7 +132,7 @@ class DeferredLogits:
         self.shape = torch.Size((z.n, z.n, linear.out_features))
 
     def whole(self) -> torch.Tensor:
-        return self.linear(self.z.whole())
+        return self.linear(self.z.whole().to(self.linear.weight.dtype))
 
 
 def _whole(z):
@@ -192,7 +193,7 @@ def _classes():
             for r0 in range(z.start, z.stop, step):
                 r1 = min(r0 + step, z.stop)
                 block = z.local[r0 - z.start:r1 - z.start, :n]
-                block.copy_(self.layer_norm_z(block))
+                block.copy_(self.layer_norm_z(block.to(self.layer_norm_z.weight.dtype)))
                 d = torch.sum((x[r0:r1, None, :] - x[None, :, :]) ** 2, dim=-1, keepdim=True)
                 block += self.linear(((d > squared) * (d < upper)).type(x.dtype))
                 if pair is not None:
@@ -230,19 +231,21 @@ def _classes():
                 pt_att *= pt_att
                 pt_att = sum(torch.unbind(pt_att, dim=-1))
                 pt_att *= head_weights
-                a += (torch.sum(pt_att, dim=-1) * (-0.5)).permute(2, 0, 1)
+                # out of place, as OpenFold adds it: the attention takes the points' dtype (the
+                # frames' float32 where the model runs in bfloat16)
+                a = a + (torch.sum(pt_att, dim=-1) * (-0.5)).permute(2, 0, 1)
                 del pt_att
                 square_mask = self.inf * (mask[r0:r1, None] * mask[None, :] - 1)
                 a += square_mask.unsqueeze(-3)
                 a = torch.softmax(a, dim=-1)
-                o = torch.matmul(a, values).transpose(-2, -3).reshape(r1 - r0, -1)
-                o_pt = torch.stack([torch.matmul(a, vp) for vp in value_pts], dim=-3)   # [H, 3, rows, P_v]
+                o = torch.matmul(a, values.to(a.dtype)).transpose(-2, -3).reshape(r1 - r0, -1)
+                o_pt = torch.stack([torch.matmul(a, vp.to(a.dtype)) for vp in value_pts], dim=-3)  # [H, 3, rows, P_v]
                 o_pt = r[r0:r1][..., None, None].invert_apply(o_pt.permute(2, 0, 3, 1))
                 o_pt_norm = torch.sqrt(torch.sum(o_pt ** 2, dim=-1) + self.eps).reshape(r1 - r0, -1)
                 o_pt = o_pt.reshape(r1 - r0, -1, 3)
-                o_pair = torch.matmul(a.transpose(-2, -3), z_rows).reshape(r1 - r0, -1)
-                out[r0 - pair.start:r1 - pair.start] = self.linear_out(
-                    torch.cat((o, *torch.unbind(o_pt, dim=-1), o_pt_norm, o_pair), dim=-1))
+                o_pair = torch.matmul(a.transpose(-2, -3), z_rows.to(a.dtype)).reshape(r1 - r0, -1)
+                both = torch.cat((o, *torch.unbind(o_pt, dim=-1), o_pt_norm, o_pair), dim=-1)
+                out[r0 - pair.start:r1 - pair.start] = self.linear_out(both.to(self.linear_out.weight.dtype))
             return pair.gather_rows(out)
 
         @staticmethod
@@ -270,9 +273,9 @@ def _classes():
 
         def logits(self, z):
             n = z.shape[0]
-            logits = z.new_empty(n, n, self.no_bins)
+            logits = z.new_empty(n, n, self.no_bins, dtype=self.linear.weight.dtype)
             for r0, r1 in blocks(n, _rows(n, z.shape[-1] + self.no_bins, z.element_size())):
-                logits[r0:r1] = self.linear(z[r0:r1])
+                logits[r0:r1] = self.linear(z[r0:r1].to(self.linear.weight.dtype))
             # logits + logits^T in place, a pair of tiles at a time (t[i, j] = l[i, j] + l[j, i]);
             # a tile of ~8 MiB
             tile = max(1, int((BLOCK_BYTES / 8 / (self.no_bins * z.element_size())) ** 0.5))
@@ -322,7 +325,8 @@ def _classes():
             step = _rows(n, z.shape[-1] + 3 * no_bins, z.local.element_size(), _pair_bytes(z))
             for r0 in range(z.start, z.stop, step):
                 r1 = min(r0 + step, z.stop)
-                probs = torch.softmax(self.tm(z.local[r0 - z.start:r1 - z.start, :n]), dim=-1)
+                rows = z.local[r0 - z.start:r1 - z.start, :n].to(self.tm.linear.weight.dtype)
+                probs = torch.softmax(self.tm(rows), dim=-1)
                 error[r0 - z.start:r1 - z.start] = torch.sum(probs * centers, dim=-1)
                 term = torch.sum(probs * tm_per_bin, dim=-1)
                 per_alignment[r0 - z.start:r1 - z.start] = torch.sum(term * normed, dim=-1)
@@ -340,6 +344,7 @@ def _classes():
         the process group (one process: z whole, in place)."""
 
         axial: Axial
+        pair_dtype: torch.dtype | None = None       # z's own dtype (model.pair_dtype); None: the model's
 
         def iteration(self, feats, prevs, _recycle=True):
             if (torch.is_grad_enabled() or feats["target_feat"].dim() != 2 or self.config.template.enabled
@@ -358,7 +363,7 @@ def _classes():
             m_1_prev, z, x_prev = reversed([prevs.pop() for _ in range(3)])
             if z is None:
                 m_1_prev = m.new_zeros((n, self.config.input_embedder.c_m))
-                z = PairRows.zeros(ax, n, self.config.input_embedder.c_z, m)
+                z = PairRows.zeros(ax, n, self.config.input_embedder.c_z, m, dtype=self.pair_dtype)
                 x_prev = m.new_zeros((n, residue_constants.atom_type_num, 3))
             x_prev = pseudo_beta_fn(feats["aatype"], x_prev, None).to(dtype=m.dtype)
             m[..., 0, :, :] += self.recycling_embedder.layer_norm_m(m_1_prev)

@@ -199,6 +199,12 @@ def test_a_folder_as_the_weights_or_a_file_as_the_output(tmp_path, capsys, no_mo
     assert (tmp_path / "out.txt").read_text() == "mine\n"
 
 
+def test_a_separate_pair_dtype_with_openfolds_stacks_is_refused(tmp_path, capsys, no_model):
+    line = _refused(capsys, tmp_path / "out", "model.engine=openfold", "model.pair_dtype=bfloat16")
+    assert line.startswith("error: model.pair_dtype holds the pair representation apart from the model's dtype in "
+                           "Loom's engine only")
+
+
 def test_alphafold_params_with_other_block_counts_are_refused(tmp_path, small_alphafold):
     """OpenFold's importer would load the first blocks of a deeper file and leave the rest random."""
     from apps.protein.model import load_params

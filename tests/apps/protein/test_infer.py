@@ -37,8 +37,9 @@ def test_the_default_folds_the_demo_on_one_and_on_two_processes(tmp_path):
     assert len({line[22:26] for line in atoms}) == 76                      # every residue placed
     assert 0 <= float(atoms[0][60:66]) <= 100                               # pLDDT in the B-factor column
     timings = json.loads((folder / "timings.json").read_text())
-    assert set(timings) == {"build_model_s", "features_s", "inference_s", "peak_memory_gib", "spilled_gib", "engine",
-                            "processes"}
+    assert set(timings) == {"build_model_s", "features_s", "inference_s", "peak_memory_gib", "held_before_gib",
+                            "spilled_gib", "engine", "processes"}
+    assert 0 < timings["held_before_gib"] < timings["peak_memory_gib"]
     assert timings["spilled_gib"] == 0                                     # nothing spills without a folder
     assert "ubiquitin" in r.stdout and "mean pLDDT" in r.stdout
     assert two.returncode == 0, two.stderr[-2000:]

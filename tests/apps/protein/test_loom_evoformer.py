@@ -231,6 +231,34 @@ def test_the_loom_engine_predicts_openfolds_atoms_with_and_without_chunks(tmp_pa
     assert (_positions(other, batch) - expected).abs().max() > 100 * ATOL_ANGSTROM
 
 
+def _rmsd(a: torch.Tensor, b: torch.Tensor, batch) -> float:
+    """Root-mean-square distance in Angstrom over the atoms that exist."""
+    exists = batch["atom37_atom_exists"][..., -1].bool()
+    return (a.float() - b.float())[exists].pow(2).sum(-1).mean().sqrt().item()
+
+
+def test_bfloat16_pair_representation_and_bfloat16_model_stay_close_to_fp32(tmp_path):
+    """model.pair_dtype=bfloat16 holds z (and the stacks' pair-sized buffers) in bfloat16 with the
+    weights and the arithmetic in fp32; model.dtype=bfloat16 runs everything in bfloat16. The atoms
+    of both stay within a fraction of an Angstrom of fp32's on the parity target (the README quotes
+    these distances), the pair-only one closer."""
+    cfg = _recipe("loom")
+    config = _config(cfg)
+    np.random.seed(0)                       # OpenFold's MSA sampling
+    batch = _batch(config, _alignments(tmp_path / "msa"))
+    expected = _positions(_model(cfg, config), batch)
+    cfg.model.pair_dtype = "bfloat16"
+    model = _model(cfg, config)
+    with torch.no_grad():
+        out = model(batch)
+    assert out["pair"].dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    pair_only = _rmsd(out["final_atom_positions"], expected, batch)
+    cfg.model.pair_dtype, cfg.model.dtype = "same", "bfloat16"
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
+    whole = _rmsd(_positions(_model(cfg, config), half), expected, batch)
+    assert 0 < pair_only < whole < 1.0, (pair_only, whole)
+
+
 def test_the_budget_sets_the_chunks_and_an_impossible_one_names_the_longest_length(tmp_path):
     cfg = _recipe("loom")
     config = _config(cfg)
@@ -268,6 +296,9 @@ def test_the_plan_counts_only_this_ranks_rows_of_a_split_pair_representation():
     budget = peak_bytes(sh, smallest(sh))
     lengths = [longest(replace(sh, ranks=p, pair_split=True), budget) for p in (1, 2, 4)]
     assert lengths[0] >= 384 and lengths[0] < lengths[1] < lengths[2]
+    # a bfloat16 z (model.pair_dtype) is counted at its own size
+    assert held_bytes(replace(four, pair_split=True)) - held_bytes(replace(four, pair_split=True, pair_bytes_per=2)) \
+        == z // 4 // 2
 
 
 def test_past_what_fits_in_memory_the_plan_spills_the_waiting_updates_when_allowed():
