@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-search", action="store_true", help="only the L=256 timing and the DAP rows")
     ap.add_argument("--dap", action="store_true", help="only the axial-parallelism (DAP) rows")
     ap.add_argument("--dap-length", type=int, default=384, help="the sequence length of the DAP rows")
-    ap.add_argument("--dap-processes", default="1,2,4", help="the process counts of the DAP rows")
+    ap.add_argument("--dap-processes", default="1,2,4", help="the process counts of the DAP rows ('': none)")
     ap.add_argument("--dap-budget-gib", type=float, default=64.0, help="each rank's chunk budget in the DAP rows")
     ap.add_argument("--loom-budget-gib", type=float, default=0.0,
                     help="memory.budget_gb of the loom trials (0: the app's default, what is free less a reserve)")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                               "unit": "x (openfold s / loom s)", "openfold_s": runs["openfold"]["inference_s"],
                               "loom_s": runs["loom"]["inference_s"], "target": 1.0}), flush=True)
     dap = {}
-    for procs in [int(p) for p in args.dap_processes.split(",")]:
+    for procs in [int(p) for p in args.dap_processes.split(",") if p]:
         row = uncapped("loom", args.dap_length, work, [f"memory.budget_gb={args.dap_budget_gib}"], args.timeout, procs)
         if row["ok"]:
             dap[procs] = row

@@ -29,8 +29,9 @@ from core.memory.store import trim_heap
 from core.memory.usage import free_bytes, process_bytes
 
 
-# Where the budget leaves a choice, blocks whose temporaries stay under these run fastest (measured
-# on the CPU: beyond a few tens of MiB each block's fresh pages cost more than the extra steps).
+# Where the budget leaves a choice, blocks whose temporaries stay under these (beyond the least any
+# plan needs) run fastest (measured on the CPU: beyond a few tens of MiB each block's fresh pages
+# cost more than the extra steps).
 PREFER_CPU_CHUNK = 64 << 20
 MIN_CPU_CHUNK = 4 << 20
 PREFER_GPU_CHUNK = 2 << 30
@@ -471,7 +472,9 @@ class _State:
 
 class Stack(nn.Module):
     """Loom's stand-in for OpenFold's `EvoformerStack` (extra=False, returns m, z, s) or
-    `ExtraMSAStack` (extra=True, returns z), called exactly as OpenFold calls those."""
+    `ExtraMSAStack` (extra=True, returns z), called exactly as OpenFold calls those. z is a whole
+    tensor (split and gathered back here under axial parallelism) or this rank's `PairRows`,
+    taken and returned as rows: the whole z is then never held."""
 
     def __init__(self, dims: dict, blocks: int, extra: bool, c_s: int | None, inf: float, eps: float) -> None:
         super().__init__()
@@ -520,8 +523,9 @@ class Stack(nn.Module):
                             f"{what_fits(sh, self.budget - outside, spill, outside)}. Raise memory.budget_gb"
                             + (" or fold a shorter sequence" if longest(sh, self.budget - outside, spill) else ""))
         room = free if self.budget is None else min(self.budget - used, free)    # free: within a cgroup's limit too
-        # On the host, blocks' temporaries are also kept to half this rank's pair rows, so that
-        # with more processes (each holding fewer rows) the whole peak shrinks, not only z.
+        # On the host, blocks' temporaries beyond the least they can be are also kept to half this
+        # rank's pair rows, so that with more processes (each holding fewer rows) the whole peak
+        # shrinks, not only z.
         prefer = (PREFER_GPU_CHUNK if z.device.type == "cuda"
                   else min(PREFER_CPU_CHUNK, max(MIN_CPU_CHUNK, z_bytes // 2)))
         return choose(sh, room + mz, prefer, spill=spill, outside=outside)

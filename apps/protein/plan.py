@@ -166,12 +166,19 @@ def smallest(sh: Shapes, spill: bool = False) -> Plan:
 
 def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = False, outside: int = 0) -> Plan:
     """The plan with the fewest steps whose peak stays within `budget` bytes, and, where one can,
-    whose largest block's temporaries stay within `prefer` bytes (on a CPU, huge temporaries are
-    slower than several cache-sized ones: each allocation is fresh pages); a `LoomError` naming the
+    whose largest block's temporaries exceed what the smallest blocks need by at most `prefer`
+    bytes (on a CPU, huge temporaries are slower than several cache-sized ones: each allocation is
+    fresh pages; and blocks sized to the rows a process holds let more processes hold less); a
+    `LoomError` naming the
     longest sequence that would fit when none does (`what_fits`; `outside`: what the process holds
     besides the stack, for the floor it names). `spill`: the waiting updates of the strip
     triangle multiplication may go to a file, where nothing fits with them in memory."""
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
+    if prefer is not None:
+        # `prefer` counts beyond what the smallest blocks need (the whole triangle product, where
+        # it is not made in strips): no plan goes below that, and a preference under it would rule
+        # out every plan and leave the fewest steps, the largest blocks, to win.
+        prefer += max(op_bytes(sh, replace(smallest(sh), strips=1, spill=False)).values())
     best, best_key = None, None
     # More strips only where the whole product does not fit (they redo the projections); a file
     # for the waiting updates only where no number of strips fits in memory.

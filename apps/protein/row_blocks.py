@@ -11,7 +11,8 @@ point differences (about 1.1 z), and the distogram head adds its [N, N, 64] logi
 transpose (a second copy). With Loom's in-place Evoformer these, not the trunk, would set the peak.
 The classes here keep OpenFold's modules, parameters and arithmetic (the same operations per
 position, in the same order) and only change how much is computed at once: rows of the pair
-representation, ~64 MiB of temporaries per block.
+representation, up to 64 MiB of temporaries per block (an eighth of the pair rows a process holds,
+at least 2 MiB, so that blocks shrink with the rows).
 
 - The input embedder returns its pair embedding deferred (`DeferredPair`): OpenFold adds it to the
   recycled z_prev (`z += z_prev_emb`), and the deferred pair computes its rows into z_prev's storage
@@ -24,9 +25,18 @@ representation, ~64 MiB of temporaries per block.
   structure, pLDDT and PAE, none of which reads them, and computing them at once would hold them
   (half a z) beside z at the end of the run, the peak once the rest is in row blocks.
 
-`use_row_blocks(model)` switches a model's modules over (their class; names and weights stay);
-with gradients enabled, with batch dimensions or with OpenFold's offloading, OpenFold's own code
-runs.
+- The recycling iteration (`RowBlockAlphaFold`) keeps z as `PairRows` (apps.protein.axial) from
+  the embedders to the heads: under axial parallelism each process holds only its rows of z, in
+  every cycle and between cycles. Each module computes the rows it holds and gathers only what is
+  per row: the invariant point attention's outputs [N, C_s], the predicted aligned error [N, N]
+  and the TM-score terms [N] (`RowBlockAuxiliaryHeads`; the [N, N, 64] TM logits are deferred like
+  the distogram's). One process holds all the rows: the same code, z whole and in place.
+- `model.pair_dtype=bfloat16`: z is held in bfloat16; every module here reads it in the weights'
+  dtype.
+
+`use_row_blocks(model, ax)` switches a model's modules over (their class; names and weights stay);
+with gradients enabled, with batch dimensions, with templates or with OpenFold's offloading,
+OpenFold's own code runs.
 """
 
 from __future__ import annotations
