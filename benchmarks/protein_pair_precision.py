@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="loom-precision-"))
     target = _inputs(args.length, args.msa_rows, folder)
     runs = {}
-    for name, overrides in (("fp32", {}), ("pair_bf16", {"pair_dtype": "bfloat16"}), ("model_bf16", {"dtype": "bfloat16"})):
+    variants = (("fp32", {}), ("pair_bf16", {"pair_dtype": "bfloat16"}), ("model_bf16", {"dtype": "bfloat16"}))
+    for name, overrides in variants:
         t = time.perf_counter()
         runs[name] = _fold(overrides, target, folder, args.noise)
         print(json.dumps({"name": "protein_fold", "variant": name, "length": args.length,

@@ -106,23 +106,8 @@ class PairRows:
         padded = ax.padded(n)
         return cls(like.new_zeros(padded // ax.size, padded, channels, dtype=dtype or like.dtype), ax, n)
 
-    @classmethod
-    def of(cls, z: torch.Tensor, ax: Axial) -> "PairRows":
-        """This rank's rows of a whole z (a copy, padded; z itself with one rank)."""
-        n = z.shape[0]
-        if ax.size == 1:
-            return cls(z, ax, n)
-        out = cls.zeros(ax, n, z.shape[-1], z)
-        part = z[out.start:out.stop]
-        out.local[:part.shape[0], :n] = part
-        return out
-
     def dim(self) -> int:
         return 3
-
-    def real(self) -> torch.Tensor:
-        """The real rows and columns this rank holds: [stop - start, N, C] (a view)."""
-        return self.local[:max(self.stop - self.start, 0), :self.n]
 
     def clear_padding_(self) -> None:
         """Zero the padded rows and columns (operations leave values there that nothing reads)."""

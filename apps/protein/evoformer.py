@@ -494,12 +494,14 @@ class Stack(nn.Module):
         self.ax, self.budget, self.plan, self.spill_dir = ax, budget, plan, spill_dir or None
         return self
 
-    def shapes(self, s: int, n: int, bytes_per: int, pair_split: bool = True, pair_bytes_per: int = 0) -> Shapes:
+    def shapes(self, s: int, n: int, bytes_per: int, pair_split: bool = True,
+               pair_bytes_per: int = 0) -> Shapes:
         d = self.dims
         return Shapes(s=s, n=n, c_m=d["c_m"], c_z=d["c_z"], heads_msa=d["no_heads_msa"], c_att=d["c_hidden_msa_att"],
                       c_opm=d["c_hidden_opm"], c_mul=d["c_hidden_mul"], heads_pair=d["no_heads_pair"],
                       c_pair_att=d["c_hidden_pair_att"], transition_n=d["transition_n"], extra=self.extra,
-                      ranks=self.ax.size, bytes_per=bytes_per, pair_split=pair_split, pair_bytes_per=pair_bytes_per)
+                      ranks=self.ax.size, bytes_per=bytes_per, pair_split=pair_split,
+                      pair_bytes_per=pair_bytes_per)
 
     def _plan(self, m: torch.Tensor, z) -> Plan:
         if self.plan is not None:

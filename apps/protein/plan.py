@@ -169,10 +169,10 @@ def choose(sh: Shapes, budget: int, prefer: int | None = None, spill: bool = Fal
     whose largest block's temporaries exceed what the smallest blocks need by at most `prefer`
     bytes (on a CPU, huge temporaries are slower than several cache-sized ones: each allocation is
     fresh pages; and blocks sized to the rows a process holds let more processes hold less); a
-    `LoomError` naming the
-    longest sequence that would fit when none does (`what_fits`; `outside`: what the process holds
-    besides the stack, for the floor it names). `spill`: the waiting updates of the strip
-    triangle multiplication may go to a file, where nothing fits with them in memory."""
+    `LoomError` naming the longest sequence that would fit when none does (`what_fits`;
+    `outside`: what the process holds besides the stack, for the floor it names). `spill`: the
+    waiting updates of the strip triangle multiplication may go to a file, where nothing fits with
+    them in memory."""
     n_loc, s_loc = -(-sh.n // sh.ranks), -(-sh.s // sh.ranks)
     if prefer is not None:
         # `prefer` counts beyond what the smallest blocks need (the whole triangle product, where
