@@ -11,6 +11,13 @@ queries, keys and values. Two ways to let every query see every key:
   across blocks: a block from a later rank is skipped, the own block gets the triangular mask,
   earlier ones none. Backward sends each block on together with the gradient of its keys and
   values accumulated so far; after a full circle plus one hop that gradient is home.
+  Where a fused attention kernel that returns the log-sum-exp is at hand (on the CPU, PyTorch's
+  flash attention for CPU and its backward), each block runs on it instead (`_FusedRingAttention`):
+  a block's output and log-sum-exp merge into the running ones, so no rank holds even an
+  (L/p) x (L/p) block of scores, and the backward runs the kernel's own backward on each block with
+  the merged output and log-sum-exp, which gives that block's exact share of the gradients. The
+  blockwise-matmul path stays as the reference and where no such kernel applies (CUDA tensors in
+  this version: said once when chosen).
 - `all_to_all_attention` (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509): one
   all-to-all turns (all heads, L/p tokens) into (heads/p, all L tokens), ordinary attention runs,
   and one all-to-all turns it back. Needs the heads to divide by p.
@@ -19,6 +26,7 @@ queries, keys and values. Two ways to let every query see every key:
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -112,14 +120,101 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), block[0].to(k.dtype), block[1].to(v.dtype), None, None
 
 
+def _flash(q, k, v, causal: bool):
+    """One block's attention output and log-sum-exp (batch, heads, L_q) on the fused CPU kernel."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+
+
+class _FusedRingAttention(torch.autograd.Function):
+    """The ring of `_RingAttention` with each block on the fused kernel (see the module's doc)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, axis: AxisGroup, causal: bool):
+        p, r = axis.size, axis.rank
+        out = lse = None
+        block = torch.stack([k, v])
+        for step in range(p):
+            src = (r - step) % p
+            works = None
+            if step < p - 1:
+                works, incoming, _keep = _exchange(block, axis)
+            if not (causal and src > r):
+                part, part_lse = _flash(q, block[0], block[1], causal and src == r)
+                part, part_lse = part.float(), part_lse.float()
+                if out is None:
+                    out, lse = part, part_lse
+                else:                          # merge: weights exp(lse_block - lse_both) per query
+                    both = torch.logaddexp(lse, part_lse)
+                    out = out * torch.exp(lse - both).unsqueeze(-1) + part * torch.exp(part_lse - both).unsqueeze(-1)
+                    lse = both
+                del part
+            if works is not None:
+                for w in works:
+                    w.wait()
+                block = incoming
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.axis, ctx.causal = axis, causal
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        axis, causal = ctx.axis, ctx.causal
+        p, r = axis.size, axis.rank
+        qf, go = q.float(), grad_out.float().contiguous()
+        dq = torch.zeros_like(qf)
+        kf = k.float()
+        block = torch.stack([kf, v.float(), torch.zeros_like(kf), torch.zeros_like(kf)])
+        for step in range(p):
+            src = (r - step) % p
+            if not (causal and src > r):
+                # with the merged output and log-sum-exp the kernel's backward gives this block's
+                # exact share: its probabilities exp(s - lse) and the row sums of dO * O are global
+                dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    go, qf, block[0], block[1], out, lse, 0.0, causal and src == r)
+                dq += dq_b
+                block[2] += dk_b
+                block[3] += dv_b
+                del dq_b, dk_b, dv_b
+            if p == 1:
+                block = block[2:]
+                break
+            works, incoming, _keep = _exchange(block if step < p - 1 else block[2:], axis)
+            for w in works:
+                w.wait()
+            block = incoming
+        return dq.to(q.dtype), block[0].to(k.dtype), block[1].to(v.dtype), None, None
+
+
+_SAID = set()
+
+
+def fused_kernel(q: torch.Tensor) -> str | None:
+    """The fused per-block kernel the ring uses for tensors like `q`, or None (the blockwise path)."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return "flash attention for CPU"
+    return None
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: AxisGroup,
-                   causal: bool = True, blockwise_on_one_rank: bool = False) -> torch.Tensor:
+                   causal: bool = True, blockwise_on_one_rank: bool = False, fused: bool | None = None) -> torch.Tensor:
     """Attention of this rank's queries over every rank's keys and values, (batch, heads, L/p, d).
-    On one rank it is torch's attention, unless `blockwise_on_one_rank` asks for this algorithm with
-    one L x L block (the baseline the benchmark compares with)."""
+    On one rank it is torch's attention, unless `blockwise_on_one_rank` asks for the ring with one
+    L x L block (the benchmark's baselines). Each block runs on a fused kernel where one applies
+    (`fused=None`; True insists, False takes the blockwise-matmul reference)."""
     if axis.size == 1 and not blockwise_on_one_rank:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return _RingAttention.apply(q, k, v, axis, causal)
+    kernel = fused_kernel(q)
+    if fused is None:
+        fused = kernel is not None
+        if kernel is None and (q.device.type, q.dtype) not in _SAID:
+            _SAID.add((q.device.type, q.dtype))
+            if axis.rank == 0:
+                print(f"ring attention on {q.device.type} {q.dtype} tensors: no fused kernel that returns the "
+                      f"log-sum-exp here, so each block is a matmul of scores (L/p x L/p per rank)", file=sys.stderr)
+    elif fused and kernel is None:
+        raise ValueError(f"no fused ring-attention kernel for {q.device.type} {q.dtype} tensors")
+    return (_FusedRingAttention if fused else _RingAttention).apply(q, k, v, axis, causal)
 
 
 def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: AxisGroup,

@@ -1,6 +1,7 @@
 """Ring and all-to-all attention on 2 and 4 gloo ranks against full attention on one process:
-outputs and the gradients of queries, keys and values (causal and not; fp32, 1e-5), and the ring
-sends exactly p - 1 key/value blocks per rank in forward."""
+outputs and the gradients of queries, keys and values (causal and not; fp32, 1e-5), for the ring
+on the fused kernel and on the blockwise-matmul reference, and the ring sends exactly p - 1
+key/value blocks per rank in forward."""
 
 import itertools
 
@@ -33,8 +34,10 @@ def _split(p):
     mesh = ParallelMesh.build(Layout(sp=p))
     axis = mesh.axis("sp")
     out = {}
-    for (name, fn), causal in itertools.product((("ring", ring_attention), ("all_to_all", all_to_all_attention)),
-                                                (True, False)):
+    ways = (("ring", ring_attention),                                           # fused blocks (the default here)
+            ("ring_blockwise", lambda q, k, v, axis, causal: ring_attention(q, k, v, axis, causal, fused=False)),
+            ("all_to_all", all_to_all_attention))
+    for (name, fn), causal in itertools.product(ways, (True, False)):
         q, k, v, grad = (t.chunk(p, dim=2)[axis.rank].clone() for t in _inputs())
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         mesh.stats.reset()
@@ -58,19 +61,50 @@ def test_split_attention_matches_full_attention(p):
             want = [t.chunk(p, dim=2)[rank] for t in refs[causal]]
             for label, a, b in zip(("out", "dq", "dk", "dv"), (y, dq, dk, dv), want):
                 assert _rel(a, b) <= 1e-5, (name, causal, label)
-            if name == "ring":
+            if name.startswith("ring"):
                 assert sends == p - 1                       # one key/value block per step
                 assert nbytes == (p - 1) * 2 * B * H * (L // p) * D * 4
 
 
 def test_blockwise_attention_on_one_rank_is_torch_attention():
-    """The benchmark's sp = 1 baseline: the ring algorithm with one L x L block."""
+    """The benchmark's sp = 1 baselines: the ring algorithm with one L x L block, as a matmul of
+    scores (the paper's) and on the fused kernel."""
     from core.distributed.comm import AxisGroup
 
-    for causal in (True, False):
+    for causal, fused in itertools.product((True, False), (True, False)):
         ref = _full(causal)
         q, k, v, grad = (t.clone().requires_grad_(i < 3) for i, t in enumerate(_inputs()))
-        y = ring_attention(q, k, v, AxisGroup("sp", 1, 0, (0,)), causal, blockwise_on_one_rank=True)
+        y = ring_attention(q, k, v, AxisGroup("sp", 1, 0, (0,)), causal, blockwise_on_one_rank=True, fused=fused)
         y.backward(grad)
         for a, b in zip((y.detach(), q.grad, k.grad, v.grad), ref):
             assert _rel(a, b) <= 1e-5
+
+
+def test_the_fused_ring_holds_no_score_block():
+    """On the fused path no tensor of a block's (L/p) x (L/p) scores is made; the reference path
+    makes them (so the check can fail). One rank, one L x L block, counted by shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from core.distributed.comm import AxisGroup
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.square = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == L:
+                    self.square += 1
+            return out
+
+    seen = {}
+    for fused in (True, False):
+        q, k, v, grad = (t.clone().requires_grad_(i < 3) for i, t in enumerate(_inputs()))
+        with Shapes() as counted:
+            y = ring_attention(q, k, v, AxisGroup("sp", 1, 0, (0,)), True, blockwise_on_one_rank=True, fused=fused)
+            y.backward(grad)
+        seen[fused] = counted.square
+    assert seen[True] == 0 and seen[False] > 0, seen
