@@ -125,19 +125,34 @@ def _flash(q, k, v, causal: bool):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
 
 
+def _exchange_each(blocks: list[torch.Tensor], axis: AxisGroup):
+    """`_exchange` of several blocks, one message each (no stacked copy); returns the works and
+    the receive buffers."""
+    works, bufs = [], []
+    nxt, prev = (axis.rank + 1) % axis.size, (axis.rank - 1) % axis.size
+    for block in blocks:
+        buf = torch.empty_like(block)
+        works += [isend(block, axis, nxt), irecv(buf, axis, prev)]
+        bufs.append(buf)
+    return works, bufs
+
+
 class _FusedRingAttention(torch.autograd.Function):
-    """The ring of `_RingAttention` with each block on the fused kernel (see the module's doc)."""
+    """The ring of `_RingAttention` with each block on the fused kernel (see the module's doc).
+    Keys and values travel as they are (no stacked copy) and blocks merge into the output in
+    place: beyond its inputs a rank holds the output, one incoming key/value block and, in the
+    backward, the travelling key/value gradients."""
 
     @staticmethod
     def forward(ctx, q, k, v, axis: AxisGroup, causal: bool):
         p, r = axis.size, axis.rank
         out = lse = None
-        block = torch.stack([k, v])
+        block = [k.contiguous(), v.contiguous()]
         for step in range(p):
             src = (r - step) % p
             works = None
             if step < p - 1:
-                works, incoming, _keep = _exchange(block, axis)
+                works, incoming = _exchange_each(block, axis)
             if not (causal and src > r):
                 part, part_lse = _flash(q, block[0], block[1], causal and src == r)
                 part, part_lse = part.float(), part_lse.float()
@@ -145,7 +160,8 @@ class _FusedRingAttention(torch.autograd.Function):
                     out, lse = part, part_lse
                 else:                          # merge: weights exp(lse_block - lse_both) per query
                     both = torch.logaddexp(lse, part_lse)
-                    out = out * torch.exp(lse - both).unsqueeze(-1) + part * torch.exp(part_lse - both).unsqueeze(-1)
+                    out.mul_(torch.exp(lse - both).unsqueeze(-1))
+                    out.add_(part.mul_(torch.exp(part_lse - both).unsqueeze(-1)))
                     lse = both
                 del part
             if works is not None:
@@ -163,8 +179,9 @@ class _FusedRingAttention(torch.autograd.Function):
         p, r = axis.size, axis.rank
         qf, go = q.float(), grad_out.float().contiguous()
         dq = torch.zeros_like(qf)
-        kf = k.float()
-        block = torch.stack([kf, v.float(), torch.zeros_like(kf), torch.zeros_like(kf)])
+        kf = k.float().contiguous()
+        # the travelling block: keys, values and the gradient of both accumulated on the way
+        block = [kf, v.float().contiguous(), torch.zeros_like(kf), torch.zeros_like(kf)]
         for step in range(p):
             src = (r - step) % p
             if not (causal and src > r):
@@ -179,7 +196,8 @@ class _FusedRingAttention(torch.autograd.Function):
             if p == 1:
                 block = block[2:]
                 break
-            works, incoming, _keep = _exchange(block if step < p - 1 else block[2:], axis)
+            # p - 1 hops with the keys and values, then one more with the gradients alone
+            works, incoming = _exchange_each(block if step < p - 1 else block[2:], axis)
             for w in works:
                 w.wait()
             block = incoming
