@@ -178,7 +178,7 @@ class _FusedRingAttention(torch.autograd.Function):
         axis, causal = ctx.axis, ctx.causal
         p, r = axis.size, axis.rank
         qf, go = q.float(), grad_out.float().contiguous()
-        dq = torch.zeros_like(qf)
+        dq = None
         kf = k.float().contiguous()
         # the travelling block: keys, values and the gradient of both accumulated on the way
         block = [kf, v.float().contiguous(), torch.zeros_like(kf), torch.zeros_like(kf)]
@@ -189,18 +189,25 @@ class _FusedRingAttention(torch.autograd.Function):
                 # exact share: its probabilities exp(s - lse) and the row sums of dO * O are global
                 dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                     go, qf, block[0], block[1], out, lse, 0.0, causal and src == r)
-                dq += dq_b
+                if dq is None:
+                    dq = dq_b
+                else:
+                    dq += dq_b
                 block[2] += dk_b
                 block[3] += dv_b
                 del dq_b, dk_b, dv_b
             if p == 1:
                 block = block[2:]
                 break
-            # p - 1 hops with the keys and values, then one more with the gradients alone
-            works, incoming = _exchange_each(block if step < p - 1 else block[2:], axis)
-            for w in works:
-                w.wait()
-            block = incoming
+            # p - 1 hops with the keys and values, then one more with the gradients alone; one
+            # tensor at a time (nothing computes meanwhile), so one incoming buffer is held at once
+            travelling = block if step < p - 1 else block[2:]
+            for i in range(len(travelling)):
+                works, (travelling[i],) = _exchange_each([travelling[i]], axis)
+                for w in works:
+                    w.wait()
+            block = travelling
+        dq = dq if dq is not None else torch.zeros_like(qf)
         return dq.to(q.dtype), block[0].to(k.dtype), block[1].to(v.dtype), None, None
 
 
