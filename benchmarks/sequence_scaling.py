@@ -4,10 +4,21 @@
     python -m benchmarks.sequence_scaling --quick    # cap 128 MiB
 
 Each configuration runs causal ring self-attention (`core.sequence.ring_attention`) forward and
-backward on gloo ranks of this machine, (batch 1, 8 heads, head size 64, fp32). The baseline at
-sp = 1 is the same blockwise algorithm with one L x L block: the full score matrix, as in the
-paper's comparison (Li et al. 2021, arXiv 2105.13120). torch's fused attention on one rank is
-printed beside it for reference: it never holds the score matrix, so it is a different baseline.
+backward on gloo ranks of this machine, (batch 1, 8 heads, head size 64, fp32), in two ways:
+
+- `blockwise`: each block a matmul of scores (the reference path, `fused=False`), against its
+  baseline at sp = 1, the same algorithm with one L x L block: the full score matrix, as in the
+  paper's comparison (Li et al. 2021, arXiv 2105.13120);
+- `fused` (Loom's default): each block on PyTorch's fused CPU flash attention, merged by the
+  log-sum-exp, against what a user has on one process without Loom: torch's fused
+  `scaled_dot_product_attention`, which never holds the score matrix either.
+
+Prints `sequence_length_ratio_sp4` (blockwise, target 3.5) and, for the fused ring,
+`sequence_length_ratio_sp4_vs_fused` (sp = 4's longest over torch's fused attention's on one
+process, target 3.5) and `sequence_peak_ratio_sp4_vs_fused` (sp = 4's per-rank peak at the fixed
+length over torch's one-process peak, target 1.15 / 4), and `sequence_time_ratio_sp1_fused` (the
+fused ring's one L x L block over torch's fused attention, forward and backward, median of
+alternating runs; target 1.1).
 
 Memory is each rank's resident-set high-water mark (Linux VmHWM, reset before each measurement
 through /proc/self/clear_refs) above the resident size just before the layer runs, with glibc
@@ -49,8 +60,10 @@ def _peak_of(run) -> int:
     return _status("VmHWM") - base
 
 
-def measure(p: int, fixed: int, cap: int, granularity: int) -> dict:
-    """On each of p ranks: the peak at `fixed` tokens and the longest sequence under `cap` bytes."""
+def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwise") -> dict:
+    """On each of p ranks: the peak at `fixed` tokens and the longest sequence under `cap` bytes,
+    of the ring `way` ("blockwise" or "fused"), or, with way="torch" on one rank, of torch's fused
+    attention."""
     from core.distributed import Layout, ParallelMesh
     from core.distributed.comm import all_reduce_
     from core.memory.store import return_freed_buffers_to_the_os
@@ -66,8 +79,8 @@ def measure(p: int, fixed: int, cap: int, granularity: int) -> dict:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
 
         def run():
-            y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if fused
-                 else ring_attention(q, k, v, axis, True, blockwise_on_one_rank=True))
+            y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if fused or way == "torch"
+                 else ring_attention(q, k, v, axis, True, blockwise_on_one_rank=True, fused=way == "fused"))
             y.backward(g)
 
         worst = torch.tensor(float(_peak_of(run)))
@@ -77,7 +90,7 @@ def measure(p: int, fixed: int, cap: int, granularity: int) -> dict:
 
     peak(granularity)                                    # warm-up: kernels, buffers, groups
     out = {"fixed_peak": peak(fixed)}
-    if p == 1:
+    if p == 1 and way == "blockwise":
         out["fixed_peak_fused"] = peak(fixed, fused=True)
     # the longest length under the cap: double, then bisect to `granularity`
     ok, length = 0, granularity
@@ -92,6 +105,31 @@ def measure(p: int, fixed: int, cap: int, granularity: int) -> dict:
             bad = mid
     out["longest"] = ok
     return out
+
+
+def timing(length: int, repeats: int) -> dict:
+    """Seconds for forward and backward at `length` on one rank: torch's fused attention and the
+    fused ring's one block, alternating, `repeats` times each (medians)."""
+    import statistics
+    import time
+
+    from core.distributed.comm import AxisGroup
+    from core.sequence import ring_attention
+
+    axis = AxisGroup("sp", 1, 0, (0,))
+    torch.manual_seed(0)
+    q, k, v, g = (torch.randn(BATCH, HEADS, length, DIM) for _ in range(4))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    ways = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "ring": lambda: ring_attention(q, k, v, axis, True, blockwise_on_one_rank=True, fused=True)}
+    times = {name: [] for name in ways}
+    for i in range(repeats + 1):
+        for name, fn in ways.items():
+            t = time.perf_counter()
+            fn().backward(g)
+            if i:                                        # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +157,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(line), flush=True)
     print(json.dumps({"name": "sequence_length_ratio_sp4", "value": round(results[4]["longest"] / base["longest"], 2),
                       "target": 3.5}), flush=True)
+    # the fused ring against torch's fused attention on one process
+    torch_one = run_distributed(measure, world_size=1, args=(1, fixed, cap, 64, "torch"), timeout=1800)[0]
+    fused = {p: run_distributed(measure, world_size=p, args=(p, fixed, cap, 64 * p, "fused"), timeout=3600)[0]
+             for p in (2, 4)}
+    print(json.dumps({"name": "sequence_scaling_torch_fused", "sp": 1, "fixed_length": fixed,
+                      "peak_mib": round(torch_one["fixed_peak"] / 2 ** 20, 1), "cap_mib": cap >> 20,
+                      "longest_length": torch_one["longest"]}), flush=True)
+    for p, r in fused.items():
+        print(json.dumps({"name": "sequence_scaling_fused_ring", "sp": p, "fixed_length": fixed,
+                          "peak_mib": round(r["fixed_peak"] / 2 ** 20, 1),
+                          "peak_vs_torch_fused": round(r["fixed_peak"] / torch_one["fixed_peak"], 3),
+                          "cap_mib": cap >> 20, "longest_length": r["longest"],
+                          "longest_vs_torch_fused": round(r["longest"] / torch_one["longest"], 2)}), flush=True)
+    print(json.dumps({"name": "sequence_length_ratio_sp4_vs_fused",
+                      "value": round(fused[4]["longest"] / torch_one["longest"], 2), "target": 3.5}), flush=True)
+    print(json.dumps({"name": "sequence_peak_ratio_sp4_vs_fused",
+                      "value": round(fused[4]["fixed_peak"] / torch_one["fixed_peak"], 3),
+                      "target": round(1.15 / 4, 4)}), flush=True)
+    t = timing(fixed, 3 if args.quick else 7)
+    print(json.dumps({"name": "sequence_time_ratio_sp1_fused", "value": round(t["ring"] / t["torch"], 3),
+                      "ring_s": round(t["ring"], 3), "torch_s": round(t["torch"], 3), "length": fixed,
+                      "target": 1.1}), flush=True)
     return 0
 
 
