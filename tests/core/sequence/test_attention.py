@@ -109,3 +109,27 @@ def test_the_fused_ring_holds_no_score_block():
             y.backward(grad)
         seen[fused] = counted.square
     assert seen[True] == 0 and seen[False] > 0, seen
+
+
+def _split_bf16(p):
+    mesh = ParallelMesh.build(Layout(sp=p))
+    axis = mesh.axis("sp")
+    out = {}
+    for fused in (True, False):
+        q, k, v, grad = (t.chunk(p, dim=2)[axis.rank].to(torch.bfloat16) for t in _inputs())
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+        y = ring_attention(q, k, v, axis, True, fused=fused)
+        y.backward(grad)
+        out[fused] = tuple(t.float() for t in (y.detach(), q.grad, k.grad, v.grad))
+    return out
+
+
+def test_bfloat16_ring_attention_on_both_paths_stays_within_bfloat16_of_full_attention():
+    """bf16 queries, keys and values (as under autocast): both paths compute in fp32 inside and
+    return bf16; outputs and gradients stay within bf16's precision of fp32 full attention."""
+    ref = _full(True)
+    for rank, got in enumerate(run_distributed(_split_bf16, world_size=2, args=(2,))):
+        want = [t.chunk(2, dim=2)[rank] for t in ref]
+        for fused, results in got.items():
+            for label, a, b in zip(("out", "dq", "dk", "dv"), results, want):
+                assert _rel(a, b) <= 2e-2, (fused, label, _rel(a, b))
