@@ -106,6 +106,11 @@ class PairRows:
         padded = ax.padded(n)
         return cls(like.new_zeros(padded // ax.size, padded, channels, dtype=dtype or like.dtype), ax, n)
 
+    @classmethod
+    def of(cls, z) -> "PairRows":
+        """`z` itself if it is `PairRows`, else a whole z as one process's rows (no copy)."""
+        return z if isinstance(z, PairRows) else cls(z, Axial(), z.shape[0])
+
     def dim(self) -> int:
         return 3
 

@@ -107,7 +107,7 @@ class NormedRows:
 
     def __init__(self, norm: torch.nn.Module, z) -> None:
         self.norm = norm
-        self.pair = z if isinstance(z, PairRows) else PairRows(z, Axial(), z.shape[0])
+        self.pair = PairRows.of(z)
         self.shape = self.pair.shape
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
@@ -188,7 +188,7 @@ def _classes():
             if not inplace_safe or z.dim() != 3:
                 return super().forward(m, z, x, inplace_safe=inplace_safe)
             m.copy_(self.layer_norm_m(m))
-            self.update_rows_(PairRows(z, Axial(), z.shape[0]), x)
+            self.update_rows_(PairRows.of(z), x)
             return m, z
 
         def update_rows_(self, z: PairRows, x: torch.Tensor, pair: DeferredPair | None = None) -> None:
@@ -228,7 +228,7 @@ def _classes():
             value_pts = torch.unbind(v_pts.permute(1, 3, 0, 2), dim=-3)  # 3 x [H, N, P_v]
             # The query rows this process holds (all of them unless z is split over processes):
             # each row's output reads only that row of z; the outputs are gathered.
-            pair = z.pair if isinstance(z, NormedRows) else PairRows(z, Axial(), n)
+            pair = z.pair if isinstance(z, NormedRows) else PairRows.of(z)
             out = s.new_zeros(pair.local.shape[0], self.linear_out.out_features)
             step = _rows(n, h * self.no_qk_points * 3, s.element_size(), _pair_bytes(pair))   # point differences
             for r0 in range(pair.start, pair.stop, step):
@@ -315,8 +315,7 @@ def _classes():
                    "masked_msa_logits": self.masked_msa(outputs["msa"]),
                    "experimentally_resolved_logits": self.experimentally_resolved(outputs["single"])}
             if self.config.tm.enabled:
-                aux.update(self._aligned_error(pair if isinstance(pair, PairRows) else PairRows(pair, Axial(),
-                                                                                                  pair.shape[0])))
+                aux.update(self._aligned_error(PairRows.of(pair)))
             return aux
 
         def _aligned_error(self, z: PairRows) -> dict:

@@ -34,13 +34,23 @@ import torch.nn.functional as F
 from core.distributed.comm import AxisGroup, all_to_all, irecv, isend
 
 
+def _exchange_each(blocks: list[torch.Tensor], axis: AxisGroup):
+    """`_exchange` of several blocks, one message each (no stacked copy); returns the works and
+    the receive buffers."""
+    works, bufs = [], []
+    nxt, prev = (axis.rank + 1) % axis.size, (axis.rank - 1) % axis.size
+    for block in blocks:
+        buf = torch.empty_like(block)
+        works += [isend(block, axis, nxt), irecv(buf, axis, prev)]
+        bufs.append(buf)
+    return works, bufs
+
+
 def _exchange(block: torch.Tensor, axis: AxisGroup):
     """Start sending `block` to the next rank and receiving the previous rank's; returns the
-    works and the receive buffer."""
+    works, the receive buffer and the block being sent (keep it until the works are done)."""
     block = block.contiguous()
-    buf = torch.empty_like(block)
-    nxt, prev = (axis.rank + 1) % axis.size, (axis.rank - 1) % axis.size
-    works = [isend(block, axis, nxt), irecv(buf, axis, prev)]
+    works, (buf,) = _exchange_each([block], axis)
     return works, buf, block
 
 
@@ -123,18 +133,6 @@ class _RingAttention(torch.autograd.Function):
 def _flash(q, k, v, causal: bool):
     """One block's attention output and log-sum-exp (batch, heads, L_q) on the fused CPU kernel."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-
-
-def _exchange_each(blocks: list[torch.Tensor], axis: AxisGroup):
-    """`_exchange` of several blocks, one message each (no stacked copy); returns the works and
-    the receive buffers."""
-    works, bufs = [], []
-    nxt, prev = (axis.rank + 1) % axis.size, (axis.rank - 1) % axis.size
-    for block in blocks:
-        buf = torch.empty_like(block)
-        works += [isend(block, axis, nxt), irecv(buf, axis, prev)]
-        bufs.append(buf)
-    return works, bufs
 
 
 class _FusedRingAttention(torch.autograd.Function):
