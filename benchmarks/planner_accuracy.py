@@ -15,14 +15,21 @@ planner considers, keeps those predicted to fit, and runs the planner's pick and
 others spread evenly over the predicted step times (every feasible layout is thousands here: dp x
 tp modes x pp schedules x sp modes x ZeRO x offload x micro-batch x checkpointing). Each run is the
 GPT app's own `train` on forked gloo ranks for `--steps` steps (the first two not timed); its step
-time is the median of the timed steps, its memory the largest rank's resident-set high-water
-mark in the steps less that rank's resident set before the model was built.
+time is the median of the timed steps.
+
+Its memory is what a GPU's `max_memory_allocated` would say: the largest rank's allocated bytes
+at the steps' peak less its own before the model was built, counted by an allocation counter
+preloaded into the ranks (`benchmarks/heapcount.c`: malloc's live bytes on every thread). The
+resident set (`--memory rss`, and printed beside it) also holds what glibc keeps of freed blocks
+and the pages torch's libraries touch as they start, 50-90 MiB a rank here, two to three times
+what these small models allocate; calibration measures with the same counter as the cases.
 
 One JSON line per case:
 - `planner_pick_ratio`: the pick's measured step time / the fastest measured (target <= 1.10);
 - `planner_rank_correlation`: Spearman's rho between predicted and measured step times (>= 0.8);
 - `planner_memory_ratio`: predicted / measured memory per rank, median and range (within 15%);
 - `planner_pick_out_of_memory`: 1 when the pick's measured memory passed the cap (target 0);
+- `resident_memory_ratio`, `pick_resident_over_cap`: the same against the resident set;
 - `refused`: planned layouts the app refused to run (each a planner error; none expected).
 """
 
@@ -40,6 +47,7 @@ from scipy.stats import spearmanr
 
 from apps.gpt.config import GPTRecipe
 from apps.gpt.planning import TARGET
+from benchmarks._heap import preload
 from benchmarks._machine import machine
 from core.autoparallel import GIB, Layout, best_plan, estimate, overlay
 from core.autoparallel.calibrate import calibrate
@@ -67,18 +75,20 @@ def _flat(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _rank_run(argv: list[str]) -> tuple[int, int, list[float]]:
-    """One rank: the GPT app's train on this recipe; (resident bytes before, the steps' peak, step
-    seconds from rank 0's metrics)."""
+def _rank_run(argv: list[str]) -> tuple[int, int, int, int, list[float]]:
+    """One rank: the GPT app's train on this recipe; (resident bytes before the model was built, the
+    steps' resident peak, allocated bytes before, the steps' allocated peak, step seconds from rank
+    0's metrics). Allocated bytes are counted by the preloaded counter (0 without it)."""
     import contextlib
     import io
 
     from apps.gpt.pretrain import train
-    from core.memory.usage import process_bytes
+    from core.memory.usage import allocated_bytes, process_bytes
     from core.distributed import detect
     import torch
 
-    before = process_bytes(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    before, allocated = process_bytes(cpu), allocated_bytes(cpu) or 0
     cfg = load_recipe(GPTRecipe, "gpt/tiny", argv)
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(cfg)
@@ -87,10 +97,23 @@ def _rank_run(argv: list[str]) -> tuple[int, int, list[float]]:
         tokens = cfg.train.global_batch * cfg.model.seq_len
         rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
         steps = [tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    return before, summary["step_peak_memory_bytes"], steps
+    return before, summary["step_peak_memory_bytes"], allocated, summary.get("step_peak_allocated_bytes", 0), steps
 
 
-def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: int, steps: int, work: Path) -> dict:
+def _measure(argv: list[str], ranks: int, memory: str, steps: int) -> tuple[float, int, int]:
+    """Step seconds (the median of the timed steps: all but the first two), the memory per rank by
+    `memory` ("allocated" or "rss") and the resident set, each the largest rank's less its own
+    before the model was built."""
+    got = run_distributed(_rank_run, world_size=ranks, args=(argv + [f"train.steps={steps}"],), timeout=900)
+    rss = max(peak - before for before, peak, _, _, _ in got)
+    allocated = max(peak - before for _, _, before, peak, _ in got)
+    times = got[0][4]
+    step = statistics.median(times[2:]) if len(times) > 2 else times[-1]
+    return step, allocated if memory == "allocated" else rss, rss
+
+
+def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: int, steps: int, work: Path,
+             memory: str) -> dict:
     cluster = dataclasses.replace(cluster, device_memory_gb=cap_gb, memory_reserve=1.0)
     base = SHAPES[shape] + COMMON + [f"data.cache_dir={work / 'cache'}"]
     cfg = load_recipe(GPTRecipe, "gpt/tiny", base)
@@ -107,10 +130,9 @@ def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: in
     results, refused = [], []
     for i, est in enumerate(plan):
         out = work / f"{name}-{i}"
-        argv = base + _flat(overlay(est, job, cluster)) + [f"train.steps={steps}", f"output.dir={out}",
-                                                           "output.overwrite=true"]
+        argv = base + _flat(overlay(est, job, cluster)) + [f"output.dir={out}", "output.overwrite=true"]
         try:
-            got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
+            step, used, rss = _measure(argv, ranks, memory, steps)
         except Exception as err:          # a planned layout the app refuses is a planner error: counted, shown
             why = str(err).strip().splitlines()[-1]
             refused.append(f"{est.layout.describe()}: {why}")
@@ -118,20 +140,23 @@ def run_case(name: str, shape: str, cap_gb: float, ranks: int, cluster, runs: in
             if i == 0:
                 raise
             continue
-        memory = max(peak - before for before, peak, _ in got)
-        step = statistics.median(got[0][2][2:]) if len(got[0][2]) > 2 else got[0][2][-1]
-        results.append((est, step, memory))
+        results.append((est, step, used, rss))
         print(f"  {est.layout.describe()}: predicted {est.step_s:.3f} s, {est.device_bytes / 2**20:.0f} MiB; "
-              f"measured {step:.3f} s, {memory / 2**20:.0f} MiB", flush=True)
-    best = min(step for _, step, _ in results)
-    ratios = [e.device_bytes / m for e, _, m in results if m > 0]
+              f"measured {step:.3f} s, {used / 2**20:.0f} MiB ({rss / 2**20:.0f} MiB resident)", flush=True)
+    best = min(r[1] for r in results)
+    ratios = [e.device_bytes / m for e, _, m, _ in results if m > 0]
+    resident = [e.device_bytes / r for e, _, _, r in results if r > 0]
     return {"case": name, "ranks": ranks, "cap_gib": cap_gb, "feasible": len(fits), "ran": len(results),
             "pick": pick.layout.describe(), "planner_pick_ratio": round(results[0][1] / best, 3),
-            "planner_rank_correlation": round(float(spearmanr([e.step_s for e, _, _ in results],
-                                                              [s for _, s, _ in results]).statistic), 3),
+            "planner_rank_correlation": round(float(spearmanr([r[0].step_s for r in results],
+                                                              [r[1] for r in results]).statistic), 3),
+            "memory_measured": memory,
             "planner_memory_ratio_median": round(statistics.median(ratios), 3),
             "planner_memory_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
-            "planner_pick_out_of_memory": int(results[0][2] > cap_gb * GIB), "refused": refused}
+            "planner_pick_out_of_memory": int(results[0][2] > cap_gb * GIB),
+            "resident_memory_ratio_median": round(statistics.median(resident), 3),
+            "resident_memory_ratio_range": [round(min(resident), 3), round(max(resident), 3)],
+            "pick_resident_over_cap": int(results[0][3] > cap_gb * GIB), "refused": refused}
 
 
 def main() -> None:
@@ -141,18 +166,23 @@ def main() -> None:
     ap.add_argument("--caps", default="loose,tight", help="loose: 1 GiB a rank; tight: the median feasible need")
     ap.add_argument("--runs", type=int, default=10, help="layouts run per case, the planner's pick first")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--memory", choices=("allocated", "rss"), default="allocated",
+                    help="what a rank's memory is: the bytes allocated at the steps' peak (benchmarks/heapcount.c, "
+                         "what a GPU's max_memory_allocated reports), or the resident set's high-water mark")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="loom-planner-") as tmp:
         work = Path(tmp)
         os.environ["LOOM_CACHE"] = str(work / "cache")
+        if args.memory == "allocated":
+            preload(work)            # before the first ranks start: they inherit it
         for ranks in args.ranks:
-            cluster = engine_costs(ranks, calibrate(ranks, 1.0, work), work, args.steps)
+            cluster = engine_costs(ranks, calibrate(ranks, 1.0, work), work, args.steps, args.memory)
             for shape in args.shapes.split(","):
                 for cap in args.caps.split(","):
                     cap_gb = 1.0 if cap == "loose" else _tight(shape, ranks, cluster)
                     name = f"{shape}-{cap}-{ranks}"
                     print(f"case {name}: cap {cap_gb:.3f} GiB a rank", flush=True)
-                    row = run_case(name, shape, cap_gb, ranks, cluster, args.runs, args.steps, work)
+                    row = run_case(name, shape, cap_gb, ranks, cluster, args.runs, args.steps, work, args.memory)
                     print(json.dumps({"name": "planner_accuracy", **row, "machine": machine()}), flush=True)
 
 
@@ -161,7 +191,7 @@ TRIVIAL = ["model.n_layer=1", "model.d_model=8", "model.n_head=1", "model.seq_le
 CALIBRATION = ["model.n_layer=2", "model.d_model=128", "model.n_head=8", "model.seq_len=128"]
 
 
-def engine_costs(ranks: int, cluster, work: Path, steps: int):
+def engine_costs(ranks: int, cluster, work: Path, steps: int, memory: str):
     """Calibration, part two, none of it on the cases' models. From a trivial model (one layer, 8
     wide: its arithmetic is nothing) run the way the cases run: the memory a training process holds
     beyond its model (imports after start, the corpus, gloo, DDP); the fixed costs of a step and
@@ -170,11 +200,11 @@ def engine_costs(ranks: int, cluster, work: Path, steps: int):
     1D tensor parallelism over every rank): the allocator's overhead, what the measured memory
     adds to the modelled as a share of the memory freed and made again every step."""
     def run(shape: list[str], micro: int, extra: list[str]):
-        argv = shape + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.steps={steps}",
-                                 f"train.micro_batch={micro}", f"train.global_batch={4 * ranks}",
-                                 f"output.dir={work / 'trivial'}", "output.overwrite=true", *extra]
-        got = run_distributed(_rank_run, world_size=ranks, args=(argv,), timeout=900)
-        return max(peak - before for before, peak, _ in got), statistics.median(got[0][2][2:])
+        argv = shape + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.micro_batch={micro}",
+                                 f"train.global_batch={4 * ranks}", f"output.dir={work / 'trivial'}",
+                                 "output.overwrite=true", *extra]
+        step, used, _ = _measure(argv, ranks, memory, steps)
+        return used, step
 
     def job(shape: list[str], micro: int):
         cfg = load_recipe(GPTRecipe, "gpt/tiny", shape + COMMON + [f"train.micro_batch={micro}",
@@ -182,13 +212,13 @@ def engine_costs(ranks: int, cluster, work: Path, steps: int):
         return job_for(TARGET, cfg, ranks)
 
     dp = [f"parallel.dp={ranks}"]
-    memory, one = run(TRIVIAL, 4, dp)
+    held, one = run(TRIVIAL, 4, dp)
     _, four = run(TRIVIAL, 1, dp)
     _, chunked = run(TRIVIAL, 4, dp + ["parallel.zero=2"])
     per_micro = max(four - one, 0.0) / 3
     model = estimate(job(TRIVIAL, 4), Layout(dp=ranks, micro_batch=4, microbatches=1), dataclasses.replace(
         cluster, step_overhead_ms=0, microbatch_overhead_ms=0))
-    costs = {"runtime_gb": round(max(memory - model.device_bytes, 0) / GIB, 4),
+    costs = {"runtime_gb": round(max(held - model.device_bytes, 0) / GIB, 4),
              "microbatch_overhead_ms": round(per_micro * 1e3, 2),
              "step_overhead_ms": round(max(one - per_micro - model.step_s, 0.0) * 1e3, 2),
              "chunked_overhead_ms": round(max(chunked - one, 0.0) * 1e3, 2)}

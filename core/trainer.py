@@ -36,7 +36,7 @@ from core.distributed import comm
 from core.errors import LoomError
 from core.faults import fault_point
 from core.layout import plan_batches
-from core.memory.usage import peak_bytes, reset_peak
+from core.memory.usage import allocated_peak, peak_bytes, reset_peak
 from core.run_folder import init_folder, refuse_earlier_run, resume_folder
 from core.metrics import MetricsLog, plot_loss_curve
 from core.optim import build_optimizer, build_scheduler
@@ -298,6 +298,7 @@ class Trainer:
         last_ckpt: Path | None = None
         self.model.train()
         step_peak = 0      # the memory high-water mark of the steps themselves (not evaluation, saves)
+        step_allocated: int | None = None      # the same, of bytes allocated (where they are counted)
         try:
             while self.step < total:
                 t0 = time.perf_counter()
@@ -324,6 +325,9 @@ class Trainer:
                 if self.task.on_step is not None:
                     self.task.on_step(self)
                 step_peak = max(step_peak, peak_bytes(self.mesh.device))
+                allocated = allocated_peak(self.mesh.device)
+                if allocated is not None:
+                    step_allocated = max(step_allocated or 0, allocated)
                 window.append(step_loss)
                 dt = time.perf_counter() - t0
                 window_time += dt
@@ -351,6 +355,8 @@ class Trainer:
                             title=f"{Path(self.cfg.output.dir).name}: loss")
         summary = self._summary(last_ckpt, busy_time, units_done)
         summary["step_peak_memory_bytes"] = step_peak
+        if step_allocated is not None:
+            summary["step_peak_allocated_bytes"] = step_allocated
         self.log(self._summary_text(summary, eval_loss))
         return summary
 

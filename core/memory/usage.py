@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -71,10 +72,49 @@ def process_bytes(device: torch.device) -> int:
     return _status("VmRSS")
 
 
+def _heap_counter():
+    """The allocation counter preloaded into this process (`LD_PRELOAD` of a library that exports
+    `loom_heap_live`, `loom_heap_peak` and `loom_heap_reset_peak`, as `benchmarks/heapcount.c` does:
+    the bytes malloc has handed out and not taken back, on every thread), or None."""
+    global _HEAP
+    if _HEAP is None:
+        lib = ctypes.CDLL(None)
+        if hasattr(lib, "loom_heap_peak"):
+            lib.loom_heap_live.restype = lib.loom_heap_peak.restype = ctypes.c_longlong
+            _HEAP = lib
+        else:
+            _HEAP = False
+    return _HEAP or None
+
+
+_HEAP = None
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """The bytes allocated and not yet freed: the CUDA allocator's tensors, or on the host what a
+    preloaded allocation counter counts (None without one). Unlike the resident set, this leaves
+    out what the allocator keeps of freed blocks."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    heap = _heap_counter()
+    return None if heap is None else int(heap.loom_heap_live())
+
+
+def allocated_peak(device: torch.device) -> int | None:
+    """The most `allocated_bytes` since the last `reset_peak` (None on the host without a counter)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    heap = _heap_counter()
+    return None if heap is None else int(heap.loom_heap_peak())
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    heap = _heap_counter()
+    if heap is not None:
+        heap.loom_heap_reset_peak()
     try:
         Path("/proc/self/clear_refs").write_text("5")       # VmHWM back to the current VmRSS
     except OSError:
