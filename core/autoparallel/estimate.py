@@ -392,7 +392,14 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
 
 # what is freed and made again every step (and what the allocator's overhead is a share of)
-TRANSIENT = ("activations", "activations and gradients", "gradient buffers")
+TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "collective buffers")
+
+# What gloo (the backend on CPU devices) holds beside a collective's own tensors, as a share of the
+# full tensor: a reduce-scatter copies its input and more, an all-reduce keeps a scratch eighth
+# (measured with the allocation counter of benchmarks/heapcount.c on 2 and 4 ranks; NCCL works in
+# the tensors it is given).
+GLOO_REDUCE_SCATTER = 1.13
+GLOO_ALL_REDUCE = 0.125
 
 
 def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float
@@ -402,16 +409,19 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     ranks holding the same weights and `act` bytes of kept activations.
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
-    a second copy of the gradients for the all-reduce (DDP's buckets, the pipeline's flat buffer),
-    the optimizer's moments. Gradients accumulate over the micro-batches: from the second one on
-    they live beside the activations.
+    a second copy of the gradients for the all-reduce (DDP's buckets, made once; the pipeline's
+    flat buffer, made at the end of the step, when the activations are gone), the optimizer's
+    moments. Gradients accumulate over the micro-batches: from the second one on they live
+    beside the activations.
 
     The chunked engine (ZeRO, offload; `core.memory`, `core.zero`): the working copy in chunks
     (whole below stage 3; at stage 3 the chunks in use and prefetched), a home copy of it in host
     memory (its shard at stage 3; none where the fp32 master slot serves as the home copy), this
     rank's shard of the fp32 master weights, the moments and the reduced gradient, and the fp32
     gradient buffers of the chunks backward is filling (the first of them opened while all the
-    activations are still alive). The states and the home copy live on the device, the host
+    activations are still alive), with the reduced shard made beside the chunk's buffer.
+
+    On CPU devices the collectives run on gloo, which copies what it reduces (`GLOO_*`). The states and the home copy live on the device, the host
     (offload=cpu) or NVMe (offload=nvme, the host then holding the chunks in transit).
 
     Where the devices are the host's CPUs (`cluster.device_is_host`), host bytes are the process's
@@ -420,13 +430,22 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     largest = job.profile.largest / L.tp
     runtime = cluster.runtime_gb * GIB
     host = nvme = 0.0
+    gloo = cluster.device_is_host
     if not (L.zero or L.offload != "none"):
         # the gradients, made anew each step (set to None after it), live beside the activations
-        # from the second micro-batch on; DDP's buckets are allocated once
+        # from the second micro-batch on; DDP's buckets are allocated once, the pipeline's flat
+        # buffer at the step's end
         grads = 4 * T + (2 * 4 * largest if T else 0.0)
         live = max(act + (grads if L.microbatches > 1 else 0.0), grads)
-        return ({"weights": 4 * P, "optimizer states": states * T, "gradient buckets": 4 * T if R > 1 else 0.0,
-                 "activations and gradients": live, "runtime": runtime}, 0.0, 0.0)
+        memory = {"weights": 4 * P, "optimizer states": states * T, "activations and gradients": live,
+                  "runtime": runtime}
+        if R > 1 and T:
+            scratch = GLOO_ALL_REDUCE * 4 * T if gloo else 0.0
+            if L.pp > 1:
+                memory["activations and gradients"] = max(live, grads + 4 * T + scratch)
+            else:
+                memory["gradient buckets"] = 4 * T + scratch
+        return memory, 0.0, 0.0
     stage = L.zero or 3
     w = job.working_bytes
     unit = max(min(job.chunk_mb * 2**20 / w, P), largest)        # a chunk: memory.chunk_mb, or the model when smaller
@@ -439,6 +458,11 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     kept = T / R * (4 + states + 4)                               # master, moments, the reduced gradient
     buffers = 4 * min(2 * unit, T)
     memory = {"weights": working, "gradient buffers": buffers, "activations": act, "runtime": runtime}
+    if R > 1 and T:
+        # reducing a chunk's gradients: the shard it makes, and what gloo holds while it reduces
+        reduced = 4 * min(unit, T)
+        memory["collective buffers"] = (reduced / R + (GLOO_REDUCE_SCATTER * reduced if gloo else 0.0)
+                                        if stage >= 2 else (GLOO_ALL_REDUCE * reduced if gloo else 0.0))
     per_process = 0.0
     if L.offload == "none":
         memory["optimizer states"] = kept
