@@ -24,9 +24,12 @@ static long long live_bytes, peak_bytes;
 
 static void counted(void *p) {
     if (!p) return;
-    long long now = __atomic_add_fetch(&live_bytes, (long long)malloc_usable_size(p), __ATOMIC_RELAXED);
+    long long size = (long long)malloc_usable_size(p);
+    long long now = __atomic_add_fetch(&live_bytes, size, __ATOMIC_RELAXED);
     long long seen = __atomic_load_n(&peak_bytes, __ATOMIC_RELAXED);
-    while (now > seen && !__atomic_compare_exchange_n(&peak_bytes, &seen, now, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    while (now > seen
+           && !__atomic_compare_exchange_n(&peak_bytes, &seen, now, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
 }
 static void uncounted(void *p) {
     if (p) __atomic_sub_fetch(&live_bytes, (long long)malloc_usable_size(p), __ATOMIC_RELAXED);
@@ -53,4 +56,6 @@ int posix_memalign(void **out, size_t a, size_t n) {
 
 long long loom_heap_live(void) { return __atomic_load_n(&live_bytes, __ATOMIC_RELAXED); }
 long long loom_heap_peak(void) { return __atomic_load_n(&peak_bytes, __ATOMIC_RELAXED); }
-void loom_heap_reset_peak(void) { __atomic_store_n(&peak_bytes, __atomic_load_n(&live_bytes, __ATOMIC_RELAXED), __ATOMIC_RELAXED); }
+void loom_heap_reset_peak(void) {
+    __atomic_store_n(&peak_bytes, __atomic_load_n(&live_bytes, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
+}

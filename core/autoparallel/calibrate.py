@@ -268,7 +268,7 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                    p2p_latency_us=round(ring_s * 1e6, 1), all_to_all_latency_us=round(swap_s * 1e6, 1),
                    all_reduce_us=tables[0], exchange_us=tables[1], all_to_all_us=tables[2],
                    reduce_scatter_us=tables[3], all_gather_us=tables[4],
-                   device_is_host=not gpu)
+                   device_is_host=not gpu, host_cores=0 if gpu else len(os.sched_getaffinity(0)))
 
 
 def _free_gb(folder: Path) -> float:

@@ -77,6 +77,8 @@ class Cluster:
     memory_overhead: dict = field(default_factory=dict)
     device_is_host: bool = False           # the devices are the host's CPUs (a CPU-only machine): what a
     #                                        process keeps in host memory counts against its device memory
+    host_cores: int = 0                    # where the devices are processes on the host's CPUs: the cores
+    #                                        they share (0: each device computes on its own)
 
     @property
     def devices(self) -> int:

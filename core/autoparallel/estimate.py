@@ -19,7 +19,9 @@ axis, with ring algorithms:
 - pipeline parallelism: the bubble of the schedule, (p - 1) / (m v) of the ideal step (GPipe and
   1F1B v = 1; Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
   Clusters Using Megatron-LM", section 2.2), and each boundary's activations sent forward and
-  their gradients back;
+  their gradients back; where the devices are processes sharing fewer cores (`host_cores`), a
+  stage waiting in the bubble gives its cores to the busy ones, and the bubble shrinks to what
+  the critical path at a core per process adds beyond the work itself;
 - offload: optimizer states (and ZeRO-3's weights) moved over the host link, updated by the
   host's CPUs, read and written on NVMe; an offloaded step is `cluster.offload_overlap` x the
   larger of its compute and its transfers (the overlap the chunk manager reaches, measured by
@@ -302,6 +304,12 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
     m, p, v = L.microbatches, L.pp, L.virtual_stages
     pipe_s = (m + (p - 1) / v) * mb_s if p > 1 else m * mb_s
+    share = cluster.host_cores / cluster.devices_per_node if cluster.device_is_host else 1.0
+    if p > 1 and 0 < share < 1:
+        # processes sharing fewer cores: a stage waiting in the bubble leaves its cores to the busy
+        # ones, so the step takes the longer of the work at the all-busy speed the calibration
+        # measured and the schedule's critical path at the speed of a process with a core to itself
+        pipe_s = max(m * mb_s, pipe_s * share)
     bubble_s = pipe_s - m * mb_s
 
     # ---- once per step: gradients, ZeRO, offload
@@ -419,13 +427,13 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     memory (its shard at stage 3; none where the fp32 master slot serves as the home copy), this
     rank's shard of the fp32 master weights, the moments and the reduced gradient, and the fp32
     gradient buffers of the chunks backward is filling (the first of them opened while all the
-    activations are still alive), with the reduced shard made beside the chunk's buffer.
-
-    On CPU devices the collectives run on gloo, which copies what it reduces (`GLOO_*`). The states and the home copy live on the device, the host
-    (offload=cpu) or NVMe (offload=nvme, the host then holding the chunks in transit).
+    activations are still alive), with the reduced shard made beside the chunk's buffer. The
+    states and the home copy live on the device, the host (offload=cpu) or NVMe (offload=nvme, the
+    host then holding the chunks in transit).
 
     Where the devices are the host's CPUs (`cluster.device_is_host`), host bytes are the process's
-    own memory too: offloading to the host moves nothing out of the budget."""
+    own memory too: offloading to the host moves nothing out of the budget, and the collectives
+    run on gloo, which copies what it reduces (`GLOO_*`)."""
     states = _OPT_STATES.get(job.optimizer, 8)
     largest = job.profile.largest / L.tp
     runtime = cluster.runtime_gb * GIB

@@ -4,6 +4,7 @@ change that would fit; the command writes a recipe the app accepts."""
 
 import dataclasses
 import math
+import os
 import pytest
 import torch
 import yaml
@@ -136,6 +137,21 @@ def test_more_memory_sharding_never_costs_memory_and_the_bubble_follows_the_sche
     busy = one.step_s - one.times["bubble"] - one.times["gradient sync (exposed)"] - one.times["fixed costs"]
     assert one.times["bubble"] == pytest.approx(3 / 16 * busy, rel=1e-9)          # (p - 1) / m of the busy time
     assert inter.times["bubble"] < one.times["bubble"]
+    # four processes sharing two cores: a stage in the bubble leaves its core to the busy ones, so the
+    # bubble is what the critical path at a core each adds beyond the work (none here: 19/16 x 2/4 < 1)
+    shared = dataclasses.replace(cluster, device_is_host=True, host_cores=2)
+    alone = estimate(job, pipe, dataclasses.replace(shared, host_cores=0))
+    assert alone.times["bubble"] == pytest.approx(3 / 16 * busy, rel=1e-9)
+    assert estimate(job, pipe, shared).times["bubble"] == 0.0
+    few = dataclasses.replace(pipe, micro_batch=4, microbatches=4)             # (4 + 3) / 4 x 2/4 = 7/8 < 1
+    assert estimate(job, few, shared).times["bubble"] == 0.0
+    one_core = estimate(job, few, dataclasses.replace(shared, host_cores=1))    # 7/4 x 1/4 < 1 as well
+    assert one_core.times["bubble"] == 0.0
+    few16 = dataclasses.replace(pipe, micro_batch=16, microbatches=1)          # 4 x 2/4 = 2: one step of work more
+    sharing = estimate(job, few16, shared)
+    t = sharing.times
+    assert t["bubble"] == pytest.approx(sharing.step_s - t["bubble"] - t["gradient sync (exposed)"] - t["fixed costs"],
+                                        rel=1e-9)
 
 
 def test_a_request_nothing_fits_names_the_smallest_change_that_would():
@@ -201,6 +217,7 @@ def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
     assert all(v > 0 for v in cluster.tflops.values())
     assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
     assert cluster.device_is_host                                   # no GPU here: the processes share the host
+    assert cluster.host_cores == len(os.sched_getaffinity(0))       # ... and its cores
     # the collectives by size, measured among the two processes, price what the cost model asks
     for table in (cluster.all_reduce_us, cluster.reduce_scatter_us, cluster.all_gather_us, cluster.exchange_us,
                   cluster.all_to_all_us):
