@@ -2,6 +2,7 @@
 
     python -m benchmarks.sequence_scaling            # cap 512 MiB per rank, sp = 1, 2, 4
     python -m benchmarks.sequence_scaling --quick    # cap 128 MiB
+    python -m benchmarks.sequence_scaling --quick --parts gpt     # the whole tiny GPT only
 
 Each configuration runs causal ring self-attention (`core.sequence.ring_attention`) forward and
 backward on gloo ranks of this machine, (batch 1, 8 heads, head size 64, fp32), in two ways:
@@ -27,6 +28,11 @@ returning freed buffers to the OS, so it counts what the layer's forward and bac
 
 Prints, per sp, the peak at a fixed length (target: at most 1.15 / sp of sp = 1) and the
 longest L whose peak stays under the cap (target: sp = 4 at least 3.5 x sp = 1), as JSON lines.
+
+The whole tiny GPT (`--parts gpt`; `GPT_SHAPE`, forward, loss and backward of one sequence) is
+measured the same way at sp = 1 (torch's fused attention: what a user has without Loom), 2 and 4
+(Loom's fused ring): `gpt_sequence_length_ratio_sp4_vs_fused` (target 3.5) and
+`gpt_sequence_peak_ratio_sp4_vs_fused` (target 1.15 / 4).
 """
 
 from __future__ import annotations
@@ -107,6 +113,55 @@ def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwis
     return out
 
 
+GPT_SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 256, "vocab_size": 256, "bias": False}
+
+
+def measure_gpt(p: int, fixed: int, cap: int, granularity: int) -> dict:
+    """As `measure`, for the whole tiny GPT (`GPT_SHAPE`, 4 heads of 64; learned positions as long as
+    the sequence) forward, loss and backward on one sequence: at sp = 1 its attention is torch's
+    fused `scaled_dot_product_attention`, at sp = p > 1 Loom's ring (fused blocks). Counted: what the
+    step allocates, the parameters' gradients included (every rank holds all of them)."""
+    from apps.gpt.config import GPTModelConfig
+    from apps.gpt.model import GPT
+    from core.distributed import Layout, ParallelMesh
+    from core.distributed.comm import all_reduce_
+    from core.memory.store import return_freed_buffers_to_the_os
+    from core.sequence import SequenceParallel
+
+    return_freed_buffers_to_the_os()
+    mesh = ParallelMesh.build(Layout(sp=p))
+    axis = mesh.axis("sp")
+
+    def peak(length: int) -> int:
+        torch.manual_seed(0)
+        model = GPT(GPTModelConfig(seq_len=length, **GPT_SHAPE), None,
+                    SequenceParallel(axis, "ring") if p > 1 else None)
+        tokens = torch.randint(0, GPT_SHAPE["vocab_size"], (BATCH, length + 1))
+
+        def run():
+            model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+
+        worst = torch.tensor(float(_peak_of(run)))
+        if p > 1:
+            all_reduce_(worst, axis, "max")
+        return int(worst)
+
+    peak(granularity)
+    out = {"fixed_peak": peak(fixed)}
+    ok, length = 0, granularity
+    while peak(length) <= cap:
+        ok, length = length, length * 2
+    bad = length
+    while bad - ok > granularity:
+        mid = (ok + bad) // 2 // granularity * granularity
+        if peak(mid) <= cap:
+            ok = mid
+        else:
+            bad = mid
+    out["longest"] = ok
+    return out
+
+
 def timing(length: int, repeats: int) -> dict:
     """Seconds for forward and backward at `length` on one rank: torch's fused attention and the
     fused ring's one block, alternating, `repeats` times each (medians)."""
@@ -133,15 +188,46 @@ def timing(length: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.distributed.testing import run_distributed
-
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sequence_scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 128 MiB cap and a shorter fixed length")
     ap.add_argument("--cap-mib", type=int, default=0, help="per-rank memory cap for the longest-sequence search")
+    ap.add_argument("--parts", default="attention,gpt", help="what to measure: the attention layer, the whole tiny GPT")
     args = ap.parse_args(argv)
     cap = (args.cap_mib or (128 if args.quick else 512)) << 20
     fixed = 1024 if args.quick else 2048
     print(json.dumps({"name": "machine", **machine()}), flush=True)
+    parts = args.parts.split(",")
+    if "attention" in parts:
+        attention(cap, fixed, args.quick)
+    if "gpt" in parts:
+        whole_gpt(cap, fixed)
+    return 0
+
+
+def whole_gpt(cap: int, fixed: int) -> None:
+    """The whole tiny GPT: one process with torch's fused attention against Loom's fused ring."""
+    from core.distributed.testing import run_distributed
+
+    got = {p: run_distributed(measure_gpt, world_size=p, args=(p, fixed, cap, 64 * p), timeout=3600)[0]
+           for p in (1, 2, 4)}
+    for p, r in got.items():
+        print(json.dumps({"name": "sequence_scaling_gpt", "sp": p, "model": GPT_SHAPE, "fixed_length": fixed,
+                          "peak_mib": round(r["fixed_peak"] / 2 ** 20, 1),
+                          "peak_vs_one_process": round(r["fixed_peak"] / got[1]["fixed_peak"], 3),
+                          "cap_mib": cap >> 20, "longest_length": r["longest"],
+                          "longest_vs_one_process": round(r["longest"] / got[1]["longest"], 2)}), flush=True)
+    print(json.dumps({"name": "gpt_sequence_length_ratio_sp4_vs_fused",
+                      "value": round(got[4]["longest"] / got[1]["longest"], 2), "target": 3.5}), flush=True)
+    print(json.dumps({"name": "gpt_sequence_peak_ratio_sp4_vs_fused",
+                      "value": round(got[4]["fixed_peak"] / got[1]["fixed_peak"], 3),
+                      "target": round(1.15 / 4, 4)}), flush=True)
+
+
+def attention(cap: int, fixed: int, quick: bool) -> None:
+    """The attention layer: the blockwise ring against the full score matrix, the fused ring against
+    torch's fused attention on one process, and the one-block time."""
+    from core.distributed.testing import run_distributed
+
     results = {}
     for p in (1, 2, 4):
         results[p] = run_distributed(measure, world_size=p, args=(p, fixed, cap, 64 * p), timeout=1800)[0]
@@ -175,11 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"name": "sequence_peak_ratio_sp4_vs_fused",
                       "value": round(fused[4]["fixed_peak"] / torch_one["fixed_peak"], 3),
                       "target": round(1.15 / 4, 4)}), flush=True)
-    t = timing(fixed, 3 if args.quick else 7)
+    t = timing(fixed, 3 if quick else 7)
     print(json.dumps({"name": "sequence_time_ratio_sp1_fused", "value": round(t["ring"] / t["torch"], 3),
                       "ring_s": round(t["ring"], 3), "torch_s": round(t["torch"], 3), "length": fixed,
                       "target": 1.1}), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
