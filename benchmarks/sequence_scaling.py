@@ -66,6 +66,22 @@ def _peak_of(run) -> int:
     return _status("VmHWM") - base
 
 
+def _longest(peak, cap: int, granularity: int) -> int:
+    """The longest length, a multiple of `granularity`, whose `peak(length)` stays under `cap`:
+    double, then bisect."""
+    ok, length = 0, granularity
+    while peak(length) <= cap:
+        ok, length = length, length * 2
+    bad = length
+    while bad - ok > granularity:
+        mid = (ok + bad) // 2 // granularity * granularity
+        if peak(mid) <= cap:
+            ok = mid
+        else:
+            bad = mid
+    return ok
+
+
 def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwise") -> dict:
     """On each of p ranks: the peak at `fixed` tokens and the longest sequence under `cap` bytes,
     of the ring `way` ("blockwise" or "fused"), or, with way="torch" on one rank, of torch's fused
@@ -98,18 +114,7 @@ def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwis
     out = {"fixed_peak": peak(fixed)}
     if p == 1 and way == "blockwise":
         out["fixed_peak_fused"] = peak(fixed, fused=True)
-    # the longest length under the cap: double, then bisect to `granularity`
-    ok, length = 0, granularity
-    while peak(length) <= cap:
-        ok, length = length, length * 2
-    bad = length
-    while bad - ok > granularity:
-        mid = (ok + bad) // 2 // granularity * granularity
-        if peak(mid) <= cap:
-            ok = mid
-        else:
-            bad = mid
-    out["longest"] = ok
+    out["longest"] = _longest(peak, cap, granularity)
     return out
 
 
@@ -148,17 +153,7 @@ def measure_gpt(p: int, fixed: int, cap: int, granularity: int) -> dict:
 
     peak(granularity)
     out = {"fixed_peak": peak(fixed)}
-    ok, length = 0, granularity
-    while peak(length) <= cap:
-        ok, length = length, length * 2
-    bad = length
-    while bad - ok > granularity:
-        mid = (ok + bad) // 2 // granularity * granularity
-        if peak(mid) <= cap:
-            ok = mid
-        else:
-            bad = mid
-    out["longest"] = ok
+    out["longest"] = _longest(peak, cap, granularity)
     return out
 
 

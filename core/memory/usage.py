@@ -1,5 +1,6 @@
 """How much memory this process uses now, its peak, and how much it may still take, on a GPU
-(torch's allocator) or on the host (Linux /proc and the cgroup limit)."""
+(torch's allocator) or on the host (Linux /proc and the cgroup limit; bytes allocated where an
+allocation counter is preloaded)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def process_bytes(device: torch.device) -> int:
     return _status("VmRSS")
 
 
+_HEAP = None     # the preloaded allocation counter: not looked for yet (None), absent (False), or the library
+
+
 def _heap_counter():
     """The allocation counter preloaded into this process (`LD_PRELOAD` of a library that exports
     `loom_heap_live`, `loom_heap_peak` and `loom_heap_reset_peak`, as `benchmarks/heapcount.c` does:
@@ -85,9 +89,6 @@ def _heap_counter():
         else:
             _HEAP = False
     return _HEAP or None
-
-
-_HEAP = None
 
 
 def allocated_bytes(device: torch.device) -> int | None:
