@@ -44,6 +44,10 @@ void *realloc(void *q, size_t n) {
     if (p) counted(p); else if (q && n) counted(q);
     return p;
 }
+void *reallocarray(void *q, size_t n, size_t size) {      /* glibc's own would not come back here */
+    if (size && n > (size_t)-1 / size) { errno = ENOMEM; return NULL; }
+    return realloc(q, n * size);
+}
 void *memalign(size_t a, size_t n) { void *p = __libc_memalign(a, n); counted(p); return p; }
 void *aligned_alloc(size_t a, size_t n) { return memalign(a, n); }
 void *valloc(size_t n) { void *p = __libc_valloc(n); counted(p); return p; }

@@ -66,6 +66,16 @@ def _peak_of(run) -> int:
     return _status("VmHWM") - base
 
 
+def _worst_rank(run, axis) -> int:
+    """`_peak_of(run)` on every rank of `axis`: the largest."""
+    from core.distributed.comm import all_reduce_
+
+    worst = torch.tensor(float(_peak_of(run)))
+    if axis.size > 1:
+        all_reduce_(worst, axis, "max")
+    return int(worst)
+
+
 def _longest(peak, cap: int, granularity: int) -> int:
     """The longest length, a multiple of `granularity`, whose `peak(length)` stays under `cap`:
     double, then bisect."""
@@ -87,7 +97,6 @@ def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwis
     of the ring `way` ("blockwise" or "fused"), or, with way="torch" on one rank, of torch's fused
     attention."""
     from core.distributed import Layout, ParallelMesh
-    from core.distributed.comm import all_reduce_
     from core.memory.store import return_freed_buffers_to_the_os
     from core.sequence import ring_attention
 
@@ -105,10 +114,7 @@ def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwis
                  else ring_attention(q, k, v, axis, True, blockwise_on_one_rank=True, fused=way == "fused"))
             y.backward(g)
 
-        worst = torch.tensor(float(_peak_of(run)))
-        if p > 1:
-            all_reduce_(worst, axis, "max")
-        return int(worst)
+        return _worst_rank(run, axis)
 
     peak(granularity)                                    # warm-up: kernels, buffers, groups
     out = {"fixed_peak": peak(fixed)}
@@ -129,7 +135,6 @@ def measure_gpt(p: int, fixed: int, cap: int, granularity: int) -> dict:
     from apps.gpt.config import GPTModelConfig
     from apps.gpt.model import GPT
     from core.distributed import Layout, ParallelMesh
-    from core.distributed.comm import all_reduce_
     from core.memory.store import return_freed_buffers_to_the_os
     from core.sequence import SequenceParallel
 
@@ -146,10 +151,7 @@ def measure_gpt(p: int, fixed: int, cap: int, granularity: int) -> dict:
         def run():
             model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
 
-        worst = torch.tensor(float(_peak_of(run)))
-        if p > 1:
-            all_reduce_(worst, axis, "max")
-        return int(worst)
+        return _worst_rank(run, axis)
 
     peak(granularity)
     out = {"fixed_peak": peak(fixed)}

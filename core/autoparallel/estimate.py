@@ -304,12 +304,12 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
     m, p, v = L.microbatches, L.pp, L.virtual_stages
     pipe_s = (m + (p - 1) / v) * mb_s if p > 1 else m * mb_s
-    share = cluster.host_cores / cluster.devices_per_node if cluster.device_is_host else 1.0
-    if p > 1 and 0 < share < 1:
+    cores = cluster.host_cores / cluster.devices_per_node if cluster.device_is_host else 1.0
+    if p > 1 and 0 < cores < 1:
         # processes sharing fewer cores: a stage waiting in the bubble leaves its cores to the busy
         # ones, so the step takes the longer of the work at the all-busy speed the calibration
         # measured and the schedule's critical path at the speed of a process with a core to itself
-        pipe_s = max(m * mb_s, pipe_s * share)
+        pipe_s = max(m * mb_s, pipe_s * cores)
     bubble_s = pipe_s - m * mb_s
 
     # ---- once per step: gradients, ZeRO, offload
