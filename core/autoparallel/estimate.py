@@ -33,7 +33,8 @@ copies, home copies, master shards and gradient buffers), divided as tp, pp and 
 the cluster's fixed runtime memory per process (`runtime_gb`); what the allocator keeps beyond the
 live tensors, as measured for the engine's family (`memory_overhead`); and the activations of the
 micro-batches a stage holds at once (1 without a pipeline, m for GPipe, p for 1F1B, p + (p - 1)/v
-for the interleaved schedule), per token from the profile.
+for the interleaved schedule), per token from the profile, with, under the grid tensor-parallel
+modes (2D, 2.5D, 3D), the gathered weight blocks each micro-batch's products keep for backward.
 
 Groups are placed as Loom's mesh places them: tp innermost, then sp, then dp, pp outermost
 (`core.distributed.mesh`); a group whose ranks span more than one node runs at the node's
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field, replace
 
 from core.autoparallel.cluster import Cluster
 from core.autoparallel.profile import ModelProfile
+from core.memory.store import PIECE
 from core.tensor.cost import grid, transformer_layer
 
 GIB = 2**30
@@ -176,6 +178,9 @@ class RankSums:
     edge_whole: float
     top_split: float        # the largest repeated layer's activations (recomputed one at a time)
     top_whole: float
+    matrices: float = 0.0       # elements of the weight matrices its layers' backward keeps (LayerProfile.matrices)
+    edge_matrices: float = 0.0  # ... of those, the other layers' (not recomputed under checkpointing)
+    top_matrices: float = 0.0   # ... the largest repeated layer's
 
 
 _SUMS: dict[tuple[int, int, int], tuple[ModelProfile, list[RankSums]]] = {}
@@ -207,7 +212,8 @@ def rank_sums(prof: ModelProfile, pp: int, virtual: int) -> list[RankSums] | Non
                             sum(x.trained_params for x in layers) + held,
                             sum(x.act_split for x in layers), sum(x.act_whole for x in layers),
                             sum(x.boundary for x in body), edge_split, edge_whole, top.act_split if top else 0.0,
-                            top.act_whole if top else 0.0))
+                            top.act_whole if top else 0.0, sum(x.matrices for x in layers),
+                            sum(x.matrices for x in edge), top.matrices if top else 0.0))
     if len(_SUMS) > 4096:
         _SUMS.clear()
     _SUMS[key] = (prof, out)
@@ -377,14 +383,20 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         inflight = float(min(m, p))
     else:
         inflight = min(float(m), p + (p - 1) / v)
+    # the grid modes multiply by a gathered copy of each weight's blocks (2D, 2.5D: a column of the
+    # q x q grid, 1/q of the weight; 3D: 1/q^2), which the product keeps for backward, in the
+    # activations' precision, once for every micro-batch whose backward is still to come
+    gathered = 0.0 if L.tp == 1 or L.tp_mode == "1d" else 1 / q if L.tp_mode != "3d" else 1 / q ** 2
     acts = []
     for rank in ranks:
         if L.checkpointing:
             kept = rank.kept_boundary / tp_split + rank.edge_split / L.tp + rank.edge_whole / tp_split
             top = rank.top_split / L.tp + rank.top_whole / tp_split
-            acts.append((kept * inflight + top) * tokens_mb * scale)
+            weights = (rank.edge_matrices * inflight + rank.top_matrices) * gathered * e
+            acts.append((kept * inflight + top) * tokens_mb * scale + weights)
         else:
-            acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight)
+            weights = rank.matrices * gathered * e * inflight
+            acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight + weights)
     memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts))
     family = "chunked" if (L.zero or L.offload != "none") else "tensor" if L.tp > 1 else "plain"
     overhead = cluster.memory_overhead.get(family, 1.0)
@@ -408,6 +420,8 @@ TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "co
 # the tensors it is given).
 GLOO_REDUCE_SCATTER = 1.13
 GLOO_ALL_REDUCE = 0.125
+# the NVMe store's IO threads (memory.io_threads' default)
+NVME_IO_THREADS = 4
 
 
 def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float
@@ -429,11 +443,14 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     gradient buffers of the chunks backward is filling (the first of them opened while all the
     activations are still alive), with the reduced shard made beside the chunk's buffer. The
     states and the home copy live on the device, the host (offload=cpu) or NVMe (offload=nvme, the
-    host then holding the chunks in transit).
+    host then holding the chunks in transit and the IO threads' bounce buffers). From the second
+    micro-batch on, each reduced shard is added to the sum of the earlier ones (read back from its
+    file on NVMe).
 
     Where the devices are the host's CPUs (`cluster.device_is_host`), host bytes are the process's
-    own memory too: offloading to the host moves nothing out of the budget, and the collectives
-    run on gloo, which copies what it reduces (`GLOO_*`)."""
+    own memory too: offloading to the host moves nothing out of the budget, the collectives run
+    on gloo, which copies what it reduces (`GLOO_*`), and a step with its states on NVMe starts by
+    evicting the working copies, so what it reads takes the place of the backward's transients."""
     states = _OPT_STATES.get(job.optimizer, 8)
     largest = job.profile.largest / L.tp
     runtime = cluster.runtime_gb * GIB
@@ -465,6 +482,10 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         home = w * (P - T) / (R if stage == 3 else 1)             # (a frozen chunk has only that slot)
     kept = T / R * (4 + states + 4)                               # master, moments, the reduced gradient
     buffers = 4 * min(2 * unit, T)
+    if L.microbatches > 1 and T:
+        # from the second micro-batch on, a reduced shard is added to the earlier ones' sum: the
+        # sum is a new shard, beside the one read back from the file where the states are on NVMe
+        buffers += 4 * min(unit, T) / R * (2 if L.offload == "nvme" else 1)
     memory = {"weights": working, "gradient buffers": buffers, "activations": act, "runtime": runtime}
     if R > 1 and T:
         # reducing a chunk's gradients: the shard it makes, and what gloo holds while it reduces
@@ -479,9 +500,23 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         per_process = kept + home
     else:
         nvme = (kept + home) * cluster.devices_per_node
-        # on their way to and from the disk: two chunks' working copies, and two chunks' shards of
-        # master, moments and gradient (the update reads the next chunk's while it works on one)
-        per_process = 2 * w * unit + (2 * (4 + states + 4) * unit / R if T else 0.0)
+        # on their way to and from the disk during the step: two chunks' shards of master, moments
+        # and gradient (the update reads the next chunk's while it works on one), and on a separate
+        # device two chunks' working copies coming back; a model of one chunk has one of each
+        transit = (4 + states + 4) * min(2 * unit, T) / R + (0.0 if cluster.device_is_host else w * min(2 * unit, P))
+        # each IO thread keeps an aligned bounce buffer for the transfers from tensors that are not
+        # 4 KiB-aligned (chunk payloads, reduced gradient shards): up to PIECE bytes, for the run
+        moved = max(w * unit / (R if stage == 3 else 1), 4 * unit / R)
+        bounce = NVME_IO_THREADS * min(PIECE, -(-moved // 4096) * 4096)
+        if cluster.device_is_host:
+            # the device is the host: the step starts by evicting every working copy, so what it
+            # reads shares the memory with the backward's transients, not with them
+            during_backward = sum(memory.get(k, 0.0) for k in ("weights", "gradient buffers", "activations",
+                                                                 "collective buffers"))
+            memory["IO buffers"] = bounce
+            memory["host copies"] = max(transit - during_backward, 0.0)
+            return memory, host, nvme
+        per_process = transit + bounce
     if cluster.device_is_host:
         memory["host copies"] = per_process
     else:

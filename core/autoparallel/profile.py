@@ -59,6 +59,10 @@ class LayerProfile:
     act_checkpointed: float | None = None
     recomputed: float = 0.0         # of flops, those its checkpointed segments run again in backward
     shared: int = 0                 # elements of weights it uses that an earlier layer owns (a tied head)
+    # elements of the matrices (2+ dimensions) among the weights it uses that its backward keeps: a
+    # Linear's weight, a tied head's; not an embedding table's (its backward needs only the ids).
+    # Tensor-parallel modes that gather a weight's blocks before the product keep the gathered copy.
+    matrices: int = 0
 
     @property
     def trained_params(self) -> int:
@@ -197,10 +201,15 @@ class _Saved:
         self.params, self.hidden = params, hidden
         self.seen: dict[int, torch.Tensor] = {}
         self.split = self.whole = 0.0
+        self.matrices: dict[int, int] = {}     # the weights (2+ dimensions) saved, each once
 
     def pack(self, t: torch.Tensor) -> Any:
         base = t._base if t._base is not None else t
-        if id(t) in self.params or id(base) in self.params or id(t) in self.seen:
+        if id(t) in self.params or id(base) in self.params:
+            if base.ndim >= 2:
+                self.matrices[id(base)] = base.numel()
+            return t
+        if id(t) in self.seen:
             return t
         self.seen[id(t)] = t                   # kept alive, so its id is not reused before backward
         size = t.numel() * t.element_size()
@@ -270,7 +279,8 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
             segments.outer = None
         out.append(LayerProfile(layer.name, count, flops / tokens, saved.split / tokens,
                                 saved.whole / tokens, boundary, layer.body, largest, trained,
-                                act_checkpointed=kept, recomputed=recomputed or 0.0, shared=shared))
+                                act_checkpointed=kept, recomputed=recomputed or 0.0, shared=shared,
+                                matrices=sum(saved.matrices.values())))
     loss = loss_fn(x)
     counter = FlopCounterMode(display=False)
     with counter:

@@ -312,3 +312,42 @@ def test_a_tied_weight_is_held_by_both_pipeline_ends():
     one, two = rank_sums(prof, 2, 1)
     body = [x.params for x in prof.layers]
     assert one.params == sum(body[:3]) and two.params == sum(body[3:]) + 256 * 64
+
+
+def test_the_grid_modes_keep_the_gathered_weights_for_backward():
+    # 2D and 2.5D multiply by a weight's column of blocks, 1/q of the weight, gathered for the
+    # product, which keeps it for backward: a fixed sum per micro-batch, not per token
+    h, v = 64, 256
+    job = _toy_job(layers=2, hidden=h, heads=4, seq=32, vocab=v)
+    # the blocks' Linears keep their matrices (12 h^2), the tied head the token table; the
+    # embedding's backward needs only the ids
+    assert [x.matrices for x in job.profile.layers] == [0, 12 * h * h, 12 * h * h, v * h]
+    cluster = CLUSTERS["4 devices, roomy"]
+
+    def acts(mode, micro, checkpointing=False):
+        lay = Layout(tp=4, tp_mode=mode, micro_batch=micro, microbatches=1, zero=1, checkpointing=checkpointing)
+        return estimate(job, lay, cluster).memory["activations"]
+
+    gathered = lambda elements: elements / 2 * 4                    # noqa: E731  q = 2, fp32
+    assert 2 * acts("2d", 1) - acts("2d", 2) == pytest.approx(gathered(2 * 12 * h * h + v * h))
+    # checkpointing: only the recomputed block's, beside the head's
+    assert 2 * acts("2d", 1, True) - acts("2d", 2, True) == pytest.approx(gathered(12 * h * h + v * h))
+    assert 2 * acts("1d", 1) - acts("1d", 2) == pytest.approx(0, abs=1e-6)
+
+
+def test_nvme_offload_on_the_host_counts_what_the_step_reads_apart_from_backward():
+    # on a CPU-only machine the step evicts the working copies before it reads the states, so its
+    # transfers share memory with the backward's transients instead of adding to them; the IO
+    # threads' bounce buffers stay for the run, one chunk each, at most PIECE
+    from core.memory.store import PIECE
+
+    job = dataclasses.replace(_toy_job(layers=4, hidden=128, heads=4, seq=64, vocab=256), chunk_mb=0.5)
+    host = Cluster(nodes=1, devices_per_node=1, device_memory_gb=4, nvme_gb=10, device_is_host=True)
+    est = estimate(job, Layout(micro_batch=4, microbatches=1, zero=3, offload="nvme"), host)
+    unit = 0.5 * 2**20
+    assert est.memory["IO buffers"] == 4 * unit
+    during_backward = sum(est.memory[k] for k in ("weights", "gradient buffers", "activations"))
+    assert est.memory["host copies"] == max(2 * unit * 16 / 4 - during_backward, 0)
+    big = dataclasses.replace(job, chunk_mb=64.0)                    # one chunk holds the whole model
+    one = estimate(big, Layout(micro_batch=4, microbatches=1, zero=3, offload="nvme"), host)
+    assert one.memory["IO buffers"] == 4 * min(PIECE, -(-4 * job.profile.params // 4096) * 4096)
