@@ -504,10 +504,11 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         # and gradient (the update reads the next chunk's while it works on one), and on a separate
         # device two chunks' working copies coming back; a model of one chunk has one of each
         transit = (4 + states + 4) * min(2 * unit, T) / R + (0.0 if cluster.device_is_host else w * min(2 * unit, P))
-        # each IO thread keeps an aligned bounce buffer for the transfers from tensors that are not
-        # 4 KiB-aligned (chunk payloads, reduced gradient shards): up to PIECE bytes, for the run
+        # each IO thread, and the main thread for its synchronous transfers, keeps an aligned bounce
+        # buffer for the transfers from tensors that are not 4 KiB-aligned (chunk payloads, reduced
+        # gradient shards): up to PIECE bytes, for the run
         moved = max(w * unit / (R if stage == 3 else 1), 4 * unit / R)
-        bounce = NVME_IO_THREADS * min(PIECE, -(-moved // 4096) * 4096)
+        bounce = (NVME_IO_THREADS + 1) * min(PIECE, -(-moved // 4096) * 4096)
         if cluster.device_is_host:
             # the device is the host: the step starts by evicting every working copy, so what it
             # reads shares the memory with the backward's transients, not with them
