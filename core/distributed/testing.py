@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,6 +59,10 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str,
     try:
         result = fn(*args)
         torch.save(result, Path(out_dir) / f"rank_{rank}.pt")
+    except BaseException:
+        # spawn reports one rank's error; a peer's "connection reset" often hides the rank that failed first
+        (Path(out_dir) / f"error_{rank}.txt").write_text(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -160,6 +165,10 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), *,
                 if "Address already in use" in str(e) or "EADDRINUSE" in str(e):
                     last = e
                     continue
+                others = [(r, Path(out_dir) / f"error_{r}.txt") for r in range(world_size) if r != e.error_index]
+                others = [f"\n-- rank {r} failed too:\n{f.read_text()}" for r, f in others if f.exists()]
+                if others:
+                    raise mp.ProcessRaisedException(str(e) + "".join(others), e.error_index, e.error_pid) from None
                 raise
             return [torch.load(Path(out_dir) / f"rank_{r}.pt", weights_only=False)
                     for r in range(world_size)]

@@ -17,6 +17,18 @@ def _rank_one_fails():
     return dist.get_rank()
 
 
+def _rank_one_fails_first_and_exits_last():
+    """Rank 1 fails of its own cause but its process lingers (a slow exit); rank 0 then fails of a
+    secondary error and exits first, so spawn reports rank 0's error alone."""
+    import multiprocessing.util
+    import time
+    if dist.get_rank() == 1:
+        multiprocessing.util.Finalize(None, time.sleep, args=(5.0,), exitpriority=10)
+        raise FileNotFoundError("rank one's own cause")
+    time.sleep(1.5)
+    raise ConnectionResetError("rank zero lost its peer")
+
+
 def _rank_one_never_joins():
     if dist.get_rank() == 0:
         dist.all_reduce(torch.ones(1))
@@ -38,6 +50,12 @@ def test_failing_rank_fails_the_call_with_its_traceback():
         run_distributed(_rank_one_fails, world_size=2)
     text = str(e.value)
     assert "rank one says no" in text and "ValueError" in text and "_rank_one_fails" in text
+
+
+def test_every_failing_rank_is_reported():
+    with pytest.raises(Exception) as e:
+        run_distributed(_rank_one_fails_first_and_exits_last, world_size=2)
+    assert "rank zero lost its peer" in str(e.value) and "rank one's own cause" in str(e.value)
 
 
 def test_hanging_rank_is_killed_and_reported():

@@ -29,14 +29,16 @@ def fresh_environment(monkeypatch):
 
 def fit(tmp_path, strategy, name, devices=1, steps=5, samples=64, precision="32-true", ckpt_path=None, module=None,
         **trainer):
-    """Train a fresh Classifier (or `module`); returns (module with rank 0's final weights, rank 0's losses)."""
+    """Train a fresh Classifier (or `module`); returns (module with this rank's final weights, this rank's
+    losses). Each rank reads its own file: rank 0's may not be written yet when rank 1 leaves fit."""
     module = module or Classifier(losses_to=str(tmp_path / name))
     trainer = {"enable_checkpointing": False} | trainer
     t = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=2,
                    gradient_clip_val=0.5, precision=precision, logger=False, enable_progress_bar=False,
                    enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / name, **trainer)
     t.fit(module, loader(samples), ckpt_path=ckpt_path)
-    losses = [float(x) for x in (tmp_path / f"{name}.rank0").read_text().split()]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    losses = [float(x) for x in (tmp_path / f"{name}.rank{rank}").read_text().split()]
     return module, losses, t
 
 
@@ -80,9 +82,8 @@ def _rank(tmp_path, name: str, loom: dict | None) -> tuple[list[float], dict]:
     """One of two ranks started as torchrun starts them (Lightning launches nothing): Lightning's ddp,
     or strategy=loom with `loom`'s keys; this rank's losses and final weights."""
     strategy = "ddp" if loom is None else LoomStrategy(**loom)
-    module, _, trainer = fit(tmp_path, strategy, name, devices=2)
+    module, losses, trainer = fit(tmp_path, strategy, name, devices=2)
     rank = torch.distributed.get_rank()
-    losses = [float(x) for x in (tmp_path / f"{name}.rank{rank}").read_text().split()]
     # the collectives Lightning code calls on a strategy
     s = trainer.strategy
     s.barrier("check")
