@@ -22,7 +22,7 @@ import time
 import torch
 
 from benchmarks._machine import machine
-from kernels.cpu_adam import adam_step, available
+from loom_kernels.cpu_adam import adam_step, available
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 

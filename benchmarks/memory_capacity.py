@@ -180,7 +180,7 @@ def prepare_kernels() -> bool:
     starts: a child that compiled it would run the compiler under the cap, where it can be killed
     mid-build, and would count the compile in its trial. The children then load the cached build.
     Says on stderr where the kernel is (or why there is none); True if Loom's side will use it."""
-    from kernels import cpu_adam
+    from loom_kernels import cpu_adam
 
     ready = cpu_adam.load() is not None
     print(cpu_adam.build_report(), file=sys.stderr, flush=True)

@@ -78,7 +78,7 @@ def test_the_installed_code_finds_its_recipes_and_files(installed):
     venv, work = installed
     shipped = sorted(str(p.relative_to(ROOT / "recipes").with_suffix("")) for p in (ROOT / "recipes").rglob("*.yaml")
                      if p.parent.name != "clusters")
-    probe = ("import core, kernels.cpu_adam as k, apps.protein.config as pc; from core.config import known_recipes, "
+    probe = ("import core, loom_kernels.cpu_adam as k, apps.protein.config as pc; from core.config import known_recipes, "
              "resolve_recipe; from pathlib import Path; from core.autoparallel.cluster import find_cluster; "
              "from core.autoparallel.target import target_for; "
              "print(core.__file__); print(' '.join(known_recipes())); "
@@ -105,3 +105,18 @@ def test_the_protein_app_runs_its_default_recipe_from_the_install(installed):
     done = _run([str(venv / "bin" / "loom-protein-infer"), "output.dir=out"], cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (work / "out" / "ubiquitin" / "ubiquitin.pdb").stat().st_size > 10_000
+
+
+def test_no_other_installed_distribution_claims_a_loom_package_name():
+    # Loom's fused kernels once lived in a top-level package named `kernels`: the import name of
+    # Hugging Face's `kernels`, which transformers 5 installs and imports. Loom's folder shadowed
+    # it and every Hugging Face model failed to import. Each top-level package Loom ships must be
+    # Loom's alone among what this environment has installed.
+    from importlib.metadata import packages_distributions
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    tops = [p.rstrip("*") for p in patterns]
+    assert all((ROOT / top / "__init__.py").is_file() for top in tops), tops
+    claimed = packages_distributions()
+    others = {top: sorted(set(claimed.get(top, [])) - {"loom-train"}) for top in tops}
+    assert not any(others.values()), f"installed distributions that ship the same import name: {others}"

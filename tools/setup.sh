@@ -51,6 +51,6 @@ else
         env PYTHONPATH="$ROOT/apps/protein/openfold_build" \
         "$PY" -m pip install -q --no-cache-dir --no-build-isolation openfold==0.0.1
 fi
-step "compile the C++ CPU Adam kernel" "$PY" -m kernels.cpu_adam
+step "compile the C++ CPU Adam kernel" "$PY" -m loom_kernels.cpu_adam
 touch "$STAMP"
 echo "setup complete in $(( $(date +%s) - setup_start )) s: $ROOT/$VENV"

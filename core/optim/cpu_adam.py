@@ -1,7 +1,7 @@
 """CPUAdam: AdamW for parameters wherever they live.
 
 Parameters in CPU memory (offloaded master weights) are updated by the C++ CPU Adam
-(`kernels.cpu_adam`: one vectorised OpenMP pass, optionally writing a bf16/fp16 working copy);
+(`loom_kernels.cpu_adam`: one vectorised OpenMP pass, optionally writing a bf16/fp16 working copy);
 parameters on a GPU by torch's fused AdamW. The update is torch.optim.AdamW's (or Adam's with L2
 regularisation when `adamw_mode=False`), so results match torch to float rounding. The step of
 one host tensor is `adam_update`, which the chunk optimizer (`core.zero`) runs on its shards too.
@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from kernels.cpu_adam import adam_step, load as load_kernel
+from loom_kernels.cpu_adam import adam_step, load as load_kernel
 
 
 def adam_update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, group: dict,

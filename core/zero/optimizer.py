@@ -33,7 +33,7 @@ from core.optim.norms import clip_coef, sum_of_squares, sum_over
 from core.zero.gradients import GradientShards
 from core.zero.rules import AdamW, Rule
 from core.zero.states import KINDS, ChunkStates
-from kernels.cpu_adam import load as load_kernel
+from loom_kernels.cpu_adam import load as load_kernel
 
 S = TensorState
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import benchmarks.memory_capacity as memory_capacity
-import kernels.cpu_adam as cpu_adam
+import loom_kernels.cpu_adam as cpu_adam
 from apps.gpt.config import GPTModelConfig
 from apps.gpt.model import GPT
 from benchmarks.memory_capacity import estimate, family, largest, params_of

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.cpu_adam import adam_step, available, reference_adam_step
+from loom_kernels.cpu_adam import adam_step, available, reference_adam_step
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:

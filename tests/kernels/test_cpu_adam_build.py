@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cpu_adam import kernel_name
-from kernels.cpu_adam.build import BuildLock, load_or_build
+from loom_kernels.cpu_adam import kernel_name
+from loom_kernels.cpu_adam.build import BuildLock, load_or_build
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT = 600          # a cold build takes about 20 s here; a hang is what this catches
@@ -65,7 +65,7 @@ def _finish(p: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 HOLD = """
 import sys, time
-from kernels.cpu_adam.build import BuildLock, load_or_build
+from loom_kernels.cpu_adam.build import BuildLock, load_or_build
 with BuildLock(sys.argv[1]) as lock:
     lock.record(building=sys.argv[2])
     print("held", flush=True)
@@ -74,7 +74,7 @@ with BuildLock(sys.argv[1]) as lock:
 
 WAIT = """
 import sys, time
-from kernels.cpu_adam.build import BuildLock, load_or_build
+from loom_kernels.cpu_adam.build import BuildLock, load_or_build
 start = time.monotonic()
 with BuildLock(sys.argv[1], label="test", what="compiling X", wait_notice_s=0.5):
     print(f"acquired after {time.monotonic() - start:.1f} s", flush=True)
@@ -103,14 +103,14 @@ def test_a_waiter_says_whom_it_waits_for_and_goes_on_when_the_holder_is_killed(t
 def test_without_a_compiler_load_gives_none_with_one_warning_and_the_command_fails(tmp_path, procs):
     ext = tmp_path / "ext"
     check = ("import warnings\n"
-             "import kernels.cpu_adam as k\n"
+             "import loom_kernels.cpu_adam as k\n"
              "with warnings.catch_warnings(record=True) as w:\n"
              "    warnings.simplefilter('always')\n"
              "    print(k.load() is None, k.load() is None, k.available(), len(w))\n")
     p = _start(procs, ["-c", check], ext, CXX=str(tmp_path / "no-such-compiler"))
     out, err = _finish(p, 120)
     assert out.split() == ["True", "True", "False", "1"], (out, err[-2000:])
-    p = _start(procs, ["-m", "kernels.cpu_adam"], ext, CXX=str(tmp_path / "no-such-compiler"))
+    p = _start(procs, ["-m", "loom_kernels.cpu_adam"], ext, CXX=str(tmp_path / "no-such-compiler"))
     out, err = _finish(p, 120)
     assert p.returncode != 0
     assert len(out.splitlines()) == 1 and "not available" in out and "no-such-compiler" in out, out
@@ -136,7 +136,7 @@ def test_after_a_build_killed_mid_compile_two_loads_at_once_compile_once(tmp_pat
     compile once, the other saying whom it waits for; a finished build loads without the lock."""
     ext = tmp_path / "ext"
     name = kernel_name()
-    first = _start(procs, ["-m", "kernels.cpu_adam"], ext)
+    first = _start(procs, ["-m", "loom_kernels.cpu_adam"], ext)
     private = ext / f"{name}.building-{first.pid}"
     deadline = time.monotonic() + 120
     while not (private / "build.ninja").exists():       # torch has taken its `lock` by then
@@ -152,8 +152,8 @@ def test_after_a_build_killed_mid_compile_two_loads_at_once_compile_once(tmp_pat
     os.close(os.open(ext / name / "lock", os.O_CREAT | os.O_EXCL))
 
     wrapper, log = _counting_compiler(tmp_path)
-    a = _start(procs, ["-m", "kernels.cpu_adam"], ext, CXX=str(wrapper))
-    b = _start(procs, ["-m", "kernels.cpu_adam"], ext, CXX=str(wrapper))
+    a = _start(procs, ["-m", "loom_kernels.cpu_adam"], ext, CXX=str(wrapper))
+    b = _start(procs, ["-m", "loom_kernels.cpu_adam"], ext, CXX=str(wrapper))
     results = {p.pid: (*_finish(p, BUILD_TIMEOUT), p.returncode) for p in (a, b)}
     library = ext / name / f"{name}.so"
     for pid, (out, err, rc) in results.items():
@@ -164,7 +164,7 @@ def test_after_a_build_killed_mid_compile_two_loads_at_once_compile_once(tmp_pat
     assert not list(ext.glob("*.building-*")), "the killed build's folder was not cleared"
 
     def compiled(err):
-        return [line for line in err.splitlines() if line.startswith("kernels.cpu_adam: compiling ")]
+        return [line for line in err.splitlines() if line.startswith("loom_kernels.cpu_adam: compiling ")]
 
     builders = [pid for pid, (out, err, rc) in results.items() if compiled(err)]
     assert len(builders) == 1, results
@@ -175,12 +175,12 @@ def test_after_a_build_killed_mid_compile_two_loads_at_once_compile_once(tmp_pat
     assert "compiled in" not in out and not compiled(err), (out, err)
     notices = [line for line in err.splitlines() if "waiting for" in line]
     assert len(notices) == 1, err
-    assert notices[0].startswith(f"kernels.cpu_adam: waiting for process {builder} "), notices[0]
+    assert notices[0].startswith(f"loom_kernels.cpu_adam: waiting for process {builder} "), notices[0]
     assert f"{name}.building-{builder}" in notices[0], notices[0]
 
     # A finished build is loaded without the lock: even a holder that never lets go cannot block it.
     with BuildLock(ext / f"{name}.lock"):
-        third = _start(procs, ["-m", "kernels.cpu_adam"], ext)
+        third = _start(procs, ["-m", "loom_kernels.cpu_adam"], ext)
         out, err = _finish(third, 60)
     assert third.returncode == 0 and out.strip() == f"C++ CPU Adam ready: {library}", (out, err)
     assert "waiting" not in err and "compiling" not in err, err

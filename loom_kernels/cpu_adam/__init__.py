@@ -8,11 +8,11 @@ source, the flags, the torch version and the CPU model (-march=native code is sp
 `reference_adam_step` is the same math in plain torch, used by the tests and wherever the kernel
 cannot be built.
 
-Compile it ahead, outside anything measured or memory-capped: `python -m kernels.cpu_adam` (the
+Compile it ahead, outside anything measured or memory-capped: `python -m loom_kernels.cpu_adam` (the
 last step of `make setup`; after a plain `pip install .`, run it once). Otherwise the first
 `load()` compiles it (about 20 s on 2 cores) and says so on stderr. How a build that is killed
 halfway is kept from blocking every later load, and how concurrent loads compile only once, is
-in `kernels/cpu_adam/build.py`.
+in `loom_kernels/cpu_adam/build.py`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from kernels.cpu_adam.build import build_root, load_or_build
+from loom_kernels.cpu_adam.build import build_root, load_or_build
 
 _HERE = Path(__file__).resolve().parent
 _SOURCE = _HERE / "cpu_adam.cpp"
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
-_LABEL = "kernels.cpu_adam"
+_LABEL = "loom_kernels.cpu_adam"
 
 _LOCK = threading.Lock()
 _MODULE = None
@@ -93,7 +93,7 @@ def load():
             except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back to torch
                 _FAILED, _FAILED_DETAIL = _one_line(e), f"{type(e).__name__}: {e}"
                 if isinstance(e, ImportError) and (build_root() / name).exists():   # a damaged cached build
-                    _FAILED += f"; delete the folder {build_root() / name} and run python -m kernels.cpu_adam"
+                    _FAILED += f"; delete the folder {build_root() / name} and run python -m loom_kernels.cpu_adam"
         if _FAILED is not None:
             warnings.warn(f"the C++ CPU Adam could not be built ({_FAILED}); using the torch reference", stacklevel=2)
         return _MODULE

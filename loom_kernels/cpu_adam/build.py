@@ -80,7 +80,7 @@ def _stderr(line: str) -> None:
 
 
 def _command_line() -> str:
-    """This process's command, as typed: `python -m kernels.cpu_adam`, `pytest tests/kernels`, ..."""
+    """This process's command, as typed: `python -m loom_kernels.cpu_adam`, `pytest tests/kernels`, ..."""
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     argv[0] = Path(argv[0]).name
     return " ".join(" ".join(argv).split())[:160]     # one line, even for `python -c "...multi-line..."`

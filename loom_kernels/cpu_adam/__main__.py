@@ -1,4 +1,4 @@
-"""`python -m kernels.cpu_adam`: compile (or find) the C++ CPU Adam now, outside any measured run.
+"""`python -m loom_kernels.cpu_adam`: compile (or find) the C++ CPU Adam now, outside any measured run.
 
 Prints one line on stdout: where the kernel is (exit 0), or why there is none (exit 1, with the
 compiler's output on stderr). While it compiles (about 20 s) it says so on stderr; if another
@@ -8,7 +8,7 @@ process is compiling it, it says which one and waits for it.
 import sys
 import warnings
 
-from kernels.cpu_adam import build_report, failure_detail, load
+from loom_kernels.cpu_adam import build_report, failure_detail, load
 
 if __name__ == "__main__":
     with warnings.catch_warnings():
