@@ -16,8 +16,11 @@ queries, keys and values. Two ways to let every query see every key:
   a block's output and log-sum-exp merge into the running ones, so no rank holds even an
   (L/p) x (L/p) block of scores, and the backward runs the kernel's own backward on each block with
   the merged output and log-sum-exp, which gives that block's exact share of the gradients. The
-  blockwise-matmul path stays as the reference and where no such kernel applies (CUDA tensors in
-  this version: said once when chosen).
+  fused ring runs one head at a time (heads are independent), so what travels and what the kernel
+  returns per block is one head's: beyond the output and the gradients it must return, a rank
+  holds about 1/heads of a block more (at sp = 4 a rank's peak is about 0.26 of one process's
+  fused attention, under 1/4 + 15%). The blockwise-matmul path stays as the reference and where no
+  such kernel applies (CUDA tensors in this version: said once when chosen).
 - `all_to_all_attention` (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509): one
   all-to-all turns (all heads, L/p tokens) into (heads/p, all L tokens), ordinary attention runs,
   and one all-to-all turns it back. Needs the heads to divide by p.
@@ -137,37 +140,46 @@ def _flash(q, k, v, causal: bool):
 
 class _FusedRingAttention(torch.autograd.Function):
     """The ring of `_RingAttention` with each block on the fused kernel (see the module's doc).
-    Keys and values travel as they are (no stacked copy) and blocks merge into the output in
-    place: beyond its inputs a rank holds the output, one incoming key/value block and, in the
-    backward, the travelling key/value gradients."""
+
+    The heads run the ring one group at a time (`groups` of them, one head each by default):
+    heads are independent, so only the group's keys and values need to travel together. Beyond
+    the output, its log-sum-exp and the gradients it returns, a rank then holds one group's
+    travelling and incoming blocks and the kernel's per-block results, 1/groups of what a whole
+    block would be; the bytes sent are the same, in more messages. Keys and values travel as they
+    are (no stacked copy) and blocks merge into the output in place."""
 
     @staticmethod
-    def forward(ctx, q, k, v, axis: AxisGroup, causal: bool):
+    def forward(ctx, q, k, v, axis: AxisGroup, causal: bool, groups: int):
         p, r = axis.size, axis.rank
-        out = lse = None
-        block = [k.contiguous(), v.contiguous()]
-        for step in range(p):
-            src = (r - step) % p
-            works = None
-            if step < p - 1:
-                works, incoming = _exchange_each(block, axis)
-            if not (causal and src > r):
-                part, part_lse = _flash(q, block[0], block[1], causal and src == r)
-                part, part_lse = part.float(), part_lse.float()
-                if out is None:
-                    out, lse = part, part_lse
-                else:                          # merge: weights exp(lse_block - lse_both) per query
-                    both = torch.logaddexp(lse, part_lse)
-                    out.mul_(torch.exp(lse - both).unsqueeze(-1))
-                    out.add_(part.mul_(torch.exp(part_lse - both).unsqueeze(-1)))
-                    lse = both
-                del part
-            if works is not None:
-                for w in works:
-                    w.wait()
-                block = incoming
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        for heads in _head_slices(q.shape[1], groups):
+            o, m = out[:, heads], lse[:, heads]
+            qg = q[:, heads]
+            block = [k[:, heads].contiguous(), v[:, heads].contiguous()]
+            for step in range(p):
+                src = (r - step) % p
+                works = None
+                if step < p - 1:
+                    works, incoming = _exchange_each(block, axis)
+                if step == 0:                  # the own block: never skipped, it starts the sums
+                    part, part_lse = _flash(qg, block[0], block[1], causal)
+                    o.copy_(part)
+                    m.copy_(part_lse)
+                elif not (causal and src > r):
+                    part, part_lse = _flash(qg, block[0], block[1], False)
+                    part, part_lse = part.float(), part_lse.float()
+                    both = torch.logaddexp(m, part_lse)     # merge: weights exp(lse_block - lse_both)
+                    o.mul_(torch.exp(m - both).unsqueeze(-1))
+                    o.add_(part.mul_(torch.exp(part_lse - both).unsqueeze(-1)))
+                    m.copy_(both)
+                part = part_lse = None
+                if works is not None:
+                    for w in works:
+                        w.wait()
+                    block = incoming
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.axis, ctx.causal = axis, causal
+        ctx.axis, ctx.causal, ctx.groups = axis, causal, groups
         return out.to(q.dtype)
 
     @staticmethod
@@ -175,38 +187,49 @@ class _FusedRingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         axis, causal = ctx.axis, ctx.causal
         p, r = axis.size, axis.rank
-        qf, go = q.float(), grad_out.float().contiguous()
-        dq = None
-        kf = k.float().contiguous()
-        # the travelling block: keys, values and the gradient of both accumulated on the way
-        block = [kf, v.float().contiguous(), torch.zeros_like(kf), torch.zeros_like(kf)]
-        for step in range(p):
-            src = (r - step) % p
-            if not (causal and src > r):
-                # with the merged output and log-sum-exp the kernel's backward gives this block's
-                # exact share: its probabilities exp(s - lse) and the row sums of dO * O are global
-                dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    go, qf, block[0], block[1], out, lse, 0.0, causal and src == r)
-                if dq is None:
-                    dq = dq_b
-                else:
-                    dq += dq_b
-                block[2] += dk_b
-                block[3] += dv_b
-                del dq_b, dk_b, dv_b
-            if p == 1:
-                block = block[2:]
-                break
-            # p - 1 hops with the keys and values, then one more with the gradients alone; one
-            # tensor at a time (nothing computes meanwhile), so one incoming buffer is held at once
-            travelling = block if step < p - 1 else block[2:]
-            for i in range(len(travelling)):
-                works, (travelling[i],) = _exchange_each([travelling[i]], axis)
-                for w in works:
-                    w.wait()
-            block = travelling
-        dq = dq if dq is not None else torch.zeros_like(qf)
-        return dq.to(q.dtype), block[0].to(k.dtype), block[1].to(v.dtype), None, None
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+        for heads in _head_slices(q.shape[1], ctx.groups):
+            qg, go = q[:, heads].float(), grad_out[:, heads].float().contiguous()
+            o, m = out[:, heads], lse[:, heads]
+            block = [k[:, heads].float().contiguous(), v[:, heads].float().contiguous()]
+            for step in range(p):
+                src = (r - step) % p
+                if step == 0 or not (causal and src > r):
+                    # with the merged output and log-sum-exp the kernel's backward gives this
+                    # block's exact share: its probabilities exp(s - lse) and the row sums of dO * O
+                    # are global
+                    dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        go, qg, block[0], block[1], o, m, 0.0, causal and step == 0)
+                    if step == 0:              # the own block starts dq and the travelling gradients
+                        dq[:, heads].copy_(dq_b)
+                        block += [dk_b, dv_b]
+                    else:
+                        dq[:, heads].add_(dq_b)
+                        block[2].add_(dk_b)
+                        block[3].add_(dv_b)
+                    dq_b = dk_b = dv_b = None
+                if p == 1:
+                    block = block[2:]
+                    break
+                # p - 1 hops with the keys and values, then one more with the gradients alone; one
+                # tensor at a time (nothing computes meanwhile), so one incoming buffer is held at once
+                travelling = block if step < p - 1 else block[2:]
+                for i in range(len(travelling)):
+                    works, (travelling[i],) = _exchange_each([travelling[i].contiguous()], axis)
+                    for w in works:
+                        w.wait()
+                block = travelling
+            dk[:, heads].copy_(block[0])
+            dv[:, heads].copy_(block[1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _head_slices(heads: int, groups: int) -> list[slice]:
+    """`heads` split into `groups` runs as even as they come."""
+    groups = max(1, min(groups, heads))
+    edges = [round(i * heads / groups) for i in range(groups + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:])]
 
 
 _SAID = set()
@@ -220,11 +243,14 @@ def fused_kernel(q: torch.Tensor) -> str | None:
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: AxisGroup,
-                   causal: bool = True, blockwise_on_one_rank: bool = False, fused: bool | None = None) -> torch.Tensor:
+                   causal: bool = True, blockwise_on_one_rank: bool = False, fused: bool | None = None,
+                   head_groups: int | None = None) -> torch.Tensor:
     """Attention of this rank's queries over every rank's keys and values, (batch, heads, L/p, d).
     On one rank it is torch's attention, unless `blockwise_on_one_rank` asks for the ring with one
     L x L block (the benchmark's baselines). Each block runs on a fused kernel where one applies
-    (`fused=None`; True insists, False takes the blockwise-matmul reference)."""
+    (`fused=None`; True insists, False takes the blockwise-matmul reference). The fused ring runs
+    the heads in `head_groups` groups, one ring each: by default one head per ring when there is a
+    ring to travel (p > 1), all heads at once on one rank."""
     if axis.size == 1 and not blockwise_on_one_rank:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     kernel = fused_kernel(q)
@@ -237,7 +263,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: Axis
                       f"log-sum-exp here, so each block is a matmul of scores (L/p x L/p per rank)", file=sys.stderr)
     elif fused and kernel is None:
         raise ValueError(f"no fused ring-attention kernel for {q.device.type} {q.dtype} tensors")
-    return (_FusedRingAttention if fused else _RingAttention).apply(q, k, v, axis, causal)
+    if not fused:
+        return _RingAttention.apply(q, k, v, axis, causal)
+    if head_groups is None:
+        head_groups = q.shape[1] if axis.size > 1 else 1
+    return _FusedRingAttention.apply(q, k, v, axis, causal, head_groups)
 
 
 def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: AxisGroup,

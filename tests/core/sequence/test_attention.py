@@ -1,7 +1,7 @@
 """Ring and all-to-all attention on 2 and 4 gloo ranks against full attention on one process:
 outputs and the gradients of queries, keys and values (causal and not; fp32, 1e-5), for the ring
-on the fused kernel and on the blockwise-matmul reference, and the ring sends exactly p - 1
-key/value blocks per rank in forward."""
+on the fused kernel (one head per ring, all heads in one, uneven groups of heads) and on the
+blockwise-matmul reference, and the ring sends exactly p - 1 key/value blocks per rank in forward."""
 
 import itertools
 
@@ -36,6 +36,9 @@ def _split(p):
     out = {}
     ways = (("ring", ring_attention),                                           # fused blocks (the default here)
             ("ring_blockwise", lambda q, k, v, axis, causal: ring_attention(q, k, v, axis, causal, fused=False)),
+            # every head in one ring, and uneven groups of heads (1, 2, 1 of the 4)
+            ("ring_groups_1", lambda q, k, v, axis, causal: ring_attention(q, k, v, axis, causal, head_groups=1)),
+            ("ring_groups_3", lambda q, k, v, axis, causal: ring_attention(q, k, v, axis, causal, head_groups=3)),
             ("all_to_all", all_to_all_attention))
     for (name, fn), causal in itertools.product(ways, (True, False)):
         q, k, v, grad = (t.chunk(p, dim=2)[axis.rank].clone() for t in _inputs())
@@ -62,8 +65,10 @@ def test_split_attention_matches_full_attention(p):
             for label, a, b in zip(("out", "dq", "dk", "dv"), (y, dq, dk, dv), want):
                 assert _rel(a, b) <= 1e-5, (name, causal, label)
             if name.startswith("ring"):
-                # one key/value block per step (the fused path sends keys and values apart)
-                assert sends == (p - 1) * (2 if name == "ring" else 1)
+                # one key/value block per step (the fused path sends keys and values apart, one head
+                # at a time: the same bytes in 2 H messages)
+                messages = {"ring": 2 * H, "ring_blockwise": 1, "ring_groups_1": 2, "ring_groups_3": 6}[name]
+                assert sends == (p - 1) * messages
                 assert nbytes == (p - 1) * 2 * B * H * (L // p) * D * 4
 
 
