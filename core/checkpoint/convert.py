@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from core.checkpoint.sharded import VERSION, ShardReader, is_sharded, write_index
+from core.checkpoint.reader import SafetensorsReader
 from core.errors import LoomError
 
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -51,7 +51,7 @@ class Source:
             self.ties = [tuple(g) for g in self.index.get("ties", [])]
         elif (self.folder / MODEL).is_file():
             self.reader = None
-            self.file = safe_open(str(self.folder / MODEL), framework="pt")
+            self.file = SafetensorsReader(self.folder / MODEL)
             self.names = {k: k for k in self.file.keys()}
             meta = self.file.metadata() or {}
             groups: dict[str, list[str]] = {}

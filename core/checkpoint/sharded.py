@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from core.checkpoint.reader import SafetensorsReader
 from core.errors import LoomError
 
 INDEX = "sharded.json"
@@ -297,7 +297,7 @@ class ShardReader:
             path = self.folder / file
             if not path.is_file():
                 raise LoomError(f"{path} is missing: the checkpoint is incomplete")
-            self._files[file] = safe_open(str(path), framework="pt")
+            self._files[file] = SafetensorsReader(path)
         return self._files[file]
 
     def read(self, name: str, held: Held | None = None, flat: tuple[int, int] | None = None) -> torch.Tensor:

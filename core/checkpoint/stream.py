@@ -28,14 +28,11 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from core.checkpoint.reader import PIECE, SAFETENSORS_DTYPES
 from core.checkpoint.sharding import split_layer
 from core.checkpoint.weights import persistent_buffers
 from core.errors import LoomError
 
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
-PIECE = 64 * 2**20          # bytes written per system call (a 145 MiB embedding goes in three)
 
 
 class SafetensorsWriter:

@@ -2,7 +2,8 @@
 back as a folder transformers loads.
 
 `WeightSource` opens `model.safetensors`, a sharded `model.safetensors.index.json`, or
-`pytorch_model.bin` (memory-mapped), and hands out tensors by name, so that a model made on the
+`pytorch_model.bin` (memory-mapped), and hands out tensors by name (safetensors files read tensor by
+tensor, never mapped whole: `core.checkpoint.stream.SafetensorsReader`), so that a model made on the
 meta device reads each parameter where it will live and never holds the whole file. `save_folder`
 writes `config.json` and `model.safetensors` in transformers' layout (GPT-2's Conv1D weights
 transposed back, a tied head left out as transformers leaves it out), atomically.
@@ -18,6 +19,7 @@ from typing import Iterable
 
 import torch
 
+from core.checkpoint.reader import SafetensorsReader
 from core.errors import LoomError
 
 SAFETENSORS, INDEX, BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
@@ -49,13 +51,8 @@ class WeightSource:
                 raise LoomError(f"{self.folder / BIN}: cannot be read as a PyTorch state dict ({e})") from None
 
     def _index_file(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                self._files.update({name: path for name in f.keys()})
-        except Exception as e:                                      # noqa: BLE001 - a damaged file
-            raise LoomError(f"{path}: cannot be read as safetensors ({e})") from None
+        self._open[path] = SafetensorsReader(path)          # a damaged file is refused here, by name
+        self._files.update({name: path for name in self._open[path].keys()})
 
     @property
     def names(self) -> list[str]:
@@ -71,9 +68,9 @@ class WeightSource:
         if path is None:
             return None
         if path not in self._open:
-            from safetensors import safe_open
-
-            self._open[path] = safe_open(str(path), framework="pt")
+            if not path.is_file():
+                raise LoomError(f"{path} is missing: the folder's index names it for {name}")
+            self._open[path] = SafetensorsReader(path)
         return self._open[path].get_tensor(name)
 
 
