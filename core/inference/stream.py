@@ -126,7 +126,7 @@ class WeightStream:
             used = [c.used * dtype.itemsize for c in planned]
             slot = max(c.capacity for c in planned) * dtype.itemsize
             home = NVMeStore(Path(nvme_dir or "nvme"), {"param": (len(planned), slot)}, threads=io_threads,
-                             used={"param": used}, setting="memory.nvme_dir", direct=direct)
+                             used={"param": used}, setting="memory.nvme_dir", direct=direct, unlinked=True)
             home.drop_cache = True
         else:
             home = MemoryStore(pin=torch.device(device).type == "cuda", threads=io_threads)

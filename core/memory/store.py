@@ -220,13 +220,16 @@ class NVMeStore(Store):
 
     def __init__(self, folder: str | Path, slots: dict[str, tuple[int, int]], threads: int = 4,
                  direct: bool = True, aliases: dict[str, str] | None = None,
-                 used: dict[str, list[int]] | None = None, setting: str = "memory.nvme_dir") -> None:
+                 used: dict[str, list[int]] | None = None, setting: str = "memory.nvme_dir",
+                 unlinked: bool = False) -> None:
         """`slots[kind] = (count, slot_bytes)`: what one slot may be given; `used[kind][i]`: the
         bytes slot i really keeps (default: all). A chunk's tail past its last parameter is
         padding: only the used prefix goes to disk (on a GPT packed into chunks as large as its
         largest matrix, a third of the bytes), and it reads back as zeros. `aliases[kind] =
         other`: `kind` reads and writes `other`'s file. `setting`: the recipe key that named the
-        folder, for the messages."""
+        folder, for the messages. `unlinked`: the files leave the folder as soon as they are open
+        (and the folder too, when that empties it), so their space returns to the disk however the
+        process ends, a kill at a memory cap included."""
         super().__init__(threads)
         self.setting = setting
         self.aliases = dict(aliases or {})
@@ -257,6 +260,10 @@ class NVMeStore(Store):
         self.nbytes = need
         for kind in slots:
             self._fds[kind] = self._open(self.folder / f"{kind}.bin", self._offsets[kind][-1])
+            if unlinked:
+                (self.folder / f"{kind}.bin").unlink()
+        if unlinked:
+            self._remove_folder()
         self._local = threading.local()
         self._count = threading.Lock()
         self.bytes_read = 0
@@ -364,7 +371,10 @@ class NVMeStore(Store):
             os.close(fd)
             (self.folder / f"{kind}.bin").unlink(missing_ok=True)
         self._fds.clear()
+        self._remove_folder()
+
+    def _remove_folder(self) -> None:
         try:
             self.folder.rmdir()
         except OSError:
-            pass                                   # not empty: something else lives there
+            pass                                   # not empty (something else lives there) or gone

@@ -114,6 +114,27 @@ def test_nvme_alias_shares_the_file(tmp_path):
     store.close()
 
 
+def test_unlinked_nvme_files_leave_nothing_behind_even_when_the_process_is_killed(tmp_path):
+    store = NVMeStore(tmp_path / "scratch", {"param": (2, 4096)}, unlinked=True)
+    assert not (tmp_path / "scratch").exists()              # files and folder gone, the open files work
+    store.write("param", 1, torch.arange(1024.0))
+    out = torch.empty(1024)
+    store.read("param", 1, out)
+    assert torch.equal(out, torch.arange(1024.0))
+    store.close()
+    # a process killed while it holds such a store (as a memory cap kills it) leaves no file
+    import signal
+    import subprocess
+    import sys
+
+    code = (f"import os, signal, torch; from core.memory.store import NVMeStore; "
+            f"s = NVMeStore({str(tmp_path / 'killed')!r}, {{'param': (4, 1 << 20)}}, unlinked=True); "
+            f"s.write('param', 3, torch.ones(1 << 18)); os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (tmp_path / "killed").exists() or not any((tmp_path / "killed").iterdir())
+
+
 def test_nvme_disk_too_small_is_refused_at_the_start(tmp_path, monkeypatch):
     import shutil
 
