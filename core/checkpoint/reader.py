@@ -8,6 +8,7 @@ stream it. `SafetensorsReader` opens a file by reading its header, and a tensor 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -70,6 +71,16 @@ class SafetensorsReader:
         dtype, shape, begin, end = self._entry(name)
         return self._read(begin, end).view(dtype).reshape(shape)
 
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Read tensor `name` straight into `out` when `out` is contiguous host memory of its dtype
+        and shape (no temporary copy of it); False, reading nothing, otherwise."""
+        dtype, shape, begin, end = self._entry(name)
+        if out.dtype != dtype or tuple(out.shape) != shape or out.device.type != "cpu" or not out.is_contiguous():
+            return False
+        if end > begin:
+            self._read_into(_bytes_of(out), begin)
+        return True
+
     def get_slice(self, name: str) -> "_SafetensorsSlice":
         self._entry(name)
         return _SafetensorsSlice(self, name)
@@ -82,7 +93,8 @@ class SafetensorsReader:
 
     def _read(self, begin: int, end: int) -> torch.Tensor:
         out = torch.empty(end - begin, dtype=torch.uint8)
-        self._read_into(memoryview(out.numpy()), begin)
+        if end > begin:
+            self._read_into(_bytes_of(out), begin)
         return out
 
     def _read_into(self, view: memoryview, begin: int) -> None:
@@ -109,6 +121,12 @@ class SafetensorsReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous host tensor's bytes. Not `numpy()`: that marks the storage
+    as never to be resized, and a chunk's payload is resized to nothing when it is evicted."""
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
 
 
 class _SafetensorsSlice:
@@ -150,7 +168,7 @@ class _SafetensorsSlice:
             rows = rows.view(dtype).reshape((hi - lo, *shape[1:]))
             return rows[(slice(None), *(slice(a, b) for a, b in box[1:]))].clone()
         out = torch.empty(len(starts) * run, dtype=torch.uint8)
-        view = memoryview(out.numpy())
+        view = _bytes_of(out)
         for n, start in enumerate(starts):
             self.reader._read_into(view[n * run:(n + 1) * run], begin + start * dtype.itemsize)
         return out.view(dtype).reshape(sizes)

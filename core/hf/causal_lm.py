@@ -170,6 +170,12 @@ class HFCausalLM(nn.Module):
         seed and the name alone."""
         role, pname, module_type = self._role(name)
         if self.source is not None:
+            key = name
+            if name not in self.source and self.tied and name == self.plan.tied[1]:
+                key = self.plan.tied[0]
+            probe = torch.empty(out.shape, device="meta")
+            if (role is None or role.to_loom(pname, probe, module_type) is probe) and self.source.read_into(key, out):
+                return                                  # stored as Loom holds it: read in place
             value = self.source.get(name)
             if value is None and self.tied and name == self.plan.tied[1]:
                 value = self.source.get(self.plan.tied[0])

@@ -61,17 +61,30 @@ class WeightSource:
     def __bool__(self) -> bool:
         return bool(self.names)
 
+    def __contains__(self, name: str) -> bool:
+        return name in (self._bin if self._bin is not None else self._files)
+
     def get(self, name: str) -> torch.Tensor | None:
         if self._bin is not None:
             return self._bin.get(name)
         path = self._files.get(name)
         if path is None:
             return None
+        return self._reader(path, name).get_tensor(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Tensor `name` read straight into `out` where it is stored as `out` is (dtype, shape) in a
+        safetensors file and `out` is contiguous host memory: a 515 MB embedding then never exists
+        twice. False, reading nothing, otherwise (`get` it)."""
+        path = self._files.get(name) if self._bin is None else None
+        return path is not None and self._reader(path, name).read_into(name, out)
+
+    def _reader(self, path: Path, name: str) -> SafetensorsReader:
         if path not in self._open:
             if not path.is_file():
                 raise LoomError(f"{path} is missing: the folder's index names it for {name}")
             self._open[path] = SafetensorsReader(path)
-        return self._open[path].get_tensor(name)
+        return self._open[path]
 
 
 def write_folder(folder: str | Path, config, state: Iterable[tuple[str, torch.Tensor]],

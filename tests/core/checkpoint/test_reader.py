@@ -109,3 +109,16 @@ def test_a_file_larger_than_the_mappable_address_space_opens_and_reads(tmp_path)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["safetensors: refused", "[1.0, 2.0, 3.0, 4.0] 0"], done.stdout
+
+
+def test_read_into_fills_a_matching_tensor_in_place_and_declines_the_rest(tmp_path):
+    path = tmp_path / "model.safetensors"
+    tensors = _tensors()
+    save_file(tensors, str(path))
+    reader = SafetensorsReader(path)
+    for name in ("f32", "bf16", "mask", "scalar", "empty"):
+        out = torch.empty_like(tensors[name])
+        assert reader.read_into(name, out) and torch.equal(out, tensors[name]), name
+    assert not reader.read_into("f32", torch.empty(6, 5, 4, dtype=torch.float64))      # another dtype
+    assert not reader.read_into("f32", torch.empty(5, 6, 4))                            # another shape
+    assert not reader.read_into("f32", torch.empty(4, 5, 6).permute(2, 1, 0))           # not contiguous
