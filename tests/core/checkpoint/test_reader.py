@@ -30,6 +30,7 @@ def _tensors():
         "mask": torch.tensor([True, False, True]),
         "scalar": torch.tensor(3.5),
         "empty": torch.zeros(0, 4),
+        "f8": torch.randn(4, 2, generator=g).to(torch.float8_e4m3fn),
     }
 
 
