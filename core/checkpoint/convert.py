@@ -25,8 +25,8 @@ from typing import Iterator
 
 import torch
 
-from core.checkpoint.sharded import VERSION, ShardReader, is_sharded, write_index
 from core.checkpoint.reader import SafetensorsReader
+from core.checkpoint.sharded import VERSION, ShardReader, is_sharded, write_index
 from core.errors import LoomError
 
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

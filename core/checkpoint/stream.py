@@ -34,7 +34,6 @@ from core.checkpoint.weights import persistent_buffers
 from core.errors import LoomError
 
 
-
 class SafetensorsWriter:
     """`specs`: every tensor the file will hold, name -> (dtype, shape), in the order their bytes are
     laid out. `put` each of them once (any order); `close` checks that none is missing."""

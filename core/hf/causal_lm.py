@@ -172,13 +172,11 @@ class HFCausalLM(nn.Module):
         if self.source is not None:
             key = name
             if name not in self.source and self.tied and name == self.plan.tied[1]:
-                key = self.plan.tied[0]
+                key = self.plan.tied[0]                 # a tied head stored once, as its embedding
             probe = torch.empty(out.shape, device="meta")
             if (role is None or role.to_loom(pname, probe, module_type) is probe) and self.source.read_into(key, out):
                 return                                  # stored as Loom holds it: read in place
-            value = self.source.get(name)
-            if value is None and self.tied and name == self.plan.tied[1]:
-                value = self.source.get(self.plan.tied[0])
+            value = self.source.get(key)
             if value is None:
                 raise LoomError(f"{self.source.folder}: the weights have no tensor {name} (they hold "
                                 f"{len(self.source.names)} others); the folder's config.json and weights disagree")

@@ -3,7 +3,7 @@ back as a folder transformers loads.
 
 `WeightSource` opens `model.safetensors`, a sharded `model.safetensors.index.json`, or
 `pytorch_model.bin` (memory-mapped), and hands out tensors by name (safetensors files read tensor by
-tensor, never mapped whole: `core.checkpoint.stream.SafetensorsReader`), so that a model made on the
+tensor, never mapped whole: `core.checkpoint.reader.SafetensorsReader`), so that a model made on the
 meta device reads each parameter where it will live and never holds the whole file. `save_folder`
 writes `config.json` and `model.safetensors` in transformers' layout (GPT-2's Conv1D weights
 transposed back, a tied head left out as transformers leaves it out), atomically.
