@@ -151,7 +151,7 @@ class _FusedRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, axis: AxisGroup, causal: bool, groups: int):
         p, r = axis.size, axis.rank
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        out = _sequence_major(q.shape, torch.float32, q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         for heads in _head_slices(q.shape[1], groups):
             o, m = out[:, heads], lse[:, heads]
@@ -223,6 +223,14 @@ class _FusedRingAttention(torch.autograd.Function):
             dk[:, heads].copy_(block[0])
             dv[:, heads].copy_(block[1])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _sequence_major(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty (batch, heads, L, d) tensor laid out as (batch, L, heads, d), as torch's fused
+    kernels return their output: a model's `y.transpose(1, 2).reshape(b, L, heads * d)` before the
+    output projection is then a view, not a copy that the projection would keep for backward."""
+    b, h, length, d = shape
+    return torch.empty(b, length, h, d, dtype=dtype, device=device).transpose(1, 2)
 
 
 def _head_slices(heads: int, groups: int) -> list[slice]:
