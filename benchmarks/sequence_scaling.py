@@ -21,10 +21,16 @@ length over torch's one-process peak, target 1.15 / 4), and `sequence_time_ratio
 fused ring's one L x L block over torch's fused attention, forward and backward, median of
 alternating runs; target 1.1).
 
-Memory is each rank's resident-set high-water mark (Linux VmHWM, reset before each measurement
-through /proc/self/clear_refs) above the resident size just before the layer runs, with glibc
-returning freed buffers to the OS, so it counts what the layer's forward and backward allocate
-(the activation part), not the inputs or the interpreter.
+Memory is each rank's peak of bytes held in CPU tensors while the layer's forward and backward
+run, above what was held when they started (the activation part, not the inputs or the
+interpreter): the running total the CPU allocator reports to torch's profiler at every
+allocation and free, so exact. Beside it, at the fixed length, `peak_rss_mib`: the resident-set
+high-water mark (Linux VmHWM, reset through /proc/self/clear_refs) above the resident size before
+the run, with glibc returning freed buffers of 1 MiB or more to the OS. That one also counts the
+runtime's own memory (a few MiB per process, which sp does not divide) and moves with the heap's
+state: repeating one sp = 4 GPT step read 10.1, 6.5 and 4.3 MiB (less than the 10.5 MiB its
+tensors hold at once: freed heap blocks were reused without new pages), so the ratios are taken on
+the tensors' peak.
 
 Prints, per sp, the peak at a fixed length (target: at most 1.15 / sp of sp = 1) and the
 longest L whose peak stays under the cap (target: sp = 4 at least 3.5 x sp = 1), as JSON lines.
@@ -67,11 +73,38 @@ def _peak_of(run) -> int:
     return _status("VmHWM") - base
 
 
-def _worst_rank(run, axis) -> int:
-    """`_peak_of(run)` on every rank of `axis`: the largest."""
+def _tensor_peak_of(run) -> int:
+    """The most bytes `run` holds in CPU tensors at once beyond what was held when it started: the
+    running total the CPU allocator reports to the profiler at each allocation and free, exact
+    (every allocation, between and inside operators), and blind to how glibc keeps the pages."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        todo.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+    if not events:
+        return 0
+    # the running total counts from the process's first profiled allocation, not from this run's:
+    # the total before this run's first event is its base
+    _, total, size = min(events)
+    return max(0, max(total for _, total, _ in events) - (total - size))
+
+
+MEASURES = {"tensors": _tensor_peak_of, "rss": _peak_of}
+
+
+def _worst_rank(run, axis, measure: str | None = None) -> int:
+    """The peak of `run` by `MEASURES[measure]` (default: tensors) on every rank of `axis`: the largest."""
     from core.distributed.comm import all_reduce_
 
-    worst = torch.tensor(float(_peak_of(run)))
+    worst = torch.tensor(float(MEASURES[measure or "tensors"](run)))
     if axis.size > 1:
         all_reduce_(worst, axis, "max")
     return int(worst)
@@ -106,7 +139,7 @@ def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwis
     axis = mesh.axis("sp")
     torch.manual_seed(axis.rank)
 
-    def peak(length: int, fused: bool = False) -> int:
+    def peak(length: int, fused: bool = False, measure: str | None = None) -> int:
         q, k, v, g = (torch.randn(BATCH, HEADS, length // p, DIM) for _ in range(4))
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
 
@@ -115,10 +148,10 @@ def measure(p: int, fixed: int, cap: int, granularity: int, way: str = "blockwis
                  else ring_attention(q, k, v, axis, True, blockwise_on_one_rank=True, fused=way == "fused"))
             y.backward(g)
 
-        return _worst_rank(run, axis)
+        return _worst_rank(run, axis, measure)
 
     peak(granularity)                                    # warm-up: kernels, buffers, groups
-    out = {"fixed_peak": peak(fixed)}
+    out = {"fixed_peak": peak(fixed), "fixed_peak_rss": peak(fixed, measure="rss")}
     if p == 1 and way == "blockwise":
         out["fixed_peak_fused"] = peak(fixed, fused=True)
     out["longest"] = _longest(peak, cap, granularity)
@@ -143,7 +176,7 @@ def measure_gpt(p: int, fixed: int, cap: int, granularity: int) -> dict:
     mesh = ParallelMesh.build(Layout(sp=p))
     axis = mesh.axis("sp")
 
-    def peak(length: int) -> int:
+    def peak(length: int, measure: str | None = None) -> int:
         torch.manual_seed(0)
         model = GPT(GPTModelConfig(seq_len=length, **GPT_SHAPE), None,
                     SequenceParallel(axis, "ring") if p > 1 else None)
@@ -152,10 +185,10 @@ def measure_gpt(p: int, fixed: int, cap: int, granularity: int) -> dict:
         def run():
             model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
 
-        return _worst_rank(run, axis)
+        return _worst_rank(run, axis, measure)
 
     peak(granularity)
-    out = {"fixed_peak": peak(fixed), "long_peak": peak(4 * fixed)}
+    out = {"fixed_peak": peak(fixed), "fixed_peak_rss": peak(fixed, measure="rss"), "long_peak": peak(4 * fixed)}
     out["longest"] = _longest(peak, cap, granularity)
     return out
 
@@ -211,6 +244,7 @@ def whole_gpt(cap: int, fixed: int) -> None:
     for p, r in got.items():
         print(json.dumps({"name": "sequence_scaling_gpt", "sp": p, "model": GPT_SHAPE, "fixed_length": fixed,
                           "peak_mib": round(r["fixed_peak"] / 2 ** 20, 1),
+                          "peak_rss_mib": round(r["fixed_peak_rss"] / 2 ** 20, 1),
                           "peak_vs_one_process": round(r["fixed_peak"] / got[1]["fixed_peak"], 3),
                           "cap_mib": cap >> 20, "longest_length": r["longest"],
                           "longest_vs_one_process": round(r["longest"] / got[1]["longest"], 2)}), flush=True)
@@ -238,6 +272,7 @@ def attention(cap: int, fixed: int, quick: bool) -> None:
     for p, r in results.items():
         line = {"name": "sequence_scaling", "sp": p, "fixed_length": fixed,
                 "peak_mib": round(r["fixed_peak"] / 2 ** 20, 1),
+                "peak_rss_mib": round(r["fixed_peak_rss"] / 2 ** 20, 1),
                 "peak_vs_sp1_times_sp": round(r["fixed_peak"] / base["fixed_peak"] * p, 3),
                 "cap_mib": cap >> 20, "longest_length": r["longest"],
                 "longest_vs_sp1": round(r["longest"] / base["longest"], 2)}
@@ -251,11 +286,13 @@ def attention(cap: int, fixed: int, quick: bool) -> None:
     fused = {p: run_distributed(measure, world_size=p, args=(p, fixed, cap, 64 * p, "fused"), timeout=3600)[0]
              for p in (2, 4)}
     print(json.dumps({"name": "sequence_scaling_torch_fused", "sp": 1, "fixed_length": fixed,
-                      "peak_mib": round(torch_one["fixed_peak"] / 2 ** 20, 1), "cap_mib": cap >> 20,
+                      "peak_mib": round(torch_one["fixed_peak"] / 2 ** 20, 1),
+                      "peak_rss_mib": round(torch_one["fixed_peak_rss"] / 2 ** 20, 1), "cap_mib": cap >> 20,
                       "longest_length": torch_one["longest"]}), flush=True)
     for p, r in fused.items():
         print(json.dumps({"name": "sequence_scaling_fused_ring", "sp": p, "fixed_length": fixed,
                           "peak_mib": round(r["fixed_peak"] / 2 ** 20, 1),
+                          "peak_rss_mib": round(r["fixed_peak_rss"] / 2 ** 20, 1),
                           "peak_vs_torch_fused": round(r["fixed_peak"] / torch_one["fixed_peak"], 3),
                           "cap_mib": cap >> 20, "longest_length": r["longest"],
                           "longest_vs_torch_fused": round(r["longest"] / torch_one["longest"], 2)}), flush=True)
