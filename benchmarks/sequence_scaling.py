@@ -45,8 +45,11 @@ activations sp divides outweigh the parameters' gradients, which every rank hold
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,19 @@ def _peak_of(run) -> int:
     return _status("VmHWM") - base
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tensor_peak_of(run) -> int:
     """The most bytes `run` holds in CPU tensors at once beyond what was held when it started: the
     running total the CPU allocator reports to the profiler at each allocation and free, exact
@@ -81,8 +97,14 @@ def _tensor_peak_of(run) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():              # the profiler's start and stop each print a line there
+        prof.start()
+    try:
         run()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while todo:
         node = todo.pop()
