@@ -18,8 +18,9 @@ queries, keys and values. Two ways to let every query see every key:
   the merged output and log-sum-exp, which gives that block's exact share of the gradients. The
   fused ring runs one head at a time (heads are independent), so what travels and what the kernel
   returns per block is one head's: beyond the output and the gradients it must return, a rank
-  holds about 1/heads of a block more (at sp = 4 a rank's peak is about 0.26 of one process's
-  fused attention, under 1/4 + 15%). The blockwise-matmul path stays as the reference and where no
+  holds about 1/heads of a block more (at sp = 4 a rank's peak is about 0.24 of one process's
+  fused attention, under 1/4 + 15%); where a head's block is under `MESSAGE_MIN` the heads go in
+  fewer, larger groups (`ring_head_groups`), as messages that small cost their latency alone. The blockwise-matmul path stays as the reference and where no
   such kernel applies (CUDA tensors in this version: said once when chosen).
 - `all_to_all_attention` (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509): one
   all-to-all turns (all heads, L/p tokens) into (heads/p, all L tokens), ordinary attention runs,
@@ -213,16 +214,37 @@ class _FusedRingAttention(torch.autograd.Function):
                     block = block[2:]
                     break
                 # p - 1 hops with the keys and values, then one more with the gradients alone; one
-                # tensor at a time (nothing computes meanwhile), so one incoming buffer is held at once
-                travelling = block if step < p - 1 else block[2:]
-                for i in range(len(travelling)):
-                    works, (travelling[i],) = _exchange_each([travelling[i].contiguous()], axis)
+                # tensor at a time (nothing computes meanwhile), so one incoming buffer is held at
+                # once, unless they are small: then one round for all (a message's fixed cost rules)
+                sent = [t.contiguous() for t in (block if step < p - 1 else block[2:])]
+                if sent[0].numel() * sent[0].element_size() < MESSAGE_MIN:
+                    works, block = _exchange_each(sent, axis)
                     for w in works:
                         w.wait()
-                block = travelling
+                else:
+                    block = []
+                    for one in sent:
+                        works, got = _exchange_each([one], axis)
+                        for w in works:
+                            w.wait()
+                        block += got
+                sent = None
             dk[:, heads].copy_(block[0])
             dv[:, heads].copy_(block[1])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+MESSAGE_MIN = 64 << 10     # bytes: a message below this costs about its fixed cost (gloo, NCCL alike)
+
+
+def ring_head_groups(heads: int, head_block_bytes: float) -> int:
+    """How many rings the fused ring runs its `heads` in, where one head's key block is
+    `head_block_bytes`: one head per ring while that is at least `MESSAGE_MIN` (the blocks in flight
+    are then 1/heads of a whole block, see `_FusedRingAttention`), fewer and larger groups where
+    blocks are small. Each ring costs 2 x (p - 1) messages forward and more backward; with blocks
+    of a few KiB (short sequences over many ranks) one head per ring made every step a string of
+    latencies, 6x slower, to save a few KiB."""
+    return max(1, min(heads, int(heads * head_block_bytes // MESSAGE_MIN)))
 
 
 def _sequence_major(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -258,7 +280,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: Axis
     L x L block (the benchmark's baselines). Each block runs on a fused kernel where one applies
     (`fused=None`; True insists, False takes the blockwise-matmul reference). The fused ring runs
     the heads in `head_groups` groups, one ring each: by default one head per ring when there is a
-    ring to travel (p > 1), all heads at once on one rank."""
+    ring to travel (p > 1) and each head's block is `MESSAGE_MIN` or more (`ring_head_groups`), all
+    heads at once on one rank."""
     if axis.size == 1 and not blockwise_on_one_rank:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     kernel = fused_kernel(q)
@@ -274,7 +297,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: Axis
     if not fused:
         return _RingAttention.apply(q, k, v, axis, causal)
     if head_groups is None:
-        head_groups = q.shape[1] if axis.size > 1 else 1
+        head_block = q.shape[0] * q.shape[2] * q.shape[3] * q.element_size()
+        head_groups = ring_head_groups(q.shape[1], head_block) if axis.size > 1 else 1
     return _FusedRingAttention.apply(q, k, v, axis, causal, head_groups)
 
 

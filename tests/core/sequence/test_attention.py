@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from core.distributed import Layout, ParallelMesh
 from core.distributed.testing import run_distributed
-from core.sequence import all_to_all_attention, ring_attention
+from core.sequence import all_to_all_attention, attention, ring_attention
+from core.sequence.attention import MESSAGE_MIN, ring_head_groups
 
 B, H, L, D = 2, 4, 16, 8
 
@@ -39,16 +40,25 @@ def _split(p):
             # every head in one ring, and uneven groups of heads (1, 2, 1 of the 4)
             ("ring_groups_1", lambda q, k, v, axis, causal: ring_attention(q, k, v, axis, causal, head_groups=1)),
             ("ring_groups_3", lambda q, k, v, axis, causal: ring_attention(q, k, v, axis, causal, head_groups=3)),
+            # as if these blocks were large: one head per ring, and backward sends one tensor at a time
+            ("ring_large", ring_attention),
             ("all_to_all", all_to_all_attention))
     for (name, fn), causal in itertools.product(ways, (True, False)):
         q, k, v, grad = (t.chunk(p, dim=2)[axis.rank].clone() for t in _inputs())
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         mesh.stats.reset()
-        y = fn(q, k, v, axis, causal)
-        sends = mesh.stats.calls("sp", "send")
-        block_bytes = mesh.stats.bytes("sp", "send")
-        y.backward(grad)
-        out[(name, causal)] = (y.detach(), q.grad, k.grad, v.grad, sends, block_bytes)
+        if name == "ring_large":
+            attention.MESSAGE_MIN = 1
+        try:
+            y = fn(q, k, v, axis, causal)
+            sends = mesh.stats.calls("sp", "send")
+            block_bytes = mesh.stats.bytes("sp", "send")
+            mesh.stats.reset()
+            y.backward(grad)
+            back_sends = mesh.stats.calls("sp", "send")
+        finally:
+            attention.MESSAGE_MIN = MESSAGE_MIN
+        out[(name, causal)] = (y.detach(), q.grad, k.grad, v.grad, sends, block_bytes, back_sends)
     return out
 
 
@@ -60,16 +70,27 @@ def _rel(a, b):
 def test_split_attention_matches_full_attention(p):
     refs = {causal: _full(causal) for causal in (True, False)}
     for rank, got in enumerate(run_distributed(_split, world_size=p, args=(p,))):
-        for (name, causal), (y, dq, dk, dv, sends, nbytes) in got.items():
+        for (name, causal), (y, dq, dk, dv, sends, nbytes, back_sends) in got.items():
             want = [t.chunk(p, dim=2)[rank] for t in refs[causal]]
             for label, a, b in zip(("out", "dq", "dk", "dv"), (y, dq, dk, dv), want):
                 assert _rel(a, b) <= 1e-5, (name, causal, label)
             if name.startswith("ring"):
-                # one key/value block per step (the fused path sends keys and values apart, one head
-                # at a time: the same bytes in 2 H messages)
-                messages = {"ring": 2 * H, "ring_blockwise": 1, "ring_groups_1": 2, "ring_groups_3": 6}[name]
-                assert sends == (p - 1) * messages
+                # one key/value block per step (the fused path sends keys and values apart, in
+                # groups of heads: the same bytes in 2 x groups messages; these blocks are small, so
+                # by default one group, and one head per ring where blocks count as large)
+                groups = {"ring": 1, "ring_large": H, "ring_groups_1": 1, "ring_groups_3": 3}.get(name)
+                assert sends == (p - 1) * (2 * groups if groups else 1)
                 assert nbytes == (p - 1) * 2 * B * H * (L // p) * D * 4
+                if groups:       # backward: keys, values and their gradients p - 1 hops, the gradients one more
+                    assert back_sends == groups * (4 * (p - 1) + 2), (name, back_sends)
+
+
+def test_heads_go_one_per_ring_only_where_their_blocks_are_large():
+    assert ring_head_groups(8, MESSAGE_MIN) == 8                 # 1,024 tokens over 4 ranks, 64 wide, fp32
+    assert ring_head_groups(8, 2 * MESSAGE_MIN) == 8
+    assert ring_head_groups(8, MESSAGE_MIN / 2) == 4
+    assert ring_head_groups(6, 4 << 10) == 1                     # 32 tokens x 32 wide: every head in one ring
+    assert ring_head_groups(1, 1) == 1
 
 
 def test_blockwise_attention_on_one_rank_is_torch_attention():
