@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from core.autoparallel.cluster import Cluster
 from core.autoparallel.profile import ModelProfile
 from core.memory.store import PIECE
+from core.sequence.attention import MESSAGE_MIN, ring_head_groups
 from core.tensor.cost import grid, transformer_layer
 
 GIB = 2**30
@@ -266,16 +267,29 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         span = L.tp * L.sp
         forwards = 2 if L.checkpointing else 1
         if L.sp_mode == "ring":
-            # p - 1 exchanges of the keys and values forward; backward p - 1 of them with their
-            # gradients (twice the bytes) and one of the gradients alone; each of the p block steps
-            # of each pass costs about a small layer's kernels
-            kv, grads = cluster.exchange_s(2 * block, span), cluster.exchange_s(4 * block, span)
-            if kv is None or grads is None:
-                sp_layer_s = _ring(L.sp, 2 * block, sp_bw, cluster.p2p_latency_us * 1e-6, 3 * (L.sp - 1),
-                                   calls=3 * (L.sp - 1))
+            # the fused ring runs its heads in `ring_head_groups` rings, each with its share of the
+            # block: forward p - 1 exchanges of keys and values; backward p - 1 of them with their
+            # gradients and one of the gradients alone, in one exchange per hop where the messages
+            # are small, one per tensor where they are not; each of a ring's p block steps of each
+            # pass costs about a small layer's kernels
+            heads = max(1, round(prof.heads * width / prof.hidden))
+            groups = ring_head_groups(heads, block / heads)
+            part = block / groups
+            small = part < MESSAGE_MIN
+            kv = cluster.exchange_s(2 * part, span)
+            back = (cluster.exchange_s(4 * part, span), cluster.exchange_s(2 * part, span)) if small else \
+                (cluster.exchange_s(part, span),) * 2
+            if kv is None or None in back:
+                latency = cluster.p2p_latency_us * 1e-6
+                sp_layer_s = groups * (_ring(L.sp, 2 * part, sp_bw, latency, forwards * (L.sp - 1),
+                                             calls=forwards * (L.sp - 1))
+                                       + _ring(L.sp, 4 * part, sp_bw, latency, L.sp,
+                                               calls=L.sp if small else 4 * (L.sp - 1) + 2))
+            elif small:
+                sp_layer_s = groups * ((L.sp - 1) * (forwards * kv + back[0]) + back[1])
             else:
-                sp_layer_s = (L.sp - 1) * (forwards * kv + grads) + kv
-            sp_layer_s += L.sp * passes * cluster.layer_overhead_us * 1e-6
+                sp_layer_s = groups * ((L.sp - 1) * forwards * kv + (4 * (L.sp - 1) + 2) * back[0])
+            sp_layer_s += groups * L.sp * passes * cluster.layer_overhead_us * 1e-6
         else:
             # q, k, v and the output swapped forward, their gradients backward
             one = cluster.all_to_all_s(block, span)
@@ -488,10 +502,16 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         buffers += 4 * min(unit, T) / R * (2 if L.offload == "nvme" else 1)
     memory = {"weights": working, "gradient buffers": buffers, "activations": act, "runtime": runtime}
     if R > 1 and T:
-        # reducing a chunk's gradients: the shard it makes, and what gloo holds while it reduces
+        # reducing a chunk's gradients: the shard it makes, and what gloo holds while it reduces.
+        # The first reduction comes when backward has filled the first of the trained chunks, having
+        # freed about that share of the activations: what it holds counts beyond the activations
+        # and buffers of backward only where it is larger than that share (a model in one chunk
+        # reduces at backward's end, with the activations gone)
         reduced = 4 * min(unit, T)
-        memory["collective buffers"] = (reduced / R + (GLOO_REDUCE_SCATTER * reduced if gloo else 0.0)
-                                        if stage >= 2 else (GLOO_ALL_REDUCE * reduced if gloo else 0.0))
+        during = (reduced / R + (GLOO_REDUCE_SCATTER * reduced if gloo else 0.0)
+                  if stage >= 2 else (GLOO_ALL_REDUCE * reduced if gloo else 0.0))
+        chunks = max(1, math.ceil(T / unit))
+        memory["collective buffers"] = max(during - act / chunks, 0.0)
     per_process = 0.0
     if L.offload == "none":
         memory["optimizer states"] = kept

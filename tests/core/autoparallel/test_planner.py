@@ -121,9 +121,10 @@ def test_more_memory_sharding_never_costs_memory_and_the_bubble_follows_the_sche
     mem = [estimate(job, dataclasses.replace(base, zero=z), cluster).device_bytes for z in range(4)]
     # Loom's stages 1 and 2 keep the same bytes between steps (a chunk's full gradient buffer lives
     # until it is reduced, then only this rank's shard); stage 2's reduce-scatter makes that shard
-    # beside the buffer, where stage 1's all-reduce works in the buffer
+    # beside the buffer, where stage 1's all-reduce works in the buffer, but by the first reduction
+    # backward has freed about a chunk's share of the activations, which may hold it
     chunk = 4 * max(job.chunk_mb * 2**20 / 4, job.profile.largest)     # bytes: no parameter is split
-    assert mem[0] > mem[1] and mem[2] - mem[1] == pytest.approx(chunk / 4) and mem[2] > mem[3]
+    assert mem[0] > mem[1] and 0 <= mem[2] - mem[1] <= chunk / 4 and mem[2] > mem[3]
     # on a CPU-only machine the states offloaded to the host stay in the process's memory
     cpu = dataclasses.replace(cluster, device_is_host=True)
     zero3 = dataclasses.replace(base, zero=3)
