@@ -130,6 +130,7 @@ class StepRecord:
     spans: list[tuple[str, int, int, float, float]] = field(default_factory=list)  # kind, micro, virtual, t0, t1
     peak_activation_bytes: int = 0
     peak_held: int = 0
+    peak_sends: int = 0           # sends this rank kept in flight at once (each keeps its tensor)
 
 
 class StageRunner:
@@ -164,7 +165,7 @@ class StageRunner:
 
     def _send(self, t: torch.Tensor, to_virtual: int, tag: int) -> None:
         t = t.detach().contiguous()
-        self._sends.append((isend(t, self.axis, to_virtual % self.p, tag), t))
+        self._sends[tag] = (isend(t, self.axis, to_virtual % self.p, tag), t)
 
     def _send_activation(self, y: torch.Tensor, micro: int, g: int) -> None:
         if g not in self._announced:
@@ -219,7 +220,7 @@ class StageRunner:
         last virtual stage (the optimizer's, for loss scaling); None runs forwards only. Returns
         the mean loss over the micro-batches on the rank holding the last virtual stage, else None."""
         self.device = device
-        self._sends: list = []
+        self._sends: dict[int, tuple] = {}     # by tag: each send's work and the tensor it must keep
         self._posted: dict[int, tuple] = {}
         self._announced: set[int] = set()
         self._shapes: dict[int, tuple] = {}
@@ -273,6 +274,13 @@ class StageRunner:
                 grad = None
                 if g < self._last:
                     grad = self._receive(self._tag(a.micro, g + 1, 2), g + 1, y.shape, y.dtype)
+                    # the next stage sent it after its backward of this micro-batch, so it has
+                    # received the activation sent for it: let that go (gloo's sends never say they
+                    # are done until waited on, and each kept a stage output to the step's end)
+                    for kind in (0, 1):
+                        done = self._sends.pop(self._tag(a.micro, g, kind), None)
+                        if done is not None:
+                            done[0].wait()
                 t0 = time.perf_counter()
                 if g == self._last:
                     backward(y / m)
@@ -284,8 +292,10 @@ class StageRunner:
                 live_bytes -= held_bytes.pop((a.micro, a.virtual))
                 if record is not None:
                     record.spans.append(("B", a.micro, a.virtual, t0, t1))
-            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-        for work, _ in self._sends:
+            if record is not None:
+                record.peak_sends = max(record.peak_sends, len(self._sends))
+            self._sends = {tag: sent for tag, sent in self._sends.items() if not sent[0].is_completed()}
+        for work, _ in self._sends.values():
             work.wait()
         if self._held or self._posted:
             raise RuntimeError(f"pipeline step ended with work left: held {list(self._held)}, "

@@ -3,7 +3,9 @@ per micro-batch and virtual stage, has the bubble of its formula, and holds what
 partitioning; refusals of what a schedule cannot run."""
 
 import pytest
+import torch
 
+from core.distributed.testing import run_distributed
 from core.errors import LoomError
 from core.pipeline import PipelineLayer, build, check, partition, simulate
 
@@ -61,3 +63,45 @@ def test_partition_by_params_balances_the_largest_chunk():
     loads = [sum(weights[i] for i in c) for c in stages]
     assert [i for c in stages for i in c] == list(range(8))
     assert max(loads) == 40 and stages[0] == [0]
+
+
+def _sends_held(p: int, m: int) -> list[int]:
+    """On each of p ranks: the most sends held at once in one 1F1B step of m micro-batches."""
+    from torch import nn
+
+    from core.booster import PipelinePlugin
+    from core.distributed import Layout, ParallelMesh
+    from core.pipeline import PipelineLayer
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2 * p))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+        def pipeline_layers(self):
+            return [PipelineLayer(f"layer{i}", (f"layers.{i}",), layer) for i, layer in enumerate(self.layers)]
+
+    mesh = ParallelMesh.build(Layout(pp=p))
+    torch.manual_seed(0)
+    plugin = PipelinePlugin(mesh, "fp32", "1f1b", m, 1)
+    wrapped, opt = plugin.configure(Model(), torch.optim.SGD(Model().parameters(), lr=0.0))
+    plugin.keep_records = True
+    plugin.execute_pipeline([torch.randn(2, 8) for _ in range(m)], wrapped, lambda b: b,
+                            lambda y, b: y.square().mean(), opt)
+    return plugin.records[-1].peak_sends
+
+
+def test_a_stage_lets_each_sent_activation_go_once_its_gradient_is_back():
+    """gloo's sends never report themselves done until waited on: a stage that only dropped the
+    completed ones kept every micro-batch's output to the end of the step (measured: 0.4 MiB a
+    micro-batch on a 4-way tensor-parallel GPT stage). The first stage's sends are activations
+    alone; each is waited on once the next stage's gradient for it has arrived, so it holds the
+    header and about the warm-up's activations, not all m."""
+    m = 8
+    first, _ = run_distributed(_sends_held, world_size=2, args=(2, m))
+    assert first <= 3, first
