@@ -411,7 +411,19 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         else:
             weights = rank.matrices * gathered * e * inflight
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight + weights)
-    memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts))
+    # whether a micro-batch's forward runs while gradients exist: from the second on without a
+    # pipeline; in a pipeline only where forwards continue after the first backward has made them
+    # (1F1B's steady state, with more micro-batches than are in flight), never in GPipe, whose
+    # forwards all come first
+    overlap = L.microbatches > 1 if p == 1 else L.pp_schedule != "gpipe" and m > inflight
+    memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts), overlap)
+    if L.tp > 1 and L.tp_mode in ("2d", "2.5d"):
+        # SUMMA fused into one collective per operand: a Linear's product on a rank is its tokens x
+        # every output feature (partial sums), reduce-scattered over the grid row, beside all the
+        # kept activations (the widest matrix's, at backward's start); gloo copies what it scatters
+        widest = prof.largest / max(prof.hidden, 1)
+        partial = tokens_mb / (q * L.tp_depth) * widest * e
+        memory["tensor-parallel buffers"] = partial * (1 + (GLOO_REDUCE_SCATTER if cluster.device_is_host else 0.0))
     family = "chunked" if (L.zero or L.offload != "none") else "tensor" if L.tp > 1 else "plain"
     overhead = cluster.memory_overhead.get(family, 1.0)
     if overhead > 1:
@@ -426,7 +438,8 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
 
 # what is freed and made again every step (and what the allocator's overhead is a share of)
-TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "collective buffers")
+TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "collective buffers",
+             "tensor-parallel buffers")
 
 # What gloo (the backend on CPU devices) holds beside a collective's own tensors, as a share of the
 # full tensor: a reduce-scatter copies its input and more, an all-reduce keeps a scratch eighth
@@ -438,17 +451,18 @@ GLOO_ALL_REDUCE = 0.125
 NVME_IO_THREADS = 4
 
 
-def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float
-            ) -> tuple[dict, float, float]:
+def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float,
+            overlap: bool = False) -> tuple[dict, float, float]:
     """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
     busiest device (`T` of them trained: only those have gradients and optimizer states), `R`
-    ranks holding the same weights and `act` bytes of kept activations.
+    ranks holding the same weights, `act` bytes of kept activations, and whether a forward runs
+    beside the gradients (`overlap`).
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
     a second copy of the gradients for the all-reduce (DDP's buckets, made once; the pipeline's
     flat buffer, made at the end of the step, when the activations are gone), the optimizer's
-    moments. Gradients accumulate over the micro-batches: from the second one on they live
-    beside the activations.
+    moments. Gradients accumulate over the micro-batches: they live beside the activations where a
+    forward runs after a backward has made them.
 
     The chunked engine (ZeRO, offload; `core.memory`, `core.zero`): the working copy in chunks
     (whole below stage 3; at stage 3 the chunks in use and prefetched), a home copy of it in host
@@ -472,10 +486,10 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     gloo = cluster.device_is_host
     if not (L.zero or L.offload != "none"):
         # the gradients, made anew each step (set to None after it), live beside the activations
-        # from the second micro-batch on; DDP's buckets are allocated once, the pipeline's flat
-        # buffer at the step's end
+        # where a forward runs after a backward (`overlap`); DDP's buckets are allocated once, the
+        # pipeline's flat buffer at the step's end
         grads = 4 * T + (2 * 4 * largest if T else 0.0)
-        live = max(act + (grads if L.microbatches > 1 else 0.0), grads)
+        live = max(act + (grads if overlap else 0.0), grads)
         memory = {"weights": 4 * P, "optimizer states": states * T, "activations and gradients": live,
                   "runtime": runtime}
         if R > 1 and T:
