@@ -412,10 +412,11 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             weights = rank.matrices * gathered * e * inflight
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight + weights)
     # whether a micro-batch's forward runs while gradients exist: from the second on without a
-    # pipeline; in a pipeline only where forwards continue after the first backward has made them
-    # (1F1B's steady state, with more micro-batches than are in flight), never in GPipe, whose
-    # forwards all come first
-    overlap = L.microbatches > 1 if p == 1 else L.pp_schedule != "gpipe" and m > inflight
+    # pipeline; in a pipeline where checkpointed layers run their forward again in backward, or
+    # where forwards continue after the first backward has made them (1F1B's steady state, with
+    # more micro-batches than are in flight), not in GPipe without checkpointing (forwards first)
+    overlap = (L.microbatches > 1 if p == 1
+               else L.checkpointing or (L.pp_schedule != "gpipe" and m > inflight))
     memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts), overlap)
     if L.tp > 1 and L.tp_mode in ("2d", "2.5d"):
         # SUMMA fused into one collective per operand: a Linear's product on a rank is its tokens x
