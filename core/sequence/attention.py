@@ -20,8 +20,9 @@ queries, keys and values. Two ways to let every query see every key:
   returns per block is one head's: beyond the output and the gradients it must return, a rank
   holds about 1/heads of a block more (at sp = 4 a rank's peak is about 0.24 of one process's
   fused attention, under 1/4 + 15%); where a head's block is under `MESSAGE_MIN` the heads go in
-  fewer, larger groups (`ring_head_groups`), as messages that small cost their latency alone. The blockwise-matmul path stays as the reference and where no
-  such kernel applies (CUDA tensors in this version: said once when chosen).
+  fewer, larger groups (`ring_head_groups`), as messages that small cost their latency alone. The
+  blockwise-matmul path stays as the reference and where no such kernel applies (CUDA tensors in
+  this version: said once when chosen).
 - `all_to_all_attention` (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509): one
   all-to-all turns (all heads, L/p tokens) into (heads/p, all L tokens), ordinary attention runs,
   and one all-to-all turns it back. Needs the heads to divide by p.
