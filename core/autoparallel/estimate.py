@@ -411,6 +411,9 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         else:
             weights = rank.matrices * gathered * e * inflight
             acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight + weights)
+    # backward starts at the loss beside everything kept: the gradients of the log-softmax and of
+    # the logits, a micro-batch's tokens x its share of the vocabulary each, on the head's rank
+    acts[-1] += 2 * tokens_mb * prof.vocab / L.tp * e
     # whether a micro-batch's forward runs while gradients exist: from the second on without a
     # pipeline; in a pipeline where checkpointed layers run their forward again in backward, or
     # where forwards continue after the first backward has made them (1F1B's steady state, with
