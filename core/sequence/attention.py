@@ -224,10 +224,11 @@ class _FusedRingAttention(torch.autograd.Function):
                         w.wait()
                 else:
                     block = []
-                    for one in sent:
-                        works, got = _exchange_each([one], axis)
+                    for i in range(len(sent)):
+                        works, got = _exchange_each([sent[i]], axis)
                         for w in works:
                             w.wait()
+                        sent[i] = None            # sent: gone before the next one comes in
                         block += got
                 sent = None
             dk[:, heads].copy_(block[0])
