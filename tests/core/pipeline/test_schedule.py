@@ -89,7 +89,8 @@ def _sends_held(p: int, m: int) -> list[int]:
     mesh = ParallelMesh.build(Layout(pp=p))
     torch.manual_seed(0)
     plugin = PipelinePlugin(mesh, "fp32", "1f1b", m, 1)
-    wrapped, opt = plugin.configure(Model(), torch.optim.SGD(Model().parameters(), lr=0.0))
+    model = Model()
+    wrapped, opt = plugin.configure(model, torch.optim.SGD(model.parameters(), lr=0.0))
     plugin.keep_records = True
     plugin.execute_pipeline([torch.randn(2, 8) for _ in range(m)], wrapped, lambda b: b,
                             lambda y, b: y.square().mean(), opt)
