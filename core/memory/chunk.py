@@ -128,7 +128,7 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        return self.capacity * torch.tensor([], dtype=self.dtype).element_size()
+        return self.capacity * self.dtype.itemsize
 
     def fits(self, numel: int) -> bool:
         return self.used + numel <= self.capacity

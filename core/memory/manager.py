@@ -192,6 +192,10 @@ class ChunkManager:
         self._pending: dict[int, Future] = {}
         self._busy: dict[int, Future] = {}               # optimizer updates in flight, by chunk
         self._storage: dict[int, Chunk] = {}
+        # bytes of the resident payloads, kept as chunks come and go: the budget is checked at every
+        # access and prefetch, and summing hundreds of chunks each time cost a streamed generation
+        # more than its waits for the disk
+        self._resident_bytes = 0
         params = packing_order(list(model.named_parameters()), alone)     # tied parameters come once
         self.plan = plan_chunks([p.numel() for _, p in params], chunk_numel,
                                 [p.requires_grad for _, p in params], self.world,
@@ -219,6 +223,7 @@ class ChunkManager:
         for planned in self.plan:
             chunk = Chunk(len(self.chunks), planned.capacity, dtype, self.device, world=self.world)
             self.chunks.append(chunk)
+            self._resident_bytes += chunk.nbytes
             # values are made in fp32 where fp32 master weights are taken from them or ranks agree on
             # them; otherwise straight into the payload (a bf16 generation never holds a chunk's
             # fp32 copy: 1 GB beside a 515 MB embedding)
@@ -263,7 +268,7 @@ class ChunkManager:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(c.nbytes for c in self.chunks if c.resident)
+        return self._resident_bytes
 
     def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
         """The chunk whose payload `tensor` is a view of, if any."""
@@ -303,6 +308,7 @@ class ChunkManager:
             self.stats.bytes_out += chunk.nbytes
             chunk.dirty = False
         chunk.free_payload()
+        self._resident_bytes -= chunk.nbytes
         self.stats.evictions += 1
 
     def _make_room(self, nbytes: int, protect: set[int]) -> None:
@@ -319,6 +325,7 @@ class ChunkManager:
 
     def _start_fetch(self, chunk: Chunk) -> None:
         chunk.alloc_payload()
+        self._resident_bytes += chunk.nbytes
         self.stats.fetches += 1
         if self.shard_params:   # read this rank's shard, gather the others'
             shard = torch.empty(chunk.shard_numel, dtype=chunk.dtype, device=self.device)

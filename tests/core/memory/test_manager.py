@@ -28,6 +28,8 @@ def _use(manager, order):
     for i in order:
         manager.access(manager.chunks[i])
         assert manager.resident_bytes <= manager.budget
+        # the running count is the payloads really held, through evictions and prefetches
+        assert manager.resident_bytes == sum(c.payload.untyped_storage().nbytes() for c in manager.chunks)
     manager.end_step()
     return manager.stats.fetches - before
 
