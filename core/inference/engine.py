@@ -9,8 +9,10 @@ of its group, and `micro_batches` of them go through each layer one after the ot
 layer's weights are on the device: with streamed weights one read of the model then serves
 `micro_batches x batch_size` rows (the throughput mode of FlexGen, Sheng et al. 2023, "FlexGen:
 High-Throughput Generative Inference of Large Language Models with a Single GPU"). The first pass
-of a group reads the prompts whole (prefill); every later pass reads one new token per row against
-the cache. Sampling is greedy, top-k or top-p (`core.sampling.choose_tokens`); a row ends at the
+of a group reads the prompts whole (prefill), a micro-batch at a time; every later pass reads one
+new token per row against the cache, and runs the group's micro-batches through each layer as one
+batch (their rows share one KV cache), so that each weight is read from memory once per pass
+rather than once per micro-batch: a new-token step is bound by those reads. Sampling is greedy, top-k or top-p (`core.sampling.choose_tokens`); a row ends at the
 stop token, and a group ends when all its rows have.
 
 Under 1D tensor parallelism every rank runs the same loop on its heads and its part of the
@@ -113,20 +115,30 @@ class Engine:
             longest = max(len(prompts[r]) for r in rows)
             check_context(self.context, longest, max_new_tokens)
             mbs = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-            ids, pads, caches = [], [], []
+            ids, pads = [], []
             for mb in mbs:
                 pad_n = [longest - len(prompts[r]) for r in mb]
                 ids.append(torch.tensor([[pad] * n + prompts[r] for r, n in zip(mb, pad_n)], device=self.device))
                 pads.append(torch.tensor(pad_n, device=self.device))
-                caches.append(KVCache(self.blocks, longest + max_new_tokens, self.kv_device, self.device))
+            # one cache for the group; each micro-batch fills its rows of it
+            whole = KVCache(self.blocks, longest + max_new_tokens, self.kv_device, self.device, rows=len(rows))
+            caches = [whole.part(i, i + len(mb)) for i, mb in zip(range(0, len(rows), batch_size), mbs)]
+            # A new-token step's activations are one row each, so its micro-batches go through a
+            # layer as one batch: each weight is then read from memory once for all of them, not
+            # once per micro-batch (decoding is bound by those reads). Not where the cache lives on
+            # the host for a GPU: a layer's keys and values then travel a micro-batch at a time.
+            stack = len(mbs) > 1 and self.kv_device == self.device
+            all_pads = torch.cat(pads) if stack else None
             done = [torch.zeros(len(mb), dtype=torch.bool, device=self.device) for mb in mbs]
             inputs, t = ids, longest
             for n in range(max_new_tokens):
                 t0 = time.perf_counter()
-                steps = [make_step(p, t, c) for p, c in zip(pads, caches)]
-                logits = self._pass(inputs, steps)
-                for c in caches:
-                    c.advance(t)
+                if stack and t == 1:
+                    logits = self._pass([torch.cat(inputs)], [make_step(all_pads, 1, whole)])
+                    logits = list(logits[0].split([len(mb) for mb in mbs]))
+                else:
+                    logits = self._pass(inputs, [make_step(p, t, c) for p, c in zip(pads, caches)])
+                whole.advance(t)
                 inputs = []
                 for k, (mb, lg) in enumerate(zip(mbs, logits)):
                     nxt = choose_tokens(lg, temperature, top_k, top_p, generator)
@@ -147,7 +159,7 @@ class Engine:
                 t = 1
                 if stop is not None and all(bool(d.all()) for d in done):
                     break
-            result.kv_bytes = max(result.kv_bytes, sum(c.nbytes for c in caches))
+            result.kv_bytes = max(result.kv_bytes, whole.nbytes)
         if self.stream is not None:
             self.stream.settle()
         result.seconds = time.perf_counter() - start

@@ -38,24 +38,46 @@ class KVCache:
     same `update(key, value, layer_idx, ...)`, so the cache serves both Loom's and their models."""
 
     def __init__(self, layers: int, capacity: int, device: torch.device | str = "cpu",
-                 compute_device: torch.device | str | None = None) -> None:
+                 compute_device: torch.device | str | None = None, rows: int | None = None) -> None:
+        """`rows`: the batch the cache is made for, where `part` hands out row ranges of it (by
+        default the batch of the first update)."""
         self.capacity = capacity
+        self.rows = rows
         self.device = torch.device(device)
         self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
         self.length = 0
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        b, h, t, d = key.shape
-        end = self.length + t
-        if end > self.capacity:
-            raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
+    def part(self, start: int, stop: int) -> "KVCacheRows":
+        """Rows start..stop of this cache, as a cache of their own that writes into this one's
+        tensors: micro-batches fill their rows one at a time (the prefill), and later steps may run
+        every row at once against the whole cache, with no copy between the two."""
+        if self.rows is None or not 0 <= start < stop <= self.rows:
+            raise ValueError(f"rows {start}..{stop} are not rows of a cache made for {self.rows}")
+        return KVCacheRows(self, start, stop)
+
+    def tensors(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s whole key and value tensors, made on first use after `key`/`value`."""
         if self.keys[layer_idx] is None:
+            b, h, _, d = key.shape
+            b = self.rows or b
             self.keys[layer_idx] = torch.empty(b, h, self.capacity, d, dtype=key.dtype, device=self.device)
             self.values[layer_idx] = torch.empty(b, h, self.capacity, value.shape[-1], dtype=value.dtype,
                                                  device=self.device)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self._write(key, value, layer_idx, slice(None))
+
+    def _write(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, rows: slice):
+        end = self.length + key.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
+        keys, values = self.tensors(layer_idx, key, value)
+        keys, values = keys[rows], values[rows]
+        if keys.shape[0] != key.shape[0]:
+            raise ValueError(f"a step of {key.shape[0]} rows against a KV cache of {keys.shape[0]}")
         keys[:, :, self.length:end].copy_(key)
         values[:, :, self.length:end].copy_(value)
         keys, values = keys[:, :, :end], values[:, :, :end]
@@ -70,6 +92,21 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+class KVCacheRows:
+    """Some rows of a `KVCache` (`KVCache.part`): steps of those rows read and extend them. The
+    write position is the whole cache's: every part is written at a step before it advances."""
+
+    def __init__(self, whole: KVCache, start: int, stop: int) -> None:
+        self.whole, self.rows = whole, slice(start, stop)
+
+    @property
+    def length(self) -> int:
+        return self.whole.length
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.whole._write(key, value, layer_idx, self.rows)
 
 
 @dataclass

@@ -76,6 +76,36 @@ def test_batched_generation_equals_one_prompt_at_a_time(batch, micro):
     assert result.kv_bytes > 0
 
 
+def test_new_token_steps_run_the_micro_batches_through_a_layer_as_one_batch():
+    """The prompts go through a layer a micro-batch at a time (their activations are the large
+    ones); each later step runs every micro-batch's one new token as one batch, so a weight is
+    read from memory once for all of them. Tokens as one prompt at a time either way."""
+    model = gpt()
+    engine = Engine(model, "cpu")
+    seen = []
+    for layer in engine.layers[1:-1]:
+        run = layer.run
+        layer.run = lambda h, step, run=run: (seen.append(tuple(h.shape[:2])), run(h, step))[1]
+    result = engine.generate(PROMPTS, 4, batch_size=2, micro_batches=3)
+    assert result.tokens == reference(model, PROMPTS, 4)
+    blocks = len(engine.layers) - 2
+    prefill, decode = seen[:3 * blocks], seen[3 * blocks:]
+    assert sorted(set(prefill)) == [(1, 7), (2, 7)]            # three micro-batches, prompts whole
+    assert decode == [(5, 1)] * (3 * blocks)                   # then all five rows at once
+
+
+def test_a_cache_part_writes_its_rows_of_the_whole():
+    whole = KVCache(1, 4, rows=3)
+    part = whole.part(1, 3)
+    k, v = part.update(torch.ones(2, 1, 2, 2), 2 * torch.ones(2, 1, 2, 2), 0)
+    assert k.shape == (2, 1, 2, 2) and bool((v == 2).all())
+    assert torch.equal(whole.keys[0][1:, :, :2], torch.ones(2, 1, 2, 2))
+    with pytest.raises(ValueError, match="rows 2..4"):
+        whole.part(2, 4)
+    with pytest.raises(ValueError, match="3 rows against a KV cache of 2"):
+        part.update(torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2), 0)
+
+
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
 def test_hugging_face_families_generate_with_the_cache(kind, tmp_path):
     model, make = hf_model(kind, tmp_path)
