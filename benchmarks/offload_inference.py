@@ -146,7 +146,7 @@ def child_loom(spec: dict) -> dict:
     model, materialize, _ = meta_model(folder)
     settings = Settings(device_gb=spec["budget_gb"], offload=spec["offload"], nvme_dir=spec["nvme_dir"],
                         micro_batches=spec["micro_batches"], direct_io=spec.get("direct_io", True),
-                        io_threads=spec.get("io_threads", 4))
+                        io_threads=spec.get("io_threads", 0), decode_threads=spec.get("decode_threads", 0))
     engine, placement = build_engine(model, materialize, torch.device("cpu"), torch.bfloat16, settings,
                                      spec["batch"], spec["prompt"], spec["new"], len(rows))
     del materialize
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip accelerate")
     ap.add_argument("--direct-io", action="store_true", help="Loom reads NVMe with direct IO instead of through "
                     "the page cache (dropping what it read), its default")
-    ap.add_argument("--io-threads", type=int, default=4, help="Loom's reading threads")
+    ap.add_argument("--io-threads", type=int, default=0, help="Loom's reading threads (0: its default)")
     ap.add_argument("--only", choices=("loom_n1", "loom_best", "accelerate", "in_memory"), nargs="*",
                     help="run only these sides")
     ap.add_argument("--child", choices=("loom", "accelerate"), help=argparse.SUPPRESS)

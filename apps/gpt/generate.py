@@ -76,7 +76,8 @@ def _bool(value: str) -> bool:
 SETTINGS = {"memory.device_gb": ("device_gb", float), "parallel.offload": ("offload", str),
             "memory.nvme_dir": ("nvme_dir", str), "memory.chunk_mb": ("chunk_mb", float),
             "memory.io_threads": ("io_threads", int), "generate.micro_batches": ("micro_batches", int),
-            "generate.kv": ("kv", str), "generate.direct_io": ("direct_io", _bool)}
+            "generate.kv": ("kv", str), "generate.direct_io": ("direct_io", _bool),
+            "generate.decode_threads": ("decode_threads", int)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,9 +94,10 @@ def parse_settings(pairs: list[str]) -> Settings:
         except ValueError:
             what = {int: "n integer", float: " number", _bool: " boolean (true or false)"}.get(kind, " value")
             raise LoomError(f"{key}={value}: not a{what}") from None
-    if settings.device_gb < 0 or settings.micro_batches < 0 or settings.chunk_mb <= 0 or settings.io_threads < 1:
-        raise LoomError("memory.device_gb and generate.micro_batches must not be negative, memory.chunk_mb must be "
-                        "positive and memory.io_threads at least 1")
+    if (settings.device_gb < 0 or settings.micro_batches < 0 or settings.chunk_mb <= 0 or settings.io_threads < 0
+            or settings.decode_threads < 0):
+        raise LoomError("memory.device_gb, generate.micro_batches, memory.io_threads and generate.decode_threads "
+                        "must not be negative (0: chosen for you) and memory.chunk_mb must be positive")
     return settings
 
 

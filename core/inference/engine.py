@@ -58,13 +58,29 @@ class GenerationResult:
         return self.token_steps / self.seconds if self.seconds > 0 else 0.0
 
 
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's intra-op threads set to `count` inside (0: unchanged)."""
+    before = torch.get_num_threads()
+    if count <= 0 or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Engine:
     """`model`: any model with `inference_layers()` (Loom's GPT, `core.hf.HFCausalLM`), its weights
     in memory or streamed by `stream`; `kv_device`: where the KV cache lives (default: `device`)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str, stream: WeightStream | None = None,
-                 kv_device: torch.device | str | None = None, layers=None) -> None:
+                 kv_device: torch.device | str | None = None, layers=None, decode_threads: int = 0) -> None:
+        """`decode_threads`: torch's intra-op threads during new-token passes (0: as they are)."""
         self.model = model.eval()                   # no dropout
+        self.decode_threads = decode_threads
         self.device = torch.device(device)
         self.stream = stream
         self.kv_device = torch.device(kv_device) if kv_device is not None else self.device
@@ -133,11 +149,12 @@ class Engine:
             inputs, t = ids, longest
             for n in range(max_new_tokens):
                 t0 = time.perf_counter()
-                if stack and t == 1:
-                    logits = self._pass([torch.cat(inputs)], [make_step(all_pads, 1, whole)])
-                    logits = list(logits[0].split([len(mb) for mb in mbs]))
-                else:
-                    logits = self._pass(inputs, [make_step(p, t, c) for p, c in zip(pads, caches)])
+                with _threads(self.decode_threads if t == 1 else 0):
+                    if stack and t == 1:
+                        logits = self._pass([torch.cat(inputs)], [make_step(all_pads, 1, whole)])
+                        logits = list(logits[0].split([len(mb) for mb in mbs]))
+                    else:
+                        logits = self._pass(inputs, [make_step(p, t, c) for p, c in zip(pads, caches)])
                 whole.advance(t)
                 inputs = []
                 for k, (mb, lg) in enumerate(zip(mbs, logits)):

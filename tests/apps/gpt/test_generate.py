@@ -125,6 +125,9 @@ def test_bad_settings_and_budgets_are_refused_in_one_line(run, tmp_path):
         generate.main(base + ["--prompt-file", str(tmp_path / "empty.txt")])
     with pytest.raises(LoomError, match="parallel.offload: got 'disk'"):
         generate.main(base + ["parallel.offload=disk"])
+    with pytest.raises(LoomError, match="generate.decode_threads must not be negative"):
+        generate.main(base + ["generate.decode_threads=-1"])
+    assert generate.parse_settings(["generate.decode_threads=3", "memory.io_threads=2"]).decode_threads == 3
 
 
 def test_a_model_hf_checkpoint_streams_like_it_loads(tmp_path):

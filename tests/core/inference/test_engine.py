@@ -94,6 +94,25 @@ def test_new_token_steps_run_the_micro_batches_through_a_layer_as_one_batch():
     assert decode == [(5, 1)] * (3 * blocks)                   # then all five rows at once
 
 
+def test_new_token_passes_run_on_the_decode_threads_and_prompts_on_all():
+    """Where weights stream on the CPU the reading thread needs a core: a new-token pass (bound by
+    memory) runs on `decode_threads`, the prompts' pass (bound by compute) on all of torch's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = gpt()
+        engine = Engine(model, "cpu", decode_threads=1)
+        seen = []
+        run = engine.layers[1].run
+        engine.layers[1].run = lambda h, step: (seen.append((h.shape[1], torch.get_num_threads())), run(h, step))[1]
+        result = engine.generate(PROMPTS[:2], 3, batch_size=2)
+        assert result.tokens == reference(model, PROMPTS[:2], 3)
+        assert seen == [(5, 2), (1, 1), (1, 1)]
+        assert torch.get_num_threads() == 2                      # given back
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_cache_part_writes_its_rows_of_the_whole():
     whole = KVCache(1, 4, rows=3)
     part = whole.part(1, 3)
