@@ -138,7 +138,7 @@ class WeightStream:
         return_freed_buffers_to_the_os(1 << 20, keep_top=2 << 20)
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, AutoPolicy(),
                                     prefetch=len(planned), materialize=materialize,
-                                    breaks=breaks, trim=True)
+                                    breaks=breaks, trim=True, pool=True)
         return_freed_buffers_to_the_os(1 << 20, keep_top=2 << 20)       # the manager sets its own
         order: list[int] = []
         for chunks in self.per_layer:

@@ -23,7 +23,7 @@ from torch import nn
 
 from core.distributed.comm import AxisGroup, all_gather_into, broadcast_
 from core.errors import LoomError
-from core.memory.chunk import Chunk, TensorInfo, packing_order, plan_chunks
+from core.memory.chunk import Chunk, PayloadPool, TensorInfo, packing_order, plan_chunks
 from core.memory.store import MMAP_THRESHOLD_MAX, Store, _round_up, return_freed_buffers_to_the_os
 
 
@@ -171,7 +171,8 @@ class ChunkManager:
                  axis: AxisGroup | None = None, shard_params: bool = False,
                  materialize: Callable[[str, torch.Tensor], None] | None = None,
                  on_master: Callable[[Chunk, torch.Tensor], None] | None = None,
-                 alone: tuple[str, ...] = (), breaks: frozenset[str] = frozenset(), trim: bool = False) -> None:
+                 alone: tuple[str, ...] = (), breaks: frozenset[str] = frozenset(), trim: bool = False,
+                 pool: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.home = home
@@ -196,6 +197,9 @@ class ChunkManager:
         # access and prefetch, and summing hundreds of chunks each time cost a streamed generation
         # more than its waits for the disk
         self._resident_bytes = 0
+        # `pool`: evicted payloads' memory is kept for the next fetch of a chunk of its size
+        # (`PayloadPool`), within the budget: what streams a model through a fixed window
+        self.pool = PayloadPool() if pool and PayloadPool.usable() else None
         params = packing_order(list(model.named_parameters()), alone)     # tied parameters come once
         self.plan = plan_chunks([p.numel() for _, p in params], chunk_numel,
                                 [p.requires_grad for _, p in params], self.world,
@@ -270,6 +274,16 @@ class ChunkManager:
     def resident_bytes(self) -> int:
         return self._resident_bytes
 
+    @property
+    def held_bytes(self) -> int:
+        """The resident payloads and the pooled memory kept for the next: what the budget bounds."""
+        return self._resident_bytes + (self.pool.bytes if self.pool is not None else 0)
+
+    def _fits(self, nbytes: int) -> bool:
+        """A fetch of `nbytes` stays within the budget (a pooled buffer of its size is held already)."""
+        new = 0 if self.pool is not None and self.pool.has(nbytes) else nbytes
+        return self.held_bytes + new <= self.budget
+
     def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
         """The chunk whose payload `tensor` is a view of, if any."""
         try:
@@ -307,12 +321,14 @@ class ChunkManager:
             self.home.write("param", chunk.index, chunk.payload)
             self.stats.bytes_out += chunk.nbytes
             chunk.dirty = False
-        chunk.free_payload()
+        chunk.free_payload(self.pool)
         self._resident_bytes -= chunk.nbytes
         self.stats.evictions += 1
 
     def _make_room(self, nbytes: int, protect: set[int]) -> None:
-        while self.resident_bytes + nbytes > self.budget:
+        while not self._fits(nbytes):
+            if self.pool is not None and self.pool.drop(keep=nbytes):
+                continue                    # pooled memory goes before a chunk that may be used
             candidates = [c for c in self.chunks if c.evictable and c.index not in protect
                           and c.index not in self._pending and c.index not in self._busy]
             if not candidates:    # wait for a transfer or an update in flight rather than fail
@@ -321,10 +337,18 @@ class ChunkManager:
                 raise LoomError(f"memory.device_gb ({human(self.budget)}) cannot hold the chunks one operation "
                                 f"uses at once ({human(self.resident_bytes + nbytes)} needed); raise "
                                 f"memory.device_gb or lower memory.chunk_mb")
-            self.evict(self.policy.victim(self, candidates))
+            self.evict(self._victim(candidates, nbytes))
+
+    def _victim(self, candidates: list[Chunk], nbytes: int) -> Chunk:
+        """The policy's pick; with a pool, among the candidates of the size being fetched where there
+        are any (its memory then serves the fetch as it is, not freed for fresh pages)."""
+        if self.pool is not None and nbytes:
+            same = [c for c in candidates if c.nbytes == nbytes]
+            candidates = same or candidates
+        return self.policy.victim(self, candidates)
 
     def _start_fetch(self, chunk: Chunk) -> None:
-        chunk.alloc_payload()
+        chunk.alloc_payload(self.pool)
         self._resident_bytes += chunk.nbytes
         self.stats.fetches += 1
         if self.shard_params:   # read this rank's shard, gather the others'
@@ -423,7 +447,7 @@ class ChunkManager:
             self._make_room(chunk.nbytes, protect={chunk.index})
             self._start_fetch(chunk)
         self._wait(chunk)
-        self.stats.peak_resident = max(self.stats.peak_resident, self.resident_bytes)
+        self.stats.peak_resident = max(self.stats.peak_resident, self.held_bytes)
         self._prefetch(chunk.index)
 
     def _prefetch(self, current: int) -> None:
@@ -433,17 +457,24 @@ class ChunkManager:
             chunk = self.chunks[index]
             if index == current or chunk.resident:
                 continue
-            if self.resident_bytes + chunk.nbytes > self.budget:
+            self._drop_pooled_for(chunk.nbytes)
+            if not self._fits(chunk.nbytes):
                 # room only by evicting a chunk that is needed later than this one
                 candidates = [c for c in self.chunks if c.evictable and c.index != current
                               and c.index not in self._pending and c.index not in self._busy
                               and self.tracer.next_use(c.index) > self.tracer.next_use(index)]
                 if not candidates:
                     break
-                self.evict(self.policy.victim(self, candidates))
-                if self.resident_bytes + chunk.nbytes > self.budget:
+                self.evict(self._victim(candidates, chunk.nbytes))
+                self._drop_pooled_for(chunk.nbytes)
+                if not self._fits(chunk.nbytes):
                     break
             self._start_fetch(chunk)
+
+    def _drop_pooled_for(self, nbytes: int) -> None:
+        """Free pooled memory (other sizes first) until a fetch of `nbytes` fits, or none is left."""
+        while self.pool is not None and not self._fits(nbytes) and self.pool.drop(keep=nbytes):
+            pass
 
     def release(self, chunk: Chunk) -> None:
         self.policy.after_use(self, chunk)

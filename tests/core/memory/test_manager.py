@@ -45,6 +45,31 @@ def test_packing_keeps_values_and_makes_parameters_views():
         assert p.untyped_storage().data_ptr() == chunk.payload.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_pool_serves_fetches_with_evicted_memory_within_the_budget(prefetch, mixed):
+    """Chunks cycle through room for two. Of one size, after the first round every fetch takes an
+    evicted payload's memory (no fresh pages); of two sizes, pooled memory of the other size is
+    freed first. Values come back right either way, and pooled memory counts against the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 6, bias=False), nn.Linear(6, 8, bias=False),
+                          nn.Linear(8, 8, bias=False)) if mixed else _model(4)
+    before = [p.detach().clone() for p in model.parameters()]
+    m = _manager(model, budget_chunks=2, prefetch=prefetch, trim=True, pool=True)
+    assert [c.nbytes for c in m.chunks] == ([256, 192, 192, 256] if mixed else [256] * 4)
+    fetched = m.stats.fetches
+    for _ in range(3):
+        for i, p in enumerate(model.parameters()):
+            m.access(m.chunks[i])
+            assert torch.equal(p.detach(), before[i])
+            assert m.held_bytes <= m.budget and m.resident_bytes <= m.held_bytes
+        m.end_step()
+    fetches = m.stats.fetches - fetched
+    assert fetches >= 8 and m.stats.peak_resident <= m.budget
+    if not mixed:
+        assert m.pool.reused >= fetches - 2
+
+
 def test_the_budget_evicts_and_a_fetch_brings_the_values_back():
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
