@@ -12,8 +12,9 @@ High-Throughput Generative Inference of Large Language Models with a Single GPU"
 of a group reads the prompts whole (prefill), a micro-batch at a time; every later pass reads one
 new token per row against the cache, and runs the group's micro-batches through each layer as one
 batch (their rows share one KV cache), so that each weight is read from memory once per pass
-rather than once per micro-batch: a new-token step is bound by those reads. Sampling is greedy, top-k or top-p (`core.sampling.choose_tokens`); a row ends at the
-stop token, and a group ends when all its rows have.
+rather than once per micro-batch: a new-token step is bound by those reads. Sampling is greedy,
+top-k or top-p (`core.sampling.choose_tokens`); a row ends at the stop token, and a group ends
+when all its rows have.
 
 Under 1D tensor parallelism every rank runs the same loop on its heads and its part of the
 vocabulary; the last position's logits are gathered whole on every rank, so every rank samples

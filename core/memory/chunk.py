@@ -80,10 +80,6 @@ class PayloadPool:
         self.bytes -= size
         return size
 
-    def clear(self) -> None:
-        self._free.clear()
-        self.bytes = 0
-
 
 def packing_order(named: list[tuple[str, nn.Parameter]], alone: tuple[str, ...] = ()
                   ) -> list[tuple[str, nn.Parameter]]:
@@ -229,8 +225,8 @@ class Chunk:
 
     def free_payload(self, pool: PayloadPool | None = None) -> None:
         """Drop the device memory (or hand it to `pool`). The parameters keep their shapes
-        (autograd's records stay valid) and read nothing until `alloc_payload`; their lifecycle states are kept except
-        that held copies become FREE."""
+        (autograd's records stay valid) and read nothing until `alloc_payload`; their lifecycle
+        states are kept except that held copies become FREE."""
         if not self.evictable:
             busy = [t.name for t in self.tensors if t.state not in EVICTABLE]
             raise IllegalTransition(f"chunk {self.index} cannot leave the device: {busy[:3]} in use")
