@@ -138,7 +138,10 @@ class WeightStream:
         return_freed_buffers_to_the_os(1 << 20, keep_top=2 << 20)
         self.manager = ChunkManager(model, chunk_numel, dtype, device, home, budget, AutoPolicy(),
                                     prefetch=len(planned), materialize=materialize,
-                                    breaks=breaks, trim=True, pool=True)
+                                    breaks=breaks, trim=True,
+                                    # fresh host pages cost the kernel's zeroing; on a GPU the caching
+                                    # allocator reuses freed blocks already
+                                    pool=torch.device(device).type == "cpu")
         return_freed_buffers_to_the_os(1 << 20, keep_top=2 << 20)       # the manager sets its own
         order: list[int] = []
         for chunks in self.per_layer:
