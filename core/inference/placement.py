@@ -141,8 +141,12 @@ def plan(size: ModelSize, machine: Machine, batch: int, prompt: int, new_tokens:
                     link = machine.disk_read if where == "nvme" else machine.host_link
 
                 def pass_time(per_row: int, tokens: int) -> float:
+                    # the prompts go through a layer a micro-batch at a time; a new-token pass runs the
+                    # micro-batches as one batch where their cache is on the device (core.inference.engine)
+                    calls = 1 if per_row == 1 and kv_at == "device" else n
                     compute = (2 * size.params * tokens * per_row / machine.flops
-                               + size.weight_bytes / machine.memory_bw + (size.layers + 2) * n * machine.layer_seconds)
+                               + size.weight_bytes / machine.memory_bw
+                               + (size.layers + 2) * calls * machine.layer_seconds)
                     kv_move = kv / machine.host_link if kv_at == "host" else 0.0
                     if read and budget < 2 * size.min_budget:    # no room to read the next layer meanwhile
                         return compute + read / link + kv_move
