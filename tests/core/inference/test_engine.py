@@ -43,14 +43,18 @@ def hf_model(kind, folder):
 
 def streamed(make_meta, weights, where, layers_held, tmp_path, chunk_mb=0.004):
     """An engine whose weights stream from `where` through a budget of `layers_held` times the
-    largest layer (a number above 1000: that many bytes)."""
+    largest layer (a number above 1000: that many bytes). `where`: "host", "nvme" (direct IO into
+    the chunks' buffers) or "mapped" (NVMe through the page cache: the file's mapping)."""
     with torch.device("meta"):
         meta = make_meta()
     layers = meta.inference_layers()
     sizes, per_layer, _, _ = plan_layers(meta, layers, int(chunk_mb * 2**20 / 4), torch.float32)
     budget = int(layers_held * smallest_budget(sizes, per_layer)) if layers_held < 1000 else int(layers_held)
-    stream = WeightStream(meta, layers, where, budget, torch.float32, torch.device("cpu"), chunk_mb=chunk_mb,
-                          nvme_dir=tmp_path / "nvme", materialize=lambda name, out: out.copy_(weights[name]))
+    mapped = where == "mapped"
+    stream = WeightStream(meta, layers, "nvme" if mapped else where, budget, torch.float32, torch.device("cpu"),
+                          chunk_mb=chunk_mb, nvme_dir=tmp_path / "nvme", direct=not mapped,
+                          materialize=lambda name, out: out.copy_(weights[name]))
+    assert stream.mapped == (mapped and budget < stream.total_bytes)
     return Engine(meta, "cpu", stream=stream, layers=layers), stream
 
 
@@ -130,19 +134,21 @@ def test_hugging_face_families_generate_with_the_cache(kind, tmp_path):
     model, make = hf_model(kind, tmp_path)
     ref = reference(model, PROMPTS, 8)
     assert Engine(model, "cpu").generate(PROMPTS, 8, batch_size=3, micro_batches=2).tokens == ref
-    # streamed from NVMe under a budget of two layers: every step reads most of the model again
+    # streamed from NVMe under a budget of two layers: every step reads most of the model again,
+    # into the chunks' buffers (direct IO) or through the file's mapping (the page cache)
     weights = dict(model.named_parameters())
-    engine, stream = streamed(make, weights, "nvme", 2, tmp_path)
-    try:
-        result = engine.generate(PROMPTS, 8, batch_size=2, micro_batches=2)
-    finally:
-        stream.close()
-    assert result.tokens == ref
-    assert result.bytes_read > 4 * stream.total_bytes
-    assert not (tmp_path / "nvme").exists() or not any((tmp_path / "nvme").iterdir())   # scratch removed
+    for where in ("nvme", "mapped"):
+        engine, stream = streamed(make, weights, where, 2, tmp_path)
+        try:
+            result = engine.generate(PROMPTS, 8, batch_size=2, micro_batches=2)
+        finally:
+            stream.close()
+        assert result.tokens == ref, where
+        assert result.bytes_read > 4 * stream.total_bytes
+        assert not (tmp_path / "nvme").exists() or not any((tmp_path / "nvme").iterdir())   # scratch removed
 
 
-@pytest.mark.parametrize("where", ["host", "nvme"])
+@pytest.mark.parametrize("where", ["host", "nvme", "mapped"])
 def test_streamed_weights_equal_in_memory_and_stay_within_the_budget(where, tmp_path):
     model = gpt()
     ref = reference(model, PROMPTS, 10)
@@ -165,6 +171,24 @@ def test_streamed_weights_equal_in_memory_and_stay_within_the_budget(where, tmp_
             assert stats.prefetch_hits > stats.fetches // 2
         else:
             assert result.bytes_read == 0
+
+
+def test_a_mapped_stream_serves_layers_out_of_order(tmp_path):
+    """Through the file's mapping, a layer asked for out of the expected order (a pass cut short,
+    a jump back) still reads its own weights, and the window stays within the budget."""
+    model = gpt()
+    weights = dict(model.named_parameters())
+    engine, stream = streamed(lambda: GPT(model.cfg), weights, "mapped", 2, tmp_path)
+    try:
+        assert stream.manager.pool is None or stream.manager.pool.bytes == 0     # no buffers kept idle
+        live = dict(stream.model.named_parameters())
+        for i in (0, 1, 3, 0, 2, 2, 4, 1):
+            with stream.resident(i):
+                names = [n for n in live if any(n.startswith(m) for m in stream.layers[i].modules)]
+                assert names and all(torch.equal(live[n], weights[n]) for n in names)
+            assert stream.manager.stats.peak_resident <= stream.manager.budget
+    finally:
+        stream.close()
 
 
 def test_micro_batches_share_one_weight_pass(tmp_path):
