@@ -7,10 +7,11 @@ device. On the CPU, with the NVMe file read through the page cache, the streamed
 views of the file's mapping instead, and streaming brings a layer's pages in ahead of it and drops
 them after it (`WeightStream._map`): no byte is copied. Each layer's parameters fill chunks of
 their own, with no padding: reading a layer reads nothing else. Part of the budget holds chunks for
-good; the rest is a window of two of the largest layers through which the others stream. Generation runs the layers in the
-same order at every token step, so that order is given to the manager up front (`Tracer.expect`,
-cyclic): while a layer computes, the chunks of the layers after it are read in the background as
-far as the window allows, wrapping round to the next step's first layers.
+good; the rest is a window of two of the largest layers through which the others stream.
+Generation runs the layers in the same order at every token step, so that order is given to the
+manager up front (`Tracer.expect`, cyclic): while a layer computes, the chunks of the layers after
+it are read in the background as far as the window allows, wrapping round to the next step's
+first layers.
 
     stream = WeightStream(model, layers, "nvme", budget, torch.bfloat16, device, materialize=...)
     with stream.resident(i):        # layer i's weights on the device, pinned there
