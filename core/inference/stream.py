@@ -164,7 +164,10 @@ class WeightStream:
         self.mapped = (mapped and where == "nvme" and isinstance(home, NVMeStore) and not home.direct
                        and torch.device(device).type == "cpu" and any(c not in kept for c in order))
         if self.mapped:
-            self._map(budget, [c for c in order if c not in kept])
+            try:
+                self._map(budget, [c for c in order if c not in kept])
+            except OSError:             # the system would not map the file: read into chunk buffers
+                self.mapped = False
 
     def _keep(self, budget: int) -> list[int]:
         """Chunks that stay on the device for good. Streaming a cyclic order through a budget

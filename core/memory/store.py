@@ -392,10 +392,12 @@ class NVMeStore(Store):
         return self._offsets[kind][index], self._keep[kind][index]
 
     def map(self, kind: str) -> torch.Tensor:
-        """The kind's whole file mapped into memory (privately: a write would stay in this process)
-        as a uint8 tensor; nothing is read until its pages are touched (`populate`). Reading slots
-        this way, the page cache's pages are the tensor's: no copy into buffers of the process's
-        own, which on 2 cores takes a core from the computing (`core.inference.stream`)."""
+        """The kind's whole file mapped into memory as a uint8 tensor; nothing is read until its
+        pages are touched (`populate`). Reading slots this way, the page cache's pages are the
+        tensor's: no copy into buffers of the process's own, which on 2 cores takes a core from the
+        computing (`core.inference.stream`). Shared, not private: a private writable mapping is
+        charged in full against the kernel's commit limit, and one of a 24 GiB OPT-13B file was
+        refused on this 24 GiB machine (ENOMEM); the file is this store's own scratch copy."""
         kind = self.aliases.get(kind, kind)
         size = self._offsets[kind][-1]
         if size == 0:
@@ -403,7 +405,7 @@ class NVMeStore(Store):
         import mmap
         import warnings
 
-        mapped = mmap.mmap(self._fds[kind], size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapped = mmap.mmap(self._fds[kind], size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # the tensor keeps the mapping alive
             return torch.frombuffer(mapped, dtype=torch.uint8)

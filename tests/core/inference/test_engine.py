@@ -191,6 +191,30 @@ def test_a_mapped_stream_serves_layers_out_of_order(tmp_path):
         stream.close()
 
 
+def test_a_file_the_system_will_not_map_is_read_into_chunk_buffers(tmp_path, monkeypatch):
+    from core.memory.store import NVMeStore
+
+    def refuse(self, kind):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(NVMeStore, "map", refuse)
+    model = gpt()
+    weights = dict(model.named_parameters())
+    with torch.device("meta"):
+        meta = GPT(model.cfg)
+    layers = meta.inference_layers()
+    sizes, per_layer, _, _ = plan_layers(meta, layers, int(0.004 * 2**20 / 4), torch.float32)
+    budget = 2 * smallest_budget(sizes, per_layer)
+    stream = WeightStream(meta, layers, "nvme", budget, torch.float32, torch.device("cpu"), chunk_mb=0.004,
+                          nvme_dir=tmp_path / "nvme", direct=False, materialize=lambda name, out: out.copy_(weights[name]))
+    try:
+        assert not stream.mapped and stream.total_bytes > stream.manager.budget
+        result = Engine(meta, "cpu", stream=stream, layers=layers).generate(PROMPTS, 6, batch_size=2)
+    finally:
+        stream.close()
+    assert result.tokens == reference(model, PROMPTS, 6) and result.bytes_read > 0
+
+
 def test_micro_batches_share_one_weight_pass(tmp_path):
     """N micro-batches through each layer while it is resident: the weights are read once per pass
     of all of them, not once per micro-batch."""
