@@ -206,7 +206,8 @@ def test_a_file_the_system_will_not_map_is_read_into_chunk_buffers(tmp_path, mon
     sizes, per_layer, _, _ = plan_layers(meta, layers, int(0.004 * 2**20 / 4), torch.float32)
     budget = 2 * smallest_budget(sizes, per_layer)
     stream = WeightStream(meta, layers, "nvme", budget, torch.float32, torch.device("cpu"), chunk_mb=0.004,
-                          nvme_dir=tmp_path / "nvme", direct=False, materialize=lambda name, out: out.copy_(weights[name]))
+                          nvme_dir=tmp_path / "nvme", direct=False,
+                          materialize=lambda name, out: out.copy_(weights[name]))
     try:
         assert not stream.mapped and stream.total_bytes > stream.manager.budget
         result = Engine(meta, "cpu", stream=stream, layers=layers).generate(PROMPTS, 6, batch_size=2)
