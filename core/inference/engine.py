@@ -87,10 +87,7 @@ class Engine:
         self.model = model.eval()                   # no dropout
         self._trials = list(decode_threads) if isinstance(decode_threads, tuple) else []
         self._timed: dict[int, float] = {}
-        # the first new-token pass after a prompts' pass finds the layers read ahead while that pass
-        # computed, and would favour whichever count it ran on: the trials start at the second
-        self._untimed = 1 if self._trials else 0
-        self.decode_threads = self._trials[0] if self._trials else decode_threads
+        self.decode_threads = 0 if self._trials else decode_threads
         self.device = torch.device(device)
         self.stream = stream
         self.kv_device = torch.device(kv_device) if kv_device is not None else self.device
@@ -159,12 +156,7 @@ class Engine:
             inputs, t = ids, longest
             for n in range(max_new_tokens):
                 t0 = time.perf_counter()
-                trying = 0
-                if t == 1 and self._trials:
-                    if self._untimed:
-                        self._untimed -= 1
-                    else:
-                        trying = self._trials.pop(0)
+                trying = self._trials.pop(0) if t == 1 and self._trials else 0
                 with _threads(trying or (self.decode_threads if t == 1 else 0)):
                     if stack and t == 1:
                         logits = self._pass([torch.cat(inputs)], [make_step(all_pads, 1, whole)])
