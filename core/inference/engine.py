@@ -78,16 +78,10 @@ class Engine:
     in memory or streamed by `stream`; `kv_device`: where the KV cache lives (default: `device`)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str, stream: WeightStream | None = None,
-                 kv_device: torch.device | str | None = None, layers=None,
-                 decode_threads: int | tuple[int, ...] = 0) -> None:
-        """`decode_threads`: torch's intra-op threads during new-token passes (0: as they are); a
-        tuple: counts to try, one new-token pass each, the fastest then kept (a pass bound by the
-        reading wants a core left to it, one bound by compute wants them all, and which it is
-        depends on the rows of a pass more than a cost model here can tell)."""
+                 kv_device: torch.device | str | None = None, layers=None, decode_threads: int = 0) -> None:
+        """`decode_threads`: torch's intra-op threads during new-token passes (0: as they are)."""
         self.model = model.eval()                   # no dropout
-        self._trials = list(decode_threads) if isinstance(decode_threads, tuple) else []
-        self._timed: dict[int, float] = {}
-        self.decode_threads = 0 if self._trials else decode_threads
+        self.decode_threads = decode_threads
         self.device = torch.device(device)
         self.stream = stream
         self.kv_device = torch.device(kv_device) if kv_device is not None else self.device
@@ -156,17 +150,12 @@ class Engine:
             inputs, t = ids, longest
             for n in range(max_new_tokens):
                 t0 = time.perf_counter()
-                trying = self._trials.pop(0) if t == 1 and self._trials else 0
-                with _threads(trying or (self.decode_threads if t == 1 else 0)):
+                with _threads(self.decode_threads if t == 1 else 0):
                     if stack and t == 1:
                         logits = self._pass([torch.cat(inputs)], [make_step(all_pads, 1, whole)])
                         logits = list(logits[0].split([len(mb) for mb in mbs]))
                     else:
                         logits = self._pass(inputs, [make_step(p, t, c) for p, c in zip(pads, caches)])
-                if trying:
-                    self._timed[trying] = time.perf_counter() - t0
-                    if not self._trials:
-                        self.decode_threads = min(self._timed, key=self._timed.get)
                 whole.advance(t)
                 inputs = []
                 for k, (mb, lg) in enumerate(zip(mbs, logits)):

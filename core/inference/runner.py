@@ -45,10 +45,8 @@ class Settings:
     # NVMe reads through the page cache, each read's pages dropped after it; true: direct IO. Measured
     # on this project's virtual disk (OPT-6.7B, 4 GiB cap): 1.15 tokens/s buffered, 0.62-0.82 direct
     direct_io: bool = False
-    # intra-op threads of the new-token passes; 0: where weights stream on the CPU, all but one and
-    # all are tried a pass each and the faster kept (8 rows of OPT-6.7B on 2 cores, bound by the
-    # reading: 1.46 s a pass on one thread, 1.60 on two; 32 rows, bound by compute: 2.0 s on one,
-    # 1.1 on two)
+    # intra-op threads of the new-token passes; 0: where weights stream on the CPU, all but one (the
+    # readers' copies need a core: a decode pass's matrix products are bound by memory, not cores)
     decode_threads: int = 0
 
 
@@ -133,8 +131,8 @@ def build_engine(meta_model: nn.Module, materialize: Callable[[str, torch.Tensor
                           settings.chunk_mb, nvme_dir, settings.io_threads or (4 if settings.direct_io else 1),
                           materialize, direct=settings.direct_io)
     release()
-    threads: int | tuple[int, ...] = settings.decode_threads
-    if threads == 0 and device.type == "cpu" and torch.get_num_threads() > 1:
-        threads = (torch.get_num_threads() - 1, torch.get_num_threads())      # the faster is kept
+    threads = settings.decode_threads
+    if threads == 0 and device.type == "cpu":
+        threads = max(1, torch.get_num_threads() - 1)
     return Engine(meta_model, device, stream=stream, kv_device=kv_device, layers=layers,
                   decode_threads=threads), placement

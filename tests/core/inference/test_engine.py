@@ -117,24 +117,6 @@ def test_new_token_passes_run_on_the_decode_threads_and_prompts_on_all():
         torch.set_num_threads(before)
 
 
-def test_decode_thread_counts_are_tried_a_pass_each_and_the_faster_kept():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        model = gpt()
-        engine = Engine(model, "cpu", decode_threads=(1, 2))
-        seen = []
-        run = engine.layers[1].run
-        engine.layers[1].run = lambda h, step: (seen.append(torch.get_num_threads()), run(h, step))[1]
-        result = engine.generate(PROMPTS[:2], 5, batch_size=2)
-        assert result.tokens == reference(model, PROMPTS[:2], 5)
-        kept = engine.decode_threads
-        assert kept in (1, 2) and seen == [2, 1, 2, kept, kept]
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_a_cache_part_writes_its_rows_of_the_whole():
     whole = KVCache(1, 4, rows=3)
     part = whole.part(1, 3)
