@@ -112,7 +112,7 @@ class WeightStream:
     def __init__(self, model: nn.Module, layers: list[InferenceLayer], where: str, budget: int,
                  dtype: torch.dtype, device: torch.device, chunk_mb: float = 32.0, nvme_dir: str | Path = "",
                  io_threads: int = 4, materialize: Callable[[str, torch.Tensor], None] | None = None,
-                 setting: str = "memory.device_gb", direct: bool = True, mapped: bool = True) -> None:
+                 setting: str = "memory.device_gb", direct: bool = True) -> None:
         if where not in ("host", "nvme"):
             raise ValueError(f"weights stream from host or nvme, not {where!r}")
         for p in model.parameters():
@@ -161,7 +161,7 @@ class WeightStream:
         self.manager.tracer.expect([c for c in order if c not in kept] or order)
         self.manager.stats = MemoryStats()               # count what generation moves, not the build
         # NVMe read through the page cache on the CPU: the streamed layers read the file's mapping
-        self.mapped = (mapped and where == "nvme" and isinstance(home, NVMeStore) and not home.direct
+        self.mapped = (where == "nvme" and isinstance(home, NVMeStore) and not home.direct
                        and torch.device(device).type == "cpu" and any(c not in kept for c in order))
         if self.mapped:
             try:
@@ -249,26 +249,24 @@ class WeightStream:
         self._held -= view.numel()
 
     def _restart_at(self, c: int) -> None:
-        """The layers ran off the expected order: drop what was brought in, go on from chunk `c`."""
+        """Chunk `c` is wanted and not next in the queue (the layers ran off the expected order, or
+        the window was empty): drop what was brought in, and go on from `c`."""
         while self._queue:
             d, future = self._queue.popleft()
             future.result()
             self._drop(d)
-        self._pos = self._order.index(c)
+        if self._order[self._pos] != c:
+            self._pos = self._order.index(c)
+        self._bring(always=True)
 
     @contextmanager
     def _resident_mapped(self, index: int) -> Iterator[None]:
         stats = self.manager.stats
         taken = []
         for c in (c for c in self.per_layer[index] if c not in self._kept_set):
-            ahead = bool(self._queue)
-            if not self._queue or self._queue[0][0] != c:
-                if self._queue:
-                    self._restart_at(c)
-                    ahead = False
-                else:
-                    self._pos = self._order.index(c) if self._order[self._pos] != c else self._pos
-                self._bring(always=True)
+            ahead = bool(self._queue) and self._queue[0][0] == c
+            if not ahead:
+                self._restart_at(c)
             c, future = self._queue.popleft()
             stats.fetches += 1
             stats.prefetch_hits += ahead

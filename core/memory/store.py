@@ -80,19 +80,24 @@ MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22      # Linux 5.14
 
 
-def _madvise(t: torch.Tensor, advice: int) -> bool:
-    """madvise over the whole pages of CPU tensor `t`; False where the call fails."""
+def _madvise_range(start: int, length: int, advice: int) -> bool:
+    """madvise(start, length, advice) through libc; False where the call fails."""
     global _LIBC
-    nbytes = t.numel() * t.element_size()
-    if nbytes == 0:
-        return True
     try:
         if _LIBC is None:
             _LIBC = ctypes.CDLL("libc.so.6")
-        start = t.data_ptr() // ALIGN * ALIGN
-        return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + nbytes - start), advice) == 0
+        return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _madvise(t: torch.Tensor, advice: int) -> bool:
+    """madvise over the pages of CPU tensor `t` (from the page its first byte is on)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return True
+    start = t.data_ptr() // ALIGN * ALIGN
+    return _madvise_range(start, t.data_ptr() + nbytes - start, advice)
 
 
 def populate(t: torch.Tensor) -> None:
@@ -148,16 +153,9 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     nbytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or nbytes < 2 * HUGE_PAGE:
         return False
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        ptr = t.data_ptr()
-        start, stop = -(-ptr // HUGE_PAGE) * HUGE_PAGE, (ptr + nbytes) // HUGE_PAGE * HUGE_PAGE
-        return stop > start and _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start),
-                                              MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
+    ptr = t.data_ptr()
+    start, stop = -(-ptr // HUGE_PAGE) * HUGE_PAGE, (ptr + nbytes) // HUGE_PAGE * HUGE_PAGE
+    return stop > start and _madvise_range(start, stop - start, MADV_HUGEPAGE)
 
 
 def host_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -378,13 +376,13 @@ class NVMeStore(Store):
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LoomError(f"{self.setting} {self.folder}: the disk is full") from None
             raise
-        if self.drop_cache and not self.direct and not write and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, base, nbytes, os.POSIX_FADV_DONTNEED)     # read once per pass: keep no copy
-        with self._count:
-            if write:
+        if self.drop_cache and not self.direct and not write:
+            self.drop_pages(kind, base, nbytes)         # read once per pass: keep no copy
+        if write:
+            with self._count:
                 self.bytes_written += nbytes
-            else:
-                self.bytes_read += nbytes
+        else:
+            self.count_read(nbytes)
 
     def slot(self, kind: str, index: int) -> tuple[int, int]:
         """(offset in the kind's file, bytes kept) of slot `index`."""
