@@ -55,6 +55,13 @@ class Cluster:
     memory_gbs: float = 1000.0             # device memory bandwidth (the elementwise work streams activations)
     runtime_gb: float = 0.0                # memory a training process holds beyond its model's (runtime,
     #                                        communication buffers, data): measured on a trivial model
+    # what an engine holds beyond runtime_gb whatever the model ("chunked": the host Adam kernel
+    # it loads; "tensor": the tensor-parallel group's first collectives), added for each engine a
+    # layout uses (a ZeRO layout with tensor parallelism: both): measured on a trivial model
+    runtime_extra_gb: dict = field(default_factory=dict)
+    graph_kb: float = 0.0                  # what autograd keeps per layer and micro-batch in flight beside
+    #                                        the saved tensors (its graph's nodes, a checkpoint's bookkeeping),
+    #                                        where the devices are the host's CPUs (on a GPU it is host memory)
     step_overhead_ms: float = 5.0          # fixed cost of one optimizer step (the loop, the update's launch)
     microbatch_overhead_ms: float = 1.0    # fixed cost of one micro-batch's forward and backward
     chunked_overhead_ms: float = 0.0       # what the chunked engine (ZeRO, offload) adds to a step
@@ -181,6 +188,13 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in value.values()):
                 raise ConfigError(f"{where}: memory_overhead: got {value!r}; allowed: a mapping of "
                                   f"{', '.join(ENGINE_FAMILIES)} to numbers of at least 1")
+            values[key] = {k: float(v) for k, v in value.items()}
+            continue
+        if key == "runtime_extra_gb":
+            if not isinstance(value, dict) or set(value) - {"chunked", "tensor"} or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value.values()):
+                raise ConfigError(f"{where}: runtime_extra_gb: got {value!r}; allowed: a mapping of chunked, "
+                                  f"tensor to numbers of at least 0")
             values[key] = {k: float(v) for k, v in value.items()}
             continue
         if key == "device_is_host":

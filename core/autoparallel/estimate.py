@@ -30,11 +30,17 @@ axis, with ring algorithms:
 Memory per device: weights, gradients, optimizer states and their engine's buffers as each engine
 keeps them (`_memory`: DDP and the pipeline's plain parameters, or the chunked engine's working
 copies, home copies, master shards and gradient buffers), divided as tp, pp and ZeRO divide them;
-the cluster's fixed runtime memory per process (`runtime_gb`); what the allocator keeps beyond the
-live tensors, as measured for the engine's family (`memory_overhead`); and the activations of the
+the cluster's fixed runtime memory per process (`runtime_gb`, and `runtime_extra_gb` for the
+engines a layout uses); what the allocator keeps beyond the live tensors, as measured for the
+engine's family (`memory_overhead`); and the activations of the
 micro-batches a stage holds at once (1 without a pipeline, m for GPipe, p for 1F1B, p + (p - 1)/v
-for the interleaved schedule), per token from the profile, with, under the grid tensor-parallel
-modes (2D, 2.5D, 3D), the gathered weight blocks each micro-batch's products keep for backward.
+for the interleaved schedule), per token from the profile (the loss's log-probabilities with the
+head's), with, under the grid tensor-parallel modes (2D, 2.5D, 3D), the gathered weight blocks
+each micro-batch's products keep for backward, in a pipeline each stage's sent output (kept until
+its gradient returns), and, where the devices are the host's CPUs, autograd's graph (`graph_kb`
+per layer and micro-batch). The gradients live beside the micro-batches still in flight once a
+backward has made them: all of them where forwards follow backwards (1F1B's steady state,
+gradient accumulation), all but one where the forwards come first (GPipe).
 
 Groups are placed as Loom's mesh places them: tp innermost, then sp, then dp, pp outermost
 (`core.distributed.mesh`); a group whose ranks span more than one node runs at the node's
@@ -401,26 +407,43 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     # q x q grid, 1/q of the weight; 3D: 1/q^2), which the product keeps for backward, in the
     # activations' precision, once for every micro-batch whose backward is still to come
     gathered = 0.0 if L.tp == 1 or L.tp_mode == "1d" else 1 / q if L.tp_mode != "3d" else 1 / q ** 2
-    acts = []
-    for rank in ranks:
+    # how many micro-batches' kept activations are alive beside the whole gradients: where a
+    # micro-batch's forward runs after a backward has made them, all those in flight (from the
+    # second micro-batch on without a pipeline; 1F1B's steady state, with more micro-batches than
+    # are in flight); where the forwards come first (GPipe, 1F1B with no more micro-batches than
+    # stages) the first backward makes them beside the others'; with one micro-batch, none
+    if p == 1:
+        beside = 1.0 if m > 1 else 0.0
+    elif L.pp_schedule != "gpipe" and m > inflight:
+        beside = inflight
+    else:
+        beside = inflight - 1
+    acts, with_grads = [], []
+    for r, rank in enumerate(ranks):
+        # per micro-batch in flight: the kept activations; the output a pipeline stage sends, kept
+        # until its gradient comes back (one hidden state per (virtual) stage, the model's last
+        # excepted); autograd's own bookkeeping, a fixed size per layer (host memory)
+        sends = (v if r < p - 1 else v - 1) if p > 1 else 0
+        per_mb = sends * prof.hidden * e * tokens_mb / tp_split
+        if cluster.device_is_host:
+            per_mb += cluster.graph_kb * 1024 * rank.count
+        # once: a checkpointed run's recomputed layer, in backward; at backward's start, on the
+        # head's rank, the gradients of the log-softmax and of the logits (a micro-batch's tokens x
+        # its share of the vocabulary each), before any layer is recomputed
+        once = 2 * tokens_mb * prof.vocab / L.tp * e if r == p - 1 else 0.0
         if L.checkpointing:
             kept = rank.kept_boundary / tp_split + rank.edge_split / L.tp + rank.edge_whole / tp_split
             top = rank.top_split / L.tp + rank.top_whole / tp_split
-            weights = (rank.edge_matrices * inflight + rank.top_matrices) * gathered * e
-            acts.append((kept * inflight + top) * tokens_mb * scale + weights)
+            per_mb += kept * tokens_mb * scale + rank.edge_matrices * gathered * e
+            once = max(once, top * tokens_mb * scale + rank.top_matrices * gathered * e)
         else:
-            weights = rank.matrices * gathered * e * inflight
-            acts.append((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale * inflight + weights)
-    # backward starts at the loss beside everything kept: the gradients of the log-softmax and of
-    # the logits, a micro-batch's tokens x its share of the vocabulary each, on the head's rank
-    acts[-1] += 2 * tokens_mb * prof.vocab / L.tp * e
-    # whether a micro-batch's forward runs while gradients exist: from the second on without a
-    # pipeline; in a pipeline where checkpointed layers run their forward again in backward, or
-    # where forwards continue after the first backward has made them (1F1B's steady state, with
-    # more micro-batches than are in flight), not in GPipe without checkpointing (forwards first)
-    overlap = (L.microbatches > 1 if p == 1
-               else L.checkpointing or (L.pp_schedule != "gpipe" and m > inflight))
-    memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts), overlap)
+            per_mb += ((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale
+                       + rank.matrices * gathered * e)
+        acts.append(per_mb * inflight + once)
+        with_grads.append(per_mb * beside + once if beside else 0.0)
+    # a micro-batch's share of them: what backward has freed when it reduces its first chunk
+    memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts), max(with_grads) / (max(acts) or 1.0),
+                                 max(acts) / inflight)
     if L.tp > 1 and L.tp_mode in ("2d", "2.5d"):
         # SUMMA fused into one collective per operand: a Linear's product on a rank is its tokens x
         # every output feature (partial sums), reduce-scattered over the grid row, beside all the
@@ -442,7 +465,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 
 
 # what is freed and made again every step (and what the allocator's overhead is a share of)
-TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "collective buffers",
+TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "reduction buffers",
              "tensor-parallel buffers")
 
 # What gloo (the backend on CPU devices) holds beside a collective's own tensors, as a share of the
@@ -456,28 +479,29 @@ NVME_IO_THREADS = 4
 
 
 def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float,
-            overlap: bool = False) -> tuple[dict, float, float]:
+            beside: float = 0.0, act_mb: float | None = None) -> tuple[dict, float, float]:
     """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
     busiest device (`T` of them trained: only those have gradients and optimizer states), `R`
-    ranks holding the same weights, `act` bytes of kept activations, and whether a forward runs
-    beside the gradients (`overlap`).
+    ranks holding the same weights, `act` bytes of kept activations (`act_mb` of them one
+    micro-batch's; default all), and the share of them alive beside the whole gradients (`beside`).
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
     a second copy of the gradients for the all-reduce (DDP's buckets, made once; the pipeline's
     flat buffer, made at the end of the step, when the activations are gone), the optimizer's
-    moments. Gradients accumulate over the micro-batches: they live beside the activations where a
-    forward runs after a backward has made them.
+    moments. Gradients accumulate over the micro-batches: they live beside the activations still
+    kept once a backward has made them (`beside`).
 
     The chunked engine (ZeRO, offload; `core.memory`, `core.zero`): the working copy in chunks
     (whole below stage 3; at stage 3 the chunks in use and prefetched), a home copy of it in host
     memory (its shard at stage 3; none where the fp32 master slot serves as the home copy), this
     rank's shard of the fp32 master weights, the moments and the reduced gradient, and the fp32
     gradient buffers of the chunks backward is filling (the first of them opened while all the
-    activations are still alive), with the reduced shard made beside the chunk's buffer. The
-    states and the home copy live on the device, the host (offload=cpu) or NVMe (offload=nvme, the
-    host then holding the chunks in transit and the IO threads' bounce buffers). From the second
-    micro-batch on, each reduced shard is added to the sum of the earlier ones (read back from its
-    file on NVMe).
+    activations are still alive). The states and the home copy live on the device, the host
+    (offload=cpu) or NVMe (offload=nvme, the host then holding the chunks in transit and the IO
+    threads' bounce buffers). A chunk's reduction makes its shard beside the chunk's buffer and,
+    from the second micro-batch on, adds it to the sum of the earlier ones (read back from its file
+    on NVMe); it comes after backward has freed that chunk's share of its micro-batch's activations,
+    not all of them (the other micro-batches a pipeline holds keep theirs).
 
     Where the devices are the host's CPUs (`cluster.device_is_host`), host bytes are the process's
     own memory too: offloading to the host moves nothing out of the budget, the collectives run
@@ -485,15 +509,18 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     evicting the working copies, so what it reads takes the place of the backward's transients."""
     states = _OPT_STATES.get(job.optimizer, 8)
     largest = job.profile.largest / L.tp
-    runtime = cluster.runtime_gb * GIB
+    chunked = bool(L.zero or L.offload != "none")
+    extra = cluster.runtime_extra_gb
+    runtime = (cluster.runtime_gb + (extra.get("chunked", 0.0) if chunked else 0.0)
+               + (extra.get("tensor", 0.0) if L.tp > 1 else 0.0)) * GIB
     host = nvme = 0.0
     gloo = cluster.device_is_host
-    if not (L.zero or L.offload != "none"):
+    if not chunked:
         # the gradients, made anew each step (set to None after it), live beside the activations
-        # where a forward runs after a backward (`overlap`); DDP's buckets are allocated once, the
-        # pipeline's flat buffer at the step's end
+        # still kept once a backward has made them (`beside`); DDP's buckets are allocated once,
+        # the pipeline's flat buffer at the step's end
         grads = 4 * T + (2 * 4 * largest if T else 0.0)
-        live = max(act + (grads if overlap else 0.0), grads)
+        live = max(act, act * beside + grads)
         memory = {"weights": 4 * P, "optimizer states": states * T, "activations and gradients": live,
                   "runtime": runtime}
         if R > 1 and T:
@@ -513,23 +540,24 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     if alias and L.offload != "none":                             # the master slot is the home copy
         home = w * (P - T) / (R if stage == 3 else 1)             # (a frozen chunk has only that slot)
     kept = T / R * (4 + states + 4)                               # master, moments, the reduced gradient
-    buffers = 4 * min(2 * unit, T)
-    if L.microbatches > 1 and T:
-        # from the second micro-batch on, a reduced shard is added to the earlier ones' sum: the
-        # sum is a new shard, beside the one read back from the file where the states are on NVMe
-        buffers += 4 * min(unit, T) / R * (2 if L.offload == "nvme" else 1)
-    memory = {"weights": working, "gradient buffers": buffers, "activations": act, "runtime": runtime}
-    if R > 1 and T:
-        # reducing a chunk's gradients: the shard it makes, and what gloo holds while it reduces.
-        # The first reduction comes when backward has filled the first of the trained chunks, having
-        # freed about that share of the activations: what it holds counts beyond the activations
-        # and buffers of backward only where it is larger than that share (a model in one chunk
-        # reduces at backward's end, with the activations gone)
+    memory = {"weights": working, "gradient buffers": 4 * min(2 * unit, T), "activations": act, "runtime": runtime}
+    if T and (R > 1 or L.microbatches > 1):
+        # reducing a chunk's gradients: the shard a reduce-scatter makes and what gloo holds while
+        # it reduces; from the second micro-batch on, the shard's sum with the earlier ones' (a new
+        # shard, beside the one read back from its file where the states are on NVMe). A chunk is
+        # reduced when backward has filled it, having freed about that share of the micro-batch's
+        # activations (the other micro-batches in flight keep theirs): what the reduction holds
+        # counts beyond the activations and buffers of backward only where it is larger than that
+        # share (a stage in one chunk reduces at its micro-batch's backward's end)
         reduced = 4 * min(unit, T)
-        during = (reduced / R + (GLOO_REDUCE_SCATTER * reduced if gloo else 0.0)
-                  if stage >= 2 else (GLOO_ALL_REDUCE * reduced if gloo else 0.0))
+        during = 0.0
+        if R > 1:
+            during = (reduced / R + (GLOO_REDUCE_SCATTER * reduced if gloo else 0.0)
+                      if stage >= 2 else (GLOO_ALL_REDUCE * reduced if gloo else 0.0))
+        if L.microbatches > 1:
+            during += reduced / R * (2 if L.offload == "nvme" else 1)
         chunks = max(1, math.ceil(T / unit))
-        memory["collective buffers"] = max(during - act / chunks, 0.0)
+        memory["reduction buffers"] = max(during - (act if act_mb is None else act_mb) / chunks, 0.0)
     per_process = 0.0
     if L.offload == "none":
         memory["optimizer states"] = kept
@@ -551,7 +579,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
             # the device is the host: the step starts by evicting every working copy, so what it
             # reads shares the memory with the backward's transients, not with them
             during_backward = sum(memory.get(k, 0.0) for k in ("weights", "gradient buffers", "activations",
-                                                                 "collective buffers"))
+                                                                 "reduction buffers"))
             memory["IO buffers"] = bounce
             memory["host copies"] = max(transit - during_backward, 0.0)
             return memory, host, nvme

@@ -281,7 +281,17 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
                                 saved.whole / tokens, boundary, layer.body, largest, trained,
                                 act_checkpointed=kept, recomputed=recomputed or 0.0, shared=shared,
                                 matrices=sum(saved.matrices.values())))
-    loss = loss_fn(x)
+    # what the loss keeps for backward (a cross-entropy's log-probabilities, tokens x vocabulary),
+    # kept with the last layer's activations for every micro-batch in flight
+    saved = _Saved(params, hidden)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        loss = loss_fn(x)
+    if out and saved.split + saved.whole:
+        last = out[-1]
+        out[-1] = replace(last, act_split=last.act_split + saved.split / tokens,
+                          act_whole=last.act_whole + saved.whole / tokens,
+                          act_checkpointed=None if last.act_checkpointed is None
+                          else last.act_checkpointed + (saved.split + saved.whole) / tokens)
     counter = FlopCounterMode(display=False)
     with counter:
         loss.backward()

@@ -28,9 +28,9 @@ def test_the_step_profile_is_what_a_real_step_keeps():
     assert (vae.trained_params, text.trained_params, vae.backward_flops, text.backward_flops) == (0, 0, 0.0, 0.0)
     assert vae.act_split + vae.act_whole == 0 and unet.trained_params == unet.params
     assert 1.5 <= unet.backward_flops / unet.flops <= 2.5
-    # the same step on real tensors, through the same hooks, keeps the same bytes; with the UNet's
-    # real (non-reentrant) checkpointing on, what autograd keeps outside the checkpointed blocks is
-    # what the profile says stays outside them
+    # the same step on real tensors, through the same hooks, keeps the same bytes (the loss's, an
+    # MSE's operands, with the UNet's); with the UNet's real (non-reentrant) checkpointing on, what
+    # autograd keeps outside the checkpointed blocks is what the profile says stays outside them
     torch.manual_seed(0)
     text_encoder, vae_m, unet_m, tokens = _modules(cfg)
     vae_m.requires_grad_(False)
@@ -43,9 +43,14 @@ def test_the_step_profile_is_what_a_real_step_keeps():
     saved = _Saved(params, int(unet_m.config.block_out_channels[0]))
     segments.reset(saved)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-        step._denoise(x)
-    assert saved.split + saved.whole == unet.act_split + unet.act_whole
-    assert segments.count > 0 and unet.act_checkpointed == segments.kept()
+        pred = step._denoise(x)
+    loss = _Saved(params, int(unet_m.config.block_out_channels[0]))
+    with torch.autograd.graph.saved_tensors_hooks(loss.pack, loss.unpack):
+        torch.nn.functional.mse_loss(pred, torch.zeros_like(pred))
+    kept_by_loss = loss.split + loss.whole
+    assert kept_by_loss > 0
+    assert saved.split + saved.whole + kept_by_loss == unet.act_split + unet.act_whole
+    assert segments.count > 0 and unet.act_checkpointed == segments.kept() + kept_by_loss
 
     unet_m.enable_gradient_checkpointing()                   # torch.utils.checkpoint, as a real run
     real = _Saved(params, int(unet_m.config.block_out_channels[0]))

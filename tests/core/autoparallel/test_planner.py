@@ -12,7 +12,7 @@ import yaml
 from apps.gpt.config import GPTRecipe
 from apps.gpt.model import GPT
 from apps.gpt.planning import profile as gpt_profile
-from core.autoparallel import Cluster, Job, Layout, PlanError, best_plan, brute_force, estimate, search
+from core.autoparallel import GIB, Cluster, Job, Layout, PlanError, best_plan, brute_force, estimate, search
 from core.autoparallel.cluster import cluster_from_dict
 from core.autoparallel.search import all_layouts
 from core.autoparallel.profile import _Saved
@@ -38,15 +38,20 @@ def test_the_meta_profile_is_what_the_real_model_measures():
     assert block.flops == 2 * 12 * h * h + 4 * s * h
     assert prof.layers[-1].flops == 2 * h * v                              # the head
     assert [layer.name for layer in prof.layers] == ["embed", "block0", "block1", "head"]
-    # the activations: a real forward on real tensors, through the same hook, keeps as many bytes
+    # the activations: a real forward on real tensors, through the same hook, keeps as many bytes,
+    # the loss's (its log-probabilities, tokens x vocabulary) with the head's
     idx = torch.randint(0, v, (1, s + 1))
     x = idx[:, :-1]
     params = {id(p) for p in model.parameters()}
-    for layer, want in zip(model.pipeline_layers(), prof.layers):
+    layers = model.pipeline_layers()
+    for layer, want in zip(layers, prof.layers):
         saved = _Saved(params, h)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             x = layer.fn(x)
+            if layer is layers[-1]:
+                model.loss(x, idx[:, 1:])
         assert (saved.split / s, saved.whole / s) == (want.act_split, want.act_whole), layer.name
+    assert prof.layers[-1].act_split >= v * 4                     # the log-probabilities at least
     assert block.boundary == h * 4
 
 
@@ -186,7 +191,29 @@ def test_a_cluster_file_is_checked_key_by_key():
         cluster_from_dict({"memory_overhead": {"plain": 0.5}})
     with pytest.raises(ConfigError, match="device_is_host: got 'yes'; allowed: true or false"):
         cluster_from_dict({"device_is_host": "yes"})
+    with pytest.raises(ConfigError, match="runtime_extra_gb: .* a mapping of chunked, tensor"):
+        cluster_from_dict({"runtime_extra_gb": {"plain": 0.1}})
+    with pytest.raises(ConfigError, match="runtime_extra_gb: .* at least 0"):
+        cluster_from_dict({"runtime_extra_gb": {"chunked": -1}})
     assert cluster_from_dict({"nodes": 2, "devices_per_node": 4}).devices == 8
+    written = Cluster(runtime_extra_gb={"chunked": 0.001}, graph_kb=20.0)
+    assert cluster_from_dict(yaml.safe_load(written.to_yaml())) == written
+
+
+def test_each_engine_a_layout_uses_adds_its_fixed_memory():
+    # what the chunked engine and tensor parallelism hold whatever the model (the host Adam
+    # kernel, the tensor-parallel group's collectives): once each, and both where both are used
+    job = _toy_job(layers=2, hidden=64, heads=4, seq=32, vocab=256)
+    base = CLUSTERS["4 devices, roomy"]
+    extra = dataclasses.replace(base, runtime_extra_gb={"chunked": 0.25, "tensor": 0.5})
+    runtime = {}
+    for name, lay in (("plain", Layout(dp=4, micro_batch=4)), ("zero", Layout(dp=4, micro_batch=4, zero=2)),
+                      ("tp", Layout(tp=4, micro_batch=4, microbatches=4)),
+                      ("tp zero", Layout(tp=4, micro_batch=4, microbatches=4, zero=1))):
+        a, b = estimate(job, lay, base), estimate(job, lay, extra)
+        runtime[name] = (b.memory["runtime"] - a.memory["runtime"]) / GIB
+        assert b.device_bytes - a.device_bytes == pytest.approx(runtime[name] * GIB)
+    assert runtime == pytest.approx({"plain": 0.0, "zero": 0.25, "tp": 0.5, "tp zero": 0.75})
 
 
 def test_the_command_writes_a_recipe_the_app_runs(tmp_path, capsys):
@@ -352,3 +379,55 @@ def test_nvme_offload_on_the_host_counts_what_the_step_reads_apart_from_backward
     big = dataclasses.replace(job, chunk_mb=64.0)                    # one chunk holds the whole model
     one = estimate(big, Layout(micro_batch=4, microbatches=1, zero=3, offload="nvme"), host)
     assert one.memory["IO buffers"] == 5 * min(PIECE, -(-4 * job.profile.params // 4096) * 4096)
+
+
+def test_a_pipeline_keeps_per_micro_batch_its_activations_its_sent_output_and_autograd_s_graph():
+    from core.autoparallel.estimate import rank_sums
+
+    h, s = 64, 32
+    job = _toy_job(layers=4, hidden=h, heads=4, seq=s, vocab=256, batch=16)
+    cluster = CLUSTERS["4 devices, roomy"]
+    gpipe = Layout(pp=2, pp_schedule="gpipe", micro_batch=1, microbatches=16)
+    first, last = rank_sums(job.profile, 2, 1)
+    # the first stage's per micro-batch: its kept activations and the output it sent on (kept until
+    # its gradient comes back, a hidden state per token); 16 micro-batches in flight
+    per_mb = (first.act_split + first.act_whole) * s + h * 4 * s
+    loss_grads = 2 * s * 256 * 4                                         # once, on the head's stage
+    est = estimate(job, gpipe, cluster)
+    acts = max(16 * per_mb, 16 * (last.act_split + last.act_whole) * s + loss_grads)
+    grads = 4 * max(first.trained, last.trained) + 2 * 4 * job.profile.largest
+    # GPipe's forwards come first: the first backward makes the gradients beside the other 15
+    # micro-batches' activations (the busier stage's); with one micro-batch there is nothing beside
+    beside = max(15 * per_mb, 15 * (last.act_split + last.act_whole) * s + loss_grads)
+    assert est.memory["activations and gradients"] == pytest.approx(max(acts, beside + grads))
+    one = estimate(job, dataclasses.replace(gpipe, micro_batch=16, microbatches=1), cluster)
+    single = max(16 * per_mb, 16 * (last.act_split + last.act_whole) * s + 16 * loss_grads)
+    assert one.memory["activations and gradients"] == pytest.approx(max(single, grads))
+    # 1F1B's steady state runs forwards after backwards: all of its 2 micro-batches beside them
+    ofob = estimate(job, dataclasses.replace(gpipe, pp_schedule="1f1b"), cluster)
+    two = max(2 * per_mb, 2 * (last.act_split + last.act_whole) * s + loss_grads)
+    assert ofob.memory["activations and gradients"] == pytest.approx(two + grads)
+    # on a CPU-only machine autograd's graph is the device's memory too: a fixed size per layer
+    # and micro-batch in flight (here the 15 beside the gradients, on either stage's 3 layers)
+    host = dataclasses.replace(cluster, device_is_host=True)
+    bare, graphed = (estimate(job, gpipe, dataclasses.replace(host, graph_kb=kb)) for kb in (0.0, 10.0))
+    grown = graphed.memory["activations and gradients"] - bare.memory["activations and gradients"]
+    assert bare.memory["activations and gradients"] == pytest.approx(beside + grads)
+    assert grown == pytest.approx(15 * 3 * 10 * 1024)
+    assert estimate(job, gpipe, dataclasses.replace(cluster, graph_kb=10.0)).device_bytes == est.device_bytes
+
+
+def test_a_chunk_s_reduction_frees_only_its_own_micro_batch_s_activations():
+    # ZeRO in a GPipe pipeline: a stage in one chunk reduces (and, from the second micro-batch on,
+    # adds to the earlier sum) when its micro-batch's backward ends, with the other micro-batches'
+    # activations still kept: the sum counts beyond them where it outgrows one micro-batch's share
+    job = dataclasses.replace(_toy_job(layers=2, hidden=256, heads=4, seq=16, vocab=256, batch=16), chunk_mb=64.0)
+    cluster = dataclasses.replace(CLUSTERS["4 devices, roomy"], device_is_host=True)
+    lay = Layout(pp=2, pp_schedule="gpipe", micro_batch=1, microbatches=16, zero=3, offload="cpu")
+    est = estimate(job, lay, cluster)
+    T = est.memory["weights"] / 4                                        # the stage's parameters, all trained
+    one_mb = est.memory["activations"] / 16
+    assert est.memory["reduction buffers"] == pytest.approx(max(4 * T - one_mb, 0.0))
+    assert est.memory["reduction buffers"] > 0
+    single = estimate(job, dataclasses.replace(lay, micro_batch=16, microbatches=1), cluster)
+    assert single.memory.get("reduction buffers", 0.0) == 0.0        # dp 1, one micro-batch: nothing to add
