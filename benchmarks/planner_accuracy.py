@@ -8,7 +8,8 @@ Per number of ranks it first calibrates this machine (`core.autoparallel.calibra
 computing at once, gloo collectives by size, disk, host Adam; then, from a trivial one-layer model
 run the same way, the memory a training process holds beyond its model and the fixed costs of a
 step, of a micro-batch and of the chunked engine; and from a small calibration model of its own
-shape, the allocator's memory overhead per engine family); the planner sees only that and the
+shape, what autograd's graph keeps per layer and micro-batch and the allocator's memory overhead
+per engine family); the planner sees only that and the
 model's meta-device profile, never the runs it is judged on. Per case (a GPT shape and a per-rank memory
 cap for the weights, gradients, optimizer states and activations), it enumerates every layout the
 planner considers, keeps those predicted to fit, and runs the planner's pick and `--runs` - 1
@@ -173,6 +174,13 @@ def main() -> None:
                     help="what a rank's memory is: the bytes allocated at the steps' peak (benchmarks/heapcount.c, "
                          "what a GPU's max_memory_allocated reports), or the resident set's high-water mark")
     args = ap.parse_args()
+    # torch's flight recorder keeps a record of each of a process's last 2000 collectives (about
+    # 0.7 KiB each here, 1.4 MiB when full), growing until it is full: a run of a few steps fills it
+    # for a layout that calls many collectives (1D tensor parallelism over 8 ranks: 16 a micro-batch)
+    # and not for one that calls few (DDP: one a step), which no model of a long run should
+    # follow. The ranks here, calibration's and the cases' alike, run without it (unless the
+    # environment says otherwise); the planner leaves it to the memory reserve.
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "0")
     with tempfile.TemporaryDirectory(prefix="loom-planner-") as tmp:
         work = Path(tmp)
         os.environ["LOOM_CACHE"] = str(work / "cache")
@@ -189,7 +197,7 @@ def main() -> None:
                     print(json.dumps({"name": "planner_accuracy", **row, "machine": machine()}), flush=True)
 
 
-TRIVIAL = ["model.n_layer=1", "model.d_model=8", "model.n_head=1", "model.seq_len=64"]
+TRIVIAL = ["model.n_layer=1", "model.d_model=8", "model.n_head=8", "model.seq_len=64"]
 # the model the allocator's overhead is measured on: none of the cases' shapes
 CALIBRATION = ["model.n_layer=2", "model.d_model=128", "model.n_head=8", "model.seq_len=128"]
 
@@ -197,11 +205,14 @@ CALIBRATION = ["model.n_layer=2", "model.d_model=128", "model.n_head=8", "model.
 def engine_costs(ranks: int, cluster, work: Path, steps: int, memory: str):
     """Calibration, part two, none of it on the cases' models. From a trivial model (one layer, 8
     wide: its arithmetic is nothing) run the way the cases run: the memory a training process holds
-    beyond its model (imports after start, the corpus, gloo, DDP); the fixed costs of a step and
-    of a micro-batch (4 micro-batches of 1 against 1 of 4) and what the chunked engine adds (ZeRO-2).
-    From a small calibration model (2 layers, 128 wide), once per engine family (DDP, ZeRO-2,
-    1D tensor parallelism over every rank): the allocator's overhead, what the measured memory
-    adds to the modelled as a share of the memory freed and made again every step."""
+    beyond its model (imports after start, the corpus, gloo, DDP), and what the chunked engine
+    (ZeRO-2) and tensor parallelism over every rank add to it; the fixed costs of a step and of a
+    micro-batch (4 micro-batches of 1 against 1 of 4) and what the chunked engine adds (ZeRO-2).
+    From a small calibration model (2 layers, 128 wide): autograd's bookkeeping per layer and
+    micro-batch in flight (forwards kept for backward, in a process of its own), then, once per engine
+    family (DDP, ZeRO-2, 1D tensor parallelism over every rank), the allocator's overhead, what
+    the measured memory adds to the modelled as a share of the memory freed and made again every
+    step."""
     def run(shape: list[str], micro: int, extra: list[str]):
         argv = shape + COMMON + [f"data.cache_dir={work / 'cache'}", f"train.micro_batch={micro}",
                                  f"train.global_batch={4 * ranks}", f"output.dir={work / 'trivial'}",
@@ -217,15 +228,30 @@ def engine_costs(ranks: int, cluster, work: Path, steps: int, memory: str):
     dp = [f"parallel.dp={ranks}"]
     held, one = run(TRIVIAL, 4, dp)
     _, four = run(TRIVIAL, 1, dp)
-    _, chunked = run(TRIVIAL, 4, dp + ["parallel.zero=2"])
+    held_chunked, chunked = run(TRIVIAL, 4, dp + ["parallel.zero=2"])
+    held_tensor, _ = run(TRIVIAL, 4, ["parallel.dp=1", f"parallel.tp={ranks}"])
     per_micro = max(four - one, 0.0) / 3
-    model = estimate(job(TRIVIAL, 4), Layout(dp=ranks, micro_batch=4, microbatches=1), dataclasses.replace(
-        cluster, step_overhead_ms=0, microbatch_overhead_ms=0))
+    bare = dataclasses.replace(cluster, step_overhead_ms=0, microbatch_overhead_ms=0)
+    model = estimate(job(TRIVIAL, 4), Layout(dp=ranks, micro_batch=4, microbatches=1), bare)
     costs = {"runtime_gb": round(max(held - model.device_bytes, 0) / GIB, 4),
              "microbatch_overhead_ms": round(per_micro * 1e3, 2),
              "step_overhead_ms": round(max(one - per_micro - model.step_s, 0.0) * 1e3, 2),
              "chunked_overhead_ms": round(max(chunked - one, 0.0) * 1e3, 2)}
+    # what the chunked engine (ZeRO-2) and tensor parallelism (over every rank) hold beyond that,
+    # whatever the model: the same trivial model under each
+    bare = dataclasses.replace(bare, runtime_gb=costs["runtime_gb"])
+    extra = {}
+    for family, layout, measured in (("chunked", Layout(dp=ranks, micro_batch=4, zero=2), held_chunked),
+                                     ("tensor", Layout(tp=ranks, micro_batch=4, microbatches=ranks), held_tensor)):
+        extra[family] = round(max(measured - estimate(job(TRIVIAL, 4), layout, bare).device_bytes, 0) / GIB, 4)
+    costs["runtime_extra_gb"] = extra
     cluster = dataclasses.replace(cluster, **costs)
+    # autograd's bookkeeping per layer and micro-batch in flight (its graph's nodes: a fixed size,
+    # which the allocator's overhead, a share of the activations, misses where micro-batches are
+    # many and small), counted directly in a process of its own
+    cfg = load_recipe(GPTRecipe, "gpt/tiny", CALIBRATION + COMMON + [f"data.cache_dir={work / 'cache'}"])
+    costs["graph_kb"] = round(run_distributed(_graph_bytes, world_size=1, args=(cfg.model,))[0] / 1024, 2)
+    cluster = dataclasses.replace(cluster, graph_kb=costs["graph_kb"])
     overhead = {}
     for family, layout, extra in (("plain", Layout(dp=ranks, micro_batch=4), dp),
                                   ("chunked", Layout(dp=ranks, micro_batch=4, zero=2), dp + ["parallel.zero=2"]),
@@ -238,6 +264,42 @@ def engine_costs(ranks: int, cluster, work: Path, steps: int, memory: str):
     costs["memory_overhead"] = overhead
     print(f"engine costs, from a trivial and a calibration model: {costs}", flush=True)
     return dataclasses.replace(cluster, memory_overhead=overhead)
+
+
+def _graph_bytes(model_cfg, micro_batches: int = 8) -> float:
+    """Host bytes a GPT's forward keeps per layer and micro-batch beyond the tensors autograd saves
+    (its graph's nodes and their records): the allocation counter's growth over several forwards,
+    each kept for backward, less the saved tensors (each storage once, the weights excepted)."""
+    import torch
+
+    from apps.gpt.model import GPT
+    from core.memory.usage import allocated_bytes
+
+    cfg = dataclasses.replace(model_cfg, vocab_size=257, dropout=0.0, gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    layers = model.pipeline_layers()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    cpu = torch.device("cpu")
+    kept, live = [], []
+    for _ in range(micro_batches):
+        idx = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len + 1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = idx[:, :-1]
+            for layer in layers:
+                x = layer.fn(x)
+            kept.append(model.loss(x, idx[:, 1:]))
+        live.append((allocated_bytes(cpu) or 0, sum(saved.values())))
+    (first, s0), (last, s1) = live[1], live[-1]
+    return max((last - first) - (s1 - s0), 0) / (micro_batches - 2) / len(layers)
 
 
 def _tight(shape: str, ranks: int, cluster) -> float:
