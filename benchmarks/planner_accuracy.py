@@ -275,6 +275,7 @@ def _graph_bytes(model_cfg, micro_batches: int = 8) -> float:
     from apps.gpt.model import GPT
     from core.memory.usage import allocated_bytes
 
+    # the byte tokenizer's vocabulary, as the cases' (a recipe leaves it to be resolved from the data)
     cfg = dataclasses.replace(model_cfg, vocab_size=257, dropout=0.0, gradient_checkpointing=False)
     torch.manual_seed(0)
     model = GPT(cfg).train()

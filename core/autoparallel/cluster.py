@@ -56,12 +56,12 @@ class Cluster:
     runtime_gb: float = 0.0                # memory a training process holds beyond its model's (runtime,
     #                                        communication buffers, data): measured on a trivial model
     # what an engine holds beyond runtime_gb whatever the model ("chunked": the host Adam kernel
-    # it loads; "tensor": the tensor-parallel group's first collectives), added for each engine a
-    # layout uses (a ZeRO layout with tensor parallelism: both): measured on a trivial model
+    # it loads; "tensor": what tensor parallelism's groups hold), added for each engine a layout
+    # uses (a ZeRO layout with tensor parallelism: both): measured on a trivial model
     runtime_extra_gb: dict = field(default_factory=dict)
     graph_kb: float = 0.0                  # what autograd keeps per layer and micro-batch in flight beside
-    #                                        the saved tensors (its graph's nodes, a checkpoint's bookkeeping),
-    #                                        where the devices are the host's CPUs (on a GPU it is host memory)
+    #                                        the saved tensors (its graph's nodes), where the devices are
+    #                                        the host's CPUs (on a GPU it is host memory)
     step_overhead_ms: float = 5.0          # fixed cost of one optimizer step (the loop, the update's launch)
     microbatch_overhead_ms: float = 1.0    # fixed cost of one micro-batch's forward and backward
     chunked_overhead_ms: float = 0.0       # what the chunked engine (ZeRO, offload) adds to a step
