@@ -479,11 +479,11 @@ NVME_IO_THREADS = 4
 
 
 def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float,
-            beside: float = 0.0, act_mb: float | None = None) -> tuple[dict, float, float]:
+            beside: float, act_mb: float) -> tuple[dict, float, float]:
     """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
     busiest device (`T` of them trained: only those have gradients and optimizer states), `R`
     ranks holding the same weights, `act` bytes of kept activations (`act_mb` of them one
-    micro-batch's; default all), and the share of them alive beside the whole gradients (`beside`).
+    micro-batch's), and the share of them alive beside the whole gradients (`beside`).
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
     a second copy of the gradients for the all-reduce (DDP's buckets, made once; the pipeline's
@@ -557,7 +557,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         if L.microbatches > 1:
             during += reduced / R * (2 if L.offload == "nvme" else 1)
         chunks = max(1, math.ceil(T / unit))
-        memory["reduction buffers"] = max(during - (act if act_mb is None else act_mb) / chunks, 0.0)
+        memory["reduction buffers"] = max(during - act_mb / chunks, 0.0)
     per_process = 0.0
     if L.offload == "none":
         memory["optimizer states"] = kept
