@@ -57,7 +57,7 @@ from core.autoparallel.cluster import Cluster
 from core.autoparallel.profile import ModelProfile
 from core.memory.store import PIECE
 from core.sequence.attention import MESSAGE_MIN, ring_head_groups
-from core.tensor.cost import grid, transformer_layer
+from core.tensor.cost import feature_parts, grid, transformer_layer
 
 GIB = 2**30
 _OPT_STATES = {"adamw": 8, "cpu_adam": 8, "lamb": 8, "sgd": 4, "lars": 4}
@@ -178,6 +178,8 @@ class RankSums:
     count: int              # all its layers (each pass through one pays the fixed cost of its kernels)
     params: float
     trained: float          # of params, those trained (the frozen have no gradients or optimizer states)
+    whole: float            # of params, those 1D tensor parallelism leaves whole (LayerProfile.whole)
+    whole_trained: float
     act_split: float        # kept activations per token, split by any tensor parallelism
     act_whole: float        # ... whole under 1D tensor parallelism
     kept_boundary: float    # per token, the repeated layers' inputs (all a checkpointed run keeps of them)
@@ -217,6 +219,7 @@ def rank_sums(prof: ModelProfile, pp: int, virtual: int) -> list[RankSums] | Non
         out.append(RankSums(sum(x.flops for x in layers), sum(x.backward_flops for x in layers), again, len(body),
                             len(layers), sum(x.params for x in layers) + held,
                             sum(x.trained_params for x in layers) + held,
+                            sum(x.whole for x in layers), sum(x.whole_trained for x in layers),
                             sum(x.act_split for x in layers), sum(x.act_whole for x in layers),
                             sum(x.boundary for x in body), edge_split, edge_whole, top.act_split if top else 0.0,
                             top.act_whole if top else 0.0, sum(x.matrices for x in layers),
@@ -339,8 +342,11 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     bubble_s = pipe_s - m * mb_s
 
     # ---- once per step: gradients, ZeRO, offload
-    P = max(rank.params for rank in ranks) / L.tp         # parameters on the busiest device
-    T = max(rank.trained for rank in ranks) / L.tp        # ... those trained: gradients, states, their traffic
+    # parameters on the busiest device (tp splits all but those it holds whole or splits by
+    # features only), and those trained: gradients, states, their traffic
+    parts = feature_parts(L.tp_mode, L.tp, L.tp_depth)
+    P = max((rank.params - rank.whole) / L.tp + rank.whole / parts for rank in ranks)
+    T = max((rank.trained - rank.whole_trained) / L.tp + rank.whole_trained / parts for rank in ranks)
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
     w = job.working_bytes
@@ -508,7 +514,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     on gloo, which copies what it reduces (`GLOO_*`), and a step with its states on NVMe starts by
     evicting the working copies, so what it reads takes the place of the backward's transients."""
     states = _OPT_STATES.get(job.optimizer, 8)
-    largest = job.profile.largest / L.tp
+    largest = max(job.profile.largest / L.tp, job.profile.largest_whole / feature_parts(L.tp_mode, L.tp, L.tp_depth))
     chunked = bool(L.zero or L.offload != "none")
     extra = cluster.runtime_extra_gb
     runtime = (cluster.runtime_gb + (extra.get("chunked", 0.0) if chunked else 0.0)

@@ -50,7 +50,7 @@ class LayerProfile:
     act_whole: float                # bytes per token kept for backward that 1D tensor parallelism does not
     boundary: float                 # bytes per token of the layer's output (a stage boundary, a checkpoint)
     body: bool = True               # a repeated layer (a transformer block), not the embeddings or the head
-    largest: int = 0                # elements of its largest parameter (the least a device must hold of it at once)
+    largest: int = 0                # elements of its largest parameter tensor parallelism splits (see `whole`)
     trained: int | None = None      # of params, those trained (None: all); the frozen have no gradients or states
     backward: float | None = None   # backward FLOPs per token (None: twice the forward's)
     # bytes per token kept with the model's own activation checkpointing on (its checkpointed
@@ -63,6 +63,12 @@ class LayerProfile:
     # Linear's weight, a tied head's; not an embedding table's (its backward needs only the ids).
     # Tensor-parallel modes that gather a weight's blocks before the product keep the gathered copy.
     matrices: int = 0
+    # of params, the elements 1D tensor parallelism leaves whole on every rank (a Loom layer's
+    # feature parameters, LayerNorm scales and a position table, and a row Linear's bias; the grid
+    # modes split them by features only), those of them trained, and the largest of them
+    whole: int = 0
+    whole_trained: int = 0
+    largest_whole: int = 0
 
     @property
     def trained_params(self) -> int:
@@ -116,6 +122,10 @@ class ModelProfile:
     @functools.cached_property
     def largest(self) -> int:
         return max((layer.largest for layer in self.layers), default=0)
+
+    @functools.cached_property
+    def largest_whole(self) -> int:
+        return max((layer.largest_whole for layer in self.layers), default=0)
 
     def activation_per_token(self) -> float:
         return sum(layer.act_split + layer.act_whole for layer in self.layers)
@@ -224,6 +234,22 @@ class _Saved:
         return t
 
 
+def _whole_under_1d(model: nn.Module) -> set[int]:
+    """ids of the parameters of `model`'s tensor-parallel layers that 1D tensor parallelism holds
+    whole on every rank (as `OneD.param_index` lays them out)."""
+    from core.tensor.layers import TPLayer
+    from core.tensor.one_d import OneD
+
+    out = set()
+    for module in model.modules():
+        if isinstance(module, TPLayer):
+            for name, kind in module.tp_kinds.items():
+                p = getattr(module, name)
+                if p is not None and OneD.leaves_whole(kind):
+                    out.add(id(p))
+    return out
+
+
 def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor],
                    hidden: int, heads: int = 1, vocab: int = 0, segments: Segments | None = None,
                    unit: str = "tokens") -> ModelProfile:
@@ -239,6 +265,7 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
         layers = [PipelineLayer("model", ("",), model, body=False)]
     tokens = sample.numel()
     params = {id(p) for p in model.parameters()}
+    whole = _whole_under_1d(model)
     owned: set[int] = set()
     out: list[LayerProfile] = []
     x = sample
@@ -246,15 +273,21 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
     fused_flops = 0
     estimated: list[float] = []      # per layer, backward FLOPs per token as its trained weights say
     for layer in layers:
-        count = largest = trained = shared = 0
+        count = largest = trained = shared = kept_whole = whole_trained = largest_whole = 0
         for prefix in layer.modules:
             module = model.get_submodule(prefix) if prefix else model
             for p in module.parameters():
-                largest = max(largest, p.numel())
+                if id(p) in whole:
+                    largest_whole = max(largest_whole, p.numel())
+                else:
+                    largest = max(largest, p.numel())
                 if id(p) not in owned:
                     owned.add(id(p))
                     count += p.numel()
                     trained += p.numel() if p.requires_grad else 0
+                    if id(p) in whole:
+                        kept_whole += p.numel()
+                        whole_trained += p.numel() if p.requires_grad else 0
                 else:
                     shared += p.numel()
         # backward: gradients of the layer's activations where anything at or before it is
@@ -280,7 +313,8 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
         out.append(LayerProfile(layer.name, count, flops / tokens, saved.split / tokens,
                                 saved.whole / tokens, boundary, layer.body, largest, trained,
                                 act_checkpointed=kept, recomputed=recomputed or 0.0, shared=shared,
-                                matrices=sum(saved.matrices.values())))
+                                matrices=sum(saved.matrices.values()), whole=kept_whole,
+                                whole_trained=whole_trained, largest_whole=largest_whole))
     # what the loss keeps for backward (a cross-entropy's log-probabilities, tokens x vocabulary),
     # kept with the last layer's activations for every micro-batch in flight
     saved = _Saved(params, hidden)

@@ -61,6 +61,12 @@ def grid(mode: str, p: int, depth: int = 1) -> tuple[int, int]:
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def feature_parts(mode: str, p: int, depth: int = 1) -> int:
+    """Into how many parts a mode over p ranks splits the parameters 1D leaves whole (feature
+    parameters, a row Linear's bias; `OneD.leaves_whole`): none under 1D, the grid's q otherwise."""
+    return 1 if mode == "1d" or p == 1 else grid(mode, p, depth)[0]
+
+
 def _linear(mode: str, q: int, d: int, n: int, fan_in: int, fan_out: int, bias: bool, e: int) -> LayerComm:
     """A Linear's forward and backward on n tokens (the whole batch x seq)."""
     if mode in ("2d", "2.5d"):

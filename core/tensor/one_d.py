@@ -34,15 +34,21 @@ class OneD(TPMode):
     def divisor(self, what):
         return self.size if what == "vocab" else 1
 
+    @staticmethod
+    def leaves_whole(kind: ParamKind) -> bool:
+        """Whether every rank holds a parameter of this kind whole: a feature parameter (LayerNorm
+        scales, a position table) or a row Linear's bias (added after the all-reduce)."""
+        return kind.what == "features" or (kind.what == "bias" and kind.role != COLUMN)
+
     def param_index(self, kind: ParamKind, shape, rank):
+        if self.leaves_whole(kind):
+            return (None,) * len(shape)
         p = self.size
         if kind.what == "weight":
             if kind.role == COLUMN:
                 return grouped_index(shape[0], kind.groups, p, rank), None
             return None, split_index(shape[1], p, rank)
-        if kind.what == "bias":
-            return (grouped_index(shape[0], kind.groups, p, rank),) if kind.role == COLUMN else (None,)
-        return (None,) * len(shape)
+        return (grouped_index(shape[0], kind.groups, p, rank),)     # a column Linear's bias
 
     def activation_index(self, role, batch, features, groups, rank):
         return None, (grouped_index(features, groups, self.size, rank) if role == COLUMN else None)

@@ -342,6 +342,29 @@ def test_a_tied_weight_is_held_by_both_pipeline_ends():
     assert one.params == sum(body[:3]) and two.params == sum(body[3:]) + 256 * 64
 
 
+def test_the_parameters_1d_tensor_parallelism_leaves_whole_are_held_whole_on_every_rank():
+    from core.distributed.comm import AxisGroup
+    from core.tensor.cost import feature_parts
+    from core.tensor.one_d import OneD
+
+    cfg = _recipe(n_layer=2, d_model=64, n_head=4, seq_len=32)
+    prof = gpt_profile(cfg)
+    h, s = 64, 32
+    # the position table, each block's two LayerNorms (scale and bias) and its two row Linears'
+    # biases, the final LayerNorm
+    assert [x.whole for x in prof.layers] == [s * h, 6 * h, 6 * h, 2 * h]
+    assert prof.largest_whole == s * h
+    with torch.device("meta"):
+        rank = GPT(cfg.model, OneD(AxisGroup("tp", 4, 1, (0, 1, 2, 3))))
+    held = sum(p.numel() for p in rank.parameters())
+    assert held > prof.params / 4                                       # what dividing all by tp says
+    lay = Layout(tp=4, micro_batch=4)
+    assert estimate(Job(prof, 4), lay, CLUSTERS["4 devices, roomy"]).memory["weights"] == 4 * held
+    # the grid modes split them by features, over their q
+    assert [feature_parts(m, 4) for m in ("1d", "2d")] == [1, 2] and feature_parts("3d", 8) == 2
+    assert feature_parts("2.5d", 8, depth=2) == 2
+
+
 def test_the_grid_modes_keep_the_gathered_weights_for_backward():
     # 2D and 2.5D multiply by a weight's column of blocks, 1/q of the weight, gathered for the
     # product, which keeps it for backward: a fixed sum per micro-batch, not per token
