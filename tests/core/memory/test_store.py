@@ -30,6 +30,7 @@ def test_nvme_moves_aligned_tensors_without_the_bounce_buffer_and_the_same_bytes
     tensors go through the bounce buffer: each reads back what the other wrote, and a slot's
     neighbours are untouched."""
     monkeypatch.setattr(store_module, "PIECE", 2 * ALIGN)            # several pieces per slot
+    monkeypatch.setattr(store_module, "BOUNCE", 2 * ALIGN)
     n = 7 * ALIGN // 2 + 37                                          # 3.5 blocks of fp32 and a tail
     store = NVMeStore(tmp_path, {"master": (3, n * 4)}, threads=2)
     aligned = [host_empty(n, dtype).copy_(torch.randn(n)) for _ in range(3)]
@@ -52,6 +53,20 @@ def test_nvme_moves_aligned_tensors_without_the_bounce_buffer_and_the_same_bytes
     store.read("master", 0, back)
     assert torch.equal(back, aligned[0])
     back.untyped_storage().resize_(0)        # chunk payloads leave by resizing: still possible
+    store.close()
+
+
+def test_an_io_thread_s_bounce_buffer_is_one_piece_however_large_the_unaligned_tensor(tmp_path):
+    n = (3 * store_module.BOUNCE + 4000) // 4                        # three pieces and a part
+    store = NVMeStore(tmp_path, {"grad": (1, n * 4)}, threads=1)
+    src = torch.randn(n + 1)[1:]
+    store.write("grad", 0, src)
+    dst = torch.empty(n + 1)[1:]
+    store.read_async("grad", 0, dst).result()
+    assert torch.equal(dst, src)
+    main = store._local.buf                                          # this thread's, kept for the run
+    worker = store._pool.submit(lambda: store._local.buf).result()
+    assert main.nbytes == worker.nbytes == store_module.BOUNCE
     store.close()
 
 
