@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 from core.autoparallel.cluster import Cluster
 from core.autoparallel.profile import ModelProfile
-from core.memory.store import PIECE
+from core.memory.store import BOUNCE
 from core.sequence.attention import MESSAGE_MIN, ring_head_groups
 from core.tensor.cost import feature_parts, grid, transformer_layer
 
@@ -548,20 +548,21 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     kept = T / R * (4 + states + 4)                               # master, moments, the reduced gradient
     memory = {"weights": working, "gradient buffers": 4 * min(2 * unit, T), "activations": act, "runtime": runtime}
     if T and (R > 1 or L.microbatches > 1):
-        # reducing a chunk's gradients: the shard a reduce-scatter makes and what gloo holds while
-        # it reduces; from the second micro-batch on, the shard's sum with the earlier ones' (a new
-        # shard, beside the one read back from its file where the states are on NVMe). A chunk is
-        # reduced when backward has filled it, having freed about that share of the micro-batch's
+        # reducing a chunk's gradients (`GradientShards.reduce`), in two steps one after the other:
+        # the collective, beside the shard a reduce-scatter makes and what gloo holds while it
+        # reduces; then, from the second micro-batch on, the shard's sum with the earlier ones' (a
+        # new shard, beside the one read back from its file where the states are on NVMe). A chunk
+        # is reduced when backward has filled it, having freed about that share of the micro-batch's
         # activations (the other micro-batches in flight keep theirs): what the reduction holds
         # counts beyond the activations and buffers of backward only where it is larger than that
         # share (a stage in one chunk reduces at its micro-batch's backward's end)
         reduced = 4 * min(unit, T)
-        during = 0.0
+        shard = reduced / R if R > 1 and stage >= 2 else 0.0      # ZeRO-1 takes a view of the all-reduced
+        collective = 0.0
         if R > 1:
-            during = (reduced / R + (GLOO_REDUCE_SCATTER * reduced if gloo else 0.0)
-                      if stage >= 2 else (GLOO_ALL_REDUCE * reduced if gloo else 0.0))
-        if L.microbatches > 1:
-            during += reduced / R * (2 if L.offload == "nvme" else 1)
+            collective = shard + ((GLOO_REDUCE_SCATTER if stage >= 2 else GLOO_ALL_REDUCE) * reduced if gloo else 0.0)
+        accumulate = shard + reduced / R * (2 if L.offload == "nvme" else 1) if L.microbatches > 1 else 0.0
+        during = max(collective, accumulate)
         chunks = max(1, math.ceil(T / unit))
         memory["reduction buffers"] = max(during - act_mb / chunks, 0.0)
     per_process = 0.0
@@ -578,9 +579,9 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         transit = (4 + states + 4) * min(2 * unit, T) / R + (0.0 if cluster.device_is_host else w * min(2 * unit, P))
         # each IO thread, and the main thread for its synchronous transfers, keeps an aligned bounce
         # buffer for the transfers from tensors that are not 4 KiB-aligned (chunk payloads, reduced
-        # gradient shards): up to PIECE bytes, for the run
+        # gradient shards): up to BOUNCE bytes, for the run
         moved = max(w * unit / (R if stage == 3 else 1), 4 * unit / R)
-        bounce = (NVME_IO_THREADS + 1) * min(PIECE, -(-moved // 4096) * 4096)
+        bounce = (NVME_IO_THREADS + 1) * min(BOUNCE, -(-moved // 4096) * 4096)
         if cluster.device_is_host:
             # the device is the host: the step starts by evicting every working copy, so what it
             # reads shares the memory with the backward's transients, not with them

@@ -389,8 +389,8 @@ def test_the_grid_modes_keep_the_gathered_weights_for_backward():
 def test_nvme_offload_on_the_host_counts_what_the_step_reads_apart_from_backward():
     # on a CPU-only machine the step evicts the working copies before it reads the states, so its
     # transfers share memory with the backward's transients instead of adding to them; the IO
-    # threads' bounce buffers (4 IO threads and the main one) stay for the run, a chunk each, at most PIECE
-    from core.memory.store import PIECE
+    # threads' bounce buffers (4 IO threads and the main one) stay for the run, a chunk each, at most BOUNCE
+    from core.memory.store import BOUNCE
 
     job = dataclasses.replace(_toy_job(layers=4, hidden=128, heads=4, seq=64, vocab=256), chunk_mb=0.5)
     host = Cluster(nodes=1, devices_per_node=1, device_memory_gb=4, nvme_gb=10, device_is_host=True)
@@ -401,7 +401,7 @@ def test_nvme_offload_on_the_host_counts_what_the_step_reads_apart_from_backward
     assert est.memory["host copies"] == max(2 * unit * 16 / 4 - during_backward, 0)
     big = dataclasses.replace(job, chunk_mb=64.0)                    # one chunk holds the whole model
     one = estimate(big, Layout(micro_batch=4, microbatches=1, zero=3, offload="nvme"), host)
-    assert one.memory["IO buffers"] == 5 * min(PIECE, -(-4 * job.profile.params // 4096) * 4096)
+    assert one.memory["IO buffers"] == 5 * min(BOUNCE, -(-4 * job.profile.params // 4096) * 4096)
 
 
 def test_a_pipeline_keeps_per_micro_batch_its_activations_its_sent_output_and_autograd_s_graph():
