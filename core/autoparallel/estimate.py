@@ -190,6 +190,9 @@ class RankSums:
     matrices: float = 0.0       # elements of the weight matrices its layers' backward keeps (LayerProfile.matrices)
     edge_matrices: float = 0.0  # ... of those, the other layers' (not recomputed under checkpointing)
     top_matrices: float = 0.0   # ... the largest repeated layer's
+    linear_in: float = 0.0      # per token, the kept inputs of its layers' Linears (LayerProfile.linear_in)
+    edge_linear_in: float = 0.0
+    top_linear_in: float = 0.0
 
 
 _SUMS: dict[tuple[int, int, int], tuple[ModelProfile, list[RankSums]]] = {}
@@ -223,7 +226,10 @@ def rank_sums(prof: ModelProfile, pp: int, virtual: int) -> list[RankSums] | Non
                             sum(x.act_split for x in layers), sum(x.act_whole for x in layers),
                             sum(x.boundary for x in body), edge_split, edge_whole, top.act_split if top else 0.0,
                             top.act_whole if top else 0.0, sum(x.matrices for x in layers),
-                            sum(x.matrices for x in edge), top.matrices if top else 0.0))
+                            sum(x.matrices for x in edge), top.matrices if top else 0.0,
+                            sum(x.linear_in for x in layers),
+                            sum(x.linear_in for x in edge if x.act_checkpointed is None),
+                            top.linear_in if top else 0.0))
     if len(_SUMS) > 4096:
         _SUMS.clear()
     _SUMS[key] = (prof, out)
@@ -413,6 +419,9 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     # q x q grid, 1/q of the weight; 3D: 1/q^2), which the product keeps for backward, in the
     # activations' precision, once for every micro-batch whose backward is still to come
     gathered = 0.0 if L.tp == 1 or L.tp_mode == "1d" else 1 / q if L.tp_mode != "3d" else 1 / q ** 2
+    # 3D gathers a Linear's input over q ranks too (its tokens), and the product keeps that copy:
+    # q times the rank's share, q - 1 of it beyond what the split activations count
+    inputs = (q - 1) / L.tp * scale if L.tp > 1 and L.tp_mode == "3d" else 0.0
     # how many micro-batches' kept activations are alive beside the whole gradients: where a
     # micro-batch's forward runs after a backward has made them, all those in flight (from the
     # second micro-batch on without a pipeline; 1F1B's steady state, with more micro-batches than
@@ -440,23 +449,29 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         if L.checkpointing:
             kept = rank.kept_boundary / tp_split + rank.edge_split / L.tp + rank.edge_whole / tp_split
             top = rank.top_split / L.tp + rank.top_whole / tp_split
-            per_mb += kept * tokens_mb * scale + rank.edge_matrices * gathered * e
-            once = max(once, top * tokens_mb * scale + rank.top_matrices * gathered * e)
+            per_mb += (kept * scale + rank.edge_linear_in * inputs) * tokens_mb + rank.edge_matrices * gathered * e
+            recomputed = (top * scale + rank.top_linear_in * inputs) * tokens_mb + rank.top_matrices * gathered * e
+            once = max(once, recomputed)
         else:
-            per_mb += ((rank.act_split / L.tp + rank.act_whole / tp_split) * tokens_mb * scale
-                       + rank.matrices * gathered * e)
+            split = (rank.act_split / L.tp + rank.act_whole / tp_split) * scale + rank.linear_in * inputs
+            per_mb += split * tokens_mb + rank.matrices * gathered * e
         acts.append(per_mb * inflight + once)
         with_grads.append(per_mb * beside + once if beside else 0.0)
     # a micro-batch's share of them: what backward has freed when it reduces its first chunk
     memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts), max(with_grads) / (max(acts) or 1.0),
                                  max(acts) / inflight)
-    if L.tp > 1 and L.tp_mode in ("2d", "2.5d"):
-        # SUMMA fused into one collective per operand: a Linear's product on a rank is its tokens x
-        # every output feature (partial sums), reduce-scattered over the grid row, beside all the
-        # kept activations (the widest matrix's, at backward's start); gloo copies what it scatters
+    if L.tp > 1 and L.tp_mode != "1d":
+        # a Linear's product on a rank is partial sums, reduce-scattered over q ranks, beside all
+        # the kept activations (the widest matrix's, at backward's start); gloo copies what it
+        # scatters. 2D, 2.5D (SUMMA fused into one collective per operand): the rank's tokens x
+        # every output feature; 3D: its gathered tokens (a q-th) x its output block (a q-th)
         widest = prof.largest / max(prof.hidden, 1)
-        partial = tokens_mb / (q * L.tp_depth) * widest * e
-        memory["tensor-parallel buffers"] = partial * (1 + (GLOO_REDUCE_SCATTER if cluster.device_is_host else 0.0))
+        if L.tp_mode == "3d":
+            partial = tokens_mb / q * widest / q * e
+        else:
+            partial = tokens_mb / (q * L.tp_depth) * widest * e
+        gloo = gloo_reduce_scatter(q, partial) if cluster.device_is_host else 0.0
+        memory["tensor-parallel buffers"] = partial + gloo
     family = "chunked" if (L.zero or L.offload != "none") else "tensor" if L.tp > 1 else "plain"
     overhead = cluster.memory_overhead.get(family, 1.0)
     if overhead > 1:
@@ -474,12 +489,25 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
 TRANSIENT = ("activations", "activations and gradients", "gradient buffers", "reduction buffers",
              "tensor-parallel buffers")
 
-# What gloo (the backend on CPU devices) holds beside a collective's own tensors, as a share of the
-# full tensor: a reduce-scatter copies its input and more, an all-reduce keeps a scratch eighth
-# (measured with the allocation counter of benchmarks/heapcount.c on 2 and 4 ranks; NCCL works in
-# the tensors it is given).
-GLOO_REDUCE_SCATTER = 1.13
-GLOO_ALL_REDUCE = 0.125
+# What gloo (the backend on CPU devices) holds beside a collective's own tensors over k processes
+# (NCCL works in the tensors it is given), measured with the allocation counter of
+# benchmarks/heapcount.c on 2, 4 and 8 processes, 0.9-13.7 MiB: an all-reduce keeps a k-th of the
+# tensor as scratch, at most about 2 MiB (1.7-2.0 measured); a reduce-scatter copies its input and
+# all-reduces the copy; an all-gather copies its output.
+GLOO_SCRATCH_MAX = 2 * 2**20
+GLOO_ALL_GATHER = 1.0
+
+
+def gloo_all_reduce(k: int, nbytes: float) -> float:
+    """Bytes gloo holds beside an all-reduce of `nbytes` over k processes."""
+    return min(nbytes / k, GLOO_SCRATCH_MAX) if k > 1 else 0.0
+
+
+def gloo_reduce_scatter(k: int, nbytes: float) -> float:
+    """Bytes gloo holds beside a reduce-scatter of an `nbytes` input over k processes."""
+    return nbytes + gloo_all_reduce(k, nbytes) if k > 1 else 0.0
+
+
 # the NVMe store's IO threads (memory.io_threads' default)
 NVME_IO_THREADS = 4
 
@@ -511,7 +539,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
 
     Where the devices are the host's CPUs (`cluster.device_is_host`), host bytes are the process's
     own memory too: offloading to the host moves nothing out of the budget, the collectives run
-    on gloo, which copies what it reduces (`GLOO_*`), and a step with its states on NVMe starts by
+    on gloo, which copies what it reduces (`gloo_*`), and a step with its states on NVMe starts by
     evicting the working copies, so what it reads takes the place of the backward's transients."""
     states = _OPT_STATES.get(job.optimizer, 8)
     largest = max(job.profile.largest / L.tp, job.profile.largest_whole / feature_parts(L.tp_mode, L.tp, L.tp_depth))
@@ -530,7 +558,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         memory = {"weights": 4 * P, "optimizer states": states * T, "activations and gradients": live,
                   "runtime": runtime}
         if R > 1 and T:
-            scratch = GLOO_ALL_REDUCE * 4 * T if gloo else 0.0
+            scratch = gloo_all_reduce(R, 4 * T) if gloo else 0.0
             if L.pp > 1:
                 memory["activations and gradients"] = max(live, grads + 4 * T + scratch)
             else:
@@ -546,7 +574,11 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     if alias and L.offload != "none":                             # the master slot is the home copy
         home = w * (P - T) / (R if stage == 3 else 1)             # (a frozen chunk has only that slot)
     kept = T / R * (4 + states + 4)                               # master, moments, the reduced gradient
-    memory = {"weights": working, "gradient buffers": 4 * min(2 * unit, T), "activations": act, "runtime": runtime}
+    # a pipeline over ZeRO-1/2 chunks that stay on the device keeps every chunk's gradients in its
+    # buffer across the micro-batches and reduces them once a step (`PipelinePlugin`'s deferral)
+    deferred = L.pp > 1 and stage in (1, 2) and L.offload == "none"
+    memory = {"weights": working, "gradient buffers": 4 * (T if deferred else min(2 * unit, T)), "activations": act,
+              "runtime": runtime}
     if T and (R > 1 or L.microbatches > 1):
         # reducing a chunk's gradients (`GradientShards.reduce`), in two steps one after the other:
         # the collective, beside the shard a reduce-scatter makes and what gloo holds while it
@@ -560,11 +592,16 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         shard = reduced / R if R > 1 and stage >= 2 else 0.0      # ZeRO-1 takes a view of the all-reduced
         collective = 0.0
         if R > 1:
-            collective = shard + ((GLOO_REDUCE_SCATTER if stage >= 2 else GLOO_ALL_REDUCE) * reduced if gloo else 0.0)
+            held = gloo_reduce_scatter(R, reduced) if stage >= 2 else gloo_all_reduce(R, reduced)
+            collective = shard + (held if gloo else 0.0)
         accumulate = shard + reduced / R * (2 if L.offload == "nvme" else 1) if L.microbatches > 1 else 0.0
-        during = max(collective, accumulate)
         chunks = max(1, math.ceil(T / unit))
-        memory["reduction buffers"] = max(during - act_mb / chunks, 0.0)
+        if deferred:
+            # once a step, by each stage's last backward: the micro-batches add up in the buffers
+            # and the others' activations are gone
+            memory["reduction buffers"] = max(collective - act + act_mb * (1 - 1 / chunks), 0.0)
+        else:
+            memory["reduction buffers"] = max(max(collective, accumulate) - act_mb / chunks, 0.0)
     per_process = 0.0
     if L.offload == "none":
         memory["optimizer states"] = kept
@@ -587,8 +624,11 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
             # reads shares the memory with the backward's transients, not with them
             during_backward = sum(memory.get(k, 0.0) for k in ("weights", "gradient buffers", "activations",
                                                                  "reduction buffers"))
+            # ZeRO-1/2 over several ranks then rebuild each updated chunk whole (`update_working`:
+            # an all-gather of the new shards, beside the states it read) and write it home
+            rebuilt = w * min(unit, P) * (1 + GLOO_ALL_GATHER) if stage < 3 and R > 1 else 0.0
             memory["IO buffers"] = bounce
-            memory["host copies"] = max(transit - during_backward, 0.0)
+            memory["host copies"] = max(transit + rebuilt - during_backward, 0.0)
             return memory, host, nvme
         per_process = transit + bounce
     if cluster.device_is_host:

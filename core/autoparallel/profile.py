@@ -69,6 +69,9 @@ class LayerProfile:
     whole: int = 0
     whole_trained: int = 0
     largest_whole: int = 0
+    # of the kept activations, bytes per token of its Linears' inputs (each once): 3D tensor
+    # parallelism gathers a Linear's input over q ranks before the product, which keeps the copy
+    linear_in: float = 0.0
 
     @property
     def trained_params(self) -> int:
@@ -234,6 +237,28 @@ class _Saved:
         return t
 
 
+@contextlib.contextmanager
+def _linear_inputs(model: nn.Module, layer: PipelineLayer, out: dict[int, float]):
+    """While a layer's forward runs, the bytes of each distinct input its Linears (torch's or
+    Loom's tensor-parallel one) are given and keep for backward, by the input's id."""
+    from core.tensor.layers import Linear
+
+    def hook(module, args):
+        x = args[0] if args else None
+        if torch.is_tensor(x) and torch.is_grad_enabled() and module.weight.requires_grad:   # kept for its gradient
+            out[id(x)] = _nbytes(x)
+
+    handles = []
+    for prefix in layer.modules:
+        root = model.get_submodule(prefix) if prefix else model
+        handles += [m.register_forward_pre_hook(hook) for m in root.modules() if isinstance(m, (nn.Linear, Linear))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _whole_under_1d(model: nn.Module) -> set[int]:
     """ids of the parameters of `model`'s tensor-parallel layers that 1D tensor parallelism holds
     whole on every rank (as `OneD.param_index` lays them out)."""
@@ -297,7 +322,9 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
         if segments is not None:
             segments.reset(saved)
         counter, attention = FlopCounterMode(display=False), []
-        with counter, _fused_attention(attention), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        inputs: dict[int, float] = {}
+        with counter, _fused_attention(attention), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
+                _linear_inputs(model, layer, inputs):
             x = layer.fn(x)
         if torch.is_tensor(x) and torch.is_floating_point(x):
             dtype_bytes = x.element_size()
@@ -314,7 +341,8 @@ def profile_layers(model: nn.Module, sample: torch.Tensor, loss_fn: Callable[[An
                                 saved.whole / tokens, boundary, layer.body, largest, trained,
                                 act_checkpointed=kept, recomputed=recomputed or 0.0, shared=shared,
                                 matrices=sum(saved.matrices.values()), whole=kept_whole,
-                                whole_trained=whole_trained, largest_whole=largest_whole))
+                                whole_trained=whole_trained, largest_whole=largest_whole,
+                                linear_in=sum(inputs.values()) / tokens))
     # what the loss keeps for backward (a cross-entropy's log-probabilities, tokens x vocabulary),
     # kept with the last layer's activations for every micro-batch in flight
     saved = _Saved(params, hidden)

@@ -52,6 +52,9 @@ def test_the_meta_profile_is_what_the_real_model_measures():
                 model.loss(x, idx[:, 1:])
         assert (saved.split / s, saved.whole / s) == (want.act_split, want.act_whole), layer.name
     assert prof.layers[-1].act_split >= v * 4                     # the log-probabilities at least
+    # the Linears' kept inputs: qkv's and fc's (the LayerNorms' outputs), the attention output, the
+    # GELU's (4h), and the head's
+    assert [x.linear_in for x in prof.layers] == [0, 7 * h * 4, 7 * h * 4, h * 4]
     assert block.boundary == h * 4
 
 
@@ -386,6 +389,25 @@ def test_the_grid_modes_keep_the_gathered_weights_for_backward():
     assert 2 * acts("1d", 1) - acts("1d", 2) == pytest.approx(0, abs=1e-6)
 
 
+def test_3d_keeps_its_linears_gathered_inputs_and_its_partial_products():
+    # 3D gathers a Linear's input over q ranks (its tokens) and keeps that copy for backward: q times
+    # the rank's share of the Linears' inputs; each product is partial sums over a q-th of the tokens
+    # and a q-th of the outputs, reduce-scattered (gloo copies it and all-reduces the copy)
+    h, s, v = 64, 32, 256
+    job = _toy_job(layers=2, hidden=h, heads=4, seq=s, vocab=v, batch=8)
+    plain = dataclasses.replace(job, profile=dataclasses.replace(
+        job.profile, layers=tuple(dataclasses.replace(x, linear_in=0.0) for x in job.profile.layers)))
+    cluster = Cluster(nodes=1, devices_per_node=8, device_memory_gb=4.0, nvme_gb=0, device_is_host=True)
+    lay = Layout(tp=8, tp_mode="3d", micro_batch=8, microbatches=1)
+    a, b = (estimate(j, lay, cluster).memory for j in (job, plain))
+    tokens, q = 8 * s, 2
+    inputs = sum(x.linear_in for x in job.profile.layers) * tokens
+    assert a["activations and gradients"] - b["activations and gradients"] == pytest.approx(inputs * (q - 1) / 8)
+    partial = tokens / q * (4 * h) / q * 4                           # the widest: fc's 4h outputs
+    assert a["tensor-parallel buffers"] == pytest.approx(partial + partial + partial / q)
+    assert "tensor-parallel buffers" not in estimate(job, Layout(tp=8, micro_batch=8, microbatches=1), cluster).memory
+
+
 def test_nvme_offload_on_the_host_counts_what_the_step_reads_apart_from_backward():
     # on a CPU-only machine the step evicts the working copies before it reads the states, so its
     # transfers share memory with the backward's transients instead of adding to them; the IO
@@ -454,3 +476,40 @@ def test_a_chunk_s_reduction_frees_only_its_own_micro_batch_s_activations():
     assert est.memory["reduction buffers"] > 0
     single = estimate(job, dataclasses.replace(lay, micro_batch=16, microbatches=1), cluster)
     assert single.memory.get("reduction buffers", 0.0) == 0.0        # dp 1, one micro-batch: nothing to add
+
+
+def test_a_pipeline_over_zero_1_2_chunks_on_the_device_reduces_once_a_step_after_its_activations():
+    # no offload: every chunk's gradients add up in its buffer across the micro-batches and are
+    # reduced once, by the stage's last backward, when the other micro-batches' activations are gone
+    from core.autoparallel.estimate import gloo_reduce_scatter
+
+    job = dataclasses.replace(_toy_job(layers=2, hidden=256, heads=4, seq=16, vocab=256, batch=16), chunk_mb=64.0)
+    cluster = dataclasses.replace(CLUSTERS["4 devices, roomy"], device_is_host=True)
+    lay = Layout(dp=2, pp=2, pp_schedule="gpipe", micro_batch=1, microbatches=8, zero=2)
+    est = estimate(job, lay, cluster)
+    T = est.memory["weights"] / 4                                        # one chunk: the stage
+    assert est.memory["gradient buffers"] == 4 * T
+    collective = 4 * T / 2 + gloo_reduce_scatter(2, 4 * T)             # the shard, gloo's copy and scratch
+    assert est.memory["reduction buffers"] == pytest.approx(max(collective - est.memory["activations"], 0.0))
+    # with host offload each micro-batch reduces (and adds to the earlier sum) beside the others' activations
+    each = estimate(job, dataclasses.replace(lay, offload="cpu"), cluster)
+    one_mb = each.memory["activations"] / 8
+    assert each.memory["reduction buffers"] == pytest.approx(max(collective - one_mb, 0.0))
+
+
+def test_zero_1_2_over_nvme_on_the_host_rebuilds_each_chunk_in_the_step():
+    # the step reads a chunk's states, then all-gathers the new shards into the whole chunk (and
+    # gloo copies it) before writing it home; ZeRO-3 writes its shard alone
+    from core.autoparallel.estimate import GLOO_ALL_GATHER
+
+    job = dataclasses.replace(_toy_job(layers=2, hidden=128, heads=4, seq=16, vocab=256, batch=16), chunk_mb=64.0)
+    host = Cluster(nodes=1, devices_per_node=4, device_memory_gb=4, nvme_gb=10, device_is_host=True)
+    lay = Layout(dp=4, micro_batch=1, microbatches=4, zero=1, offload="nvme")
+    one, three = (estimate(job, dataclasses.replace(lay, zero=z), host).memory for z in (1, 3))
+    P = job.profile.params
+    transit = (4 + 8 + 4) * P / 4                                       # master, moments, gradient shards
+    backward = sum(one[k] for k in ("weights", "gradient buffers", "activations", "reduction buffers"))
+    assert one["host copies"] == pytest.approx(max(transit + 4 * P * (1 + GLOO_ALL_GATHER) - backward, 0.0))
+    assert one["host copies"] > 0
+    backward3 = sum(three[k] for k in ("weights", "gradient buffers", "activations", "reduction buffers"))
+    assert three["host copies"] == pytest.approx(max(transit - backward3, 0.0))
