@@ -30,9 +30,9 @@ ALIGN = 4096
 _LIBC = None
 PIECE = 8 << 20   # bytes per system call straight from or into an aligned tensor (a multiple of ALIGN)
 # bytes per system call through a thread's aligned bounce buffer (unaligned tensors), which the
-# thread keeps for the run: 1 MiB moved unaligned chunks as fast as 8 MiB here or faster (the
-# copies stay in cache: 64 MiB written 5-6.8 GB/s against 5.0-5.2, read 1.7-1.9 against 1.8-2.0,
-# 4 threads, O_DIRECT) and holds an eighth of the memory in each of a process's IO threads
+# thread keeps for the run: 1 MiB moved unaligned chunks as fast as 8 MiB here (64 MiB slots, 4
+# threads, O_DIRECT, three runs each: written at 5.1-6.8 GB/s against 3.0-5.2, the copies staying
+# in cache; read at 1.6-1.9 against 1.3-2.0) and holds an eighth of the memory in each IO thread
 BOUNCE = 1 << 20
 M_MMAP_THRESHOLD = -3
 M_TRIM_THRESHOLD = -1
