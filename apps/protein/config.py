@@ -64,6 +64,11 @@ class ProteinMemoryConfig:
 
 @dataclass
 class ProteinRecipe(InferenceRecipe):
+    # what `parallel.auto=true` is told (core.config): the app's layout is already chosen for it
+    no_layout_to_plan = ("under torchrun every process takes a share of the Evoformer's rows and columns "
+                         "(axial parallelism), and the blocks are sized to memory.budget_gb (0, the default: "
+                         "what is free)")
+
     model: ProteinModelConfig = section(ProteinModelConfig, "the AlphaFold model and its weights")
     data: ProteinDataConfig = section(ProteinDataConfig, "the targets and their alignments")
     parallel: LaunchConfig = section(LaunchConfig, "how the processes join; under torchrun they split the "

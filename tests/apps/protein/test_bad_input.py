@@ -205,6 +205,12 @@ def test_a_separate_pair_dtype_with_openfolds_stacks_is_refused(tmp_path, capsys
                            "Loom's engine only")
 
 
+def test_parallel_auto_is_told_there_is_no_layout_to_plan(tmp_path, capsys, no_model):
+    line = _refused(capsys, tmp_path / "out", "parallel.auto=true")
+    assert line.startswith("error: parallel.auto (on the command line): this app has no layout to plan: under "
+                           "torchrun every process takes a share")
+
+
 def test_alphafold_params_with_other_block_counts_are_refused(tmp_path, small_alphafold):
     """OpenFold's importer would load the first blocks of a deeper file and leave the rest random."""
     from apps.protein.model import load_params
