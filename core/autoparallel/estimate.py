@@ -587,7 +587,9 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
         # is reduced when backward has filled it, having freed about that share of the micro-batch's
         # activations (the other micro-batches in flight keep theirs): what the reduction holds
         # counts beyond the activations and buffers of backward only where it is larger than that
-        # share (a stage in one chunk reduces at its micro-batch's backward's end)
+        # share (a stage in one chunk reduces at its micro-batch's backward's end). Interleaved, a
+        # chunk spans a rank's virtual stages and completes with the last of them, while the other
+        # micro-batches' forwards have kept the activations near their peak: a v-th is freed.
         reduced = 4 * min(unit, T)
         shard = reduced / R if R > 1 and stage >= 2 else 0.0      # ZeRO-1 takes a view of the all-reduced
         collective = 0.0
@@ -595,7 +597,7 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
             held = gloo_reduce_scatter(R, reduced) if stage >= 2 else gloo_all_reduce(R, reduced)
             collective = shard + (held if gloo else 0.0)
         accumulate = shard + reduced / R * (2 if L.offload == "nvme" else 1) if L.microbatches > 1 else 0.0
-        chunks = max(1, math.ceil(T / unit))
+        chunks = max(1, math.ceil(T / unit), L.virtual_stages)
         if deferred:
             # once a step, by each stage's last backward: the micro-batches add up in the buffers
             # and the others' activations are gone

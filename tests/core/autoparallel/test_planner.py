@@ -513,3 +513,19 @@ def test_zero_1_2_over_nvme_on_the_host_rebuilds_each_chunk_in_the_step():
     assert one["host copies"] > 0
     backward3 = sum(three[k] for k in ("weights", "gradient buffers", "activations", "reduction buffers"))
     assert three["host copies"] == pytest.approx(max(transit - backward3, 0.0))
+
+
+def test_an_interleaved_stage_s_chunk_frees_only_a_virtual_stage_s_share_when_it_reduces():
+    # the rank's chunk completes with its last virtual stage's backward, the other micro-batches'
+    # forwards having kept the activations near their peak: a v-th of a micro-batch is freed
+    job = dataclasses.replace(_toy_job(layers=8, hidden=256, heads=4, seq=16, vocab=256, batch=16), chunk_mb=64.0)
+    cluster = dataclasses.replace(CLUSTERS["4 devices, roomy"], device_is_host=True)
+    lay = Layout(pp=2, pp_schedule="interleaved", virtual_stages=4, micro_batch=1, microbatches=8, zero=3,
+                 offload="cpu")
+    est = estimate(job, lay, cluster)
+    T = est.memory["weights"] / 4                                        # one chunk: the rank's stages
+    one_mb = est.memory["activations"] / (2 + 1 / 4)                     # p + (p - 1) / v in flight
+    assert est.memory["reduction buffers"] == pytest.approx(max(4 * T - one_mb / 4, 0.0))
+    flat = estimate(job, dataclasses.replace(lay, pp_schedule="1f1b", virtual_stages=1), cluster)
+    T = flat.memory["weights"] / 4
+    assert flat.memory["reduction buffers"] == pytest.approx(max(4 * T - flat.memory["activations"] / 2, 0.0))
