@@ -597,13 +597,14 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
             held = gloo_reduce_scatter(R, reduced) if stage >= 2 else gloo_all_reduce(R, reduced)
             collective = shard + (held if gloo else 0.0)
         accumulate = shard + reduced / R * (2 if L.offload == "nvme" else 1) if L.microbatches > 1 else 0.0
-        chunks = max(1, math.ceil(T / unit), L.virtual_stages)
+        chunks = max(1, math.ceil(T / unit))
         if deferred:
             # once a step, by each stage's last backward: the micro-batches add up in the buffers
             # and the others' activations are gone
             memory["reduction buffers"] = max(collective - act + act_mb * (1 - 1 / chunks), 0.0)
         else:
-            memory["reduction buffers"] = max(max(collective, accumulate) - act_mb / chunks, 0.0)
+            freed = act_mb / max(chunks, L.virtual_stages)
+            memory["reduction buffers"] = max(max(collective, accumulate) - freed, 0.0)
     per_process = 0.0
     if L.offload == "none":
         memory["optimizer states"] = kept
