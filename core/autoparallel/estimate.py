@@ -353,6 +353,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
     parts = feature_parts(L.tp_mode, L.tp, L.tp_depth)
     P = max((rank.params - rank.whole) / L.tp + rank.whole / parts for rank in ranks)
     T = max((rank.trained - rank.whole_trained) / L.tp + rank.whole_trained / parts for rank in ranks)
+    largest = max(prof.largest / L.tp, prof.largest_whole / parts)     # ... its largest parameter
     R = L.dp * L.sp                                       # ranks holding the same weights
     dp_bw, dp_lat = cluster.link(L.tp * L.sp * L.dp)
     w = job.working_bytes
@@ -458,7 +459,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         acts.append(per_mb * inflight + once)
         with_grads.append(per_mb * beside + once if beside else 0.0)
     # a micro-batch's share of them: what backward has freed when it reduces its first chunk
-    memory, host, nvme = _memory(job, L, cluster, P, T, R, max(acts), max(with_grads) / (max(acts) or 1.0),
+    memory, host, nvme = _memory(job, L, cluster, P, T, largest, R, max(acts), max(with_grads) / (max(acts) or 1.0),
                                  max(acts) / inflight)
     if L.tp > 1 and L.tp_mode != "1d":
         # a Linear's product on a rank is partial sums, reduce-scattered over q ranks, beside all
@@ -512,11 +513,11 @@ def gloo_reduce_scatter(k: int, nbytes: float) -> float:
 NVME_IO_THREADS = 4
 
 
-def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, act: float,
+def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, largest: float, R: int, act: float,
             beside: float, act_mb: float) -> tuple[dict, float, float]:
     """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
-    busiest device (`T` of them trained: only those have gradients and optimizer states), `R`
-    ranks holding the same weights, `act` bytes of kept activations (`act_mb` of them one
+    busiest device (`T` of them trained: only those have gradients and optimizer states; `largest`
+    elements its largest parameter), `R` ranks holding the same weights, `act` bytes of kept activations (`act_mb` of them one
     micro-batch's), and the share of them alive beside the whole gradients (`beside`).
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
@@ -542,7 +543,6 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, R: int, a
     on gloo, which copies what it reduces (`gloo_*`), and a step with its states on NVMe starts by
     evicting the working copies, so what it reads takes the place of the backward's transients."""
     states = _OPT_STATES.get(job.optimizer, 8)
-    largest = max(job.profile.largest / L.tp, job.profile.largest_whole / feature_parts(L.tp_mode, L.tp, L.tp_depth))
     chunked = bool(L.zero or L.offload != "none")
     extra = cluster.runtime_extra_gb
     runtime = (cluster.runtime_gb + (extra.get("chunked", 0.0) if chunked else 0.0)
