@@ -7,8 +7,15 @@ What it measures, each with the real thing the planner's cost model stands for:
   CPU-only machine they share its cores, as a run's ranks do);
 - all-reduce bandwidth and latency among `--devices` processes on this machine with the backend
   the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce; and the time by
-  size of an all-reduce, a reduce-scatter, an all-gather, a ring exchange and an all-to-all (the
-  tables the cost model prices collectives inside a node with);
+  size of an all-reduce, a reduce-scatter and an all-gather for each group size (2, 4, ... all the
+  processes: the processes cut into groups, every group calling at once, as tensor- and
+  data-parallel groups do), of a ring exchange and of an all-to-all (the tables the cost model
+  prices collectives inside a node with). Each is the mean of many calls, not the best: processes
+  sharing a CPU's cores are descheduled in the middle of a call, and a run pays for it. The
+  all-reduce, reduce-scatter and all-gather are timed after a computation, as a run calls them
+  (each then waits for its group's last process), the exchange and all-to-all back to back, as
+  sequence parallelism calls them; a table is made nondecreasing in the size (what says a larger
+  message costs less is noise);
 - the host <-> device link (on GPUs; on a CPU-only machine the device is the host: a memory copy);
 - NVMe (the folder `--nvme-dir`, default the system's temporary folder): a file written with
   fsync and read back, and the free space there;
@@ -140,9 +147,77 @@ def _device_rates(device: torch.device, n: int) -> tuple[dict, float, float]:
 EXCHANGE_SIZES = (1, 2**10, 2**13, 2**16, 2**19)      # values (fp32) a ring exchange or an all-to-all moves
 
 
+def group_sizes(world: int) -> list[int]:
+    """The group sizes calibration measures collectives for: 2, 4, 8 ... up to `world`, and `world`."""
+    sizes, k = [], 2
+    while k < world:
+        if world % k == 0:
+            sizes.append(k)
+        k *= 2
+    return sizes + [world] if world > 1 else []
+
+
+def _reps(nbytes: int) -> int:
+    """Calls to time of a collective of `nbytes` (the same on every process): 30 up to 4 MiB, fewer
+    past it (at least 5)."""
+    return max(5, min(30, round(30 * 2**22 / max(nbytes, 1))))
+
+
+def _after_work_s(op, work, sync, reps: int) -> float:
+    """Mean seconds of `op` where a run meets it: after a computation (`work`, not counted), so
+    that each call waits for the last process of its group to arrive, as a collective between two
+    layers does (processes sharing a CPU's cores arrive milliseconds apart)."""
+    op()
+    total = 0.0
+    for _ in range(reps):
+        work()
+        sync()
+        t0 = time.perf_counter()
+        op()
+        sync()
+        total += time.perf_counter() - t0
+    return total / reps
+
+
+def _mean_s(op, sync, reps: int) -> float:
+    """Mean seconds of `op` over `reps` calls back to back (after one not timed). The mean, not the
+    best: processes that share a CPU's cores are descheduled in the middle of a call, and a run
+    pays for that every time (the best of five calls measured a third to a half of the mean here)."""
+    op()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        op()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def nondecreasing(times: list[float]) -> list[float]:
+    """The closest nondecreasing sequence (least squares: adjacent violators pooled into their
+    mean) to times measured by increasing size: a larger message never costs less, and what says
+    otherwise is the noise of processes sharing cores."""
+    blocks: list[list[float]] = []                     # [sum, count] of pooled runs
+    for t in times:
+        blocks.append([t, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
+
+
 def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], backend: str, out: str) -> None:
     """One of `world` processes measuring at once, as a run's processes compute at once (on a
-    CPU-only machine they share its cores): the rates, then all-reduce times per size."""
+    CPU-only machine they share its cores): the rates, then the collectives' times by size. The
+    all-reduce, reduce-scatter and all-gather by group size (the world cut into groups of k
+    consecutive ranks, every group calling at once, as tensor- and data-parallel groups do), each
+    call after a computation: a run calls them one at a time between computations (a tensor-parallel
+    layer's, a chunk's backward, DDP's buckets). The ring exchange and the all-to-all back to back:
+    sequence parallelism calls them in runs (a ring's hops, the query, key and value swapped
+    together)."""
+    # the calls the chunked engine makes (the single-tensor all-gather and reduce-scatter)
+    from core.distributed.comm import _gather_single as gather_single, _scatter_single as scatter_single
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group(backend, rank=rank, world_size=world)
@@ -150,23 +225,32 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
     dist.barrier()
     rates = _device_rates(device, n)
     dist.barrier()
-    times, scatters, gathers = [], [], []
-    for numel in sizes:
-        numel = -(-numel // world) * world
-        x = torch.ones(numel, device=device)
-        part = torch.empty(numel // world, device=device)
-        for op, into in ((lambda: dist.all_reduce(x), times),
-                        (lambda: dist.reduce_scatter_tensor(part, x), scatters),
-                        (lambda: dist.all_gather_into_tensor(x, part), gathers)):
-            op()
 
-            def run():
-                for _ in range(5):
-                    op()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+    a = torch.randn(n // 2, n, device=device)
+    b = torch.randn(n, n // 2, device=device)
 
-            into.append((numel, _best_of(run) / 5))
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def work():                                      # a layer's arithmetic between two collectives
+        torch.mm(a, b)
+
+    by_group = {}
+    for k in group_sizes(world):
+        ranks = [list(range(g, g + k)) for g in range(0, world, k)]
+        groups = [dist.new_group(r) if k < world else dist.group.WORLD for r in ranks]
+        group = groups[rank // k]
+        times, scatters, gathers = [], [], []
+        for numel in sizes:
+            numel = -(-numel // k) * k
+            x = torch.ones(numel, device=device)
+            part = torch.empty(numel // k, device=device)
+            for op, into in ((lambda: dist.all_reduce(x, group=group), times),
+                             (lambda: scatter_single(part, x, group=group), scatters),
+                             (lambda: gather_single(x, part, group=group), gathers)):
+                into.append((numel, _after_work_s(op, work, sync, max(4, _reps(4 * numel) // 3))))
+        by_group[k] = (times, scatters, gathers)
     # what sequence parallelism and pipelines call, by size: a ring exchange (send on, receive
     # from behind) and an all-to-all (`numel` values handed in, an equal part to each rank)
     exchanges, swaps = [], []
@@ -177,33 +261,37 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
         part = numel // world
 
         def ring():
-            for _ in range(5):
-                works = [dist.isend(one, (rank + 1) % world), dist.irecv(back, (rank - 1) % world)]
-                for w in works:
-                    w.wait()
+            works = [dist.isend(one, (rank + 1) % world), dist.irecv(back, (rank - 1) % world)]
+            for w in works:
+                w.wait()
 
-        def swap():
-            for _ in range(5):
-                dist.all_to_all(list(back.split(part)), list(one.split(part)))
-
-        ring()
-        swap()
-        exchanges.append((numel, _best_of(ring) / 5))
-        swaps.append((numel, _best_of(swap) / 5))
-    times = (times, exchanges, swaps, scatters, gathers)
+        exchanges.append((numel, _mean_s(ring, sync, _reps(4 * numel))))
+        swaps.append((numel, _mean_s(lambda: dist.all_to_all(list(back.split(part)), list(one.split(part))),
+                                     sync, _reps(4 * numel))))
+    # each process's own means, averaged over the processes: what a collective costs a rank
+    flat = [t for k in sorted(by_group) for table in by_group[k] for _, t in table] + \
+        [t for _, t in exchanges] + [t for _, t in swaps]
+    mean = torch.tensor(flat, dtype=torch.float64)
+    dist.all_reduce(mean)
+    mean = iter((mean / world).tolist())
+    by_group = {k: tuple([(numel, next(mean)) for numel, _ in table] for table in by_group[k])
+                for k in sorted(by_group)}
+    exchanges = [(numel, next(mean)) for numel, _ in exchanges]
+    swaps = [(numel, next(mean)) for numel, _ in swaps]
     if rank == 0:
-        torch.save((rates, times), out)
+        torch.save((rates, (by_group, exchanges, swaps)), out)
     dist.destroy_process_group()
 
 
 def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
     """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
-    exchange's and an all-to-all's latency s, and [bytes, us] tables by size of the all-reduce, the
-    ring exchange, the all-to-all, the reduce-scatter and the all-gather) with `world`
-    processes running at once; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
-    large all-reduce's time less the tiny one's, which is the latency. The table keeps the sizes
-    between: a mid-sized all-reduce costs more than the two-point line says (gloo's ring pays a
-    latency per step)."""
+    exchange's and an all-to-all's latency s, and [bytes, us] tables by size: of the all-reduce,
+    reduce-scatter and all-gather for each group size ({k: table}), of the ring exchange and the
+    all-to-all among all `world` processes) with the processes running at once, each the mean of
+    many calls, made nondecreasing in the size; the bandwidth is the ring formula's 2 (k - 1) / k x
+    bytes over the large all-reduce's time less the tiny one's, which is the latency. The tables
+    keep the sizes between: a mid-sized all-reduce costs more than the two-point line says (gloo's
+    ring pays a latency per step)."""
     import torch.multiprocessing as mp
 
     from core.distributed.testing import free_port
@@ -212,13 +300,19 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
         out = str(Path(tmp) / "measured.pt")
         sizes = sorted({1, 2**8, 2**11, 2**14, 2**17, 2**20, big})
         mp.spawn(_rank_measure, args=(world, free_port(), n, sizes, backend, out), nprocs=world)
-        (tflops, overhead, mem), measured = torch.load(out)
-    (_, tiny_s), (big, big_s) = measured[0][0], measured[0][-1]
-    ring_s, swap_s = measured[1][0][1], measured[2][0][1]
+        (tflops, overhead, mem), (by_group, exchanges, swaps) = torch.load(out)
+    whole = by_group[world][0]
+    (_, tiny_s), (big, big_s) = whole[0], whole[-1]
     wire = 2 * (world - 1) / world * big * 4
+
+    def table(pairs):
+        return [[numel * 4, round(t * 1e6, 1)] for (numel, _), t in zip(pairs, nondecreasing([t for _, t in pairs]))]
+
     # all-reduce, ring exchange, all-to-all, reduce-scatter, all-gather
-    tables = [[[numel * 4, round(t * 1e6, 1)] for numel, t in pairs] for pairs in measured]
-    return tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, ring_s, swap_s, tables
+    tables = [{k: table(by_group[k][0]) for k in by_group}, table(exchanges), table(swaps),
+              {k: table(by_group[k][1]) for k in by_group}, {k: table(by_group[k][2]) for k in by_group}]
+    return (tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, exchanges[0][1], swaps[0][1],
+            tables)
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -233,10 +327,12 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call; "
             f"a ring exchange {ring_s * 1e6:.0f} us, an all-to-all {swap_s * 1e6:.0f} us")
         for what, table in zip(("all-reduce", "ring exchange", "all-to-all", "reduce-scatter", "all-gather"), tables):
-            say(f"{what} by size: " + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in table))
+            for k, pairs in (table.items() if isinstance(table, dict) else [(devices, table)]):
+                say(f"{what} by size, groups of {k}: "
+                    + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in pairs))
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [[], [], [], [], []]
+        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [{}, [], [], {}, {}]
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")

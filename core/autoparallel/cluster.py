@@ -71,10 +71,12 @@ class Cluster:
     # measured by size among a node's devices, [payload bytes, microseconds] pairs (python -m
     # core.plan calibrate): all-reduce, reduce-scatter, all-gather, ring exchange, all-to-all; where given, they price
     # the collectives inside a node instead of intra_node_gbs and the latencies (gloo's mid-sized
-    # messages cost far more than a line through a tiny and a large one says)
-    all_reduce_us: list = field(default_factory=list)
-    reduce_scatter_us: list = field(default_factory=list)     # bytes: the whole input
-    all_gather_us: list = field(default_factory=list)         # bytes: the whole output
+    # messages cost far more than a line through a tiny and a large one says). The first three
+    # either one table over all the node's devices (smaller groups scaled by the ring's steps) or
+    # one per group size ({k: table}, every group of k calling at once: what calibrate writes)
+    all_reduce_us: list | dict = field(default_factory=list)
+    reduce_scatter_us: list | dict = field(default_factory=list)     # bytes: the whole input
+    all_gather_us: list | dict = field(default_factory=list)         # bytes: the whole output
     exchange_us: list = field(default_factory=list)
     all_to_all_us: list = field(default_factory=list)
     # per engine family ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor
@@ -106,15 +108,16 @@ class Cluster:
     def collective_s(self, k: int, payload: float, span: int = 0, kind: str = "all_reduce") -> float | None:
         """Seconds for a collective (`kind`: all_reduce, reduce_scatter, all_gather) of `payload`
         bytes over `k` ranks spread over `span` consecutive ranks (default k) of one node, from the
-        measured table, scaled from the node's devices to k by the ring's k - 1 steps; None without
-        a table or across nodes."""
+        table measured for groups of k (or the next larger size measured, scaled to k by the ring's
+        k - 1 steps; a single table is the node's devices'); None without a table or across nodes."""
         table = getattr(self, f"{kind}_us")
         if not table or max(k, span) > self.devices_per_node:
             return None
         if k <= 1 or payload <= 0:
             return 0.0
-        n = self.devices_per_node
-        t = _interpolate(table, payload)
+        tables = table if isinstance(table, dict) else {self.devices_per_node: table}
+        n = min((g for g in tables if g >= k), default=max(tables))
+        t = _interpolate(tables[n], payload)
         return t * (k - 1) / (n - 1) if n > 1 else t
 
     def exchange_s(self, payload: float, span: int) -> float | None:
@@ -144,6 +147,7 @@ _POSITIVE = {"nodes", "devices_per_node", "device_memory_gb", "nvme_read_gbs", "
 
 
 _TABLES = ("all_reduce_us", "reduce_scatter_us", "all_gather_us", "exchange_us", "all_to_all_us")
+_GROUPED = _TABLES[:3]                    # ... those that may hold one table per group size
 
 
 def _interpolate(table: list, payload: float) -> float:
@@ -175,13 +179,21 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
             values[key] = str(value)
             continue
         if key in _TABLES:
-            if not isinstance(value, list) or not all(
-                    isinstance(pair, list) and len(pair) == 2 and all(
-                        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in pair)
-                    for pair in value) or [b for b, _ in value] != sorted({b for b, _ in value}):
-                raise ConfigError(f"{where}: {key}: got {value!r}; allowed: [bytes, microseconds] pairs, "
-                                  f"positive, in increasing bytes")
-            values[key] = [[float(b), float(t)] for b, t in value]
+            grouped = key in _GROUPED and isinstance(value, dict)
+            for k, table in (value.items() if grouped else [(None, value)]):
+                if grouped and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+                    raise ConfigError(f"{where}: {key}: group size {k!r}; allowed: whole numbers of at least 2")
+                if not isinstance(table, list) or not all(
+                        isinstance(pair, list) and len(pair) == 2 and all(
+                            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in pair)
+                        for pair in table) or [b for b, _ in table] != sorted({b for b, _ in table}):
+                    raise ConfigError(f"{where}: {key}: got {value!r}; allowed: [bytes, microseconds] pairs, "
+                                      f"positive, in increasing bytes"
+                                      + (", or a mapping of group sizes to such lists" if key in _GROUPED else ""))
+            if grouped:
+                values[key] = {k: [[float(b), float(t)] for b, t in table] for k, table in sorted(value.items())}
+            else:
+                values[key] = [[float(b), float(t)] for b, t in value]
             continue
         if key == "memory_overhead":
             if not isinstance(value, dict) or set(value) - set(ENGINE_FAMILIES) or not all(

@@ -190,6 +190,12 @@ def test_a_cluster_file_is_checked_key_by_key():
         cluster_from_dict({"tflops": {"int8": 5}})
     with pytest.raises(ConfigError, match="all_reduce_us: .* in increasing bytes"):
         cluster_from_dict({"all_reduce_us": [[4096, 10], [4, 5]]})
+    with pytest.raises(ConfigError, match="all_gather_us: .* in increasing bytes, or a mapping of group sizes"):
+        cluster_from_dict({"all_gather_us": {2: [[4096, 10], [4, 5]]}})
+    with pytest.raises(ConfigError, match="reduce_scatter_us: group size 1; allowed: whole numbers of at least 2"):
+        cluster_from_dict({"reduce_scatter_us": {1: [[4, 5]]}})
+    with pytest.raises(ConfigError, match="exchange_us: .* in increasing bytes$"):
+        cluster_from_dict({"exchange_us": {2: [[4, 5]]}})          # one table: the exchange is not by group
     with pytest.raises(ConfigError, match="memory_overhead: .* at least 1"):
         cluster_from_dict({"memory_overhead": {"plain": 0.5}})
     with pytest.raises(ConfigError, match="device_is_host: got 'yes'; allowed: true or false"):
@@ -249,13 +255,16 @@ def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
     assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
     assert cluster.device_is_host                                   # no GPU here: the processes share the host
     assert cluster.host_cores == len(os.sched_getaffinity(0))       # ... and its cores
-    # the collectives by size, measured among the two processes, price what the cost model asks
-    for table in (cluster.all_reduce_us, cluster.reduce_scatter_us, cluster.all_gather_us, cluster.exchange_us,
-                  cluster.all_to_all_us):
+    # the collectives by size, measured among the two processes (a group of 2 for those measured
+    # by group size), nondecreasing in the size, price what the cost model asks
+    assert set(cluster.all_reduce_us) == set(cluster.reduce_scatter_us) == set(cluster.all_gather_us) == {2}
+    for table in (cluster.all_reduce_us[2], cluster.reduce_scatter_us[2], cluster.all_gather_us[2],
+                  cluster.exchange_us, cluster.all_to_all_us):
         assert len(table) >= 5 and all(b > 0 and t > 0 for b, t in table)
-    b, t = cluster.reduce_scatter_us[-1]
+        assert [t for _, t in table] == sorted(t for _, t in table)
+    b, t = cluster.reduce_scatter_us[2][-1]
     assert cluster.collective_s(2, b, kind="reduce_scatter") == pytest.approx(t * 1e-6)
-    b, t = cluster.all_reduce_us[2]
+    b, t = cluster.all_reduce_us[2][2]
     assert cluster.collective_s(2, b) == pytest.approx(t * 1e-6)
     assert cluster.exchange_s(cluster.exchange_us[-1][0] * 2, 2) == pytest.approx(cluster.exchange_us[-1][1] * 2e-6)
     assert cluster.collective_s(4, b) is None                      # more ranks than the node has: no table for it
@@ -272,6 +281,22 @@ def test_measured_tables_interpolate_between_their_sizes():
     assert c.collective_s(4, 81920) == pytest.approx(2e-3)             # past the largest: linear in the bytes
     assert c.collective_s(2, 4096) == pytest.approx(1e-4 / 3)          # 1 ring step of the node's 3
     assert c.collective_s(1, 4096) == 0.0 and Cluster().collective_s(4, 4096) is None
+
+
+def test_tables_by_group_size_price_each_group_with_its_own():
+    from core.autoparallel.calibrate import nondecreasing
+
+    c = cluster_from_dict({"devices_per_node": 8,
+                           "all_reduce_us": {2: [[4, 300], [4096, 300]], 8: [[4, 1000], [4096, 1400]]}})
+    assert c.collective_s(2, 4096) == pytest.approx(3e-4)              # its own table, not 1/7 of the node's
+    assert c.collective_s(8, 4096) == pytest.approx(1.4e-3)
+    assert c.collective_s(4, 4096) == pytest.approx(1.4e-3 * 3 / 7)    # not measured: the next larger, by ring steps
+    assert c.collective_s(2, 4096, span=16) is None                    # across nodes: no table
+    yaml_again = cluster_from_dict(yaml.safe_load(c.to_yaml()))       # the file calibrate writes reads back
+    assert yaml_again.all_reduce_us == {2: [[4.0, 300.0], [4096.0, 300.0]], 8: [[4.0, 1000.0], [4096.0, 1400.0]]}
+    # calibration's tables: the closest nondecreasing fit (a larger message never costs less)
+    assert nondecreasing([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx([2.0, 2.0, 2.0, 4.5, 4.5])
+    assert nondecreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
 
 
 def test_parallel_auto_without_a_cluster_file_plans_for_this_machine_on_one_node(monkeypatch):
