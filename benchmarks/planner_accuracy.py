@@ -5,7 +5,7 @@ order the layouts as the runs do, and does it predict their memory?
     python -m benchmarks.planner_accuracy --ranks 4 --shapes a --caps loose --runs 8    # a few minutes
 
 Per number of ranks it first calibrates this machine (`core.autoparallel.calibrate`: all ranks
-computing at once, gloo collectives by size, disk, host Adam; then, from a trivial one-layer model
+computing at once, gloo collectives by size and group size, disk, host Adam; then, from a trivial one-layer model
 run the same way, the memory a training process holds beyond its model and the fixed costs of a
 step, of a micro-batch and of the chunked engine; and from a small calibration model of its own
 shape, what autograd's graph keeps per layer and micro-batch and the allocator's memory overhead

@@ -7,9 +7,9 @@ What it measures, each with the real thing the planner's cost model stands for:
   CPU-only machine they share its cores, as a run's ranks do);
 - all-reduce bandwidth and latency among `--devices` processes on this machine with the backend
   the runs use (gloo on CPUs, NCCL on GPUs), from a large and a tiny all-reduce; and the time by
-  size of an all-reduce, a reduce-scatter and an all-gather for each group size (2, 4, ... all the
-  processes: the processes cut into groups, every group calling at once, as tensor- and
-  data-parallel groups do), of a ring exchange and of an all-to-all (the tables the cost model
+  size of an all-reduce, a reduce-scatter, an all-gather, a ring exchange and an all-to-all for
+  each group size (2, 4, ... all the processes: the processes cut into groups, every group
+  calling at once, as tensor-, sequence- and data-parallel groups do; the tables the cost model
   prices collectives inside a node with). Each is the mean of many calls, not the best: processes
   sharing a CPU's cores are descheduled in the middle of a call, and a run pays for it. The
   all-reduce, reduce-scatter and all-gather are timed after a computation, as a run calls them
@@ -208,10 +208,10 @@ def nondecreasing(times: list[float]) -> list[float]:
 
 def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], backend: str, out: str) -> None:
     """One of `world` processes measuring at once, as a run's processes compute at once (on a
-    CPU-only machine they share its cores): the rates, then the collectives' times by size. The
-    all-reduce, reduce-scatter and all-gather by group size (the world cut into groups of k
-    consecutive ranks, every group calling at once, as tensor- and data-parallel groups do), each
-    call after a computation: a run calls them one at a time between computations (a tensor-parallel
+    CPU-only machine they share its cores): the rates, then the collectives' times by size and
+    group size (the world cut into groups of k consecutive ranks, every group calling at once, as
+    tensor-, sequence- and data-parallel groups do). The all-reduce, reduce-scatter and all-gather
+    each call after a computation: a run calls them one at a time between computations (a tensor-parallel
     layer's, a chunk's backward, DDP's buckets). The ring exchange and the all-to-all back to back:
     sequence parallelism calls them in runs (a ring's hops, the query, key and value swapped
     together)."""
@@ -240,7 +240,7 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
     for k in group_sizes(world):
         ranks = [list(range(g, g + k)) for g in range(0, world, k)]
         groups = [dist.new_group(r) if k < world else dist.group.WORLD for r in ranks]
-        group = groups[rank // k]
+        group, first = groups[rank // k], rank // k * k
         times, scatters, gathers = [], [], []
         for numel in sizes:
             numel = -(-numel // k) * k
@@ -250,44 +250,43 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
                              (lambda: scatter_single(part, x, group=group), scatters),
                              (lambda: gather_single(x, part, group=group), gathers)):
                 into.append((numel, _after_work_s(op, work, sync, max(4, _reps(4 * numel) // 3))))
-        by_group[k] = (times, scatters, gathers)
-    # what sequence parallelism and pipelines call, by size: a ring exchange (send on, receive
-    # from behind) and an all-to-all (`numel` values handed in, an equal part to each rank)
-    exchanges, swaps = [], []
-    for numel in EXCHANGE_SIZES:
-        numel = -(-numel // world) * world
-        one = torch.ones(numel, device=device)
-        back = torch.empty_like(one)
-        part = numel // world
+        # what sequence parallelism and pipelines call, by size: a ring exchange (send on, receive
+        # from behind, within the group) and an all-to-all (`numel` values handed in, an equal part
+        # to each rank of the group)
+        exchanges, swaps = [], []
+        ahead, behind = first + (rank - first + 1) % k, first + (rank - first - 1) % k
+        for numel in EXCHANGE_SIZES:
+            numel = -(-numel // k) * k
+            one = torch.ones(numel, device=device)
+            back = torch.empty_like(one)
+            part = numel // k
 
-        def ring():
-            works = [dist.isend(one, (rank + 1) % world), dist.irecv(back, (rank - 1) % world)]
-            for w in works:
-                w.wait()
+            def ring():
+                works = [dist.isend(one, ahead), dist.irecv(back, behind)]
+                for w in works:
+                    w.wait()
 
-        exchanges.append((numel, _mean_s(ring, sync, _reps(4 * numel))))
-        swaps.append((numel, _mean_s(lambda: dist.all_to_all(list(back.split(part)), list(one.split(part))),
-                                     sync, _reps(4 * numel))))
+            exchanges.append((numel, _mean_s(ring, sync, _reps(4 * numel))))
+            swaps.append((numel, _mean_s(lambda: dist.all_to_all(list(back.split(part)), list(one.split(part)),
+                                                                  group=group), sync, _reps(4 * numel))))
+        by_group[k] = (times, scatters, gathers, exchanges, swaps)
     # each process's own means, averaged over the processes: what a collective costs a rank
-    flat = [t for k in sorted(by_group) for table in by_group[k] for _, t in table] + \
-        [t for _, t in exchanges] + [t for _, t in swaps]
+    flat = [t for k in sorted(by_group) for table in by_group[k] for _, t in table]
     mean = torch.tensor(flat, dtype=torch.float64)
     dist.all_reduce(mean)
     mean = iter((mean / world).tolist())
     by_group = {k: tuple([(numel, next(mean)) for numel, _ in table] for table in by_group[k])
                 for k in sorted(by_group)}
-    exchanges = [(numel, next(mean)) for numel, _ in exchanges]
-    swaps = [(numel, next(mean)) for numel, _ in swaps]
     if rank == 0:
-        torch.save((rates, (by_group, exchanges, swaps)), out)
+        torch.save((rates, by_group), out)
     dist.destroy_process_group()
 
 
 def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
     """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
-    exchange's and an all-to-all's latency s, and [bytes, us] tables by size: of the all-reduce,
-    reduce-scatter and all-gather for each group size ({k: table}), of the ring exchange and the
-    all-to-all among all `world` processes) with the processes running at once, each the mean of
+    exchange's and an all-to-all's latency s, and [bytes, us] tables by size for each group size
+    ({k: table}) of the all-reduce, the ring exchange, the all-to-all, the reduce-scatter and the
+    all-gather) with the processes running at once, each the mean of
     many calls, made nondecreasing in the size; the bandwidth is the ring formula's 2 (k - 1) / k x
     bytes over the large all-reduce's time less the tiny one's, which is the latency. The tables
     keep the sizes between: a mid-sized all-reduce costs more than the two-point line says (gloo's
@@ -300,7 +299,7 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
         out = str(Path(tmp) / "measured.pt")
         sizes = sorted({1, 2**8, 2**11, 2**14, 2**17, 2**20, big})
         mp.spawn(_rank_measure, args=(world, free_port(), n, sizes, backend, out), nprocs=world)
-        (tflops, overhead, mem), (by_group, exchanges, swaps) = torch.load(out)
+        (tflops, overhead, mem), by_group = torch.load(out)
     whole = by_group[world][0]
     (_, tiny_s), (big, big_s) = whole[0], whole[-1]
     wire = 2 * (world - 1) / world * big * 4
@@ -309,10 +308,9 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
         return [[numel * 4, round(t * 1e6, 1)] for (numel, _), t in zip(pairs, nondecreasing([t for _, t in pairs]))]
 
     # all-reduce, ring exchange, all-to-all, reduce-scatter, all-gather
-    tables = [{k: table(by_group[k][0]) for k in by_group}, table(exchanges), table(swaps),
-              {k: table(by_group[k][1]) for k in by_group}, {k: table(by_group[k][2]) for k in by_group}]
-    return (tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, exchanges[0][1], swaps[0][1],
-            tables)
+    tables = [{k: table(by_group[k][i]) for k in by_group} for i in (0, 3, 4, 1, 2)]
+    return (tflops, overhead, mem, wire / max(big_s - tiny_s, 1e-9) / 1e9, tiny_s, by_group[world][3][0][1],
+            by_group[world][4][0][1], tables)
 
 
 def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool = False,
@@ -327,12 +325,12 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
         say(f"all-reduce over {devices} {backend} processes: {bw:.3g} GB/s per rank, {latency * 1e6:.0f} us a call; "
             f"a ring exchange {ring_s * 1e6:.0f} us, an all-to-all {swap_s * 1e6:.0f} us")
         for what, table in zip(("all-reduce", "ring exchange", "all-to-all", "reduce-scatter", "all-gather"), tables):
-            for k, pairs in (table.items() if isinstance(table, dict) else [(devices, table)]):
+            for k, pairs in table.items():
                 say(f"{what} by size, groups of {k}: "
                     + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in pairs))
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [{}, [], [], {}, {}]
+        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [{}] * 5
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")

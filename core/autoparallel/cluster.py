@@ -71,14 +71,14 @@ class Cluster:
     # measured by size among a node's devices, [payload bytes, microseconds] pairs (python -m
     # core.plan calibrate): all-reduce, reduce-scatter, all-gather, ring exchange, all-to-all; where given, they price
     # the collectives inside a node instead of intra_node_gbs and the latencies (gloo's mid-sized
-    # messages cost far more than a line through a tiny and a large one says). The first three
-    # either one table over all the node's devices (smaller groups scaled by the ring's steps) or
+    # messages cost far more than a line through a tiny and a large one says). Each either one
+    # table over all the node's devices (smaller groups' reductions scaled by the ring's steps) or
     # one per group size ({k: table}, every group of k calling at once: what calibrate writes)
     all_reduce_us: list | dict = field(default_factory=list)
     reduce_scatter_us: list | dict = field(default_factory=list)     # bytes: the whole input
     all_gather_us: list | dict = field(default_factory=list)         # bytes: the whole output
-    exchange_us: list = field(default_factory=list)
-    all_to_all_us: list = field(default_factory=list)
+    exchange_us: list | dict = field(default_factory=list)
+    all_to_all_us: list | dict = field(default_factory=list)
     # per engine family ("plain": DDP and pipelines, "chunked": ZeRO and offload, "tensor": tensor
     # parallelism without them), what the allocator's high-water mark makes of the memory freed and
     # made again every step (activations, gradients): measured / modelled, on a calibration model
@@ -120,19 +120,27 @@ class Cluster:
         t = _interpolate(tables[n], payload)
         return t * (k - 1) / (n - 1) if n > 1 else t
 
-    def exchange_s(self, payload: float, span: int) -> float | None:
-        """Seconds for one ring exchange (send `payload` bytes on, receive as many from behind)
-        among ranks `span` apart or closer inside a node, from the measured table; None without one."""
-        if not self.exchange_us or span > self.devices_per_node:
-            return None
-        return _interpolate(self.exchange_us, payload) if payload > 0 else 0.0
-
-    def all_to_all_s(self, payload: float, span: int) -> float | None:
-        """Seconds for an all-to-all of `payload` bytes a rank hands in, inside a node, from the
+    def exchange_s(self, payload: float, span: int, k: int = 0) -> float | None:
+        """Seconds for one ring exchange (send `payload` bytes on, receive as many from behind) in
+        a ring of `k` ranks (default: all the node's) `span` apart or closer inside a node, from the
         measured table; None without one."""
-        if not self.all_to_all_us or span > self.devices_per_node:
+        return self._by_group("exchange_us", payload, span, k)
+
+    def all_to_all_s(self, payload: float, span: int, k: int = 0) -> float | None:
+        """Seconds for an all-to-all of `payload` bytes a rank hands in, among `k` ranks (default:
+        all the node's) inside a node, from the measured table; None without one."""
+        return self._by_group("all_to_all_us", payload, span, k)
+
+    def _by_group(self, name: str, payload: float, span: int, k: int) -> float | None:
+        table = getattr(self, name)
+        if not table or span > self.devices_per_node:
             return None
-        return _interpolate(self.all_to_all_us, payload) if payload > 0 else 0.0
+        if payload <= 0:
+            return 0.0
+        if isinstance(table, dict):
+            k = k or self.devices_per_node
+            table = table[min((g for g in table if g >= k), default=max(table))]
+        return _interpolate(table, payload)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.nodes} x {self.devices_per_node} devices of {self.device_memory_gb:g} GiB, "
@@ -147,7 +155,6 @@ _POSITIVE = {"nodes", "devices_per_node", "device_memory_gb", "nvme_read_gbs", "
 
 
 _TABLES = ("all_reduce_us", "reduce_scatter_us", "all_gather_us", "exchange_us", "all_to_all_us")
-_GROUPED = _TABLES[:3]                    # ... those that may hold one table per group size
 
 
 def _interpolate(table: list, payload: float) -> float:
@@ -179,7 +186,7 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
             values[key] = str(value)
             continue
         if key in _TABLES:
-            grouped = key in _GROUPED and isinstance(value, dict)
+            grouped = isinstance(value, dict)
             for k, table in (value.items() if grouped else [(None, value)]):
                 if grouped and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
                     raise ConfigError(f"{where}: {key}: group size {k!r}; allowed: whole numbers of at least 2")
@@ -188,8 +195,7 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> Cluster:
                             isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in pair)
                         for pair in table) or [b for b, _ in table] != sorted({b for b, _ in table}):
                     raise ConfigError(f"{where}: {key}: got {value!r}; allowed: [bytes, microseconds] pairs, "
-                                      f"positive, in increasing bytes"
-                                      + (", or a mapping of group sizes to such lists" if key in _GROUPED else ""))
+                                      f"positive, in increasing bytes, or a mapping of group sizes to such lists")
             if grouped:
                 values[key] = {k: [[float(b), float(t)] for b, t in table] for k, table in sorted(value.items())}
             else:

@@ -291,9 +291,9 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             groups = ring_head_groups(heads, block / heads)
             part = block / groups
             small = part < MESSAGE_MIN
-            kv = cluster.exchange_s(2 * part, span)
-            back = (cluster.exchange_s(4 * part, span), cluster.exchange_s(2 * part, span)) if small else \
-                (cluster.exchange_s(part, span),) * 2
+            kv = cluster.exchange_s(2 * part, span, L.sp)
+            back = (cluster.exchange_s(4 * part, span, L.sp), cluster.exchange_s(2 * part, span, L.sp)) if small \
+                else (cluster.exchange_s(part, span, L.sp),) * 2
             if kv is None or None in back:
                 latency = cluster.p2p_latency_us * 1e-6
                 sp_layer_s = groups * (_ring(L.sp, 2 * part, sp_bw, latency, forwards * (L.sp - 1),
@@ -307,7 +307,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             sp_layer_s += groups * L.sp * passes * cluster.layer_overhead_us * 1e-6
         else:
             # q, k, v and the output swapped forward, their gradients backward
-            one = cluster.all_to_all_s(block, span)
+            one = cluster.all_to_all_s(block, span, L.sp)
             if one is None:
                 sp_layer_s = _ring(L.sp, block, sp_bw, cluster.all_to_all_latency_us * 1e-6, 8 * (L.sp - 1) / L.sp,
                                    calls=8)

@@ -194,8 +194,8 @@ def test_a_cluster_file_is_checked_key_by_key():
         cluster_from_dict({"all_gather_us": {2: [[4096, 10], [4, 5]]}})
     with pytest.raises(ConfigError, match="reduce_scatter_us: group size 1; allowed: whole numbers of at least 2"):
         cluster_from_dict({"reduce_scatter_us": {1: [[4, 5]]}})
-    with pytest.raises(ConfigError, match="exchange_us: .* in increasing bytes$"):
-        cluster_from_dict({"exchange_us": {2: [[4, 5]]}})          # one table: the exchange is not by group
+    with pytest.raises(ConfigError, match="exchange_us: group size 'two'"):
+        cluster_from_dict({"exchange_us": {"two": [[4, 5]]}})
     with pytest.raises(ConfigError, match="memory_overhead: .* at least 1"):
         cluster_from_dict({"memory_overhead": {"plain": 0.5}})
     with pytest.raises(ConfigError, match="device_is_host: got 'yes'; allowed: true or false"):
@@ -255,18 +255,20 @@ def test_calibrate_writes_a_cluster_file_the_planner_reads(tmp_path):
     assert cluster.nvme_write_gbs > 0 and cluster.host_adam_gparams > 0
     assert cluster.device_is_host                                   # no GPU here: the processes share the host
     assert cluster.host_cores == len(os.sched_getaffinity(0))       # ... and its cores
-    # the collectives by size, measured among the two processes (a group of 2 for those measured
-    # by group size), nondecreasing in the size, price what the cost model asks
-    assert set(cluster.all_reduce_us) == set(cluster.reduce_scatter_us) == set(cluster.all_gather_us) == {2}
-    for table in (cluster.all_reduce_us[2], cluster.reduce_scatter_us[2], cluster.all_gather_us[2],
-                  cluster.exchange_us, cluster.all_to_all_us):
+    # the collectives by size, measured among the two processes (a group of 2), nondecreasing in
+    # the size, price what the cost model asks
+    tables = (cluster.all_reduce_us, cluster.reduce_scatter_us, cluster.all_gather_us, cluster.exchange_us,
+              cluster.all_to_all_us)
+    assert all(set(table) == {2} for table in tables)
+    for table in (t[2] for t in tables):
         assert len(table) >= 5 and all(b > 0 and t > 0 for b, t in table)
         assert [t for _, t in table] == sorted(t for _, t in table)
     b, t = cluster.reduce_scatter_us[2][-1]
     assert cluster.collective_s(2, b, kind="reduce_scatter") == pytest.approx(t * 1e-6)
     b, t = cluster.all_reduce_us[2][2]
     assert cluster.collective_s(2, b) == pytest.approx(t * 1e-6)
-    assert cluster.exchange_s(cluster.exchange_us[-1][0] * 2, 2) == pytest.approx(cluster.exchange_us[-1][1] * 2e-6)
+    b, t = cluster.exchange_us[2][-1]
+    assert cluster.exchange_s(b * 2, 2, 2) == pytest.approx(t * 2e-6)      # past the largest: linear in the bytes
     assert cluster.collective_s(4, b) is None                      # more ranks than the node has: no table for it
 
 
@@ -294,6 +296,11 @@ def test_tables_by_group_size_price_each_group_with_its_own():
     assert c.collective_s(2, 4096, span=16) is None                    # across nodes: no table
     yaml_again = cluster_from_dict(yaml.safe_load(c.to_yaml()))       # the file calibrate writes reads back
     assert yaml_again.all_reduce_us == {2: [[4.0, 300.0], [4096.0, 300.0]], 8: [[4.0, 1000.0], [4096.0, 1400.0]]}
+    # a ring exchange and an all-to-all are priced for their group's size the same way (no scaling:
+    # every rank of the ring sends once whatever its size)
+    c = dataclasses.replace(c, exchange_us={2: [[4, 50]], 8: [[4, 200]]}, all_to_all_us=[[4, 70]])
+    assert c.exchange_s(4, 2, 2) == pytest.approx(5e-5) and c.exchange_s(4, 8, 4) == pytest.approx(2e-4)
+    assert c.exchange_s(4, 8) == pytest.approx(2e-4) and c.all_to_all_s(4, 8, 2) == pytest.approx(7e-5)
     # calibration's tables: the closest nondecreasing fit (a larger message never costs less)
     assert nondecreasing([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx([2.0, 2.0, 2.0, 4.5, 4.5])
     assert nondecreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
