@@ -447,6 +447,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
         # head's rank, the gradients of the log-softmax and of the logits (a micro-batch's tokens x
         # its share of the vocabulary each), before any layer is recomputed
         once = 2 * tokens_mb * prof.vocab / L.tp * e if r == p - 1 else 0.0
+        recomputed = 0.0
         if L.checkpointing:
             kept = rank.kept_boundary / tp_split + rank.edge_split / L.tp + rank.edge_whole / tp_split
             top = rank.top_split / L.tp + rank.top_whole / tp_split
@@ -457,7 +458,9 @@ def estimate(job: Job, layout: Layout, cluster: Cluster) -> Estimate:
             split = (rank.act_split / L.tp + rank.act_whole / tp_split) * scale + rank.linear_in * inputs
             per_mb += split * tokens_mb + rank.matrices * gathered * e
         acts.append(per_mb * inflight + once)
-        with_grads.append(per_mb * beside + once if beside else 0.0)
+        # ... and even with none in flight beside them, a checkpointed backward recomputes its first
+        # layer when the later layers' gradients are all made
+        with_grads.append(per_mb * beside + once if beside else recomputed)
     # a micro-batch's share of them: what backward has freed when it reduces its first chunk
     memory, host, nvme = _memory(job, L, cluster, P, T, largest, R, max(acts), max(with_grads) / (max(acts) or 1.0),
                                  max(acts) / inflight)

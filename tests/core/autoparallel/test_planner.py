@@ -494,6 +494,29 @@ def test_a_pipeline_keeps_per_micro_batch_its_activations_its_sent_output_and_au
     assert estimate(job, gpipe, dataclasses.replace(cluster, graph_kb=10.0)).device_bytes == est.device_bytes
 
 
+def test_a_checkpointed_backward_recomputes_a_layer_beside_the_later_layers_gradients():
+    # one micro-batch, checkpointed: no other micro-batch's activations live beside the gradients,
+    # but the first layer is recomputed when the later layers' gradients are all made
+    from core.autoparallel.estimate import rank_sums
+
+    h, s, v = 256, 16, 256
+    job = _toy_job(layers=4, hidden=h, heads=4, seq=s, vocab=v, batch=2)
+    cluster = Cluster(nodes=1, devices_per_node=1, device_memory_gb=4.0, nvme_gb=0)
+    (rank,) = rank_sums(job.profile, 1, 1)
+    tokens = 2 * s
+    lay = Layout(micro_batch=2, microbatches=1, checkpointing=True)
+    recomputed = (rank.top_split + rank.top_whole) * tokens
+    kept = (rank.kept_boundary + rank.edge_split + rank.edge_whole) * tokens
+    acts = kept + max(recomputed, 2 * tokens * v * 4)            # the loss's gradients at backward's start
+    grads = 4 * rank.trained + 2 * 4 * job.profile.largest
+    assert grads + recomputed > acts                              # the gradients, not the activations, set the peak
+    assert estimate(job, lay, cluster).memory["activations and gradients"] == pytest.approx(grads + recomputed)
+    # without checkpointing, backward frees each layer's activations as it makes its gradients
+    plain = estimate(job, dataclasses.replace(lay, checkpointing=False), cluster)
+    whole = (rank.act_split + rank.act_whole) * tokens + 2 * tokens * v * 4
+    assert plain.memory["activations and gradients"] == pytest.approx(max(whole, grads))
+
+
 def test_a_chunk_s_reduction_frees_only_its_own_micro_batch_s_activations():
     # ZeRO in a GPipe pipeline: a stage in one chunk reduces (and, from the second micro-batch on,
     # adds to the earlier sum) when its micro-batch's backward ends, with the other micro-batches'
