@@ -182,7 +182,7 @@ def _after_work_s(op, work, sync, reps: int) -> float:
 def _mean_s(op, sync, reps: int) -> float:
     """Mean seconds of `op` over `reps` calls back to back (after one not timed). The mean, not the
     best: processes that share a CPU's cores are descheduled in the middle of a call, and a run
-    pays for that every time (the best of five calls measured a third to a half of the mean here)."""
+    pays for that every time (the best of five calls came to about half the mean here)."""
     op()
     sync()
     t0 = time.perf_counter()
@@ -211,10 +211,10 @@ def _rank_measure(rank: int, world: int, port: int, n: int, sizes: list[int], ba
     CPU-only machine they share its cores): the rates, then the collectives' times by size and
     group size (the world cut into groups of k consecutive ranks, every group calling at once, as
     tensor-, sequence- and data-parallel groups do). The all-reduce, reduce-scatter and all-gather
-    each call after a computation: a run calls them one at a time between computations (a tensor-parallel
-    layer's, a chunk's backward, DDP's buckets). The ring exchange and the all-to-all back to back:
-    sequence parallelism calls them in runs (a ring's hops, the query, key and value swapped
-    together)."""
+    each call after a computation: a run calls them one at a time between computations (a
+    tensor-parallel layer's, a chunk's backward, DDP's buckets). The ring exchange and the
+    all-to-all back to back: sequence parallelism calls them in runs (a ring's hops, the query, key
+    and value swapped together)."""
     # the calls the chunked engine makes (the single-tensor all-gather and reduce-scatter)
     from core.distributed.comm import _gather_single as gather_single, _scatter_single as scatter_single
 
@@ -286,11 +286,11 @@ def measure_ranks(world: int, backend: str, n: int, big: int) -> tuple:
     """(TFLOP/s per precision, layer cost us, memory GB/s, all-reduce GB/s per rank, its latency s, a ring
     exchange's and an all-to-all's latency s, and [bytes, us] tables by size for each group size
     ({k: table}) of the all-reduce, the ring exchange, the all-to-all, the reduce-scatter and the
-    all-gather) with the processes running at once, each the mean of
-    many calls, made nondecreasing in the size; the bandwidth is the ring formula's 2 (k - 1) / k x
-    bytes over the large all-reduce's time less the tiny one's, which is the latency. The tables
-    keep the sizes between: a mid-sized all-reduce costs more than the two-point line says (gloo's
-    ring pays a latency per step)."""
+    all-gather) with the processes running at once, each the mean of many calls, made
+    nondecreasing in the size; the bandwidth is the ring formula's 2 (k - 1) / k x bytes over the
+    large all-reduce's time less the tiny one's, which is the latency. The tables keep the sizes
+    between: a mid-sized all-reduce costs more than the two-point line says (gloo's ring pays a
+    latency per step)."""
     import torch.multiprocessing as mp
 
     from core.distributed.testing import free_port
@@ -330,7 +330,7 @@ def calibrate(devices: int, device_memory_gb: float, nvme_dir: Path, quick: bool
                     + ", ".join(f"{b / 2**10:g} KiB {t / 1e3:.3g} ms" for b, t in pairs))
     else:
         tflops, overhead, mem = _device_rates(device, n)
-        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [{}] * 5
+        bw, latency, ring_s, swap_s, tables = 100.0, 1e-5, 1e-5, 1e-5, [{} for _ in range(5)]
     for name, rate in tflops.items():
         say(f"matrix products ({name}, {n} x {n}, {devices} processes at once): {rate:g} TFLOP/s each")
     say(f"a layer's fixed cost per pass: {overhead:.0f} us; memory {mem:.3g} GB/s")

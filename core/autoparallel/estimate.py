@@ -520,8 +520,9 @@ def _memory(job: Job, L: Layout, cluster: Cluster, P: float, T: float, largest: 
             beside: float, act_mb: float) -> tuple[dict, float, float]:
     """Device bytes by cause (one process), host and NVMe bytes per node, for `P` parameters on the
     busiest device (`T` of them trained: only those have gradients and optimizer states; `largest`
-    elements its largest parameter), `R` ranks holding the same weights, `act` bytes of kept activations (`act_mb` of them one
-    micro-batch's), and the share of them alive beside the whole gradients (`beside`).
+    elements its largest parameter), `R` ranks holding the same weights, `act` bytes of kept
+    activations (`act_mb` of them one micro-batch's), and the share of them alive beside the whole
+    gradients (`beside`).
 
     The plain engines (DDP, the pipeline's own gradient averaging): fp32 weights and gradients,
     a second copy of the gradients for the all-reduce (DDP's buckets, made once; the pipeline's
