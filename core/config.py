@@ -269,9 +269,6 @@ def _check_keys(raw: Any, cls: type, source: str, root: type, prefix: str = "") 
         if key not in names:
             known = _leaf_keys(root)
             sections = sorted({k.rsplit(".", 1)[0] for k in known})
-            why = getattr(root, "no_layout_to_plan", "") if full == "parallel.auto" else ""
-            if why:      # an app whose layout is not a choice: say so rather than suggest a key
-                raise ConfigError(f"parallel.auto ({source}): this app has no layout to plan: {why}")
             raise ConfigError(f"unknown key '{full}' ({source}){_suggest(full, known + sections)}")
         ftype = hints[key]
         if _is_section(ftype):

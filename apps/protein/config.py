@@ -63,16 +63,19 @@ class ProteinMemoryConfig:
 
 
 @dataclass
-class ProteinRecipe(InferenceRecipe):
-    # what `parallel.auto=true` is told (core.config): the app's layout is already chosen for it
-    no_layout_to_plan = ("under torchrun every process takes a share of the Evoformer's rows and columns "
-                         "(axial parallelism), and the blocks are sized to memory.budget_gb (0, the default: "
-                         "what is free)")
+class ProteinLaunchConfig(LaunchConfig):
+    auto: bool = opt(False, "plan the layout at launch, as the other apps do; here the plan is fixed: with "
+                            "model.engine=loom every process takes a share of the Evoformer's rows and columns "
+                            "(axial parallelism) and the blocks are sized to memory.budget_gb (or what is free); "
+                            "the run says it in one line")
 
+
+@dataclass
+class ProteinRecipe(InferenceRecipe):
     model: ProteinModelConfig = section(ProteinModelConfig, "the AlphaFold model and its weights")
     data: ProteinDataConfig = section(ProteinDataConfig, "the targets and their alignments")
-    parallel: LaunchConfig = section(LaunchConfig, "how the processes join; under torchrun they split the "
-                                                   "Evoformer with axial parallelism")
+    parallel: ProteinLaunchConfig = section(ProteinLaunchConfig, "how the processes join; under torchrun they "
+                                                                 "split the Evoformer with axial parallelism")
     output: ProteinOutputConfig = section(ProteinOutputConfig, "where results go")
     memory: ProteinMemoryConfig = section(ProteinMemoryConfig, "memory-bounded inference")
 

@@ -147,7 +147,23 @@ def predict(cfg: ProteinRecipe) -> list[dict]:
                 raise LoomError(f"{rt.world_size} processes split the Evoformer with axial parallelism, which "
                                 f"needs model.engine=loom (model.engine={cfg.model.engine})")
             ax = Axial(ParallelMesh.one_axis("axial", rt.device).axis("axial"))
+        if p.auto and rt.is_main:
+            print(auto_plan(cfg, rt.world_size), file=sys.stderr)
         return _predict(cfg, rt.device, ax, rt.is_main)
+
+
+def auto_plan(cfg: ProteinRecipe, world: int) -> str:
+    """What `parallel.auto=true` plans here, in one line: nothing is left to choose (the other apps
+    pick dp x tp x pp x sp and the rest; this one splits the Evoformer over every process and
+    sizes its blocks to the memory)."""
+    memory = (f"memory.budget_gb={cfg.memory.budget_gb:g} a process" if cfg.memory.budget_gb
+              else "the memory free in each process, less a reserve")
+    if cfg.model.engine != "loom":
+        return (f"auto-parallel plan for {world} process(es): OpenFold's own stacks on one process "
+                f"(model.engine={cfg.model.engine}; model.chunk_size={cfg.model.chunk_size})")
+    split = (f"axial parallelism over {world} processes (each a share of the pair representation's rows and "
+             f"columns)" if world > 1 else "one process (torchrun --nproc-per-node N splits the Evoformer N ways)")
+    return f"auto-parallel plan for {world} process(es): {split}; the Evoformer's blocks sized to {memory}"
 
 
 def _predict(cfg: ProteinRecipe, device: torch.device, ax: Axial, main: bool) -> list[dict]:

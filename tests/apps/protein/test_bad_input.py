@@ -205,10 +205,25 @@ def test_a_separate_pair_dtype_with_openfolds_stacks_is_refused(tmp_path, capsys
                            "Loom's engine only")
 
 
-def test_parallel_auto_is_told_there_is_no_layout_to_plan(tmp_path, capsys, no_model):
-    line = _refused(capsys, tmp_path / "out", "parallel.auto=true")
-    assert line.startswith("error: parallel.auto (on the command line): this app has no layout to plan: under "
-                           "torchrun every process takes a share")
+def test_parallel_auto_says_its_fixed_plan_in_one_line_and_runs(tmp_path, capsys):
+    # as in the other apps' recipes, parallel.auto=true plans at launch; here there is nothing to
+    # choose, and the run says what it does
+    out = tmp_path / "out"
+    (tmp_path / "one.fasta").write_text(f">first\n{UBIQUITIN[:24]}\n")
+    code, err = _run(capsys, f"output.dir={out}", f"data.fasta={tmp_path / 'one.fasta'}", "parallel.auto=true",
+                     "memory.budget_gb=2", "model.evoformer_blocks=1", "model.structure_blocks=1")
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("auto-parallel plan")] == [
+        "auto-parallel plan for 1 process(es): one process (torchrun --nproc-per-node N splits the Evoformer N "
+        "ways); the Evoformer's blocks sized to memory.budget_gb=2 a process"]
+    assert (out / "first" / "first.pdb").is_file()
+    from apps.protein.config import ProteinRecipe
+    from core.config import load_recipe
+
+    cfg = load_recipe(ProteinRecipe, "protein/demo", ["parallel.auto=true"])
+    assert infer.auto_plan(cfg, 4) == ("auto-parallel plan for 4 process(es): axial parallelism over 4 processes "
+                                       "(each a share of the pair representation's rows and columns); the "
+                                       "Evoformer's blocks sized to the memory free in each process, less a reserve")
 
 
 def test_alphafold_params_with_other_block_counts_are_refused(tmp_path, small_alphafold):
