@@ -240,12 +240,16 @@ class _Saved:
 @contextlib.contextmanager
 def _linear_inputs(model: nn.Module, layer: PipelineLayer, out: dict[int, float]):
     """While a layer's forward runs, the bytes of each distinct input its Linears (torch's or
-    Loom's tensor-parallel one) are given and keep for backward, by the input's id."""
+    Loom's tensor-parallel one) are given and keep for backward, by the input's id (each input held
+    until the forward ends: a temporary's id, freed, could be given to the next input)."""
     from core.tensor.layers import Linear
+
+    held = []
 
     def hook(module, args):
         x = args[0] if args else None
         if torch.is_tensor(x) and torch.is_grad_enabled() and module.weight.requires_grad:   # kept for its gradient
+            held.append(x)
             out[id(x)] = _nbytes(x)
 
     handles = []
