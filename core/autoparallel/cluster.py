@@ -115,9 +115,8 @@ class Cluster:
             return None
         if k <= 1 or payload <= 0:
             return 0.0
-        tables = table if isinstance(table, dict) else {self.devices_per_node: table}
-        n = min((g for g in tables if g >= k), default=max(tables))
-        t = _interpolate(tables[n], payload)
+        n, table = self._for_group(table, k)
+        t = _interpolate(table, payload)
         return t * (k - 1) / (n - 1) if n > 1 else t
 
     def exchange_s(self, payload: float, span: int, k: int = 0) -> float | None:
@@ -137,10 +136,14 @@ class Cluster:
             return None
         if payload <= 0:
             return 0.0
-        if isinstance(table, dict):
-            k = k or self.devices_per_node
-            table = table[min((g for g in table if g >= k), default=max(table))]
-        return _interpolate(table, payload)
+        return _interpolate(self._for_group(table, k or self.devices_per_node)[1], payload)
+
+    def _for_group(self, table: list | dict, k: int) -> tuple[int, list]:
+        """(the group size it was measured for, the table) that prices a group of k: its own, else
+        the next larger measured (else the largest); a single table is the node's devices'."""
+        tables = table if isinstance(table, dict) else {self.devices_per_node: table}
+        n = min((g for g in tables if g >= k), default=max(tables))
+        return n, tables[n]
 
     def describe(self) -> str:
         return (f"{self.name}: {self.nodes} x {self.devices_per_node} devices of {self.device_memory_gb:g} GiB, "
